@@ -1,0 +1,13 @@
+//! Devices on the guest's buses.
+//!
+//! - [`bus`]: the port-I/O and MMIO buses every exit is dispatched through;
+//! - [`legacy`]: the 16550 serial ports and the i8042 controller (reset line);
+//! - [`pci`]: PCI configuration space, the host bridge and the configuration mechanism #1
+//!   (ports 0xCF8/0xCFC) root.
+
+pub mod bus;
+pub mod legacy;
+pub mod pci;
+pub mod trigger;
+
+pub use bus::{Bus, BusError, BusStats};

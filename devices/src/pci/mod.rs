@@ -1,0 +1,9 @@
+//! PCI: configuration space, the host bridge and the configuration-mechanism-#1 root.
+
+pub mod config;
+pub mod host_bridge;
+pub mod root;
+
+pub use config::ConfigSpace;
+pub use host_bridge::HostBridge;
+pub use root::{PciDevice, PciRoot};

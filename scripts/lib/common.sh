@@ -1,0 +1,32 @@
+# Shared helpers for the project's scripts (sourced, not run).
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+
+# Debian packages the scripts themselves need.
+ensure_debs() {
+    local missing=()
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        step "installing Debian packages: ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -q "${missing[@]}" >&2 || { apt-get update -q >&2 && apt-get install -y -q "${missing[@]}" >&2; }
+    fi
+}
+
+ensure_rust_tools() {
+    command -v cargo >/dev/null || { echo "cargo not found: install a Rust toolchain (rustup)" >&2; exit 1; }
+    rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy >&2 || true
+}
+
+# Builds (or finds cached) the guest kernel and initramfs and exports their paths.
+guest_image() {
+    local out
+    out=$(bash tests/guest/build.sh)
+    VMM_TEST_VMLINUX=$(printf '%s\n' "$out" | sed -n 's/^VMLINUX=//p')
+    VMM_TEST_INITRAMFS=$(printf '%s\n' "$out" | sed -n 's/^INITRAMFS=//p')
+    export VMM_TEST_VMLINUX VMM_TEST_INITRAMFS
+}
+
+guest_cmdline() { tr -d '\n' < tests/guest/cmdline; }

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Runs every test: formatting, lints, unit tests, protocol tests and the guest tests (which
+# boot the real guest under KVM). Installs what is missing and builds the guest image first
+# (cached: the first build takes ~10 minutes, later runs seconds).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib/common.sh
+
+ensure_rust_tools
+step "guest image"
+guest_image   # exports VMM_TEST_VMLINUX / VMM_TEST_INITRAMFS
+
+step "format"
+cargo fmt --all --check
+step "clippy"
+cargo clippy --workspace --all-targets --locked -q -- -D warnings
+step "build"
+cargo build --workspace --locked -q
+export VMM_BIN="$PWD/target/debug/vmm"
+
+step "tests"
+# Guest tests boot real guests (minutes each on this nested KVM); run test binaries one
+# test at a time so two guests never share the machine's two cores.
+cargo test --workspace --locked -- --test-threads=1

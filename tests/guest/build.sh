@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Builds the test guest: an uncompressed ELF vmlinux from Debian's linux-source-6.1 with the
+# project's config fragment and ../shared/nested-kvm-guest.patch, and an uncompressed
+# initramfs holding busybox-static and the in-guest agent as /init.
+#
+# Results are cached outside the repository, keyed by a hash of their inputs, so a second run
+# with unchanged inputs only checks hashes:
+#   $VMM_GUEST_CACHE (default ~/.cache/vmm-guest)/kernel-<hash>/vmlinux
+#   $VMM_GUEST_CACHE/initramfs-<hash>/initramfs.cpio
+# On success the last two lines of stdout are `VMLINUX=<path>` and `INITRAMFS=<path>`.
+#
+# Usage: tests/guest/build.sh [--kernel-only]
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+shared=${VMM_SHARED_DIR:-$(cd "$repo/.." && pwd)/shared}
+cache=${VMM_GUEST_CACHE:-$HOME/.cache/vmm-guest}
+patch_file="$shared/nested-kvm-guest.patch"
+config_fragment="$here/linux.config"
+log() { echo "guest-build: $*" >&2; }
+die() { echo "guest-build: error: $*" >&2; exit 1; }
+
+[ -f "$patch_file" ] || die "missing $patch_file (the shared/ folder must sit beside the checkout, or set VMM_SHARED_DIR)"
+
+# --- Debian packages ---------------------------------------------------------------------
+need_pkgs=(linux-source-6.1 build-essential flex bison bc libelf-dev busybox-static xz-utils)
+missing=()
+for p in "${need_pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    log "installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q "${missing[@]}" >&2 || { apt-get update -q >&2 && apt-get install -y -q "${missing[@]}" >&2; }
+fi
+src_tar=$(ls /usr/src/linux-source-6.1*.tar.xz 2>/dev/null | head -n1)
+[ -n "$src_tar" ] || die "linux-source-6.1 is installed but /usr/src/linux-source-6.1*.tar.xz is missing"
+src_version=$(dpkg-query -W -f='${Version}' linux-source-6.1)
+
+mkdir -p "$cache"
+
+# --- kernel --------------------------------------------------------------------------------
+kernel_hash=$( { echo "$src_version"; cat "$config_fragment" "$patch_file"; sed -n '/^# --- kernel/,/^# --- end kernel/p' "$0"; } | sha256sum | cut -c1-16)
+kernel_dir="$cache/kernel-$kernel_hash"
+if [ ! -f "$kernel_dir/vmlinux" ]; then
+    log "building kernel $kernel_hash (linux-source $src_version); takes ~5 minutes on 2 cores"
+    work="$cache/linux-build"
+    rm -rf "$work" && mkdir -p "$work"
+    tar -C "$work" --strip-components=1 -xf "$src_tar"
+    (cd "$work" && patch -p1 -s < "$patch_file")
+    (cd "$work" && make -s tinyconfig >&2 \
+        && ./scripts/kconfig/merge_config.sh -m .config "$config_fragment" >/dev/null \
+        && make -s olddefconfig >&2)
+    # Every option of the fragment must have survived olddefconfig, or the guest is not the one
+    # the tests expect.
+    while IFS= read -r line; do
+        case "$line" in ''|'#'*) continue ;; esac
+        key=${line%%=*}; val=${line#*=}
+        if [ "$val" = n ]; then
+            grep -qx "$key=y" "$work/.config" && die "kernel config: $key is still set (wanted n)"
+        else
+            grep -qx "$line" "$work/.config" || die "kernel config: $line did not apply (dependency missing?)"
+        fi
+    done < "$config_fragment"
+    (cd "$work" && make -s -j"$(nproc)" vmlinux >&2)
+    gcc -O2 -o "$work/gen_init_cpio" "$work/usr/gen_init_cpio.c"
+    mkdir -p "$kernel_dir.tmp"
+    cp "$work/vmlinux" "$work/.config" "$work/gen_init_cpio" "$kernel_dir.tmp/"
+    rm -rf "$kernel_dir" && mv "$kernel_dir.tmp" "$kernel_dir"
+    rm -rf "$work"
+    log "kernel ready: $kernel_dir/vmlinux"
+fi
+# --- end kernel
+
+if [ "${1:-}" = "--kernel-only" ]; then
+    echo "VMLINUX=$kernel_dir/vmlinux"
+    exit 0
+fi
+
+# --- agent and initramfs -------------------------------------------------------------------
+# The agent is a static (glibc crt-static) binary: the initramfs has no shared libraries.
+agent_target="$repo/target/guest"
+agent_inputs=$(cd "$repo" && find Cargo.toml Cargo.lock tests/Cargo.toml tests/src/agent tests/src/bin/guest-agent.rs -type f 2>/dev/null | sort)
+initramfs_hash=$( { cd "$repo" && cat $agent_inputs; dpkg-query -W -f='${Version}' busybox-static; sed -n '/^# --- agent and initramfs/,$p' "$0"; } | sha256sum | cut -c1-16)
+initramfs_dir="$cache/initramfs-$initramfs_hash"
+if [ ! -f "$initramfs_dir/initramfs.cpio" ]; then
+    log "building agent and initramfs $initramfs_hash"
+    (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static -C strip=symbols" CARGO_TARGET_DIR="$agent_target" \
+        cargo build -q --release --locked --target x86_64-unknown-linux-gnu -p vmm-tests --bin guest-agent >&2)
+    agent_bin="$agent_target/x86_64-unknown-linux-gnu/release/guest-agent"
+    file -L "$agent_bin" 2>/dev/null | grep -q "dynamically linked" && die "agent is not static: $agent_bin"
+    mkdir -p "$initramfs_dir.tmp"
+    spec="$initramfs_dir.tmp/initramfs.list"
+    {
+        echo "dir /dev 755 0 0"
+        echo "nod /dev/console 600 0 0 c 5 1"
+        for d in /proc /sys /tmp /bin /sbin /usr /usr/bin /usr/sbin /mnt; do echo "dir $d 755 0 0"; done
+        echo "file /init $agent_bin 755 0 0"
+        echo "file /bin/busybox /bin/busybox 755 0 0"
+        for applet in $(/bin/busybox --list-full); do
+            [ "$applet" = bin/busybox ] && continue
+            echo "slink /$applet /bin/busybox 777 0 0"
+        done
+    } > "$spec"
+    "$kernel_dir/gen_init_cpio" "$spec" > "$initramfs_dir.tmp/initramfs.cpio"
+    rm -rf "$initramfs_dir" && mv "$initramfs_dir.tmp" "$initramfs_dir"
+    log "initramfs ready: $initramfs_dir/initramfs.cpio"
+fi
+echo "VMLINUX=$kernel_dir/vmlinux"
+echo "INITRAMFS=$initramfs_dir/initramfs.cpio"

@@ -1,0 +1,565 @@
+//! The agent's wire protocol: JSON lines both ways.
+//!
+//! A request is one JSON object on one `\n`-terminated line: `{"id": <u64>, "op": "<name>", ...}`
+//! with the op's fields beside `id` and `op`. A reply is `{"id": <u64>, "ok": true, ...result}`,
+//! or `{"id": <u64 or null>, "ok": false, "error": "<message>"}` (id null when the request's id
+//! could not be read). These types are shared by the agent and the host-side client.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use thiserror::Error;
+
+/// Longest request line the agent accepts, newline excluded.
+pub const MAX_LINE: usize = 1 << 20;
+/// Timeout of a `run` request that gives none.
+pub const DEFAULT_RUN_TIMEOUT_MS: u64 = 60_000;
+/// Bytes of each of stdout and stderr a `run` reply keeps; the rest is replaced by a marker.
+pub const OUTPUT_LIMIT: usize = 64 * 1024;
+
+/// The names of all ops, for error messages.
+pub const OP_NAMES: &[&str] = &[
+    "ping",
+    "run",
+    "reboot",
+    "poke",
+    "blk_write",
+    "blk_verify",
+    "mem_fill",
+    "mem_check",
+    "checksum",
+];
+
+/// Why a request line could not be turned into a [`Request`].
+#[derive(Debug, Error)]
+pub enum ProtocolError {
+    /// The line is not JSON.
+    #[error("request is not valid JSON: {0}")]
+    Json(#[source] serde_json::Error),
+    /// The line is JSON but not an object.
+    #[error("request is not a JSON object")]
+    NotAnObject,
+    /// The object has no `id`.
+    #[error("request has no \"id\" field")]
+    MissingId,
+    /// The `id` is not an unsigned integer.
+    #[error("request \"id\" must be an unsigned 64-bit integer, got {0}")]
+    BadId(String),
+    /// The object has no string `op`.
+    #[error("request {id} has no string \"op\" field")]
+    MissingOp {
+        /// The request's id.
+        id: u64,
+    },
+    /// The `op` names no known op.
+    #[error("request {id}: unknown op \"{op}\" (known: {known})", known = OP_NAMES.join(", "))]
+    UnknownOp {
+        /// The request's id.
+        id: u64,
+        /// The op that was asked for.
+        op: String,
+    },
+    /// The op's fields are missing or have the wrong type.
+    #[error("request {id}: bad \"{op}\" fields: {source}")]
+    BadFields {
+        /// The request's id.
+        id: u64,
+        /// The op that was asked for.
+        op: String,
+        /// What serde found wrong.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The line exceeded [`MAX_LINE`].
+    #[error("request line longer than {MAX_LINE} bytes, discarded")]
+    LineTooLong,
+    /// A request to encode is not a JSON object.
+    #[error("a request must be a JSON object with an \"op\" field, got {0}")]
+    NotARequest(String),
+}
+
+impl ProtocolError {
+    /// The id of the request, when it could be read.
+    pub fn id(&self) -> Option<u64> {
+        match self {
+            ProtocolError::MissingOp { id }
+            | ProtocolError::UnknownOp { id, .. }
+            | ProtocolError::BadFields { id, .. } => Some(*id),
+            _ => None,
+        }
+    }
+}
+
+/// A parsed request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// Echoed in the reply.
+    pub id: u64,
+    /// What to do.
+    pub op: Op,
+}
+
+/// An operation and its fields.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    /// Liveness and basic facts; replies [`PingReply`].
+    Ping,
+    /// Run a program; replies [`RunOutput`].
+    Run(RunRequest),
+    /// Reply, then reboot the guest (PID 1 only); replies `{}`.
+    Reboot,
+    /// Poke I/O ports and MMIO (PID 1 only); replies [`PokeReply`].
+    Poke(PokeRequest),
+    /// Write pattern blocks; replies [`BlkWriteReply`].
+    BlkWrite(BlkRequest),
+    /// Read pattern blocks back and compare; replies [`BlkVerifyReply`].
+    BlkVerify(BlkRequest),
+    /// Allocate and fill a buffer kept by the agent; replies [`MemFillReply`].
+    MemFill(MemFillRequest),
+    /// Re-checksum the kept buffer; replies [`MemCheckReply`].
+    MemCheck,
+    /// Checksum a byte range of a file; replies [`ChecksumReply`].
+    Checksum(ChecksumRequest),
+}
+
+impl Op {
+    /// The op's wire name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Ping => "ping",
+            Op::Run(_) => "run",
+            Op::Reboot => "reboot",
+            Op::Poke(_) => "poke",
+            Op::BlkWrite(_) => "blk_write",
+            Op::BlkVerify(_) => "blk_verify",
+            Op::MemFill(_) => "mem_fill",
+            Op::MemCheck => "mem_check",
+            Op::Checksum(_) => "checksum",
+        }
+    }
+}
+
+/// Fields of `run`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunRequest {
+    /// Program and arguments; no shell is involved unless argv names one.
+    pub argv: Vec<String>,
+    /// Kill the program after this long (default [`DEFAULT_RUN_TIMEOUT_MS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Written to the program's stdin, which is then closed (default: stdin is empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+}
+
+impl RunRequest {
+    /// A request to run `argv` with the default timeout and no stdin.
+    pub fn new<S: AsRef<str>>(argv: &[S]) -> Self {
+        RunRequest {
+            argv: argv.iter().map(|s| s.as_ref().to_owned()).collect(),
+            timeout_ms: None,
+            stdin: None,
+        }
+    }
+
+    /// The timeout in effect.
+    pub fn timeout_ms(&self) -> u64 {
+        self.timeout_ms.unwrap_or(DEFAULT_RUN_TIMEOUT_MS)
+    }
+}
+
+/// Fields of `poke`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct PokeRequest {
+    /// I/O ports to read, write 0xA5 to, and read again.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    /// Physical addresses (4-byte aligned) to read, write 0xA5A5A5A5 to, and read again.
+    #[serde(default)]
+    pub mmio: Vec<u64>,
+}
+
+/// Fields of `blk_write` and `blk_verify`.
+///
+/// Block `i` of the request lives at byte `offset + i * block_size` and holds
+/// `pattern::block(seed, offset / block_size + i, block_size)`: the index is absolute, so a
+/// range can be verified in parts. `offset` must be a multiple of `block_size`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlkRequest {
+    /// File or block device.
+    pub path: String,
+    /// Byte offset of the first block.
+    pub offset: u64,
+    /// Bytes per block.
+    pub block_size: u64,
+    /// Number of blocks.
+    pub blocks: u64,
+    /// Pattern seed.
+    pub seed: u64,
+    /// Use O_DIRECT (offset and block size must then be multiples of 512).
+    #[serde(default)]
+    pub direct: bool,
+}
+
+/// Fields of `mem_fill`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemFillRequest {
+    /// Buffer size in MiB.
+    pub mib: u64,
+    /// Pattern seed.
+    pub seed: u64,
+}
+
+/// Fields of `checksum`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChecksumRequest {
+    /// File or block device.
+    pub path: String,
+    /// First byte.
+    pub offset: u64,
+    /// Number of bytes.
+    pub len: u64,
+}
+
+/// Reply to `ping`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PingReply {
+    /// `uname -r` of the agent's kernel.
+    pub kernel: String,
+    /// Time since boot.
+    pub uptime_ms: u64,
+    /// Online CPUs.
+    pub cpus: u32,
+}
+
+/// Reply to `run`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunOutput {
+    /// Exit code, or `None` when the program was killed by a signal.
+    pub status: Option<i32>,
+    /// The signal that killed the program, if any.
+    pub signal: Option<i32>,
+    /// Captured stdout (lossy UTF-8, truncated at [`OUTPUT_LIMIT`] with a marker).
+    pub stdout: String,
+    /// Captured stderr (lossy UTF-8, truncated at [`OUTPUT_LIMIT`] with a marker).
+    pub stderr: String,
+}
+
+impl RunOutput {
+    /// Whether the program exited with status 0.
+    pub fn success(&self) -> bool {
+        self.status == Some(0)
+    }
+}
+
+/// Reply to `poke`: `[port, before, after]` and `[address, before, after]` triples.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct PokeReply {
+    /// Per port: the value read, then the value read after writing 0xA5.
+    pub ports: Vec<(u16, u8, u8)>,
+    /// Per address: the u32 read, then the u32 read after writing 0xA5A5A5A5.
+    pub mmio: Vec<(u64, u32, u32)>,
+}
+
+/// Reply to `blk_write`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlkWriteReply {
+    /// Bytes written.
+    pub bytes: u64,
+    /// Time taken, fsync included.
+    pub elapsed_us: u64,
+}
+
+/// Reply to `blk_verify`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlkVerifyReply {
+    /// Bytes read and compared.
+    pub bytes: u64,
+    /// Number of blocks that differ from the pattern.
+    pub mismatches: u64,
+    /// Absolute index (`offset / block_size + i`) of the first differing block.
+    pub first_mismatch: Option<u64>,
+    /// Time taken.
+    pub elapsed_us: u64,
+}
+
+/// Reply to `mem_fill`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemFillReply {
+    /// Buffer size.
+    pub bytes: u64,
+    /// FNV-1a 64 of the buffer.
+    pub crc: u64,
+    /// Time taken.
+    pub elapsed_us: u64,
+}
+
+/// Reply to `mem_check`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemCheckReply {
+    /// FNV-1a 64 of the buffer now.
+    pub crc: u64,
+    /// FNV-1a 64 when it was filled.
+    pub expected: u64,
+    /// `crc == expected`.
+    pub intact: bool,
+    /// Time taken.
+    pub elapsed_us: u64,
+}
+
+/// Reply to `checksum`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChecksumReply {
+    /// Bytes checksummed.
+    pub bytes: u64,
+    /// FNV-1a 64 of them.
+    pub crc: u64,
+    /// Time taken.
+    pub elapsed_us: u64,
+}
+
+/// A reply as read by the host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    /// The request's id, or `None` when the agent could not read it.
+    pub id: Option<u64>,
+    /// `Ok(result fields)` or `Err(error message)`.
+    pub result: Result<Value, String>,
+}
+
+/// Parses a request line (without its newline).
+pub fn parse_request(line: &[u8]) -> Result<Request, ProtocolError> {
+    let value: Value = serde_json::from_slice(line).map_err(ProtocolError::Json)?;
+    let Value::Object(mut map) = value else {
+        return Err(ProtocolError::NotAnObject);
+    };
+    let id = match map.remove("id") {
+        None => return Err(ProtocolError::MissingId),
+        Some(v) => v
+            .as_u64()
+            .ok_or_else(|| ProtocolError::BadId(v.to_string()))?,
+    };
+    let op_name = match map.get("op") {
+        Some(Value::String(s)) => s.clone(),
+        _ => return Err(ProtocolError::MissingOp { id }),
+    };
+    if !OP_NAMES.contains(&op_name.as_str()) {
+        return Err(ProtocolError::UnknownOp { id, op: op_name });
+    }
+    let op =
+        serde_json::from_value(Value::Object(map)).map_err(|source| ProtocolError::BadFields {
+            id,
+            op: op_name,
+            source,
+        })?;
+    Ok(Request { id, op })
+}
+
+/// Encodes a request line (newline included) from a JSON object holding `op` and its fields.
+pub fn encode_request(id: u64, request: &Value) -> Result<String, ProtocolError> {
+    let Value::Object(fields) = request else {
+        return Err(ProtocolError::NotARequest(request.to_string()));
+    };
+    if !matches!(fields.get("op"), Some(Value::String(_))) {
+        return Err(ProtocolError::NotARequest(request.to_string()));
+    }
+    let mut map = Map::with_capacity(fields.len() + 1);
+    map.insert("id".into(), Value::from(id));
+    for (k, v) in fields {
+        if k != "id" {
+            map.insert(k.clone(), v.clone());
+        }
+    }
+    Ok(line_of(map))
+}
+
+/// Encodes a successful reply line (newline included); `result` must serialize to an object
+/// (or to null/unit for a reply with no fields).
+pub fn ok_reply(id: u64, result: Value) -> String {
+    let mut map = match result {
+        Value::Object(map) => map,
+        Value::Null => Map::new(),
+        other => {
+            let mut map = Map::new();
+            map.insert("value".into(), other);
+            map
+        }
+    };
+    map.insert("id".into(), Value::from(id));
+    map.insert("ok".into(), Value::Bool(true));
+    line_of(map)
+}
+
+/// Encodes an error reply line (newline included).
+pub fn error_reply(id: Option<u64>, message: &str) -> String {
+    let mut map = Map::with_capacity(3);
+    map.insert("id".into(), id.map_or(Value::Null, Value::from));
+    map.insert("ok".into(), Value::Bool(false));
+    map.insert("error".into(), Value::from(message));
+    line_of(map)
+}
+
+/// Parses a reply line; `None` if the line is not a reply (not JSON, no boolean `ok`: for
+/// instance a request echoed by a tty that is not yet in raw mode).
+pub fn parse_reply(line: &[u8]) -> Option<Reply> {
+    let Ok(Value::Object(mut map)) = serde_json::from_slice::<Value>(line) else {
+        return None;
+    };
+    let ok = map.remove("ok")?.as_bool()?;
+    let id = match map.remove("id")? {
+        Value::Null => None,
+        v => Some(v.as_u64()?),
+    };
+    let result = if ok {
+        Ok(Value::Object(map))
+    } else {
+        Err(match map.remove("error") {
+            Some(Value::String(s)) => s,
+            Some(other) => other.to_string(),
+            None => "error reply without a message".to_owned(),
+        })
+    };
+    Some(Reply { id, result })
+}
+
+fn line_of(map: Map<String, Value>) -> String {
+    let mut line = Value::Object(map).to_string();
+    line.push('\n');
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn parses_ops() {
+        let r = parse_request(br#"{"id":7,"op":"ping"}"#).unwrap();
+        assert_eq!(
+            r,
+            Request {
+                id: 7,
+                op: Op::Ping
+            }
+        );
+        let r = parse_request(br#"{"op":"mem_check","id":8}"#).unwrap();
+        assert_eq!(r.op, Op::MemCheck);
+        let r = parse_request(br#"{"id":1,"op":"run","argv":["ls","-l"],"timeout_ms":5}"#).unwrap();
+        assert_eq!(
+            r.op,
+            Op::Run(RunRequest {
+                argv: vec!["ls".into(), "-l".into()],
+                timeout_ms: Some(5),
+                stdin: None
+            })
+        );
+        let r = parse_request(br#"{"id":2,"op":"poke","ports":[128]}"#).unwrap();
+        assert_eq!(
+            r.op,
+            Op::Poke(PokeRequest {
+                ports: vec![128],
+                mmio: vec![]
+            })
+        );
+        let r = parse_request(
+            br#"{"id":3,"op":"blk_write","path":"/dev/vda","offset":0,"block_size":4096,"blocks":2,"seed":1}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            r.op,
+            Op::BlkWrite(BlkRequest { direct: false, .. })
+        ));
+    }
+
+    #[test]
+    fn unit_ops_ignore_extra_fields() {
+        let r = parse_request(br#"{"id":7,"op":"ping","junk":1}"#).unwrap();
+        assert_eq!(r.op, Op::Ping);
+    }
+
+    #[test]
+    fn errors_carry_id_when_known() {
+        let e = parse_request(b"garbage").unwrap_err();
+        assert!(matches!(e, ProtocolError::Json(_)));
+        assert_eq!(e.id(), None);
+        let e = parse_request(b"[1,2]").unwrap_err();
+        assert!(matches!(e, ProtocolError::NotAnObject));
+        let e = parse_request(br#"{"op":"ping"}"#).unwrap_err();
+        assert!(matches!(e, ProtocolError::MissingId));
+        let e = parse_request(br#"{"id":-1,"op":"ping"}"#).unwrap_err();
+        assert!(matches!(e, ProtocolError::BadId(_)));
+        let e = parse_request(br#"{"id":4}"#).unwrap_err();
+        assert_eq!(e.id(), Some(4));
+        let e = parse_request(br#"{"id":5,"op":"fly"}"#).unwrap_err();
+        assert_eq!(e.id(), Some(5));
+        assert!(e.to_string().contains("unknown op \"fly\""), "{e}");
+        let e = parse_request(br#"{"id":6,"op":"run"}"#).unwrap_err();
+        assert_eq!(e.id(), Some(6));
+        assert!(e.to_string().contains("argv"), "{e}");
+        let e = parse_request(br#"{"id":6,"op":"mem_fill","mib":"x","seed":1}"#).unwrap_err();
+        assert!(matches!(e, ProtocolError::BadFields { .. }));
+    }
+
+    #[test]
+    fn replies_round_trip() {
+        let line = ok_reply(
+            3,
+            serde_json::to_value(PingReply {
+                kernel: "6.1".into(),
+                uptime_ms: 5,
+                cpus: 2,
+            })
+            .unwrap(),
+        );
+        assert!(line.ends_with('\n'));
+        let reply = parse_reply(line.trim_end().as_bytes()).unwrap();
+        assert_eq!(reply.id, Some(3));
+        let ping: PingReply = serde_json::from_value(reply.result.unwrap()).unwrap();
+        assert_eq!(ping.cpus, 2);
+
+        let reply = parse_reply(error_reply(None, "bad").as_bytes()).unwrap();
+        assert_eq!(reply.id, None);
+        assert_eq!(reply.result, Err("bad".to_owned()));
+
+        let reply = parse_reply(ok_reply(9, Value::Null).as_bytes()).unwrap();
+        assert_eq!(reply.result, Ok(json!({})));
+    }
+
+    #[test]
+    fn non_replies_are_recognised() {
+        assert_eq!(parse_reply(b"hello"), None);
+        assert_eq!(parse_reply(br#"{"id":1,"op":"ping"}"#), None);
+        assert_eq!(parse_reply(br#"{"id":"x","ok":true}"#), None);
+    }
+
+    #[test]
+    fn encodes_requests() {
+        let line = encode_request(4, &json!({"op": "run", "argv": ["true"], "id": 99})).unwrap();
+        let r = parse_request(line.trim_end().as_bytes()).unwrap();
+        assert_eq!(r.id, 4);
+        assert_eq!(r.op, Op::Run(RunRequest::new(&["true"])));
+        assert!(encode_request(1, &json!([1])).is_err());
+        assert!(encode_request(1, &json!({"argv": []})).is_err());
+        let typed = serde_json::to_value(Op::MemCheck).unwrap();
+        assert_eq!(typed, json!({"op": "mem_check"}));
+    }
+
+    #[test]
+    fn run_output_serializes_nulls() {
+        let v = serde_json::to_value(RunOutput {
+            status: Some(0),
+            signal: None,
+            stdout: String::new(),
+            stderr: String::new(),
+        })
+        .unwrap();
+        assert_eq!(v["signal"], Value::Null);
+        let v = serde_json::to_value(PokeReply {
+            ports: vec![(0x80, 0xff, 0xff)],
+            mmio: vec![],
+        })
+        .unwrap();
+        assert_eq!(v, json!({"ports": [[128, 255, 255]], "mmio": []}));
+    }
+}

@@ -1,0 +1,32 @@
+//! Host-side harness for integration tests: build the guest image, boot it with the `vmm`
+//! binary, and talk to the in-guest agent.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use vmm_tests::harness::{Vm, DEFAULT_BOOT_TIMEOUT};
+//!
+//! let vm = Vm::builder().cpus(2).memory("256M").boot()?;
+//! let mut agent = vm.agent(DEFAULT_BOOT_TIMEOUT)?;
+//! let out = agent.run(&["uname", "-r"])?;
+//! assert_eq!(out.status, Some(0));
+//! agent.reboot()?;
+//! vm.wait_exit(Duration::from_secs(120))?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod client;
+pub mod diag;
+pub mod image;
+pub mod paths;
+pub mod testdir;
+pub mod vm;
+
+pub use crate::agent::protocol::{
+    BlkRequest, BlkVerifyReply, BlkWriteReply, ChecksumReply, MemCheckReply, MemFillReply,
+    PingReply, PokeReply, Reply, RunOutput, RunRequest,
+};
+pub use client::{Agent, AgentError, DEFAULT_TIMEOUT};
+pub use image::{GuestImage, ImageError};
+pub use paths::{guest_cmdline, vmm_binary, workspace_root, PathsError};
+pub use testdir::{TestDir, TestDirError};
+pub use vm::{Vm, VmBuilder, VmError, DEFAULT_BOOT_TIMEOUT};

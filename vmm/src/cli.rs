@@ -1,0 +1,63 @@
+//! The command line.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::serial_config::SerialConfig;
+
+/// Default guest command line when --cmdline is not given.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+
+/// A KVM virtual machine monitor for Linux guests.
+///
+/// Boots an x86_64 Linux kernel (an uncompressed ELF vmlinux, entered at its 64-bit entry
+/// point, or a bzImage through the 64-bit boot protocol) with an optional initramfs. The
+/// guest gets a 16550 serial console on COM1 (ttyS0), an optional second port on COM2
+/// (ttyS1), an i8042 controller whose reset line ends the VMM with status 0 (`reboot -f` in
+/// the guest, with `reboot=k`), and a PCI host bridge. SIGTERM or SIGINT stop the VM.
+///
+/// Example:
+///   vmm --kernel vmlinux --initramfs initramfs.cpio --memory 512M --cpus 2 \
+///       --cmdline "console=ttyS0 reboot=k panic=1"
+#[derive(Debug, Parser)]
+#[command(name = "vmm", version, verbatim_doc_comment)]
+pub struct Cli {
+    /// Kernel image: an ELF vmlinux or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+
+    /// Initial RAM filesystem (a cpio archive; uncompressed boots fastest).
+    #[arg(long, value_name = "PATH")]
+    pub initramfs: Option<PathBuf>,
+
+    /// Kernel command line.
+    #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
+    pub cmdline: String,
+
+    /// Guest RAM: a number of bytes with an optional K, M, G or T suffix (binary units).
+    #[arg(long, value_name = "SIZE", default_value = "256M")]
+    pub memory: String,
+
+    /// Number of vCPUs (1-32).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=32))]
+    pub cpus: u8,
+
+    /// COM1 (ttyS0): `stdio`, `file=PATH` (append guest output to PATH), `socket=PATH` (listen
+    /// on a Unix socket; a connected client is the console) or `off`.
+    #[arg(long, value_name = "MODE", default_value = "stdio")]
+    pub serial: SerialConfig,
+
+    /// COM2 (ttyS1), same modes as --serial. The test guest's agent talks on it.
+    #[arg(long, value_name = "MODE", default_value = "off")]
+    pub serial2: SerialConfig,
+
+    /// Print KVM exit counts by cause and by device to stderr when the VM stops.
+    #[arg(long)]
+    pub exit_stats: bool,
+
+    /// Log filter (error, warn, info, debug, trace, or a tracing filter such as
+    /// `vmm=debug,devices=trace`). RUST_LOG is used when this is not given.
+    #[arg(long, value_name = "FILTER")]
+    pub log_level: Option<String>,
+}

@@ -1,0 +1,121 @@
+//! `vmm`: the binary's edge. Parses the command line, runs the VM, and turns every error into
+//! one line on stderr and a non-zero exit status.
+
+mod boot;
+mod cli;
+mod console;
+mod event_loop;
+mod exit;
+mod memory;
+mod serial_config;
+mod vcpu;
+mod vm;
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+
+use crate::exit::ExitReason;
+
+fn main() -> ExitCode {
+    let cli = match cli::Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            // clap's message is several lines; give one, with where to look.
+            let text = e.to_string();
+            let first = text
+                .lines()
+                .next()
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
+            eprintln!("vmm: error: {first} (see vmm --help)");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(cli.log_level.as_deref());
+    match run(&cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("vmm: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging(filter: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match filter {
+        Some(f) => EnvFilter::try_new(f).unwrap_or_else(|e| {
+            eprintln!("vmm: warning: bad --log-level '{f}' ({e}); using 'info'");
+            EnvFilter::new("info")
+        }),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn run(cli: &cli::Cli) -> anyhow::Result<u8> {
+    let mem_size = memory::parse_size(&cli.memory)?;
+    memory::validate_size(mem_size, &cli.memory)?;
+    if !cli.kernel.is_file() {
+        // Checked here so the message names the option, not an internal step.
+        let why = match std::fs::metadata(&cli.kernel) {
+            Ok(_) => "not a regular file".to_string(),
+            Err(e) => e.to_string(),
+        };
+        anyhow::bail!("--kernel {}: {why}", cli.kernel.display());
+    }
+    if let Some(initramfs) = &cli.initramfs {
+        std::fs::metadata(initramfs)
+            .with_context(|| format!("--initramfs {}", initramfs.display()))?;
+    }
+    let cfg = vm::VmConfig {
+        kernel: cli.kernel.clone(),
+        initramfs: cli.initramfs.clone(),
+        cmdline: cli.cmdline.clone(),
+        mem_size,
+        cpus: cli.cpus,
+        serial: cli.serial.clone(),
+        serial2: cli.serial2.clone(),
+    };
+    let started = std::time::Instant::now();
+    let (reason, stats) = vm::run(&cfg)?;
+    let secs = started.elapsed().as_secs_f64();
+    if cli.exit_stats {
+        print_stats(&stats, secs);
+    }
+    match &reason {
+        ExitReason::GuestReset => tracing::info!("guest reset after {secs:.1} s; exiting"),
+        ExitReason::GuestPowerOff => tracing::info!("guest powered off after {secs:.1} s; exiting"),
+        ExitReason::Signal(n) => tracing::info!("stopped by signal {n} after {secs:.1} s"),
+        ExitReason::Error(msg) => anyhow::bail!("{msg}"),
+    }
+    Ok(reason.status() as u8)
+}
+
+fn print_stats(stats: &vm::RunStats, secs: f64) {
+    eprintln!("exit-stats: total {} exits in {secs:.1} s", stats.total);
+    for (kind, n) in &stats.exits {
+        if *n > 0 {
+            eprintln!("exit-stats: cause {kind:<14} {n}");
+        }
+    }
+    for s in &stats.bus {
+        if s.reads + s.writes > 0 {
+            eprintln!(
+                "exit-stats: device {:<12} {:<4} {:#06x} reads {} writes {}",
+                s.name, s.space, s.base, s.reads, s.writes
+            );
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! vCPU threads: run KVM_RUN, dispatch I/O and MMIO exits to the buses, count exits, and stop
+//! promptly when asked (a signal plus `immediate_exit`, so a vCPU blocked in the kernel, e.g.
+//! in a guest `hlt`, leaves KVM_RUN at once).
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use devices::Bus;
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::exit::{ExitReason, VmExit};
+
+/// Kinds of exits counted.
+pub const EXIT_KINDS: [&str; 9] = [
+    "io-in",
+    "io-out",
+    "mmio-read",
+    "mmio-write",
+    "hlt",
+    "shutdown",
+    "system-event",
+    "interrupted",
+    "other",
+];
+
+/// Exit counters of all vCPUs.
+#[derive(Debug, Default)]
+pub struct ExitCounters {
+    counts: [AtomicU64; EXIT_KINDS.len()],
+}
+
+impl ExitCounters {
+    fn bump(&self, kind: usize) {
+        self.counts[kind].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (kind, count) for every kind.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        EXIT_KINDS
+            .iter()
+            .zip(&self.counts)
+            .map(|(k, c)| (*k, c.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// Exits that reached the VMM, excluding signal interruptions.
+    pub fn total(&self) -> u64 {
+        self.snapshot()
+            .iter()
+            .filter(|(k, _)| *k != "interrupted")
+            .map(|(_, c)| c)
+            .sum()
+    }
+}
+
+thread_local! {
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    KVM_RUN.with(|p| {
+        let run = p.get();
+        if !run.is_null() {
+            // SAFETY: the pointer is this thread's own kvm_run mapping, set before the vCPU
+            // loop starts and valid until the thread's VcpuFd is dropped (after the loop, with
+            // the pointer cleared first). Writing one byte of it is async-signal-safe.
+            unsafe { (*run).immediate_exit = 1 };
+        }
+    });
+}
+
+/// The signal that kicks a vCPU out of KVM_RUN.
+pub fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+/// Installs the kick handler (once per process).
+pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
+    register_signal_handler(kick_signal(), kick_handler)
+}
+
+/// A running vCPU thread.
+pub struct VcpuThread {
+    handle: JoinHandle<()>,
+}
+
+impl VcpuThread {
+    /// Makes the thread leave KVM_RUN (it then sees the stop flag).
+    pub fn kick(&self) {
+        if let Err(e) = self.handle.kill(kick_signal()) {
+            tracing::warn!("cannot signal vCPU thread: {e}");
+        }
+    }
+
+    /// Waits for the thread to finish.
+    pub fn join(self) {
+        if self.handle.join().is_err() {
+            tracing::error!("a vCPU thread panicked");
+        }
+    }
+}
+
+/// What a vCPU thread shares with the VM.
+pub struct VcpuContext {
+    /// Buses exits are dispatched to.
+    pub bus: Arc<Bus>,
+    /// Where the VM's end is recorded.
+    pub exit: Arc<VmExit>,
+    /// Set when all vCPUs must stop.
+    pub stop: Arc<AtomicBool>,
+    /// Shared exit counters.
+    pub counters: Arc<ExitCounters>,
+}
+
+/// Starts vCPU `id` on its own thread.
+pub fn spawn(id: u8, mut vcpu: VcpuFd, ctx: VcpuContext) -> std::io::Result<VcpuThread> {
+    let handle = std::thread::Builder::new()
+        .name(format!("vcpu{id}"))
+        .spawn(move || {
+            KVM_RUN.with(|p| p.set(vcpu.get_kvm_run() as *mut kvm_run));
+            run_loop(id, &mut vcpu, &ctx);
+            KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
+        })?;
+    Ok(VcpuThread { handle })
+}
+
+fn run_loop(id: u8, vcpu: &mut VcpuFd, ctx: &VcpuContext) {
+    let c = &ctx.counters;
+    while !ctx.stop.load(Ordering::Acquire) {
+        match vcpu.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                c.bump(0);
+                ctx.bus.pio_read(port, data);
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                c.bump(1);
+                ctx.bus.pio_write(port, data);
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                c.bump(2);
+                ctx.bus.mmio_read(addr, data);
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                c.bump(3);
+                ctx.bus.mmio_write(addr, data);
+            }
+            Ok(VcpuExit::Hlt) => {
+                // With the in-kernel irqchip KVM handles hlt itself; reaching here means the
+                // guest halted for good.
+                c.bump(4);
+                tracing::info!("vCPU {id} halted");
+                ctx.exit.trigger(ExitReason::GuestPowerOff);
+                break;
+            }
+            Ok(VcpuExit::Shutdown) => {
+                c.bump(5);
+                tracing::info!("vCPU {id}: guest shutdown (triple fault or reset)");
+                ctx.exit.trigger(ExitReason::GuestReset);
+                break;
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                c.bump(6);
+                let reason = match kind {
+                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => ExitReason::GuestReset,
+                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::GuestPowerOff,
+                    other => {
+                        ExitReason::Error(format!("vCPU {id}: unexpected system event {other}"))
+                    }
+                };
+                ctx.exit.trigger(reason);
+                break;
+            }
+            Ok(VcpuExit::InternalError) => {
+                c.bump(8);
+                ctx.exit
+                    .trigger(ExitReason::Error(internal_error(id, vcpu)));
+                break;
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                c.bump(8);
+                ctx.exit.trigger(ExitReason::Error(format!(
+                    "vCPU {id}: KVM could not enter the guest (hardware entry failure reason {reason:#x} on host CPU {cpu})"
+                )));
+                break;
+            }
+            Ok(other) => {
+                c.bump(8);
+                tracing::warn!("vCPU {id}: unhandled exit {other:?}");
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                c.bump(7);
+                vcpu.set_kvm_immediate_exit(0);
+            }
+            Err(e) => {
+                ctx.exit
+                    .trigger(ExitReason::Error(format!("vCPU {id}: KVM_RUN failed: {e}")));
+                break;
+            }
+        }
+    }
+}
+
+/// Describes a KVM internal error, with the instruction bytes of an emulation failure.
+fn internal_error(id: u8, vcpu: &mut VcpuFd) -> String {
+    let rip = vcpu
+        .get_regs()
+        .map(|r| format!("{:#x}", r.rip))
+        .unwrap_or_else(|_| "?".into());
+    let run = vcpu.get_kvm_run();
+    // SAFETY: KVM filled the `internal` member of the union for a KVM_EXIT_INTERNAL_ERROR.
+    let internal = unsafe { run.__bindgen_anon_1.internal };
+    let n = (internal.ndata as usize).min(internal.data.len());
+    let data: Vec<String> = internal.data[..n]
+        .iter()
+        .map(|d| format!("{d:#x}"))
+        .collect();
+    let what = match internal.suberror {
+        1 => "emulation failure (an instruction this KVM cannot emulate in guest kernel mode)",
+        2 => "simultaneous exceptions",
+        3 => "delivery event failure",
+        _ => "internal error",
+    };
+    format!(
+        "vCPU {id}: KVM {what}, suberror {}, rip {rip}, data [{}]",
+        internal.suberror,
+        data.join(", ")
+    )
+}

@@ -1,0 +1,295 @@
+//! Building and running a VM: KVM set-up, guest RAM, devices, vCPUs, the event loop, and an
+//! orderly stop.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use devices::legacy::{SerialPort, I8042};
+use devices::pci::{HostBridge, PciRoot};
+use devices::trigger::EventFdTrigger;
+use devices::Bus;
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::Kvm;
+use resources::memslots::{MapFlags, MappingKind, MemSlots};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, cpuid, regs};
+use crate::console::{self, ConsoleError};
+use crate::event_loop::{ExitWatcher, SerialInput};
+use crate::exit::{ExitReason, VmExit};
+use crate::memory::{self, MemoryError};
+use crate::serial_config::SerialConfig;
+use crate::vcpu::{self, ExitCounters, VcpuContext};
+
+/// Everything needed to build a VM.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// Kernel image.
+    pub kernel: PathBuf,
+    /// Optional initramfs.
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Guest RAM in bytes (validated).
+    pub mem_size: u64,
+    /// vCPU count.
+    pub cpus: u8,
+    /// COM1.
+    pub serial: SerialConfig,
+    /// COM2.
+    pub serial2: SerialConfig,
+}
+
+/// Errors building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// /dev/kvm cannot be opened.
+    #[error("cannot open /dev/kvm: {0}")]
+    KvmOpen(String),
+    /// A KVM ioctl failed during set-up.
+    #[error("KVM: cannot {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    /// Guest RAM.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Registering guest RAM with KVM.
+    #[error("cannot map guest RAM into KVM: {0}")]
+    MemSlot(#[from] resources::memslots::MemSlotsError),
+    /// Loading the kernel.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// vCPU register set-up.
+    #[error(transparent)]
+    Regs(#[from] regs::RegsError),
+    /// CPUID.
+    #[error(transparent)]
+    Cpuid(#[from] cpuid::CpuidError),
+    /// Serial host side.
+    #[error(transparent)]
+    Console(#[from] ConsoleError),
+    /// Bus registration.
+    #[error(transparent)]
+    Bus(#[from] devices::BusError),
+    /// PCI.
+    #[error(transparent)]
+    Pci(#[from] devices::pci::root::PciError),
+    /// An OS resource (eventfd, thread, epoll) could not be created.
+    #[error("cannot {what}: {source}")]
+    Os {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    /// The event loop failed.
+    #[error("event loop: {0}")]
+    EventLoop(String),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+fn os_err(what: &'static str) -> impl FnOnce(std::io::Error) -> VmError {
+    move |source| VmError::Os { what, source }
+}
+
+/// Opens /dev/kvm with an error that says what to do.
+pub fn open_kvm() -> Result<Kvm, VmError> {
+    Kvm::new().map_err(|e| {
+        let hint = match e.errno() {
+            libc::EACCES | libc::EPERM => {
+                "permission denied; run as root or add your user to the group owning /dev/kvm"
+            }
+            libc::ENOENT => {
+                "it does not exist; KVM is not available on this host (is the kvm module loaded?)"
+            }
+            _ => "",
+        };
+        VmError::KvmOpen(if hint.is_empty() {
+            e.to_string()
+        } else {
+            format!("{e}: {hint}")
+        })
+    })
+}
+
+/// Serial ports: COM1 at 0x3f8 (IRQ 4), COM2 at 0x2f8 (IRQ 3).
+const SERIAL_PORTS: [(&str, u16, u32); 2] = [("serial0", 0x3f8, 4), ("serial1", 0x2f8, 3)];
+
+/// Exit statistics of a finished run.
+pub struct RunStats {
+    /// Exits by cause.
+    pub exits: Vec<(&'static str, u64)>,
+    /// Total exits.
+    pub total: u64,
+    /// Bus accesses by device.
+    pub bus: Vec<devices::BusStats>,
+}
+
+/// Builds the VM, runs it until it stops, and returns why, with exit statistics.
+pub fn run(cfg: &VmConfig) -> Result<(ExitReason, RunStats), VmError> {
+    let kvm = open_kvm()?;
+    let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create the VM"))?);
+    vm.set_tss_address(0xfffb_d000)
+        .map_err(kvm_err("set the TSS address"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("create the in-kernel irqchip"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit)
+        .map_err(kvm_err("create the in-kernel PIT"))?;
+
+    let (mem, _memfd) = memory::create(cfg.mem_size)?;
+    let memslots = MemSlots::new(vm.clone());
+    map_guest_ram(&memslots, &mem)?;
+
+    let loaded = boot::load(
+        &mem,
+        &boot::BootConfig {
+            kernel: &cfg.kernel,
+            initramfs: cfg.initramfs.as_deref(),
+            cmdline: &cfg.cmdline,
+            mem_size: cfg.mem_size,
+            cpus: cfg.cpus,
+        },
+    )?;
+    tracing::info!("loaded {:?} kernel, entry {:#x}", loaded.kind, loaded.entry);
+    regs::write_boot_structures(&mem)?;
+
+    // Devices.
+    let bus = Arc::new(Bus::new());
+    let exit = Arc::new(VmExit::new().map_err(os_err("create the exit eventfd"))?);
+    let mut inputs = Vec::new();
+    for ((name, base, gsi), scfg) in SERIAL_PORTS.iter().zip([&cfg.serial, &cfg.serial2]) {
+        let irq =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("create a serial IRQ eventfd"))?;
+        vm.register_irqfd(&irq, *gsi)
+            .map_err(kvm_err("register a serial irqfd"))?;
+        let (out, source) = console::connect(scfg)?;
+        let port = Arc::new(
+            SerialPort::new(EventFdTrigger::new(irq), out)
+                .map_err(os_err("create a serial port"))?,
+        );
+        bus.register_pio(name, *base, 8, port.clone())?;
+        inputs.push(SerialInput::new(name, port, source));
+    }
+    let reset = EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("create the reset eventfd"))?;
+    let reset_trigger = EventFdTrigger::new(
+        reset
+            .try_clone()
+            .map_err(os_err("clone the reset eventfd"))?,
+    );
+    let i8042 = Arc::new(I8042::new(reset_trigger));
+    bus.register_pio("i8042", devices::legacy::i8042::DATA_PORT, 1, i8042.clone())?;
+    bus.register_pio("i8042", devices::legacy::i8042::COMMAND_PORT, 1, i8042)?;
+    let pci = Arc::new(PciRoot::new());
+    pci.add(0, 0, Arc::new(Mutex::new(HostBridge::new())))?;
+    bus.register_pio(
+        "pci-config",
+        devices::pci::root::CONFIG_ADDRESS_PORT,
+        devices::pci::root::CONFIG_PORTS,
+        pci,
+    )?;
+
+    // vCPUs.
+    vcpu::install_kick_handler().map_err(|e| VmError::Os {
+        what: "install the vCPU kick handler",
+        source: std::io::Error::from_raw_os_error(e.errno()),
+    })?;
+    let base_cpuid = cpuid::supported(&kvm)?;
+    tracing::debug!("CPUID hides {}", cpuid::hidden_names().join(","));
+    let mut vcpu_fds = Vec::new();
+    for id in 0..cfg.cpus {
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_err("create a vCPU"))?;
+        fd.set_cpuid2(&cpuid::for_vcpu(&base_cpuid, id, cfg.cpus))
+            .map_err(kvm_err("set CPUID"))?;
+        regs::setup_common(&fd)?;
+        if id == 0 {
+            regs::setup_boot_vcpu(&fd, loaded.entry)?;
+        }
+        vcpu_fds.push(fd);
+    }
+
+    // Event loop first, so nothing the guest does is missed; then the vCPUs.
+    let mut em: EventManager<Box<dyn MutEventSubscriber + Send>> =
+        EventManager::new().map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
+    em.add_subscriber(Box::new(
+        ExitWatcher::new(exit.clone(), reset).map_err(os_err("install signal handlers"))?,
+    ));
+    for input in inputs {
+        em.add_subscriber(Box::new(input));
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let counters = Arc::new(ExitCounters::default());
+    let mut threads = Vec::new();
+    for (id, fd) in vcpu_fds.into_iter().enumerate() {
+        let ctx = VcpuContext {
+            bus: bus.clone(),
+            exit: exit.clone(),
+            stop: stop.clone(),
+            counters: counters.clone(),
+        };
+        match vcpu::spawn(id as u8, fd, ctx) {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                exit.trigger(ExitReason::Error(format!(
+                    "cannot start vCPU thread {id}: {e}"
+                )));
+                break;
+            }
+        }
+    }
+
+    let reason = loop {
+        if let Some(r) = exit.reason() {
+            break r;
+        }
+        if let Err(e) = em.run() {
+            break ExitReason::Error(format!("event loop failed: {e:?}"));
+        }
+    };
+
+    stop.store(true, Ordering::Release);
+    for t in &threads {
+        t.kick();
+    }
+    for t in threads {
+        t.join();
+    }
+    let stats = RunStats {
+        exits: counters.snapshot(),
+        total: counters.total(),
+        bus: bus.stats(),
+    };
+    drop(memslots);
+    Ok((reason, stats))
+}
+
+fn map_guest_ram(memslots: &MemSlots, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+    for region in mem.iter() {
+        let host = region.as_ptr() as u64;
+        // SAFETY: the region is a shared mmap of the guest RAM memfd that no Rust reference
+        // points into except through vm-memory's volatile accessors; it outlives the slot,
+        // since `run` drops the memslots (and the VM) before the memory.
+        unsafe {
+            memslots.map(
+                region.start_addr().0,
+                region.len(),
+                host,
+                MapFlags::default(),
+                MappingKind::Ram,
+            )?
+        };
+    }
+    Ok(())
+}
