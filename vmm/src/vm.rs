@@ -186,7 +186,17 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, RunStats), VmError> {
             .try_clone()
             .map_err(os_err("clone the reset eventfd"))?,
     );
-    let i8042 = Arc::new(I8042::new(reset_trigger));
+    let mut i8042_irqs = Vec::new();
+    for gsi in [1, 12] {
+        let irq =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("create an i8042 IRQ eventfd"))?;
+        vm.register_irqfd(&irq, gsi)
+            .map_err(kvm_err("register an i8042 irqfd"))?;
+        i8042_irqs.push(EventFdTrigger::new(irq));
+    }
+    let aux_irq = i8042_irqs.pop().expect("two IRQs");
+    let kbd_irq = i8042_irqs.pop().expect("two IRQs");
+    let i8042 = Arc::new(I8042::new(reset_trigger).with_irqs(kbd_irq, aux_irq));
     bus.register_pio("i8042", devices::legacy::i8042::DATA_PORT, 1, i8042.clone())?;
     bus.register_pio("i8042", devices::legacy::i8042::COMMAND_PORT, 1, i8042)?;
     let pci = Arc::new(PciRoot::new());

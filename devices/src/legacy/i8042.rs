@@ -23,6 +23,14 @@ pub const COMMAND_PORT: u16 = 0x64;
 const STATUS_OUTPUT_FULL: u8 = 0x01;
 const STATUS_SYSTEM_FLAG: u8 = 0x04;
 const STATUS_LAST_WAS_COMMAND: u8 = 0x08;
+/// Keyboard not inhibited (no key lock).
+const STATUS_UNLOCKED: u8 = 0x10;
+/// The output buffer holds a byte from the auxiliary (mouse) port.
+const STATUS_AUX_DATA: u8 = 0x20;
+
+/// Command-byte bits: interrupt on keyboard / auxiliary output.
+const CTR_KBD_INT: u8 = 0x01;
+const CTR_AUX_INT: u8 = 0x02;
 
 const CMD_READ_CTR: u8 = 0x20;
 const CMD_WRITE_CTR: u8 = 0x60;
@@ -35,6 +43,8 @@ const CMD_DISABLE_KBD: u8 = 0xAD;
 const CMD_ENABLE_KBD: u8 = 0xAE;
 const CMD_READ_OUTPORT: u8 = 0xD0;
 const CMD_WRITE_OUTPORT: u8 = 0xD1;
+const CMD_WRITE_KBD_OUTBUF: u8 = 0xD2;
+const CMD_WRITE_AUX_OUTBUF: u8 = 0xD3;
 const CMD_RESET_CPU: u8 = 0xFE;
 
 #[derive(Debug)]
@@ -47,24 +57,61 @@ struct State {
     awaiting: Option<u8>,
 }
 
-/// The controller; `reset` fires when the guest resets the machine through it.
+/// The controller; `reset` fires when the guest resets the machine through it, `kbd_irq`
+/// and `aux_irq` (IRQ 1 and 12) when a byte arrives in the output buffer with the matching
+/// interrupt enabled in the command byte (Linux's AUX probe waits for that interrupt).
 pub struct I8042 {
     state: Mutex<State>,
     reset: EventFdTrigger,
+    kbd_irq: Option<EventFdTrigger>,
+    aux_irq: Option<EventFdTrigger>,
 }
 
 impl I8042 {
-    /// A controller that triggers `reset` on a guest-requested CPU reset.
+    /// A controller that triggers `reset` on a guest-requested CPU reset, with no
+    /// interrupt lines.
     pub fn new(reset: EventFdTrigger) -> Self {
         I8042 {
             state: Mutex::new(State {
-                status: STATUS_SYSTEM_FLAG,
+                status: STATUS_SYSTEM_FLAG | STATUS_UNLOCKED,
                 ctr: 0x30,
                 outport: 0x01,
                 output: None,
                 awaiting: None,
             }),
             reset,
+            kbd_irq: None,
+            aux_irq: None,
+        }
+    }
+
+    /// Connects IRQ 1 (keyboard) and IRQ 12 (auxiliary port).
+    pub fn with_irqs(mut self, kbd: EventFdTrigger, aux: EventFdTrigger) -> Self {
+        self.kbd_irq = Some(kbd);
+        self.aux_irq = Some(aux);
+        self
+    }
+
+    /// Puts `v` in the output buffer, raising the port's interrupt if the guest enabled it.
+    fn output(&self, s: &mut State, v: u8, aux: bool) {
+        s.output = Some(v);
+        s.status |= STATUS_OUTPUT_FULL;
+        if aux {
+            s.status |= STATUS_AUX_DATA;
+        } else {
+            s.status &= !STATUS_AUX_DATA;
+        }
+        let (enabled, irq) = if aux {
+            (CTR_AUX_INT, &self.aux_irq)
+        } else {
+            (CTR_KBD_INT, &self.kbd_irq)
+        };
+        if s.ctr & enabled != 0 {
+            if let Some(irq) = irq {
+                if let Err(e) = irq.trigger() {
+                    tracing::warn!("i8042: cannot raise interrupt: {e}");
+                }
+            }
         }
     }
 
@@ -84,7 +131,7 @@ impl I8042 {
         let mut s = self.lock();
         match port {
             DATA_PORT => {
-                s.status &= !STATUS_OUTPUT_FULL;
+                s.status &= !(STATUS_OUTPUT_FULL | STATUS_AUX_DATA);
                 s.output.take().unwrap_or(0)
             }
             COMMAND_PORT => s.status,
@@ -95,10 +142,7 @@ impl I8042 {
     /// Writes register `port` (0x60 or 0x64).
     pub fn write(&self, port: u16, value: u8) {
         let mut s = self.lock();
-        let respond = |s: &mut State, v: u8| {
-            s.output = Some(v);
-            s.status |= STATUS_OUTPUT_FULL;
-        };
+        let respond = |s: &mut State, v: u8| self.output(s, v, false);
         match port {
             COMMAND_PORT => {
                 s.status |= STATUS_LAST_WAS_COMMAND;
@@ -108,7 +152,8 @@ impl I8042 {
                         let ctr = s.ctr;
                         respond(&mut s, ctr)
                     }
-                    CMD_WRITE_CTR | CMD_WRITE_OUTPORT => s.awaiting = Some(value),
+                    CMD_WRITE_CTR | CMD_WRITE_OUTPORT | CMD_WRITE_KBD_OUTBUF
+                    | CMD_WRITE_AUX_OUTBUF => s.awaiting = Some(value),
                     CMD_SELF_TEST => respond(&mut s, 0x55),
                     CMD_TEST_KBD | CMD_TEST_AUX => respond(&mut s, 0x00),
                     CMD_READ_OUTPORT => {
@@ -135,6 +180,9 @@ impl I8042 {
                 s.status &= !STATUS_LAST_WAS_COMMAND;
                 match s.awaiting.take() {
                     Some(CMD_WRITE_CTR) => s.ctr = value,
+                    // Loopback: the byte comes back as if the device had sent it.
+                    Some(CMD_WRITE_KBD_OUTBUF) => self.output(&mut s, value, false),
+                    Some(CMD_WRITE_AUX_OUTBUF) => self.output(&mut s, value, true),
                     Some(CMD_WRITE_OUTPORT) => {
                         s.outport = value;
                         if value & 1 == 0 {
@@ -203,6 +251,41 @@ mod tests {
         d.write(COMMAND_PORT, CMD_WRITE_OUTPORT);
         d.write(DATA_PORT, 0x02);
         assert_eq!(t.eventfd().read().unwrap(), 1);
+    }
+
+    #[test]
+    fn aux_loopback_echoes_and_interrupts_when_enabled() {
+        let (d, _) = dev();
+        let aux = EventFdTrigger::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let kbd = EventFdTrigger::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let d = I8042 {
+            kbd_irq: Some(kbd.clone()),
+            aux_irq: Some(aux.clone()),
+            ..d
+        };
+        d.write(COMMAND_PORT, CMD_WRITE_AUX_OUTBUF);
+        d.write(DATA_PORT, 0x5a);
+        assert_eq!(
+            d.read(COMMAND_PORT) & (STATUS_OUTPUT_FULL | STATUS_AUX_DATA),
+            STATUS_OUTPUT_FULL | STATUS_AUX_DATA
+        );
+        assert_eq!(d.read(DATA_PORT), 0x5a);
+        assert!(
+            aux.eventfd().read().is_err(),
+            "AUX interrupt disabled in the command byte"
+        );
+        d.write(COMMAND_PORT, CMD_WRITE_CTR);
+        d.write(DATA_PORT, CTR_AUX_INT);
+        d.write(COMMAND_PORT, CMD_WRITE_AUX_OUTBUF);
+        d.write(DATA_PORT, 0xa5);
+        assert_eq!(aux.eventfd().read().unwrap(), 1);
+        assert!(kbd.eventfd().read().is_err());
+        assert_eq!(d.read(DATA_PORT), 0xa5);
+        assert_eq!(
+            d.read(COMMAND_PORT) & STATUS_UNLOCKED,
+            STATUS_UNLOCKED,
+            "no key lock"
+        );
     }
 
     #[test]

@@ -75,7 +75,10 @@ impl ConfigSpace {
     /// returns all ones.
     pub fn read(&self, offset: usize, data: &mut [u8]) {
         let len = data.len();
-        if !matches!(len, 1 | 2 | 4) || !offset.is_multiple_of(len) || offset + len > CONFIG_SPACE_SIZE {
+        if !matches!(len, 1 | 2 | 4)
+            || !offset.is_multiple_of(len)
+            || offset + len > CONFIG_SPACE_SIZE
+        {
             data.fill(0xff);
             return;
         }
@@ -88,7 +91,10 @@ impl ConfigSpace {
     /// Misaligned or oversized writes are ignored.
     pub fn write(&mut self, offset: usize, data: &[u8]) {
         let len = data.len();
-        if !matches!(len, 1 | 2 | 4) || !offset.is_multiple_of(len) || offset + len > CONFIG_SPACE_SIZE {
+        if !matches!(len, 1 | 2 | 4)
+            || !offset.is_multiple_of(len)
+            || offset + len > CONFIG_SPACE_SIZE
+        {
             return;
         }
         let i = offset / 4;
