@@ -114,6 +114,8 @@ pub struct VcpuContext {
     pub stop: Arc<AtomicBool>,
     /// Shared exit counters.
     pub counters: Arc<ExitCounters>,
+    /// Log where the vCPU is each time it is kicked (VMM_SAMPLE_RIP_MS, a debugging aid).
+    pub sample_rip: bool,
 }
 
 /// Starts vCPU `id` on its own thread.
@@ -194,6 +196,9 @@ fn run_loop(id: u8, vcpu: &mut VcpuFd, ctx: &VcpuContext) {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 c.bump(7);
                 vcpu.set_kvm_immediate_exit(0);
+                if ctx.sample_rip {
+                    log_position(id, vcpu);
+                }
             }
             Err(e) => {
                 ctx.exit
@@ -201,6 +206,20 @@ fn run_loop(id: u8, vcpu: &mut VcpuFd, ctx: &VcpuContext) {
                 break;
             }
         }
+    }
+}
+
+/// Logs the vCPU's instruction pointer and mode (for the RIP sampler).
+fn log_position(id: u8, vcpu: &VcpuFd) {
+    let mp = vcpu.get_mp_state().map(|m| m.mp_state).unwrap_or(u32::MAX);
+    match (vcpu.get_regs(), vcpu.get_sregs()) {
+        (Ok(r), Ok(s)) => {
+            tracing::info!(
+            "sample vCPU {id}: rip {:#x} cs {:#x} cr0 {:#x} efer {:#x} rflags {:#x} mp_state {mp}",
+            r.rip, s.cs.selector, s.cr0, s.efer, r.rflags
+        )
+        }
+        _ => tracing::info!("sample vCPU {id}: registers unavailable, mp_state {mp}"),
     }
 }
 

@@ -241,6 +241,10 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, RunStats), VmError> {
 
     let stop = Arc::new(AtomicBool::new(false));
     let counters = Arc::new(ExitCounters::default());
+    // Debugging aid: VMM_SAMPLE_RIP_MS=N kicks every vCPU every N ms and logs where it is.
+    let sample_ms: Option<u64> = std::env::var("VMM_SAMPLE_RIP_MS")
+        .ok()
+        .and_then(|v| v.parse().ok());
     let mut threads = Vec::new();
     for (id, fd) in vcpu_fds.into_iter().enumerate() {
         let ctx = VcpuContext {
@@ -248,6 +252,7 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, RunStats), VmError> {
             exit: exit.clone(),
             stop: stop.clone(),
             counters: counters.clone(),
+            sample_rip: sample_ms.is_some(),
         };
         match vcpu::spawn(id as u8, fd, ctx) {
             Ok(t) => threads.push(t),
@@ -260,9 +265,20 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, RunStats), VmError> {
         }
     }
 
+    let mut next_sample = std::time::Instant::now();
     let reason = loop {
         if let Some(r) = exit.reason() {
             break r;
+        }
+        if let Some(ms) = sample_ms {
+            if std::time::Instant::now() >= next_sample {
+                threads.iter().for_each(|t| t.kick());
+                next_sample += std::time::Duration::from_millis(ms);
+            }
+            if let Err(e) = em.run_with_timeout(ms as i32) {
+                break ExitReason::Error(format!("event loop failed: {e:?}"));
+            }
+            continue;
         }
         if let Err(e) = em.run() {
             break ExitReason::Error(format!("event loop failed: {e:?}"));

@@ -84,6 +84,11 @@ pub fn supported(kvm: &Kvm) -> Result<CpuId, CpuidError> {
             }
             // Running under a hypervisor.
             1 => e.ecx |= 1 << 31,
+            // KVM paravirt features that are hypercalls: a `vmcall` from emulated guest kernel
+            // code never completes on this nested KVM (seen: the boot CPU stuck at the
+            // PV_SEND_IPI vmcall while bringing up CPU 1). Hide PV_UNHALT (7), PV_SEND_IPI
+            // (11) and PV_SCHED_YIELD (13); the guest falls back to the APIC.
+            0x4000_0001 => e.eax &= !((1 << 7) | (1 << 11) | (1 << 13)),
             _ => {}
         }
     }
