@@ -7,7 +7,8 @@
 # with unchanged inputs only checks hashes:
 #   $VMM_GUEST_CACHE (default ~/.cache/vmm-guest)/kernel-<hash>/vmlinux
 #   $VMM_GUEST_CACHE/initramfs-<hash>/initramfs.cpio
-# On success the last two lines of stdout are `VMLINUX=<path>` and `INITRAMFS=<path>`.
+# On success the last three lines of stdout are `BZIMAGE=<path>`, `VMLINUX=<path>` and
+# `INITRAMFS=<path>`.
 #
 # Usage: tests/guest/build.sh [--kernel-only]
 set -euo pipefail
@@ -24,7 +25,7 @@ die() { echo "guest-build: error: $*" >&2; exit 1; }
 [ -f "$patch_file" ] || die "missing $patch_file (the shared/ folder must sit beside the checkout, or set VMM_SHARED_DIR)"
 
 # --- Debian packages ---------------------------------------------------------------------
-need_pkgs=(linux-source-6.1 build-essential flex bison bc libelf-dev busybox-static xz-utils)
+need_pkgs=(linux-source-6.1 build-essential flex bison bc libelf-dev busybox-static xz-utils lz4)
 missing=()
 for p in "${need_pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -63,10 +64,11 @@ if [ ! -f "$kernel_dir/vmlinux" ]; then
             grep -qx "$line" "$work/.config" || die "kernel config: $line did not apply (dependency missing?)"
         fi
     done < "$config_fragment"
-    (cd "$work" && make -s -j"$(nproc)" vmlinux >&2)
+    # bzImage builds vmlinux too; both are kept (the bzImage tests the 64-bit boot protocol).
+    (cd "$work" && make -s -j"$(nproc)" bzImage >&2)
     gcc -O2 -o "$work/gen_init_cpio" "$work/usr/gen_init_cpio.c"
     mkdir -p "$kernel_dir.tmp"
-    cp "$work/vmlinux" "$work/.config" "$work/gen_init_cpio" "$kernel_dir.tmp/"
+    cp "$work/vmlinux" "$work/arch/x86/boot/bzImage" "$work/.config" "$work/gen_init_cpio" "$kernel_dir.tmp/"
     rm -rf "$kernel_dir" && mv "$kernel_dir.tmp" "$kernel_dir"
     rm -rf "$work"
     log "kernel ready: $kernel_dir/vmlinux"
@@ -74,6 +76,7 @@ fi
 # --- end kernel
 
 if [ "${1:-}" = "--kernel-only" ]; then
+    echo "BZIMAGE=$kernel_dir/bzImage"
     echo "VMLINUX=$kernel_dir/vmlinux"
     exit 0
 fi
@@ -107,5 +110,6 @@ if [ ! -f "$initramfs_dir/initramfs.cpio" ]; then
     rm -rf "$initramfs_dir" && mv "$initramfs_dir.tmp" "$initramfs_dir"
     log "initramfs ready: $initramfs_dir/initramfs.cpio"
 fi
+echo "BZIMAGE=$kernel_dir/bzImage"
 echo "VMLINUX=$kernel_dir/vmlinux"
 echo "INITRAMFS=$initramfs_dir/initramfs.cpio"

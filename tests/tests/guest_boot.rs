@@ -131,3 +131,37 @@ fn sigterm_stops_the_vm_cleanly() {
         vm.vmm_stderr()
     );
 }
+
+/// The same kernel as a bzImage (LZ4-compressed, beside the vmlinux in the image cache),
+/// entered through the 64-bit boot protocol: its decompressor runs, then the kernel reaches
+/// user space.
+#[test]
+fn bzimage_boots_to_user_space() {
+    let image = vmm_tests::harness::GuestImage::get().expect("guest image");
+    let bzimage = image.vmlinux.with_file_name("bzImage");
+    assert!(
+        bzimage.is_file(),
+        "tests/guest/build.sh puts bzImage beside vmlinux: {}",
+        bzimage.display()
+    );
+    let image = vmm_tests::harness::GuestImage {
+        vmlinux: bzimage,
+        initramfs: image.initramfs.clone(),
+    };
+    let vm = Vm::builder().image(image).boot().expect("start vmm");
+    let mut agent = vm
+        .agent(DEFAULT_BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("bzImage guest did not come up: {e}\n{}", vm.describe()));
+    let uname = agent.run(&["uname", "-r"]).expect("uname -r");
+    assert_eq!(uname.status, Some(0), "{uname:?}");
+    assert!(
+        vm.vmm_stderr().contains("loaded BzImage kernel"),
+        "{}",
+        vm.vmm_stderr()
+    );
+    agent.reboot().expect("reboot");
+    let status = vm
+        .wait_exit(EXIT_TIMEOUT)
+        .expect("vmm exits after the guest reboots");
+    assert_eq!(status.code(), Some(0), "{}", vm.describe());
+}

@@ -55,6 +55,8 @@ pub struct Options {
     pub oneshot: bool,
     /// `agent.port=PATH`: the channel device.
     pub port: String,
+    /// `agent.debug`: log start-up steps and each request line to the console (slow).
+    pub debug: bool,
 }
 
 impl Options {
@@ -63,11 +65,14 @@ impl Options {
         let mut options = Options {
             oneshot: false,
             port: DEFAULT_PORT.to_owned(),
+            debug: false,
         };
         for word in words {
             let word = word.as_ref();
             if word == "agent.oneshot" {
                 options.oneshot = true;
+            } else if word == "agent.debug" {
+                options.debug = true;
             } else if let Some(port) = word.strip_prefix("agent.port=") {
                 if !port.is_empty() {
                     options.port = port.to_owned();
@@ -92,7 +97,7 @@ pub fn run() -> ! {
         let err = sys::reboot();
         console(&format!("{err}; serving instead"));
     }
-    serve_forever(&options.port)
+    serve_forever(&options)
 }
 
 /// The banner line, without newline.
@@ -169,13 +174,35 @@ fn mount(
 }
 
 /// Serves on `port`, reopening it after any failure.
-fn serve_forever(port: &str) -> ! {
+fn serve_forever(options: &Options) -> ! {
+    let port = options.port.as_str();
     let mut server = Server::new(true);
+    server.set_trace(options.debug);
     let mut last_complaint = String::new();
     loop {
+        if options.debug {
+            console(&format!("opening {port}"));
+        }
         let complaint = match tty::open_raw(port) {
             Err(e) => e.to_string(),
             Ok(file) => {
+                if options.debug {
+                    console(&format!("serving on {port}"));
+                    let dbg = std::fs::read_to_string("/proc/tty/driver/serial")
+                        .unwrap_or_default()
+                        + &std::fs::read_to_string("/proc/interrupts").unwrap_or_default()
+                        + &std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+                    console(&dbg);
+                    let d2 = std::process::Command::new("stty")
+                        .args(["-a", "-F", port])
+                        .output()
+                        .map(|o| {
+                            String::from_utf8_lossy(&o.stdout).into_owned()
+                                + &String::from_utf8_lossy(&o.stderr)
+                        })
+                        .unwrap_or_default();
+                    console(&d2);
+                }
                 match panic::catch_unwind(AssertUnwindSafe(|| server.serve(&file, &file))) {
                     Ok(Ok(ServeEnd::Reboot)) => {
                         if let Err(e) = tty::drain(&file) {
@@ -200,7 +227,7 @@ fn serve_forever(port: &str) -> ! {
 }
 
 /// Logs `message` on the console, prefixed by the agent's name.
-fn console(message: &str) {
+pub fn console(message: &str) {
     console_line(&format!("vmm-guest-agent: {message}"));
 }
 
@@ -228,9 +255,11 @@ mod tests {
             o,
             Options {
                 oneshot: false,
-                port: DEFAULT_PORT.into()
+                port: DEFAULT_PORT.into(),
+                debug: false,
             }
         );
+        assert!(Options::from_cmdline(&["agent.debug"]).debug);
         let o = Options::from_cmdline(&["agent.oneshot", "agent.port=/dev/ttyS2"]);
         assert!(o.oneshot);
         assert_eq!(o.port, "/dev/ttyS2");

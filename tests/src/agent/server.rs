@@ -44,6 +44,7 @@ pub enum After {
 /// The agent's state across requests.
 pub struct Server {
     pid1: bool,
+    trace: bool,
     mem: Option<MemBuffer>,
 }
 
@@ -51,7 +52,17 @@ impl Server {
     /// A server; `pid1` enables the ops that act on the machine (`reboot`, `poke`) and zombie
     /// reaping.
     pub fn new(pid1: bool) -> Self {
-        Server { pid1, mem: None }
+        Server {
+            pid1,
+            trace: false,
+            mem: None,
+        }
+    }
+
+    /// Logs every request line (shortened) to the console when `trace` is set: a debugging
+    /// aid, slow on the test guest's serial console.
+    pub fn set_trace(&mut self, trace: bool) {
+        self.trace = trace;
     }
 
     /// Serves requests from `input`, replying on `output`, until the input ends or a reboot is
@@ -63,6 +74,9 @@ impl Server {
     ) -> Result<ServeEnd, ServeError> {
         let mut lines = LineReader::new(input, MAX_LINE);
         while let Some(line) = lines.next_line().map_err(ServeError::Read)? {
+            if self.trace {
+                trace_line(&line);
+            }
             let (reply, after) = match line {
                 Line::TooLong => (
                     protocol::error_reply(None, &ProtocolError::LineTooLong.to_string()),
@@ -168,6 +182,17 @@ impl Server {
         };
         Ok((value, After::Continue))
     }
+}
+
+fn trace_line(line: &Line) {
+    let text = match line {
+        Line::TooLong => "(line too long)".to_owned(),
+        Line::Data(bytes) => {
+            let text = String::from_utf8_lossy(bytes);
+            text.chars().take(120).collect()
+        }
+    };
+    super::pid1::console(&format!("request: {text}"));
 }
 
 fn to_value<T: Serialize>(reply: T) -> Value {

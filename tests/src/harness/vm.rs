@@ -124,6 +124,14 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+    /// The agent connection failed while waiting for the first ping reply.
+    #[error("{source}{context}")]
+    AgentLost {
+        /// What failed.
+        source: AgentError,
+        /// VM logs.
+        context: String,
+    },
     /// Talking to the agent failed.
     #[error(transparent)]
     Agent(#[from] AgentError),
@@ -377,8 +385,9 @@ impl Vm {
                 Err(_) => thread::sleep(POLL),
             }
         };
-        let shared = Arc::clone(&self.shared);
-        let mut agent = Agent::from_unix_stream(stream)?.with_context(move || shared.describe());
+        // Diagnostics are attached once the agent answers: reading the logs on every ping
+        // timeout would be wasted work.
+        let mut agent = Agent::from_unix_stream(stream)?;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -388,7 +397,10 @@ impl Vm {
                 });
             }
             match agent.ping_timeout(left.min(PING_INTERVAL)) {
-                Ok(_) => return Ok(agent),
+                Ok(_) => {
+                    let shared = Arc::clone(&self.shared);
+                    return Ok(agent.with_context(move || shared.describe()));
+                }
                 // A timeout, or an error reply to a ping garbled while the guest opened its
                 // port: try again.
                 Err(AgentError::Timeout { .. } | AgentError::Remote { .. }) => {
@@ -396,7 +408,12 @@ impl Vm {
                         return Err(self.exited(status, "waiting for the agent to answer"));
                     }
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    return Err(VmError::AgentLost {
+                        source: e,
+                        context: self.shared.describe(),
+                    })
+                }
             }
         }
     }
