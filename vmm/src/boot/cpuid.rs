@@ -48,6 +48,10 @@ const HIDDEN: &[(u32, Reg, u32, &str)] = &[
     (7, Reg::Edx, 4, "fsrm"),
 ];
 
+/// KVM_FEATURE_CLOCKSOURCE (0), NOP_IO_DELAY (1), CLOCKSOURCE2 (3), PV_EOI (6) and
+/// CLOCKSOURCE_STABLE_BIT (24).
+const KVM_PV_FEATURES_KEPT: u32 = (1 << 0) | (1 << 1) | (1 << 3) | (1 << 6) | (1 << 24);
+
 /// Errors building the CPUID table.
 #[derive(Debug, thiserror::Error)]
 pub enum CpuidError {
@@ -84,11 +88,13 @@ pub fn supported(kvm: &Kvm) -> Result<CpuId, CpuidError> {
             }
             // Running under a hypervisor.
             1 => e.ecx |= 1 << 31,
-            // KVM paravirt features that are hypercalls: a `vmcall` from emulated guest kernel
-            // code never completes on this nested KVM (seen: the boot CPU stuck at the
-            // PV_SEND_IPI vmcall while bringing up CPU 1). Hide PV_UNHALT (7), PV_SEND_IPI
-            // (11) and PV_SCHED_YIELD (13); the guest falls back to the APIC.
-            0x4000_0001 => e.eax &= !((1 << 7) | (1 << 11) | (1 << 13)),
+            // KVM paravirt features: only the clock (and the no-op I/O delay, PV EOI) stay.
+            // A `vmcall` from emulated guest kernel code never completes on this nested KVM
+            // (seen: the boot CPU stuck at the PV_SEND_IPI vmcall while bringing up CPU 1),
+            // and with PV TLB flush / steal time a 2-vCPU guest saw user processes die of
+            // SIGSEGV (stale TLB entries after a skipped flush IPI, presumably). The guest
+            // falls back to the APIC for IPIs and TLB shootdowns.
+            0x4000_0001 => e.eax &= KVM_PV_FEATURES_KEPT,
             _ => {}
         }
     }
