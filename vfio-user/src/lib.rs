@@ -1,0 +1,23 @@
+//! The vfio-user protocol: a PCI device emulated in another process, reached over a Unix
+//! socket (specification: QEMU's `docs/interop/vfio-user.rst`).
+//!
+//! - [`proto`]: the wire format (header, command numbers, payloads);
+//! - [`socket`]: a framed message channel with file-descriptor passing and deadlines;
+//! - [`client`]: [`Client`], what a VMM uses to drive a device;
+//! - [`server`]: [`serve`], the loop a device process runs around its [`Device`].
+
+#![deny(missing_docs)]
+
+pub mod client;
+mod device;
+mod dispatch;
+pub mod proto;
+pub mod server;
+pub mod socket;
+mod types;
+
+pub use client::{Client, ClientError, Negotiated, DEFAULT_TIMEOUT};
+pub use device::{Device, DeviceResult, DmaMapping, Errno, IrqData};
+pub use proto::SparseArea;
+pub use server::{accept_and_serve, serve, ServerConfig, ServerError};
+pub use types::{DeviceInfo, IrqInfo, RegionInfo};

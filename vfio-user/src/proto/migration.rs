@@ -1,0 +1,543 @@
+//! Migration payloads: `DEVICE_FEATURE` (with the migration, device-state and DMA-logging
+//! feature data), `MIG_DATA_READ` and `MIG_DATA_WRITE`. Only the wire format lives here;
+//! the server refuses these commands unless its device implements them.
+
+use vfio_bindings::bindings::vfio::{
+    vfio_device_mig_state_VFIO_DEVICE_STATE_NR, VFIO_DEVICE_FEATURE_GET, VFIO_DEVICE_FEATURE_MASK,
+    VFIO_DEVICE_FEATURE_PROBE, VFIO_DEVICE_FEATURE_SET, VFIO_MIGRATION_P2P,
+    VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY,
+};
+
+use super::error::{invalid, ProtoError};
+use super::wire::{len_u32, Reader, Writer};
+
+/// The `DEVICE_FEATURE` command and reply: `struct vfio_device_feature`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceFeature {
+    /// In a command: the largest reply payload accepted; in a reply: the full size.
+    pub argsz: u32,
+    /// Feature index (low 16 bits) or'ed with `VFIO_DEVICE_FEATURE_GET/SET/PROBE`.
+    pub flags: u32,
+    /// Feature-specific data (see the other types of this module).
+    pub data: Vec<u8>,
+}
+
+impl DeviceFeature {
+    /// Size without data.
+    pub const HEADER_SIZE: usize = 8;
+    const WHAT: &'static str = "device feature";
+
+    /// The feature index (`VFIO_DEVICE_FEATURE_*`).
+    pub fn feature(&self) -> u32 {
+        self.flags & VFIO_DEVICE_FEATURE_MASK
+    }
+
+    /// Serialises the structure.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, ProtoError> {
+        len_u32(
+            Self::WHAT,
+            Self::HEADER_SIZE.saturating_add(self.data.len()),
+        )?;
+        Ok(Writer::with_capacity(Self::HEADER_SIZE + self.data.len())
+            .u32(self.argsz)
+            .u32(self.flags)
+            .bytes(&self.data)
+            .finish())
+    }
+
+    /// Parses the structure: `argsz` at least 8, only known flag bits, at least one of
+    /// GET/SET/PROBE, and GET with SET only together with PROBE.
+    pub fn parse(bytes: &[u8]) -> Result<Self, ProtoError> {
+        let mut r = Reader::new(Self::WHAT, bytes);
+        r.require(Self::HEADER_SIZE)?;
+        let argsz = r.u32()?;
+        let flags = r.u32()?;
+        let data = r.rest().to_vec();
+        if (argsz as usize) < Self::HEADER_SIZE {
+            return Err(invalid(Self::WHAT, "argsz", argsz, "smaller than 8"));
+        }
+        let ops = VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_SET | VFIO_DEVICE_FEATURE_PROBE;
+        if flags & !(VFIO_DEVICE_FEATURE_MASK | ops) != 0 {
+            return Err(invalid(Self::WHAT, "flags", flags, "unknown bits are set"));
+        }
+        if flags & ops == 0 {
+            return Err(invalid(Self::WHAT, "flags", flags, "no GET, SET or PROBE"));
+        }
+        let get_and_set = VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_SET;
+        if flags & get_and_set == get_and_set && flags & VFIO_DEVICE_FEATURE_PROBE == 0 {
+            return Err(invalid(
+                Self::WHAT,
+                "flags",
+                flags,
+                "GET and SET without PROBE",
+            ));
+        }
+        Ok(DeviceFeature { argsz, flags, data })
+    }
+}
+
+/// Data of `VFIO_DEVICE_FEATURE_MIGRATION` (GET reply): supported migration flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FeatureMigration {
+    /// `VFIO_MIGRATION_STOP_COPY | VFIO_MIGRATION_P2P | VFIO_MIGRATION_PRE_COPY`.
+    pub flags: u64,
+}
+
+impl FeatureMigration {
+    /// Encoded size.
+    pub const SIZE: usize = 8;
+    const WHAT: &'static str = "migration feature";
+
+    /// Serialises the structure.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        Writer::with_capacity(Self::SIZE).u64(self.flags).finish()
+    }
+
+    /// Parses exactly 8 bytes: only known flags, `VFIO_MIGRATION_STOP_COPY` included.
+    pub fn parse(bytes: &[u8]) -> Result<Self, ProtoError> {
+        let mut r = Reader::new(Self::WHAT, bytes);
+        r.require(Self::SIZE)?;
+        let flags = r.u64()?;
+        r.finish()?;
+        let known =
+            u64::from(VFIO_MIGRATION_STOP_COPY | VFIO_MIGRATION_P2P | VFIO_MIGRATION_PRE_COPY);
+        if flags & !known != 0 {
+            return Err(invalid(Self::WHAT, "flags", flags, "unknown bits are set"));
+        }
+        if flags & u64::from(VFIO_MIGRATION_STOP_COPY) == 0 {
+            return Err(invalid(
+                Self::WHAT,
+                "flags",
+                flags,
+                "STOP_COPY is mandatory",
+            ));
+        }
+        Ok(FeatureMigration { flags })
+    }
+}
+
+/// Data of `VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE` (SET command, GET reply).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FeatureMigDeviceState {
+    /// A `vfio_device_mig_state` value (`VFIO_DEVICE_STATE_*`).
+    pub device_state: u32,
+    /// Unused by vfio-user (migration data travels in `MIG_DATA_*` messages).
+    pub data_fd: u32,
+}
+
+impl FeatureMigDeviceState {
+    /// Encoded size.
+    pub const SIZE: usize = 8;
+    const WHAT: &'static str = "migration device state";
+
+    /// Serialises the structure.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        Writer::with_capacity(Self::SIZE)
+            .u32(self.device_state)
+            .u32(self.data_fd)
+            .finish()
+    }
+
+    /// Parses exactly 8 bytes; the state must be a defined one.
+    pub fn parse(bytes: &[u8]) -> Result<Self, ProtoError> {
+        let mut r = Reader::new(Self::WHAT, bytes);
+        r.require(Self::SIZE)?;
+        let v = FeatureMigDeviceState {
+            device_state: r.u32()?,
+            data_fd: r.u32()?,
+        };
+        r.finish()?;
+        if v.device_state >= vfio_device_mig_state_VFIO_DEVICE_STATE_NR {
+            return Err(invalid(
+                Self::WHAT,
+                "device_state",
+                v.device_state,
+                "undefined state",
+            ));
+        }
+        Ok(v)
+    }
+}
+
+/// An IOVA range of DMA logging.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DmaLoggingRange {
+    /// Start address.
+    pub iova: u64,
+    /// Length in bytes.
+    pub length: u64,
+}
+
+/// Data of `VFIO_DEVICE_FEATURE_DMA_LOGGING_START` (SET command and reply).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DmaLoggingStart {
+    /// Tracking granularity (a power of two).
+    pub page_size: u64,
+    /// Ranges to track; empty means every write.
+    pub ranges: Vec<DmaLoggingRange>,
+}
+
+impl DmaLoggingStart {
+    /// Size without ranges.
+    pub const HEADER_SIZE: usize = 16;
+    const WHAT: &'static str = "DMA logging start";
+
+    /// Serialises the structure.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, ProtoError> {
+        let num = len_u32(Self::WHAT, self.ranges.len())?;
+        let mut w = Writer::with_capacity(Self::HEADER_SIZE + 16 * self.ranges.len());
+        w.u64(self.page_size).u32(num).u32(0);
+        for range in &self.ranges {
+            w.u64(range.iova).u64(range.length);
+        }
+        Ok(w.finish())
+    }
+
+    /// Parses the structure: a power-of-two page size, and exactly `num_ranges` ranges
+    /// that do not wrap around.
+    pub fn parse(bytes: &[u8]) -> Result<Self, ProtoError> {
+        let mut r = Reader::new(Self::WHAT, bytes);
+        r.require(Self::HEADER_SIZE)?;
+        let page_size = r.u64()?;
+        let num = r.u32()? as usize;
+        let _reserved = r.u32()?;
+        check_page_size(Self::WHAT, page_size)?;
+        if num.checked_mul(16) != Some(r.remaining()) {
+            return Err(invalid(
+                Self::WHAT,
+                "num_ranges",
+                num as u64,
+                "differs from the ranges present",
+            ));
+        }
+        let mut ranges = Vec::with_capacity(num);
+        for _ in 0..num {
+            let range = DmaLoggingRange {
+                iova: r.u64()?,
+                length: r.u64()?,
+            };
+            if range.iova.checked_add(range.length).is_none() {
+                return Err(invalid(
+                    Self::WHAT,
+                    "length",
+                    range.length,
+                    "range wraps around",
+                ));
+            }
+            ranges.push(range);
+        }
+        r.finish()?;
+        Ok(DmaLoggingStart { page_size, ranges })
+    }
+}
+
+/// Data of `VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT`: the GET command (no bitmap) and its
+/// reply (with the bitmap).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DmaLoggingReport {
+    /// Start address.
+    pub iova: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// Bitmap granularity (a power of two).
+    pub page_size: u64,
+    /// One bit per page, empty in the command.
+    pub bitmap: Vec<u64>,
+}
+
+impl DmaLoggingReport {
+    /// Size without bitmap.
+    pub const HEADER_SIZE: usize = 24;
+    const WHAT: &'static str = "DMA logging report";
+
+    /// Number of bitmap words that cover `length` at `page_size` (`None` if invalid).
+    pub fn bitmap_words(length: u64, page_size: u64) -> Option<u64> {
+        if page_size == 0 {
+            return None;
+        }
+        Some(length.div_ceil(page_size).div_ceil(64))
+    }
+
+    /// Serialises the structure.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut w = Writer::with_capacity(Self::HEADER_SIZE + 8 * self.bitmap.len());
+        w.u64(self.iova).u64(self.length).u64(self.page_size);
+        for word in &self.bitmap {
+            w.u64(*word);
+        }
+        w.finish()
+    }
+
+    /// Parses the structure: a power-of-two page size, a range that does not wrap, and
+    /// either no bitmap or exactly the words that cover the range.
+    pub fn parse(bytes: &[u8]) -> Result<Self, ProtoError> {
+        let mut r = Reader::new(Self::WHAT, bytes);
+        r.require(Self::HEADER_SIZE)?;
+        let iova = r.u64()?;
+        let length = r.u64()?;
+        let page_size = r.u64()?;
+        check_page_size(Self::WHAT, page_size)?;
+        if iova.checked_add(length).is_none() {
+            return Err(invalid(Self::WHAT, "length", length, "range wraps around"));
+        }
+        let words = r.remaining() / 8;
+        if !r.remaining().is_multiple_of(8)
+            || (words != 0 && Self::bitmap_words(length, page_size) != Some(words as u64))
+        {
+            return Err(invalid(
+                Self::WHAT,
+                "bitmap",
+                r.remaining() as u64,
+                "size does not match the range",
+            ));
+        }
+        let mut bitmap = Vec::with_capacity(words);
+        for _ in 0..words {
+            bitmap.push(r.u64()?);
+        }
+        r.finish()?;
+        Ok(DmaLoggingReport {
+            iova,
+            length,
+            page_size,
+            bitmap,
+        })
+    }
+}
+
+/// The `MIG_DATA_READ` command: how many bytes of migration data to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MigDataReadRequest {
+    /// Bytes requested.
+    pub size: u32,
+}
+
+impl MigDataReadRequest {
+    /// Encoded size.
+    pub const SIZE: usize = 8;
+    const WHAT: &'static str = "migration data read command";
+
+    /// Serialises the command; `argsz` is 8 + `size` (room for the reply).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        Writer::with_capacity(Self::SIZE)
+            .u32(self.size.saturating_add(Self::SIZE as u32))
+            .u32(self.size)
+            .finish()
+    }
+
+    /// Parses exactly 8 bytes; `argsz` must leave room for 8 + `size` bytes of reply.
+    pub fn parse(bytes: &[u8]) -> Result<Self, ProtoError> {
+        let mut r = Reader::new(Self::WHAT, bytes);
+        r.require(Self::SIZE)?;
+        let argsz = r.u32()?;
+        let size = r.u32()?;
+        r.finish()?;
+        if u64::from(argsz) < u64::from(size) + Self::SIZE as u64 {
+            return Err(invalid(Self::WHAT, "argsz", argsz, "smaller than 8 + size"));
+        }
+        Ok(MigDataReadRequest { size })
+    }
+}
+
+/// The `MIG_DATA_READ` reply and the `MIG_DATA_WRITE` command: `argsz`, `size` and data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigData {
+    /// The migration data (the size field is its length).
+    pub data: Vec<u8>,
+}
+
+impl MigData {
+    /// Size without data.
+    pub const HEADER_SIZE: usize = 8;
+    const WHAT: &'static str = "migration data";
+
+    /// Serialises the structure; `argsz` is 8 + the data size.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, ProtoError> {
+        let size = len_u32(Self::WHAT, self.data.len())?;
+        let argsz = len_u32(
+            Self::WHAT,
+            Self::HEADER_SIZE.saturating_add(self.data.len()),
+        )?;
+        Ok(Writer::with_capacity(argsz as usize)
+            .u32(argsz)
+            .u32(size)
+            .bytes(&self.data)
+            .finish())
+    }
+
+    /// Parses the structure: `size` equals the data present and `argsz` is at least
+    /// 8 + `size`.
+    pub fn parse(bytes: &[u8]) -> Result<Self, ProtoError> {
+        let mut r = Reader::new(Self::WHAT, bytes);
+        r.require(Self::HEADER_SIZE)?;
+        let argsz = r.u32()?;
+        let size = r.u32()?;
+        let data = r.rest();
+        if size as usize != data.len() {
+            return Err(invalid(
+                Self::WHAT,
+                "size",
+                size,
+                "differs from the data size",
+            ));
+        }
+        if u64::from(argsz) < u64::from(size) + Self::HEADER_SIZE as u64 {
+            return Err(invalid(Self::WHAT, "argsz", argsz, "smaller than 8 + size"));
+        }
+        Ok(MigData {
+            data: data.to_vec(),
+        })
+    }
+}
+
+fn check_page_size(what: &'static str, page_size: u64) -> Result<(), ProtoError> {
+    if !page_size.is_power_of_two() {
+        return Err(invalid(what, "page_size", page_size, "not a power of two"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vfio_bindings::bindings::vfio::{
+        vfio_device_mig_state_VFIO_DEVICE_STATE_STOP_COPY, VFIO_DEVICE_FEATURE_DMA_LOGGING_START,
+        VFIO_DEVICE_FEATURE_MIGRATION,
+    };
+
+    fn rejects_prefixes(bytes: &[u8], min: usize, parse: impl Fn(&[u8]) -> bool) {
+        for len in 0..min {
+            assert!(!parse(&bytes[..len]), "truncated to {len}");
+        }
+    }
+
+    #[test]
+    fn device_feature() {
+        let f = DeviceFeature {
+            argsz: 16,
+            flags: VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_MIGRATION,
+            data: vec![],
+        };
+        let b = f.to_bytes().unwrap();
+        assert_eq!(b.len(), 8);
+        let p = DeviceFeature::parse(&b).unwrap();
+        assert_eq!(p, f);
+        assert_eq!(p.feature(), VFIO_DEVICE_FEATURE_MIGRATION);
+        rejects_prefixes(&b, 8, |x| DeviceFeature::parse(x).is_ok());
+        for flags in [
+            VFIO_DEVICE_FEATURE_MIGRATION,
+            VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_SET | 1,
+            VFIO_DEVICE_FEATURE_GET | 1 << 20,
+        ] {
+            let bad = DeviceFeature { flags, ..f.clone() };
+            assert!(
+                DeviceFeature::parse(&bad.to_bytes().unwrap()).is_err(),
+                "{flags:#x}"
+            );
+        }
+        let probe = DeviceFeature {
+            flags: VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_SET | VFIO_DEVICE_FEATURE_PROBE,
+            ..f.clone()
+        };
+        assert!(DeviceFeature::parse(&probe.to_bytes().unwrap()).is_ok());
+        let small = DeviceFeature { argsz: 4, ..f };
+        assert!(DeviceFeature::parse(&small.to_bytes().unwrap()).is_err());
+    }
+
+    #[test]
+    fn feature_data() {
+        let m = FeatureMigration {
+            flags: u64::from(VFIO_MIGRATION_STOP_COPY | VFIO_MIGRATION_PRE_COPY),
+        };
+        let b = m.to_bytes();
+        assert_eq!(FeatureMigration::parse(&b).unwrap(), m);
+        rejects_prefixes(&b, 8, |x| FeatureMigration::parse(x).is_ok());
+        assert!(FeatureMigration::parse(&[b.clone(), vec![0]].concat()).is_err());
+        assert!(FeatureMigration::parse(&FeatureMigration { flags: 2 }.to_bytes()).is_err());
+        assert!(FeatureMigration::parse(&FeatureMigration { flags: 9 }.to_bytes()).is_err());
+
+        let s = FeatureMigDeviceState {
+            device_state: vfio_device_mig_state_VFIO_DEVICE_STATE_STOP_COPY,
+            data_fd: 0,
+        };
+        let b = s.to_bytes();
+        assert_eq!(FeatureMigDeviceState::parse(&b).unwrap(), s);
+        rejects_prefixes(&b, 8, |x| FeatureMigDeviceState::parse(x).is_ok());
+        assert!(FeatureMigDeviceState::parse(&[b, vec![0]].concat()).is_err());
+        let undefined = FeatureMigDeviceState {
+            device_state: 8,
+            data_fd: 0,
+        };
+        assert!(FeatureMigDeviceState::parse(&undefined.to_bytes()).is_err());
+        let _ = VFIO_DEVICE_FEATURE_DMA_LOGGING_START;
+    }
+
+    #[test]
+    fn dma_logging() {
+        let start = DmaLoggingStart {
+            page_size: 4096,
+            ranges: vec![
+                DmaLoggingRange {
+                    iova: 0,
+                    length: 0x10_0000,
+                },
+                DmaLoggingRange {
+                    iova: 0x1_0000_0000,
+                    length: 0x1000,
+                },
+            ],
+        };
+        let b = start.to_bytes().unwrap();
+        assert_eq!(b.len(), 16 + 32);
+        assert_eq!(DmaLoggingStart::parse(&b).unwrap(), start);
+        rejects_prefixes(&b, b.len(), |x| DmaLoggingStart::parse(x).is_ok());
+        assert!(DmaLoggingStart::parse(&[b, vec![0; 16]].concat()).is_err());
+        let odd = DmaLoggingStart {
+            page_size: 3000,
+            ranges: vec![],
+        };
+        assert!(DmaLoggingStart::parse(&odd.to_bytes().unwrap()).is_err());
+
+        let request = DmaLoggingReport {
+            iova: 0,
+            length: 130 * 4096,
+            page_size: 4096,
+            bitmap: vec![],
+        };
+        let b = request.to_bytes();
+        assert_eq!(b.len(), 24);
+        assert_eq!(DmaLoggingReport::parse(&b).unwrap(), request);
+        rejects_prefixes(&b, 24, |x| DmaLoggingReport::parse(x).is_ok());
+        let reply = DmaLoggingReport {
+            bitmap: vec![1, 2, 3],
+            ..request.clone()
+        };
+        let b = reply.to_bytes();
+        assert_eq!(DmaLoggingReport::parse(&b).unwrap(), reply);
+        assert!(DmaLoggingReport::parse(&b[..b.len() - 8]).is_err());
+        assert!(DmaLoggingReport::parse(&b[..b.len() - 1]).is_err());
+        assert!(DmaLoggingReport::parse(&[b, vec![0; 8]].concat()).is_err());
+        assert_eq!(DmaLoggingReport::bitmap_words(130 * 4096, 4096), Some(3));
+        assert_eq!(DmaLoggingReport::bitmap_words(1, 0), None);
+    }
+
+    #[test]
+    fn mig_data() {
+        let q = MigDataReadRequest { size: 4096 };
+        let b = q.to_bytes();
+        assert_eq!(&b[0..4], &4104u32.to_ne_bytes());
+        assert_eq!(MigDataReadRequest::parse(&b).unwrap(), q);
+        rejects_prefixes(&b, 8, |x| MigDataReadRequest::parse(x).is_ok());
+        assert!(MigDataReadRequest::parse(&[b.clone(), vec![0]].concat()).is_err());
+        let mut small = b;
+        small[0..4].copy_from_slice(&8u32.to_ne_bytes());
+        assert!(MigDataReadRequest::parse(&small).is_err());
+
+        let d = MigData { data: vec![7; 100] };
+        let b = d.to_bytes().unwrap();
+        assert_eq!(b.len(), 108);
+        assert_eq!(MigData::parse(&b).unwrap(), d);
+        rejects_prefixes(&b, b.len(), |x| MigData::parse(x).is_ok());
+        assert!(MigData::parse(&[b, vec![0]].concat()).is_err());
+    }
+}

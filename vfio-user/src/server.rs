@@ -1,0 +1,271 @@
+//! [`serve`]: the loop a device process runs on one client connection.
+//!
+//! It negotiates the version, then receives commands and answers each from the
+//! [`Device`] until the client disconnects. A bad request (malformed payload, wrong file
+//! descriptors, unknown or unsupported command, device failure) gets an error reply with
+//! an errno and the loop goes on. Only a broken stream ends it early: a malformed header,
+//! a message over the size limit (answered with `E2BIG` first), a message not completed
+//! within [`ServerConfig::message_timeout`], or a client proposing another major version
+//! (answered with `ENOTSUP` first).
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::{Duration, Instant};
+
+use crate::device::{Device, Errno};
+use crate::dispatch::{self, Peer};
+use crate::proto::{
+    Capabilities, Command, Header, MigrationCapability, Version, DEFAULT_MAX_DATA_XFER_SIZE,
+    DEFAULT_MAX_DMA_MAPS, DEFAULT_PGSIZES, PROTOCOL_MAJOR, PROTOCOL_MINOR,
+};
+use crate::socket::{Channel, Message, RecvLimits, SocketError, MAX_FDS_PER_MESSAGE};
+
+/// Why serving a connection ended with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// No client connection could be accepted.
+    #[error("accepting a vfio-user connection failed: {0}")]
+    Accept(#[source] io::Error),
+    /// The stream broke (see [`SocketError`]); the connection was dropped.
+    #[error("the vfio-user connection failed: {0}")]
+    Socket(#[from] SocketError),
+    /// The client proposed a protocol version this server does not implement.
+    #[error("version negotiation failed: {0}")]
+    Negotiation(String),
+}
+
+/// What the server advertises, and its per-message deadline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Largest data transfer accepted in one message.
+    pub max_data_xfer_size: u32,
+    /// Most file descriptors accepted in one message (at most 253).
+    pub max_msg_fds: u32,
+    /// Page sizes supported for DMA mappings.
+    pub pgsizes: u64,
+    /// Most DMA mappings kept at once (advertised; enforcing it is the device's job).
+    pub max_dma_maps: u32,
+    /// Migration capability, sent if the client offers migration too.
+    pub migration: Option<MigrationCapability>,
+    /// Once a message has begun to arrive, the time it has to complete; also the
+    /// deadline of each reply sent.
+    pub message_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_data_xfer_size: DEFAULT_MAX_DATA_XFER_SIZE,
+            max_msg_fds: 16,
+            pgsizes: DEFAULT_PGSIZES,
+            max_dma_maps: DEFAULT_MAX_DMA_MAPS,
+            migration: None,
+            message_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Serves `device` on a connected stream until the client disconnects (`Ok`) or the
+/// stream breaks (`Err`). [`Device::client_disconnected`] is called in both cases.
+pub fn serve<D: Device + ?Sized>(
+    stream: UnixStream,
+    device: &mut D,
+    config: &ServerConfig,
+) -> Result<(), ServerError> {
+    let mut session = Session {
+        channel: Channel::new(stream),
+        config,
+        peer: None,
+    };
+    let result = session.run(device);
+    device.client_disconnected();
+    match &result {
+        Ok(()) => tracing::debug!("vfio-user client disconnected"),
+        Err(e) => tracing::warn!(error = %e, "vfio-user connection ended"),
+    }
+    result
+}
+
+/// Accepts one connection on `listener` and [`serve`]s it.
+pub fn accept_and_serve<D: Device + ?Sized>(
+    listener: &UnixListener,
+    device: &mut D,
+    config: &ServerConfig,
+) -> Result<(), ServerError> {
+    let (stream, _) = listener.accept().map_err(ServerError::Accept)?;
+    serve(stream, device, config)
+}
+
+/// One connection's state.
+struct Session<'a> {
+    channel: Channel,
+    config: &'a ServerConfig,
+    /// The client's capabilities, once negotiated.
+    peer: Option<Peer>,
+}
+
+/// What handling one command produced.
+enum Outcome {
+    /// Reply with this payload and these descriptors.
+    Reply(Vec<u8>, Vec<OwnedFd>),
+    /// Reply with this errno.
+    Fail(Errno),
+    /// Reply with this errno, then close the connection for this reason.
+    Fatal(Errno, String),
+}
+
+impl Session<'_> {
+    fn run<D: Device + ?Sized>(&mut self, device: &mut D) -> Result<(), ServerError> {
+        loop {
+            // Waiting for the next command has no deadline: an idle client is fine.
+            self.channel.wait_readable(None)?;
+            let deadline = Instant::now() + self.config.message_timeout;
+            let msg = match self.channel.recv(self.limits(), deadline) {
+                Ok(msg) => msg,
+                Err(SocketError::Disconnected) => return Ok(()),
+                Err(SocketError::TooManyFds { header, .. }) => {
+                    // The message was read whole (and its descriptors closed): refuse it.
+                    if !header.no_reply() {
+                        self.send_error(&header, Errno(libc::EINVAL))?;
+                    }
+                    continue;
+                }
+                Err(e @ SocketError::MessageTooLarge { header, .. }) => {
+                    let _ = self.send_error(&header, Errno(libc::E2BIG));
+                    return Err(e.into());
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let header = msg.header;
+            if header.is_reply() {
+                tracing::warn!(
+                    id = header.msg_id,
+                    command = header.command,
+                    "ignoring a reply from the vfio-user client: no command was sent to it"
+                );
+                continue;
+            }
+            let outcome = self.handle(device, msg);
+            let fatal = match outcome {
+                Outcome::Reply(_, _) | Outcome::Fail(_) => None,
+                Outcome::Fatal(_, ref reason) => Some(reason.clone()),
+            };
+            if !header.no_reply() {
+                let sent = match outcome {
+                    Outcome::Reply(payload, fds) => self.send_reply(&header, &payload, &fds),
+                    Outcome::Fail(errno) | Outcome::Fatal(errno, _) => {
+                        self.send_error(&header, errno)
+                    }
+                };
+                match sent {
+                    Err(ServerError::Socket(SocketError::Disconnected)) => return Ok(()),
+                    other => other?,
+                }
+            }
+            if let Some(reason) = fatal {
+                return Err(ServerError::Negotiation(reason));
+            }
+        }
+    }
+
+    fn limits(&self) -> RecvLimits {
+        let fds = self.config.max_msg_fds.min(MAX_FDS_PER_MESSAGE as u32);
+        match self.peer {
+            None => RecvLimits::for_version(fds),
+            Some(_) => RecvLimits::for_transfers(self.config.max_data_xfer_size, fds),
+        }
+    }
+
+    fn handle<D: Device + ?Sized>(&mut self, device: &mut D, msg: Message) -> Outcome {
+        let command = msg.header.known_command();
+        tracing::trace!(?command, id = msg.header.msg_id, "vfio-user command");
+        let result = match (command, &self.peer) {
+            (Some(Command::Version), None) => return self.negotiate(&msg.payload),
+            (Some(Command::Version), Some(_)) => Err(Errno(libc::EINVAL)),
+            (_, None) => {
+                tracing::warn!(?command, "vfio-user command before version negotiation");
+                Err(Errno(libc::EINVAL))
+            }
+            (None, Some(_)) => Err(Errno(libc::ENOTSUP)),
+            (Some(command), Some(peer)) => {
+                dispatch::handle(device, self.config, peer, command, msg.payload, msg.fds)
+            }
+        };
+        match result {
+            Ok((payload, fds)) => Outcome::Reply(payload, fds),
+            Err(errno) => {
+                tracing::debug!(?command, %errno, "vfio-user command refused");
+                Outcome::Fail(errno)
+            }
+        }
+    }
+
+    /// Answers the client's version proposal.
+    fn negotiate(&mut self, payload: &[u8]) -> Outcome {
+        let proposal = match Version::parse(payload) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "malformed vfio-user version proposal");
+                return Outcome::Fail(Errno(libc::EINVAL));
+            }
+        };
+        if proposal.major != PROTOCOL_MAJOR {
+            return Outcome::Fatal(
+                Errno(libc::ENOTSUP),
+                format!(
+                    "client proposed major version {}, only {PROTOCOL_MAJOR} is implemented",
+                    proposal.major
+                ),
+            );
+        }
+        let theirs = proposal.capabilities.unwrap_or_default();
+        let pgsizes = match theirs.pgsizes {
+            Some(p) => p & self.config.pgsizes,
+            None => self.config.pgsizes,
+        };
+        // The reply's minor version is at most the proposed one (PROTOCOL_MINOR is 0
+        // today, which makes the `min` look useless to clippy).
+        #[allow(clippy::unnecessary_min_or_max)]
+        let minor = proposal.minor.min(PROTOCOL_MINOR);
+        let reply = Version {
+            major: PROTOCOL_MAJOR,
+            minor,
+            capabilities: Some(Capabilities {
+                max_msg_fds: Some(self.config.max_msg_fds.min(MAX_FDS_PER_MESSAGE as u32)),
+                max_data_xfer_size: Some(self.config.max_data_xfer_size),
+                max_dma_maps: Some(self.config.max_dma_maps),
+                pgsizes: Some(pgsizes),
+                migration: theirs.migration.as_ref().and(self.config.migration.clone()),
+            }),
+        };
+        self.peer = Some(Peer {
+            max_msg_fds: theirs.max_msg_fds_or_default(),
+        });
+        Outcome::Reply(reply.to_bytes(), Vec::new())
+    }
+
+    fn send_reply(
+        &self,
+        request: &Header,
+        payload: &[u8],
+        fds: &[OwnedFd],
+    ) -> Result<(), ServerError> {
+        let header = match Header::reply(request, payload.len()) {
+            Ok(h) => h,
+            // Cannot happen with replies bounded by the transfer size; refuse cleanly.
+            Err(_) => return self.send_error(request, Errno(libc::E2BIG)),
+        };
+        let borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
+        let deadline = Instant::now() + self.config.message_timeout;
+        self.channel.send(&header, payload, &borrowed, deadline)?;
+        Ok(())
+    }
+
+    fn send_error(&self, request: &Header, errno: Errno) -> Result<(), ServerError> {
+        let header = Header::error_reply(request, errno.0);
+        let deadline = Instant::now() + self.config.message_timeout;
+        self.channel.send(&header, &[], &[], deadline)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,401 @@
+//! The client against hand-driven servers that misbehave: error replies, death in the
+//! middle of a request, malformed replies, silence, and commands from the server. The
+//! client must report a distinct error quickly, never hang or panic, and fail fast once
+//! broken.
+
+mod common;
+
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use vfio_user::proto::{
+    Capabilities, Command, DeviceInfo as DeviceInfoMsg, DmaAccess, Header, RegionInfoReply,
+    RegionInfoRequest, Version, FLAGS_NO_REPLY,
+};
+use vfio_user::{Client, ClientError, SparseArea};
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs `script` as the server of a fresh client (with `timeout`) and returns the client.
+fn with_fake<F>(timeout: Duration, script: F) -> (Client, thread::JoinHandle<()>)
+where
+    F: FnOnce(FakeServer) + Send + 'static,
+{
+    let (a, b) = UnixStream::pair().unwrap();
+    let server = thread::spawn(move || script(FakeServer::handshake(b)));
+    let client = Client::from_stream(a, timeout).expect("negotiate");
+    (client, server)
+}
+
+fn device_info_reply() -> Vec<u8> {
+    DeviceInfoMsg {
+        argsz: 16,
+        flags: 0,
+        num_regions: 9,
+        num_irqs: 5,
+    }
+    .to_bytes()
+}
+
+/// The next call fails at once with `Broken`.
+fn assert_broken(client: &Client) {
+    assert!(client.is_broken());
+    let start = Instant::now();
+    match client.device_info() {
+        Err(ClientError::Broken { reason }) => assert!(!reason.is_empty()),
+        other => panic!("expected Broken, got {other:?}"),
+    }
+    assert!(start.elapsed() < Duration::from_millis(500));
+}
+
+#[test]
+fn error_reply_is_remote_not_a_hang() {
+    let (client, server) = with_fake(TIMEOUT, |s| {
+        let req = s.recv();
+        s.send_raw(&Header::error_reply(&req.header, libc::EPERM).to_bytes());
+        let req = s.recv();
+        s.reply(&req.header, &device_info_reply());
+        // Error bit with errno 0 still is an error.
+        let req = s.recv();
+        s.send_raw(&Header::error_reply(&req.header, 0).to_bytes());
+    });
+    let start = Instant::now();
+    match client.reset() {
+        Err(ClientError::Remote { command, errno }) => {
+            assert_eq!((command, errno), (Command::DeviceReset, libc::EPERM))
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(start.elapsed() < Duration::from_secs(2));
+    assert!(!client.is_broken());
+    assert_eq!(client.device_info().unwrap().num_irqs, 5);
+    assert!(matches!(
+        client.reset(),
+        Err(ClientError::Remote { errno: 0, .. })
+    ));
+    server.join().unwrap();
+}
+
+#[test]
+fn server_dying_mid_request_is_a_quick_disconnect() {
+    let (client, server) = with_fake(TIMEOUT, |s| {
+        let _request = s.recv();
+        // Dies without answering.
+    });
+    let start = Instant::now();
+    match client.device_info() {
+        Err(ClientError::Disconnected { command }) => assert_eq!(command, Command::DeviceGetInfo),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    server.join().unwrap();
+    assert_broken(&client);
+}
+
+#[test]
+fn server_dying_mid_reply_is_a_disconnect() {
+    let (client, server) = with_fake(TIMEOUT, |s| {
+        let req = s.recv();
+        let h = Header::reply(&req.header, 16).unwrap();
+        s.send_raw(&h.to_bytes());
+        s.send_raw(&[0u8; 5]);
+    });
+    assert!(matches!(
+        client.device_info(),
+        Err(ClientError::Disconnected { .. })
+    ));
+    server.join().unwrap();
+}
+
+#[test]
+fn silent_server_times_out_within_the_timeout() {
+    let timeout = Duration::from_millis(300);
+    let (client, server) = with_fake(timeout, |s| {
+        let _request = s.recv();
+        // Silent until the client gives up and shuts the socket down.
+        let _ = s.channel.recv(LIMITS, deadline(10));
+    });
+    let start = Instant::now();
+    match client.reset() {
+        Err(ClientError::Timeout {
+            command,
+            timeout: t,
+        }) => {
+            assert_eq!((command, t), (Command::DeviceReset, timeout))
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let waited = start.elapsed();
+    assert!(waited >= timeout, "{waited:?}");
+    assert!(waited < timeout + Duration::from_secs(2), "{waited:?}");
+    assert_broken(&client);
+    server.join().unwrap();
+}
+
+#[test]
+fn malformed_replies_are_protocol_errors() {
+    type Script = fn(&FakeServer, &Header);
+    let scripts: [(&str, Script); 7] = [
+        ("garbage bytes", |s, _| s.send_raw(&[0xff; 40])),
+        ("payload of the wrong size", |s, h| s.reply(h, &[0; 8])),
+        ("trailing bytes", |s, h| {
+            s.reply(h, &[device_info_reply(), vec![0]].concat())
+        }),
+        ("wrong message id", |s, h| {
+            let other = Header {
+                msg_id: h.msg_id.wrapping_add(1),
+                ..*h
+            };
+            s.reply(&other, &device_info_reply())
+        }),
+        ("wrong command", |s, h| {
+            let other = Header {
+                command: Command::DeviceReset as u16,
+                ..*h
+            };
+            s.reply(&other, &device_info_reply())
+        }),
+        ("message too large", |s, h| {
+            let huge = Header {
+                msg_size: 512 << 20,
+                ..Header::reply(h, 0).unwrap()
+            };
+            s.send_raw(&huge.to_bytes())
+        }),
+        ("size smaller than a header", |s, h| {
+            let tiny = Header {
+                msg_size: 8,
+                ..Header::reply(h, 0).unwrap()
+            };
+            s.send_raw(&tiny.to_bytes())
+        }),
+    ];
+    for (name, script) in scripts {
+        let (client, server) = with_fake(TIMEOUT, move |s| {
+            let req = s.recv();
+            script(&s, &req.header);
+            // Keep the socket open until the client gives up: it must not need EOF.
+            let _ = s.channel.recv(LIMITS, deadline(10));
+        });
+        let start = Instant::now();
+        match client.device_info() {
+            Err(ClientError::Protocol { command, reason }) => {
+                assert_eq!(command, Command::DeviceGetInfo, "{name}");
+                assert!(!reason.is_empty());
+            }
+            other => panic!("{name}: unexpected {other:?}"),
+        }
+        assert!(start.elapsed() < Duration::from_secs(2), "{name}");
+        assert_broken(&client);
+        server.join().unwrap();
+    }
+}
+
+#[test]
+fn region_info_with_two_fds_is_a_protocol_error() {
+    let (client, server) = with_fake(TIMEOUT, |s| {
+        let req = s.recv();
+        let reply = RegionInfoReply {
+            argsz: 0,
+            flags: 0,
+            index: 0,
+            size: 0x1000,
+            offset: 0,
+            sparse_areas: vec![],
+        }
+        .to_bytes()
+        .unwrap();
+        let (a, b) = (memfd(4096), memfd(4096));
+        let h = Header::reply(&req.header, reply.len()).unwrap();
+        s.channel
+            .send(&h, &reply, &[a.as_fd(), b.as_fd()], deadline(5))
+            .unwrap();
+    });
+    assert!(matches!(
+        client.region_info(0),
+        Err(ClientError::Protocol { .. })
+    ));
+    server.join().unwrap();
+}
+
+#[test]
+fn region_info_with_one_fd_per_sparse_area_is_accepted() {
+    // libvfio-user passes the region's descriptor once per sparse area.
+    let (client, server) = with_fake(TIMEOUT, |s| {
+        let req = s.recv();
+        let reply = RegionInfoReply {
+            argsz: 0,
+            flags: 7,
+            index: 2,
+            size: 0x3000,
+            offset: 0,
+            sparse_areas: vec![
+                SparseArea {
+                    offset: 0,
+                    size: 0x1000,
+                },
+                SparseArea {
+                    offset: 0x2000,
+                    size: 0x1000,
+                },
+            ],
+        }
+        .to_bytes()
+        .unwrap();
+        let file = memfd(0x3000);
+        let view = Mapping::new(file.as_fd(), 0, 0x3000).unwrap();
+        assert!(view.write(0x2000, b"area two"));
+        let h = Header::reply(&req.header, reply.len()).unwrap();
+        s.channel
+            .send(&h, &reply, &[file.as_fd(), file.as_fd()], deadline(5))
+            .unwrap();
+        // Wait for the client to go away.
+        let _ = s.channel.recv(LIMITS, deadline(5));
+    });
+    let info = client.region_info(2).unwrap();
+    assert_eq!(info.sparse_areas.len(), 2);
+    let map = Mapping::new(info.fd.unwrap().as_fd(), 0x2000, 0x1000).unwrap();
+    let mut seen = [0u8; 8];
+    assert!(map.read(0, &mut seen));
+    assert_eq!(&seen, b"area two");
+    drop(client);
+    server.join().unwrap();
+}
+
+#[test]
+fn truncated_region_info_is_asked_again_with_the_size_needed() {
+    let areas: Vec<SparseArea> = (0..40)
+        .map(|i| SparseArea {
+            offset: i * 0x1000,
+            size: 0x800,
+        })
+        .collect();
+    let expected = areas.clone();
+    let (client, server) = with_fake(TIMEOUT, move |s| {
+        let reply = RegionInfoReply {
+            argsz: 0,
+            flags: 0,
+            index: 3,
+            size: 0x40000,
+            offset: 0x1000,
+            sparse_areas: areas,
+        };
+        for _ in 0..2 {
+            let req = s.recv();
+            let q = RegionInfoRequest::parse(&req.payload).unwrap();
+            // Padded to the command's argsz when truncated, as libvfio-user does.
+            let mut bytes = reply.to_bytes_within(q.argsz).unwrap();
+            if bytes.len() < q.argsz as usize {
+                bytes.resize(q.argsz as usize, 0);
+            }
+            s.reply(&req.header, &bytes);
+        }
+    });
+    let info = client.region_info(3).unwrap();
+    assert_eq!(info.sparse_areas, expected);
+    assert_eq!(info.offset, 0x1000);
+    server.join().unwrap();
+}
+
+#[test]
+fn server_commands_are_refused_without_losing_the_reply() {
+    let (client, server) = with_fake(TIMEOUT, |s| {
+        let req = s.recv();
+        // A DMA read from the server, then one that wants no reply.
+        let dma = DmaAccess {
+            address: 0x1000,
+            count: 8,
+        }
+        .to_bytes();
+        let h = Header::command(77, Command::DmaRead, dma.len()).unwrap();
+        s.channel.send(&h, &dma, &[], deadline(5)).unwrap();
+        let answer = s.recv();
+        assert!(answer.header.is_reply() && answer.header.is_error());
+        assert_eq!(answer.header.msg_id, 77);
+        assert_eq!(answer.header.error, libc::ENOTSUP as u32);
+        let quiet = Header {
+            flags: FLAGS_NO_REPLY,
+            ..Header::command(78, Command::DmaWrite, 0).unwrap()
+        };
+        s.channel.send(&quiet, &[], &[], deadline(5)).unwrap();
+        s.reply(&req.header, &device_info_reply());
+        // The next message is the client's next command, not a reply to 78.
+        let next = s.recv();
+        assert_eq!(next.header.command, Command::DeviceReset as u16);
+        s.reply(&next.header, &[]);
+    });
+    assert_eq!(client.device_info().unwrap().num_regions, 9);
+    client.reset().unwrap();
+    server.join().unwrap();
+}
+
+#[test]
+fn negotiation_failures() {
+    // Another major version.
+    let (a, b) = UnixStream::pair().unwrap();
+    let server = thread::spawn(move || {
+        let ch = vfio_user::socket::Channel::new(b);
+        let req = ch.recv(LIMITS, deadline(5)).unwrap();
+        let v = Version {
+            major: 1,
+            minor: 0,
+            capabilities: Some(Capabilities::default()),
+        }
+        .to_bytes();
+        let h = Header::reply(&req.header, v.len()).unwrap();
+        ch.send(&h, &v, &[], deadline(5)).unwrap();
+    });
+    assert!(matches!(
+        Client::from_stream(a, TIMEOUT),
+        Err(ClientError::Negotiation(_))
+    ));
+    server.join().unwrap();
+
+    // Server closes instead of answering.
+    let (a, b) = UnixStream::pair().unwrap();
+    let server = thread::spawn(move || {
+        let ch = vfio_user::socket::Channel::new(b);
+        let _ = ch.recv(LIMITS, deadline(5)).unwrap();
+    });
+    assert!(matches!(
+        Client::from_stream(a, TIMEOUT),
+        Err(ClientError::Disconnected {
+            command: Command::Version
+        })
+    ));
+    server.join().unwrap();
+
+    // Server refuses the version.
+    let (a, b) = UnixStream::pair().unwrap();
+    let server = thread::spawn(move || {
+        let ch = vfio_user::socket::Channel::new(b);
+        let req = ch.recv(LIMITS, deadline(5)).unwrap();
+        let h = Header::error_reply(&req.header, libc::ENOTSUP);
+        ch.send(&h, &[], &[], deadline(5)).unwrap();
+    });
+    assert!(matches!(
+        Client::from_stream(a, TIMEOUT),
+        Err(ClientError::Remote {
+            command: Command::Version,
+            errno: libc::ENOTSUP
+        })
+    ));
+    server.join().unwrap();
+
+    // Server never answers.
+    let (a, b) = UnixStream::pair().unwrap();
+    let start = Instant::now();
+    assert!(matches!(
+        Client::from_stream(a, Duration::from_millis(200)),
+        Err(ClientError::Timeout { .. })
+    ));
+    assert!(start.elapsed() < Duration::from_secs(2));
+    drop(b);
+}
