@@ -188,20 +188,6 @@ fn serve_forever(options: &Options) -> ! {
             Ok(file) => {
                 if options.debug {
                     console(&format!("serving on {port}"));
-                    let dbg = std::fs::read_to_string("/proc/tty/driver/serial")
-                        .unwrap_or_default()
-                        + &std::fs::read_to_string("/proc/interrupts").unwrap_or_default()
-                        + &std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-                    console(&dbg);
-                    let d2 = std::process::Command::new("stty")
-                        .args(["-a", "-F", port])
-                        .output()
-                        .map(|o| {
-                            String::from_utf8_lossy(&o.stdout).into_owned()
-                                + &String::from_utf8_lossy(&o.stderr)
-                        })
-                        .unwrap_or_default();
-                    console(&d2);
                 }
                 match panic::catch_unwind(AssertUnwindSafe(|| server.serve(&file, &file))) {
                     Ok(Ok(ServeEnd::Reboot)) => {

@@ -111,7 +111,10 @@ pub fn run(req: &RunRequest) -> Result<RunOutput, RunError> {
         reason: e.to_string(),
     })?;
 
-    let pipe_deadline = (start + timeout).min(Instant::now() + PIPE_GRACE);
+    let grace = Instant::now() + PIPE_GRACE;
+    let pipe_deadline = start
+        .checked_add(timeout)
+        .map_or(grace, |end| end.min(grace));
     for _ in 0..2 {
         let left = pipe_deadline.saturating_duration_since(Instant::now());
         if done_rx.recv_timeout(left).is_err() {
@@ -140,8 +143,9 @@ fn kill_group(pid: u32) {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
         return;
     };
-    // SAFETY: kill has no memory-safety preconditions; the group and the child exist (the
-    // child is not yet reaped: its waiting thread has not reported).
+    // SAFETY: kill has no memory-safety preconditions. The pid is still the child's: its
+    // waiting thread had not reported an exit an instant ago (a reap in between, followed by
+    // reuse of the pid, is the one theoretical race).
     unsafe {
         libc::kill(-pid, libc::SIGKILL);
         libc::kill(pid, libc::SIGKILL);
@@ -236,6 +240,13 @@ mod tests {
         let out = run(&r).unwrap();
         assert_eq!(out.stdout, "abc\n");
         assert!(out.success());
+    }
+
+    #[test]
+    fn absurd_timeout_is_fine() {
+        let mut r = req(&["true"]);
+        r.timeout_ms = Some(u64::MAX);
+        assert!(run(&r).unwrap().success());
     }
 
     #[test]

@@ -172,9 +172,8 @@ impl Server {
                 to_value(blk::checksum(&req).map_err(|e| format!("checksum: {e}"))?)
             }
             Op::MemFill(req) => {
-                // Free the old buffer first so its memory is available again.
-                self.mem = None;
-                let (buffer, reply) = mem::mem_fill(&req).map_err(|e| e.to_string())?;
+                let (buffer, reply) =
+                    mem::mem_fill(&req, self.mem.take()).map_err(|e| e.to_string())?;
                 self.mem = Some(buffer);
                 to_value(reply)
             }

@@ -346,7 +346,7 @@ impl Agent {
 
     /// The next reply line whatever its id (non-reply lines are skipped), for robustness tests.
     pub fn next_reply(&mut self, timeout: Duration) -> Result<Reply, AgentError> {
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         loop {
             let line = self.next_line("(any reply)", 0, timeout, deadline)?;
             if let Some(reply) = protocol::parse_reply(&line) {
@@ -357,7 +357,7 @@ impl Agent {
     }
 
     fn wait_reply(&mut self, op: &str, id: u64, timeout: Duration) -> Result<Value, AgentError> {
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         loop {
             let line = self.next_line(op, id, timeout, deadline)?;
             match protocol::parse_reply(&line) {
@@ -458,6 +458,12 @@ impl Drop for Agent {
     }
 }
 
+/// `timeout` from now, capped so that absurd timeouts cannot overflow the clock.
+pub(crate) fn deadline_after(timeout: Duration) -> Instant {
+    const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    Instant::now() + timeout.min(FOREVER)
+}
+
 fn peer_name(stream: &UnixStream) -> String {
     stream
         .peer_addr()
@@ -487,6 +493,7 @@ mod tests {
     fn typed_calls() {
         let mut agent = local_agent();
         assert!(agent.ping().unwrap().cpus >= 1);
+        assert!(agent.ping_timeout(Duration::MAX).is_ok());
         let out = agent.run(&["sh", "-c", "echo hi; exit 3"]).unwrap();
         assert_eq!((out.status, out.stdout.as_str()), (Some(3), "hi\n"));
         let v = agent.request(json!({"op": "ping"})).unwrap();

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use super::client::{Agent, AgentError};
+use super::client::{deadline_after, Agent, AgentError};
 use super::diag;
 use super::image::{GuestImage, ImageError};
 use super::paths::{self, PathsError};
@@ -22,6 +22,8 @@ use super::testdir::{TestDir, TestDirError};
 pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// Interval between pings while waiting for the agent.
 const PING_INTERVAL: Duration = Duration::from_secs(3);
+/// Silence after which [`Vm::agent`] reconnects to the agent socket.
+const RECONNECT_AFTER: Duration = Duration::from_secs(12);
 /// Time between SIGTERM and SIGKILL when stopping the VMM.
 const TERM_GRACE: Duration = Duration::from_secs(2);
 /// Poll interval for process exit, socket creation and console output.
@@ -365,15 +367,61 @@ impl Vm {
 
     /// Connects to the guest agent and waits until it answers a ping: retries connecting until
     /// the VMM has created the socket, then pings every 3 s (bytes sent before the guest opens
-    /// its port are lost). Fails early, with the logs, if the VMM exits.
+    /// its port are lost), reconnecting after 12 s of silence. Fails early, with the logs, if
+    /// the VMM exits.
+    ///
+    /// The reconnection works around serial backends whose input stalls when bytes arrive
+    /// while the guest opens the port (seen with QEMU 7.2: the socket is never read again on
+    /// that connection).
     pub fn agent(&self, timeout: Duration) -> Result<Agent, VmError> {
-        let deadline = Instant::now() + timeout;
-        let stream = loop {
+        let deadline = deadline_after(timeout);
+        loop {
+            let mut agent = self.connect_agent(timeout, deadline)?;
+            let connected = Instant::now();
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(VmError::BootTimeout {
+                        timeout,
+                        context: self.shared.describe(),
+                    });
+                }
+                match agent.ping_timeout(left.min(PING_INTERVAL)) {
+                    Ok(_) => {
+                        // Diagnostics are attached only now: reading the logs on every ping
+                        // timeout would be wasted work.
+                        let shared = Arc::clone(&self.shared);
+                        return Ok(agent.with_context(move || shared.describe()));
+                    }
+                    // A timeout, or an error reply to a ping garbled while the guest opened
+                    // its port: try again.
+                    Err(AgentError::Timeout { .. } | AgentError::Remote { .. }) => {
+                        if let Some(status) = self.shared.try_status()? {
+                            return Err(self.exited(status, "waiting for the agent to answer"));
+                        }
+                    }
+                    Err(e) => {
+                        return Err(VmError::AgentLost {
+                            source: e,
+                            context: self.shared.describe(),
+                        })
+                    }
+                }
+                if connected.elapsed() >= RECONNECT_AFTER {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Connects to the agent socket, retrying until `deadline` while the VMM runs.
+    fn connect_agent(&self, timeout: Duration, deadline: Instant) -> Result<Agent, VmError> {
+        loop {
             if let Some(status) = self.shared.try_status()? {
                 return Err(self.exited(status, "connecting to the agent socket"));
             }
             match UnixStream::connect(&self.socket) {
-                Ok(stream) => break stream,
+                Ok(stream) => return Ok(Agent::from_unix_stream(stream)?),
                 Err(source) if Instant::now() >= deadline => {
                     return Err(VmError::Connect {
                         path: self.socket.clone(),
@@ -384,43 +432,12 @@ impl Vm {
                 }
                 Err(_) => thread::sleep(POLL),
             }
-        };
-        // Diagnostics are attached once the agent answers: reading the logs on every ping
-        // timeout would be wasted work.
-        let mut agent = Agent::from_unix_stream(stream)?;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(VmError::BootTimeout {
-                    timeout,
-                    context: self.shared.describe(),
-                });
-            }
-            match agent.ping_timeout(left.min(PING_INTERVAL)) {
-                Ok(_) => {
-                    let shared = Arc::clone(&self.shared);
-                    return Ok(agent.with_context(move || shared.describe()));
-                }
-                // A timeout, or an error reply to a ping garbled while the guest opened its
-                // port: try again.
-                Err(AgentError::Timeout { .. } | AgentError::Remote { .. }) => {
-                    if let Some(status) = self.shared.try_status()? {
-                        return Err(self.exited(status, "waiting for the agent to answer"));
-                    }
-                }
-                Err(e) => {
-                    return Err(VmError::AgentLost {
-                        source: e,
-                        context: self.shared.describe(),
-                    })
-                }
-            }
         }
     }
 
     /// Waits up to `timeout` for a console line containing `needle`; returns that line.
     pub fn wait_console(&self, needle: &str, timeout: Duration) -> Result<String, VmError> {
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         loop {
             // Read the status first so output written just before exiting is not missed.
             let status = self.shared.try_status()?;
@@ -443,7 +460,7 @@ impl Vm {
 
     /// Waits up to `timeout` for the VMM to exit (e.g. after a guest reboot or power-off).
     pub fn wait_exit(&self, timeout: Duration) -> Result<ExitStatus, VmError> {
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         loop {
             if let Some(status) = self.shared.try_status()? {
                 return Ok(status);
