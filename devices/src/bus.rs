@@ -213,11 +213,37 @@ impl Bus {
         Ok(())
     }
 
+    /// The device claiming ports `[port, port + len)`, cloned out of the bus so that no bus
+    /// lock is held while the device runs: a device may re-register itself from inside an
+    /// access (a PCI BAR moves when the guest writes its config space).
+    fn pio_target(
+        &self,
+        port: u16,
+        len: usize,
+    ) -> Option<(PioAddress, Arc<dyn DevicePio + Send + Sync>)> {
+        let io = self.io.read().unwrap_or_else(|e| e.into_inner());
+        let (range, dev) = io.pio_device(PioAddress(port))?;
+        let last = u64::from(port) + (len as u64).checked_sub(1)?;
+        (last <= u64::from(range.last().0)).then(|| (range.base(), dev.clone()))
+    }
+
+    /// The MMIO twin of [`Self::pio_target`].
+    fn mmio_target(
+        &self,
+        addr: u64,
+        len: usize,
+    ) -> Option<(MmioAddress, Arc<dyn DeviceMmio + Send + Sync>)> {
+        let io = self.io.read().unwrap_or_else(|e| e.into_inner());
+        let (range, dev) = io.mmio_device(MmioAddress(addr))?;
+        let last = addr.checked_add((len as u64).checked_sub(1)?)?;
+        (last <= range.last().0).then(|| (range.base(), dev.clone()))
+    }
+
     /// Dispatches a guest port read. Returns false (and all ones in `data`) if no device
     /// claims the whole access.
     pub fn pio_read(&self, port: u16, data: &mut [u8]) -> bool {
-        let io = self.io.read().unwrap_or_else(|e| e.into_inner());
-        if io.pio_read(PioAddress(port), data).is_ok() {
+        if let Some((base, dev)) = self.pio_target(port, data.len()) {
+            dev.pio_read(base, port - base.0, data);
             return true;
         }
         data.fill(0xff);
@@ -227,8 +253,8 @@ impl Bus {
 
     /// Dispatches a guest port write. Returns false if no device claims the whole access.
     pub fn pio_write(&self, port: u16, data: &[u8]) -> bool {
-        let io = self.io.read().unwrap_or_else(|e| e.into_inner());
-        if io.pio_write(PioAddress(port), data).is_ok() {
+        if let Some((base, dev)) = self.pio_target(port, data.len()) {
+            dev.pio_write(base, port - base.0, data);
             return true;
         }
         self.unassigned_access(PIO, port.into(), true);
@@ -238,8 +264,8 @@ impl Bus {
     /// Dispatches a guest MMIO read. Returns false (and all ones in `data`) if no device
     /// claims the whole access.
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
-        let io = self.io.read().unwrap_or_else(|e| e.into_inner());
-        if io.mmio_read(MmioAddress(addr), data).is_ok() {
+        if let Some((base, dev)) = self.mmio_target(addr, data.len()) {
+            dev.mmio_read(base, addr - base.0, data);
             return true;
         }
         data.fill(0xff);
@@ -249,8 +275,8 @@ impl Bus {
 
     /// Dispatches a guest MMIO write. Returns false if no device claims the whole access.
     pub fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
-        let io = self.io.read().unwrap_or_else(|e| e.into_inner());
-        if io.mmio_write(MmioAddress(addr), data).is_ok() {
+        if let Some((base, dev)) = self.mmio_target(addr, data.len()) {
+            dev.mmio_write(base, addr - base.0, data);
             return true;
         }
         self.unassigned_access(MMIO, addr, true);

@@ -9,5 +9,6 @@ pub mod bus;
 pub mod legacy;
 pub mod pci;
 pub mod trigger;
+pub mod vfio;
 
 pub use bus::{Bus, BusError, BusStats};

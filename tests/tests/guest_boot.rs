@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use vmm_tests::harness::{Vm, DEFAULT_BOOT_TIMEOUT};
+use vmm_tests::harness::{Agent, RunOutput, Vm, DEFAULT_BOOT_TIMEOUT};
 
 const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -15,15 +15,43 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
 const UNASSIGNED_PORTS: [u16; 4] = [0x110, 0x510, 0x2e8, 0xe0];
 const UNASSIGNED_MMIO: [u64; 2] = [0xd000_0000, 0xfed0_0000];
 
-fn cpus_in_cpuinfo(agent: &mut vmm_tests::harness::Agent) -> usize {
-    let out = agent
-        .run(&["cat", "/proc/cpuinfo"])
-        .expect("cat /proc/cpuinfo");
+/// Runs `argv` in the guest. A fresh busybox process sometimes dies of SIGSEGV right after
+/// exec on these machines, reading its locale through a TLS pointer that is NULL (fault at
+/// address 0, ip 0x4a4d02 in Debian's busybox-static): a bug of the nested-KVM guest
+/// platform (the syscall shim of ../shared/nested-kvm-guest.patch, presumably), seen under
+/// QEMU too. Such a death, with no output, is retried at most twice, and reported; any other
+/// failure, or a third SIGSEGV, is returned as it is for the caller's assertions.
+fn run(agent: &mut Agent, argv: &[&str]) -> RunOutput {
+    let mut attempt = 1;
+    loop {
+        let out = agent
+            .run(argv)
+            .unwrap_or_else(|e| panic!("run {argv:?}: {e}"));
+        let segv_at_start = out.signal == Some(libc::SIGSEGV) && out.stdout.is_empty();
+        if !segv_at_start || attempt == 3 {
+            return out;
+        }
+        eprintln!("guest: {argv:?} died of SIGSEGV right after exec (attempt {attempt}); retrying");
+        attempt += 1;
+    }
+}
+
+/// The guest's /proc/cpuinfo: (processor count, flags of the first CPU).
+fn cpuinfo(agent: &mut Agent) -> (usize, Vec<String>) {
+    let out = run(agent, &["cat", "/proc/cpuinfo"]);
     assert_eq!(out.status, Some(0), "{out:?}");
-    out.stdout
+    let cpus = out
+        .stdout
         .lines()
         .filter(|l| l.starts_with("processor"))
-        .count()
+        .count();
+    let flags = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("flags"))
+        .map(|l| l.split_whitespace().skip(2).map(str::to_string).collect())
+        .unwrap_or_default();
+    (cpus, flags)
 }
 
 fn run_commands_and_reboot(cpus: u32, poke: bool) {
@@ -37,7 +65,7 @@ fn run_commands_and_reboot(cpus: u32, poke: bool) {
         .unwrap_or_else(|e| panic!("guest did not come up: {e}\n{}", vm.describe()));
 
     let ping = agent.ping().expect("ping");
-    let uname = agent.run(&["uname", "-r"]).expect("uname -r");
+    let uname = run(&mut agent, &["uname", "-r"]);
     assert_eq!(uname.status, Some(0), "{uname:?}");
     assert_eq!(
         uname.stdout.trim(),
@@ -49,18 +77,35 @@ fn run_commands_and_reboot(cpus: u32, poke: bool) {
         "the guest runs the 6.1 kernel we built: {uname:?}"
     );
 
-    let failing = agent
-        .run(&["sh", "-c", "echo to-stdout; echo to-stderr >&2; exit 7"])
-        .expect("run failing command");
+    let failing = run(
+        &mut agent,
+        &["sh", "-c", "echo to-stdout; echo to-stderr >&2; exit 7"],
+    );
     assert_eq!(failing.status, Some(7), "{failing:?}");
     assert_eq!(failing.stdout, "to-stdout\n");
     assert_eq!(failing.stderr, "to-stderr\n");
 
-    assert_eq!(
-        cpus_in_cpuinfo(&mut agent),
-        cpus as usize,
-        "the guest sees {cpus} CPU(s)"
-    );
+    // New processes keep working, one after another.
+    for i in 0..10 {
+        let out = run(&mut agent, &["uname", "-m"]);
+        assert_eq!(
+            (out.status, out.stdout.as_str()),
+            (Some(0), "x86_64\n"),
+            "spawn {i}: {out:?}"
+        );
+    }
+
+    let (seen, flags) = cpuinfo(&mut agent);
+    assert_eq!(seen, cpus as usize, "the guest sees {cpus} CPU(s)");
+    // The VMM's CPUID filtering reaches the guest: cx16 and xsave are hidden by CPUID alone
+    // (the command line's clearcpuid= names neither), and the hypervisor bit is set.
+    assert!(flags.iter().any(|f| f == "hypervisor"), "flags: {flags:?}");
+    for hidden in ["cx16", "xsave"] {
+        assert!(
+            !flags.iter().any(|f| f == hidden),
+            "{hidden} must be hidden; flags: {flags:?}"
+        );
+    }
     assert!(
         vm.console().contains("vmm-guest-agent: user space up"),
         "console:\n{}",
@@ -83,7 +128,7 @@ fn run_commands_and_reboot(cpus: u32, poke: bool) {
             "vmm died after the pokes: {}",
             vm.describe()
         );
-        let again = agent.run(&["uname", "-r"]).expect("uname after poking");
+        let again = run(&mut agent, &["uname", "-r"]);
         assert_eq!(again.status, Some(0));
     }
 
@@ -152,7 +197,7 @@ fn bzimage_boots_to_user_space() {
     let mut agent = vm
         .agent(DEFAULT_BOOT_TIMEOUT)
         .unwrap_or_else(|e| panic!("bzImage guest did not come up: {e}\n{}", vm.describe()));
-    let uname = agent.run(&["uname", "-r"]).expect("uname -r");
+    let uname = run(&mut agent, &["uname", "-r"]);
     assert_eq!(uname.status, Some(0), "{uname:?}");
     assert!(
         vm.vmm_stderr().contains("loaded BzImage kernel"),

@@ -2,6 +2,8 @@
 
 pub mod config;
 pub mod host_bridge;
+pub mod msi;
+pub mod msix;
 pub mod root;
 
 pub use config::ConfigSpace;

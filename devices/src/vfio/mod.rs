@@ -1,0 +1,30 @@
+//! The vfio-pci device: a PCI function passed through to the guest.
+//!
+//! - [`backend`]: [`VfioBackend`], what the function needs from "a VFIO device", so the same
+//!   device type serves kernel VFIO and vfio-user;
+//! - [`kernel`]: the kernel VFIO backend over vfio-ioctls (untested against hardware here);
+//! - [`pci`]: [`VfioPciDevice`], the function on the guest's PCI bus, with its virtualized
+//!   configuration space (`config.rs`, `bars.rs`), interrupts (`irq.rs`, over
+//!   [`crate::pci::msix`] and [`crate::pci::msi`]) and BAR placement (`placement.rs`,
+//!   `mmap.rs`: the one place that computes what of a BAR is mapped);
+//! - [`testing`]: a fake backend and a fake memory-slot backend.
+
+pub mod backend;
+mod bars;
+mod config;
+mod errlog;
+mod irq;
+pub mod kernel;
+mod mmap;
+pub mod pci;
+mod placement;
+pub mod testing;
+
+#[cfg(test)]
+mod tests;
+
+pub use backend::{BackendError, DeviceInfo, IrqInfo, RegionFlags, RegionInfo, VfioBackend};
+pub use bars::{BarDesc, BarKind};
+pub use kernel::{KernelVfio, KernelVfioError};
+pub use pci::{BarStats, VfioPciDevice, VfioPciError, VfioPciParams};
+pub use placement::PlacementError;
