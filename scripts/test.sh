@@ -16,7 +16,7 @@ step "clippy"
 cargo clippy --workspace --all-targets --locked -q -- -D warnings
 step "build"
 cargo build --workspace --locked -q
-export VMM_BIN="$PWD/target/debug/vmm"
+export VMM_BIN="$(realpath "${CARGO_TARGET_DIR:-target}")/debug/vmm"
 
 step "tests"
 # Guest tests boot real guests (minutes each on this nested KVM); run test binaries one
