@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
+use crate::config::device::DeviceConfig;
 use crate::serial_config::SerialConfig;
 
 /// Default guest command line when --cmdline is not given.
@@ -51,6 +52,13 @@ pub struct Cli {
     /// COM2 (ttyS1), same modes as --serial. The test guest's agent talks on it.
     #[arg(long, value_name = "MODE", default_value = "off")]
     pub serial2: SerialConfig,
+
+    /// A PCI function passed through to the guest (repeatable):
+    /// `vfio-user,socket=PATH[,id=NAME]` (a device served by a vfio-user server) or
+    /// `vfio,host=DDDD:BB:DD.F[,id=NAME]` (a host function bound to vfio-pci; needs
+    /// /dev/vfio). Devices without an id are named vfio0, vfio1, ...
+    #[arg(long = "device", value_name = "SPEC")]
+    pub devices: Vec<DeviceConfig>,
 
     /// Print KVM exit counts by cause and by device to stderr when the VM stops.
     #[arg(long)]

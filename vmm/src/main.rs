@@ -3,12 +3,16 @@
 
 mod boot;
 mod cli;
+mod config;
 mod console;
+mod device_setup;
 mod event_loop;
 mod exit;
+mod irq_routes;
 mod memory;
 mod serial_config;
 mod vcpu;
+mod vfio_user_backend;
 mod vm;
 
 use std::process::ExitCode;
@@ -81,6 +85,7 @@ fn run(cli: &cli::Cli) -> anyhow::Result<u8> {
         std::fs::metadata(initramfs)
             .with_context(|| format!("--initramfs {}", initramfs.display()))?;
     }
+    let devices = config::device::resolve(&cli.devices)?;
     let cfg = vm::VmConfig {
         kernel: cli.kernel.clone(),
         initramfs: cli.initramfs.clone(),
@@ -89,6 +94,7 @@ fn run(cli: &cli::Cli) -> anyhow::Result<u8> {
         cpus: cli.cpus,
         serial: cli.serial.clone(),
         serial2: cli.serial2.clone(),
+        devices,
     };
     let started = std::time::Instant::now();
     let (reason, stats) = vm::run(&cfg)?;
@@ -118,6 +124,18 @@ fn print_stats(stats: &vm::RunStats, secs: f64) {
                 "exit-stats: device {:<12} {:<4} {:#06x} reads {} writes {}",
                 s.name, s.space, s.base, s.reads, s.writes
             );
+        }
+    }
+    for d in &stats.devices {
+        for b in &d.bars {
+            let at = b.base.map_or("unplaced".to_string(), |a| format!("{a:#x}"));
+            eprintln!(
+                "exit-stats: pci {:<12} bar{} {at} size {:#x} reads {} writes {}",
+                d.id, b.index, b.size, b.reads, b.writes
+            );
+        }
+        if d.errors > 0 {
+            eprintln!("exit-stats: pci {:<12} backend errors {}", d.id, d.errors);
         }
     }
 }

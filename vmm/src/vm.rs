@@ -17,9 +17,12 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, cpuid, regs};
+use crate::config::device::DeviceSpec;
 use crate::console::{self, ConsoleError};
+use crate::device_setup::{self, DeviceContext, DeviceSetupError, DeviceStats};
 use crate::event_loop::{ExitWatcher, SerialInput};
 use crate::exit::{ExitReason, VmExit};
+use crate::irq_routes::{IrqRoutesError, KvmRoutes};
 use crate::memory::{self, MemoryError};
 use crate::serial_config::SerialConfig;
 use crate::vcpu::{self, ExitCounters, VcpuContext};
@@ -41,6 +44,8 @@ pub struct VmConfig {
     pub serial: SerialConfig,
     /// COM2.
     pub serial2: SerialConfig,
+    /// PCI functions passed through (`--device`), checked and named.
+    pub devices: Vec<DeviceSpec>,
 }
 
 /// Errors building or running a VM.
@@ -85,6 +90,12 @@ pub enum VmError {
         what: &'static str,
         source: std::io::Error,
     },
+    /// Interrupt routing.
+    #[error(transparent)]
+    Routes(#[from] IrqRoutesError),
+    /// A `--device`.
+    #[error(transparent)]
+    Device(#[from] DeviceSetupError),
     /// The event loop failed.
     #[error("event loop: {0}")]
     EventLoop(String),
@@ -129,6 +140,8 @@ pub struct RunStats {
     pub total: u64,
     /// Bus accesses by device.
     pub bus: Vec<devices::BusStats>,
+    /// Per-BAR accesses of the `--device` functions.
+    pub devices: Vec<DeviceStats>,
 }
 
 /// Builds the VM, runs it until it stops, and returns why, with exit statistics.
@@ -147,7 +160,7 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, RunStats), VmError> {
         .map_err(kvm_err("create the in-kernel PIT"))?;
 
     let (mem, _memfd) = memory::create(cfg.mem_size)?;
-    let memslots = MemSlots::new(vm.clone());
+    let memslots = Arc::new(MemSlots::new(vm.clone()));
     map_guest_ram(&memslots, &mem)?;
 
     let loaded = boot::load(
@@ -201,6 +214,20 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, RunStats), VmError> {
     bus.register_pio("i8042", devices::legacy::i8042::COMMAND_PORT, 1, i8042)?;
     let pci = Arc::new(PciRoot::new());
     pci.add(0, 0, Arc::new(Mutex::new(HostBridge::new())))?;
+    let routes = Arc::new(KvmRoutes::new(vm.clone())?);
+    let passthrough = device_setup::add_devices(
+        &cfg.devices,
+        &DeviceContext {
+            vm: &vm,
+            bus: &bus,
+            memslots: &memslots,
+            routes: &routes,
+            pci: &pci,
+            mem: &mem,
+            mem_size: cfg.mem_size,
+            timeout: vfio_user::DEFAULT_TIMEOUT,
+        },
+    )?;
     bus.register_pio(
         "pci-config",
         devices::pci::root::CONFIG_ADDRESS_PORT,
@@ -296,7 +323,12 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, RunStats), VmError> {
         exits: counters.snapshot(),
         total: counters.total(),
         bus: bus.stats(),
+        devices: passthrough.iter().map(|d| d.stats()).collect(),
     };
+    // Devices first (their BAR slots and mappings), then the bus holding the PCI root,
+    // then guest RAM's slots; `mem` itself drops last, at the end of this function.
+    drop(passthrough);
+    drop(bus);
     drop(memslots);
     Ok((reason, stats))
 }

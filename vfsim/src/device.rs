@@ -1,0 +1,371 @@
+//! [`VfSim`]: the virtio-blk function as a [`vfio_user::Device`]. Region 0 is BAR 0
+//! (see [`crate::layout`]), region 7 the configuration space; MSI-X is IRQ index 2.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use vfio_bindings::bindings::vfio::{
+    VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_INFO_NORESIZE,
+    VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_TYPE_MASK, VFIO_PCI_BAR0_REGION_INDEX,
+    VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS,
+    VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+};
+use vfio_user::{
+    Device, DeviceInfo, DeviceResult, DmaMapping, Errno, IrqData, IrqInfo, RegionInfo, SparseArea,
+};
+
+use crate::blk::{BlkError, Disk};
+use crate::common_cfg::CfgEvent;
+use crate::engine::Engine;
+use crate::guest_mem::GuestMemError;
+use crate::layout::*;
+use crate::mmap::{memfd, Mapping, MmapError};
+use crate::pci_config::ConfigSpace;
+use crate::poller::{Poller, PollerError};
+
+/// Why the device could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The queue size is not a power of two in 2..=32768.
+    #[error("queue size {0} is invalid: it must be a power of two from 2 to 32768")]
+    QueueSize(u16),
+    /// The disk image could not be opened.
+    #[error(transparent)]
+    Disk(#[from] BlkError),
+    /// The BAR memory could not be created or mapped.
+    #[error("setting up the BAR 0 memfd failed: {0}")]
+    BarMemory(#[from] MmapError),
+    /// The poller thread could not start.
+    #[error(transparent)]
+    Poller(#[from] PollerError),
+}
+
+/// How to build the device.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// The disk image.
+    pub disk: PathBuf,
+    /// Largest queue size offered.
+    pub queue_size: u16,
+}
+
+/// The simulated function.
+#[derive(Debug)]
+pub struct VfSim {
+    engine: Arc<Mutex<Engine>>,
+    config: ConfigSpace,
+    bar_fd: OwnedFd,
+    bar: Arc<Mapping>,
+    msix_table: [u8; MSIX_TABLE_SIZE as usize],
+    poller: Poller,
+}
+
+/// What part of BAR 0 an access falls in.
+enum Block {
+    Common,
+    Isr,
+    DeviceCfg,
+    Notify,
+    MsixTable,
+    MsixPba,
+    Reserved,
+}
+
+impl VfSim {
+    /// Opens the disk, creates the BAR memory and starts the poller.
+    pub fn new(cfg: &SimConfig) -> Result<Self, DeviceError> {
+        if !cfg.queue_size.is_power_of_two() || !(2..=32768).contains(&cfg.queue_size) {
+            return Err(DeviceError::QueueSize(cfg.queue_size));
+        }
+        let disk = Disk::open(&cfg.disk)?;
+        tracing::info!(path = %cfg.disk.display(), sectors = disk.sectors(), "disk image opened");
+        let engine = Arc::new(Mutex::new(Engine::new(disk, cfg.queue_size)));
+        let bar_fd = memfd(c"vfsim-bar0", BAR0_SIZE)?;
+        let bar = Arc::new(Mapping::new(bar_fd.as_fd(), 0, BAR0_SIZE, true)?);
+        let doorbells = (0..u64::from(NUM_QUEUES))
+            .map(|q| NOTIFY_OFFSET + q * u64::from(NOTIFY_OFF_MULTIPLIER))
+            .collect();
+        let poller = Poller::spawn(engine.clone(), bar.clone(), doorbells)?;
+        Ok(VfSim {
+            engine,
+            config: ConfigSpace::new(),
+            bar_fd,
+            bar,
+            msix_table: [0; MSIX_TABLE_SIZE as usize],
+            poller,
+        })
+    }
+
+    /// A second handle on the disk image (to flush it on exit).
+    pub fn disk_file(&self) -> io::Result<File> {
+        self.engine().disk.try_clone_file()
+    }
+
+    fn engine(&self) -> MutexGuard<'_, Engine> {
+        self.engine.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The block holding `offset..offset + len` of BAR 0 and the offset in it.
+    fn block(offset: u64, len: usize) -> DeviceResult<(Block, u64)> {
+        let end = offset.checked_add(len as u64).ok_or(Errno(libc::EINVAL))?;
+        if end > BAR0_SIZE || len == 0 {
+            return Err(Errno(libc::EINVAL));
+        }
+        let blocks = [
+            (Block::Common, COMMON_OFFSET, COMMON_SIZE),
+            (Block::Isr, ISR_OFFSET, ISR_SIZE),
+            (Block::DeviceCfg, DEVICE_CFG_OFFSET, DEVICE_CFG_SIZE),
+            (Block::Notify, NOTIFY_OFFSET, NOTIFY_SIZE),
+            (Block::MsixTable, MSIX_TABLE_OFFSET, MSIX_TABLE_SIZE),
+            (Block::MsixPba, MSIX_PBA_OFFSET, MSIX_PBA_SIZE),
+        ];
+        for (block, start, size) in blocks {
+            if offset >= start && offset < start + size {
+                if end > start + size {
+                    return Err(Errno(libc::EINVAL));
+                }
+                return Ok((block, offset - start));
+            }
+        }
+        Ok((Block::Reserved, offset))
+    }
+
+    fn bar_read(&mut self, offset: u64, data: &mut [u8]) -> DeviceResult<()> {
+        let (block, off) = Self::block(offset, data.len())?;
+        let o = off as usize;
+        match block {
+            Block::Common => self
+                .engine()
+                .common
+                .read(off, data)
+                .map_err(|_| Errno(libc::EINVAL)),
+            Block::Isr => {
+                data.fill(0);
+                if o == 0 {
+                    let mut e = self.engine();
+                    data[0] = e.isr;
+                    e.isr = 0;
+                }
+                Ok(())
+            }
+            Block::DeviceCfg => {
+                data.copy_from_slice(&self.engine().device_config()[o..o + data.len()]);
+                Ok(())
+            }
+            Block::Notify => self.bar.read(offset, data).map_err(|_| Errno(libc::EINVAL)),
+            Block::MsixTable => {
+                data.copy_from_slice(&self.msix_table[o..o + data.len()]);
+                Ok(())
+            }
+            Block::MsixPba | Block::Reserved => {
+                data.fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    fn bar_write(&mut self, offset: u64, data: &[u8]) -> DeviceResult<()> {
+        let (block, off) = Self::block(offset, data.len())?;
+        let o = off as usize;
+        match block {
+            Block::Common => {
+                let event = self
+                    .engine()
+                    .common
+                    .write(off, data)
+                    .map_err(|_| Errno(libc::EINVAL))?;
+                if event == Some(CfgEvent::Reset) {
+                    self.engine().isr = 0;
+                    tracing::debug!("virtio reset by the driver");
+                }
+                self.poller.kick();
+            }
+            Block::Notify => {
+                self.bar
+                    .write(offset, data)
+                    .map_err(|_| Errno(libc::EINVAL))?;
+                self.poller.kick();
+            }
+            Block::MsixTable => self.msix_table[o..o + data.len()].copy_from_slice(data),
+            Block::Isr | Block::DeviceCfg | Block::MsixPba | Block::Reserved => {}
+        }
+        Ok(())
+    }
+}
+
+fn errno_of(e: &GuestMemError) -> Errno {
+    Errno(match e {
+        GuestMemError::NoFd { .. } => libc::ENOTSUP,
+        GuestMemError::Overlap { .. } => libc::EEXIST,
+        GuestMemError::TooMany { .. } => libc::ENOSPC,
+        GuestMemError::NotMapped { .. } => libc::ENOENT,
+        GuestMemError::Map { .. } => libc::ENOMEM,
+        GuestMemError::BadRange { .. } | GuestMemError::Access { .. } => libc::EINVAL,
+    })
+}
+
+impl Device for VfSim {
+    fn device_info(&mut self) -> DeviceInfo {
+        DeviceInfo {
+            flags: VFIO_DEVICE_FLAGS_PCI | VFIO_DEVICE_FLAGS_RESET,
+            num_regions: VFIO_PCI_NUM_REGIONS,
+            num_irqs: VFIO_PCI_NUM_IRQS,
+        }
+    }
+
+    fn region_info(&mut self, index: u32) -> DeviceResult<RegionInfo> {
+        let rw = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
+        let (flags, size, sparse_areas, fd) = match index {
+            VFIO_PCI_BAR0_REGION_INDEX => {
+                let fd = self.bar_fd.try_clone().map_err(|e| {
+                    tracing::warn!("duplicating the BAR 0 memfd failed: {e}");
+                    Errno(e.raw_os_error().unwrap_or(libc::EIO))
+                })?;
+                let notify = SparseArea {
+                    offset: NOTIFY_OFFSET,
+                    size: NOTIFY_SIZE,
+                };
+                (
+                    rw | VFIO_REGION_INFO_FLAG_MMAP,
+                    BAR0_SIZE,
+                    vec![notify],
+                    Some(fd),
+                )
+            }
+            VFIO_PCI_CONFIG_REGION_INDEX => (rw, CONFIG_SPACE_SIZE as u64, vec![], None),
+            i if i < VFIO_PCI_NUM_REGIONS => (0, 0, vec![], None),
+            _ => return Err(Errno(libc::EINVAL)),
+        };
+        Ok(RegionInfo {
+            index,
+            flags,
+            size,
+            offset: 0,
+            sparse_areas,
+            fd,
+        })
+    }
+
+    fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> DeviceResult<()> {
+        match index {
+            VFIO_PCI_BAR0_REGION_INDEX => self.bar_read(offset, data),
+            VFIO_PCI_CONFIG_REGION_INDEX => self.config.read(offset, data).map_err(|e| {
+                tracing::debug!("{e}");
+                Errno(libc::EINVAL)
+            }),
+            _ => Err(Errno(libc::EINVAL)),
+        }
+    }
+
+    fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> DeviceResult<()> {
+        match index {
+            VFIO_PCI_BAR0_REGION_INDEX => self.bar_write(offset, data),
+            VFIO_PCI_CONFIG_REGION_INDEX => self.config.write(offset, data).map_err(|e| {
+                tracing::debug!("{e}");
+                Errno(libc::EINVAL)
+            }),
+            _ => Err(Errno(libc::EINVAL)),
+        }
+    }
+
+    fn dma_map(&mut self, m: DmaMapping) -> DeviceResult<()> {
+        let result = self
+            .engine()
+            .mem
+            .add(m.iova, m.size, m.fd, m.file_offset, m.writable);
+        result.map_err(|e| {
+            tracing::warn!("DMA_MAP refused: {e}");
+            errno_of(&e)
+        })?;
+        self.poller.kick();
+        Ok(())
+    }
+
+    fn dma_unmap(&mut self, iova: u64, size: u64) -> DeviceResult<()> {
+        // The poller holds the lock while it touches guest memory, so once this returns
+        // nothing refers to the mapping any more.
+        self.engine().mem.remove(iova, size).map_err(|e| {
+            tracing::warn!("DMA_UNMAP refused: {e}");
+            errno_of(&e)
+        })
+    }
+
+    fn irq_info(&mut self, index: u32) -> DeviceResult<IrqInfo> {
+        if index >= VFIO_PCI_NUM_IRQS {
+            return Err(Errno(libc::EINVAL));
+        }
+        let count = if index == VFIO_PCI_MSIX_IRQ_INDEX {
+            u32::from(MSIX_VECTORS)
+        } else {
+            0
+        };
+        Ok(IrqInfo {
+            index,
+            flags: VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_NORESIZE,
+            count,
+        })
+    }
+
+    fn set_irqs(
+        &mut self,
+        index: u32,
+        flags: u32,
+        start: u32,
+        count: u32,
+        data: IrqData,
+    ) -> DeviceResult<()> {
+        if index != VFIO_PCI_MSIX_IRQ_INDEX {
+            // Nothing to disable on the types with no interrupts.
+            return if count == 0 {
+                Ok(())
+            } else {
+                Err(Errno(libc::EINVAL))
+            };
+        }
+        if flags & VFIO_IRQ_SET_ACTION_TYPE_MASK != VFIO_IRQ_SET_ACTION_TRIGGER {
+            // Masking is emulated by the VMM (MSI-X table).
+            return Err(Errno(libc::ENOTSUP));
+        }
+        let mut e = self.engine();
+        let result = match data {
+            IrqData::Eventfds(fds) if fds.is_empty() && count == 0 => {
+                e.irqs.clear_all();
+                Ok(())
+            }
+            IrqData::Eventfds(fds) if fds.is_empty() => e.irqs.clear(start, count),
+            IrqData::Eventfds(fds) => e.irqs.assign(start, fds),
+            IrqData::None if count == 0 => {
+                e.irqs.clear_all();
+                Ok(())
+            }
+            IrqData::None => e.irqs.trigger_range(start, count),
+            IrqData::Bool(bits) => bits
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| **b)
+                .try_for_each(|(i, _)| e.irqs.trigger_range(start.saturating_add(i as u32), 1)),
+        };
+        result.map_err(|err| {
+            tracing::warn!("SET_IRQS on MSI-X refused: {err}");
+            Errno(libc::EINVAL)
+        })
+    }
+
+    fn reset(&mut self) -> DeviceResult<()> {
+        self.engine().reset();
+        self.config = ConfigSpace::new();
+        self.msix_table = [0; MSIX_TABLE_SIZE as usize];
+        tracing::debug!("device reset by the client");
+        Ok(())
+    }
+
+    fn client_disconnected(&mut self) {
+        let mut e = self.engine();
+        e.mem.clear();
+        e.irqs.clear_all();
+        tracing::info!("client disconnected: DMA mappings and eventfds dropped");
+    }
+}

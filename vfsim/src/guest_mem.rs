@@ -1,0 +1,268 @@
+//! Guest memory as the device sees it: the client's DMA mappings, each an `mmap()` of
+//! the file descriptor that came with `DMA_MAP`, looked up by IOVA. Every access is
+//! bounds-checked and may span adjacent mappings.
+
+use std::os::fd::{AsFd, OwnedFd};
+
+use crate::mmap::{Mapping, MmapError};
+
+/// Why a DMA mapping or a guest memory access failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestMemError {
+    /// `DMA_MAP` came without a file descriptor.
+    #[error("DMA mapping {iova:#x}+{size:#x} came without a file descriptor; only fd-backed mappings are supported")]
+    NoFd {
+        /// DMA address.
+        iova: u64,
+        /// Size.
+        size: u64,
+    },
+    /// The range is empty or wraps around.
+    #[error("DMA range {iova:#x}+{size:#x} is empty or wraps around")]
+    BadRange {
+        /// DMA address.
+        iova: u64,
+        /// Size.
+        size: u64,
+    },
+    /// The new mapping overlaps an existing one.
+    #[error("DMA mapping {iova:#x}+{size:#x} overlaps the existing mapping {other_iova:#x}+{other_size:#x}")]
+    Overlap {
+        /// DMA address.
+        iova: u64,
+        /// Size.
+        size: u64,
+        /// The existing mapping's address.
+        other_iova: u64,
+        /// The existing mapping's size.
+        other_size: u64,
+    },
+    /// Too many mappings.
+    #[error("DMA mapping {iova:#x}+{size:#x} refused: already {max} mappings")]
+    TooMany {
+        /// DMA address.
+        iova: u64,
+        /// Size.
+        size: u64,
+        /// The limit.
+        max: usize,
+    },
+    /// `DMA_UNMAP` named no mapping.
+    #[error("no DMA mapping lies within {iova:#x}+{size:#x}")]
+    NotMapped {
+        /// DMA address.
+        iova: u64,
+        /// Size.
+        size: u64,
+    },
+    /// Mapping the descriptor failed.
+    #[error("mapping the memory of DMA range {iova:#x}+{size:#x} failed: {source}")]
+    Map {
+        /// DMA address.
+        iova: u64,
+        /// Size.
+        size: u64,
+        /// The mapping error.
+        source: MmapError,
+    },
+    /// An access touched an address outside every mapping (or a read-only one for
+    /// writes).
+    #[error("guest memory access of {len:#x} bytes at {addr:#x} failed: {reason}")]
+    Access {
+        /// Guest address of the access.
+        addr: u64,
+        /// Length of the access.
+        len: usize,
+        /// What was wrong.
+        reason: &'static str,
+    },
+}
+
+/// Most mappings kept at once.
+pub const MAX_DMA_MAPS: usize = 256;
+
+#[derive(Debug)]
+struct DmaRegion {
+    iova: u64,
+    size: u64,
+    map: Mapping,
+}
+
+impl DmaRegion {
+    fn end(&self) -> u64 {
+        self.iova + self.size
+    }
+}
+
+/// The client's DMA mappings, sorted by address, never overlapping.
+#[derive(Debug, Default)]
+pub struct GuestMemory {
+    regions: Vec<DmaRegion>,
+}
+
+impl GuestMemory {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether nothing is mapped.
+    pub fn is_empty(&self) -> bool {
+        self.regions.is_empty()
+    }
+
+    /// Maps `size` bytes of `fd` from `file_offset` at `iova`.
+    pub fn add(
+        &mut self,
+        iova: u64,
+        size: u64,
+        fd: Option<OwnedFd>,
+        file_offset: u64,
+        writable: bool,
+    ) -> Result<(), GuestMemError> {
+        let end = iova
+            .checked_add(size)
+            .filter(|_| size > 0)
+            .ok_or(GuestMemError::BadRange { iova, size })?;
+        let fd = fd.ok_or(GuestMemError::NoFd { iova, size })?;
+        if let Some(o) = self.regions.iter().find(|r| r.iova < end && iova < r.end()) {
+            return Err(GuestMemError::Overlap {
+                iova,
+                size,
+                other_iova: o.iova,
+                other_size: o.size,
+            });
+        }
+        if self.regions.len() >= MAX_DMA_MAPS {
+            return Err(GuestMemError::TooMany {
+                iova,
+                size,
+                max: MAX_DMA_MAPS,
+            });
+        }
+        let map = Mapping::new(fd.as_fd(), file_offset, size, writable)
+            .map_err(|source| GuestMemError::Map { iova, size, source })?;
+        let at = self.regions.partition_point(|r| r.iova < iova);
+        self.regions.insert(at, DmaRegion { iova, size, map });
+        Ok(())
+    }
+
+    /// Removes (and unmaps) every mapping lying within `iova..iova + size`.
+    pub fn remove(&mut self, iova: u64, size: u64) -> Result<(), GuestMemError> {
+        let end = iova
+            .checked_add(size)
+            .filter(|_| size > 0)
+            .ok_or(GuestMemError::BadRange { iova, size })?;
+        let before = self.regions.len();
+        self.regions.retain(|r| !(r.iova >= iova && r.end() <= end));
+        if self.regions.len() == before {
+            return Err(GuestMemError::NotMapped { iova, size });
+        }
+        Ok(())
+    }
+
+    /// Removes every mapping.
+    pub fn clear(&mut self) {
+        self.regions.clear();
+    }
+
+    /// Reads `out.len()` bytes at guest address `addr`.
+    pub fn read(&self, addr: u64, out: &mut [u8]) -> Result<(), GuestMemError> {
+        let len = out.len();
+        let mut done = 0;
+        while done < len {
+            let a = Self::advance(addr, done, len)?;
+            let (r, off, n) = self.locate(a, len - done, addr, len)?;
+            r.map
+                .read(off, &mut out[done..done + n])
+                .map_err(|_| access(addr, len, "the mapping refused the read"))?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at guest address `addr`.
+    pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), GuestMemError> {
+        let len = data.len();
+        let mut done = 0;
+        while done < len {
+            let a = Self::advance(addr, done, len)?;
+            let (r, off, n) = self.locate(a, len - done, addr, len)?;
+            r.map
+                .write(off, &data[done..done + n])
+                .map_err(|_| access(addr, len, "the mapping is not writable by the device"))?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Reads a little-endian `u16`.
+    pub fn read_u16(&self, addr: u64) -> Result<u16, GuestMemError> {
+        let mut b = [0; 2];
+        self.read(addr, &mut b)?;
+        Ok(u16::from_le_bytes(b))
+    }
+
+    /// Writes a little-endian `u16`.
+    pub fn write_u16(&self, addr: u64, v: u16) -> Result<(), GuestMemError> {
+        self.write(addr, &v.to_le_bytes())
+    }
+
+    fn advance(addr: u64, done: usize, len: usize) -> Result<u64, GuestMemError> {
+        addr.checked_add(done as u64)
+            .ok_or_else(|| access(addr, len, "the range wraps around the address space"))
+    }
+
+    /// The region holding `a`, the offset of `a` in it and how many of `want` bytes it
+    /// holds.
+    fn locate(
+        &self,
+        a: u64,
+        want: usize,
+        addr: u64,
+        len: usize,
+    ) -> Result<(&DmaRegion, u64, usize), GuestMemError> {
+        let i = self.regions.partition_point(|r| r.iova <= a);
+        let r = i
+            .checked_sub(1)
+            .map(|i| &self.regions[i])
+            .filter(|r| a < r.end())
+            .ok_or_else(|| access(addr, len, "the address is not DMA-mapped"))?;
+        let n = (r.end() - a).min(want as u64) as usize;
+        Ok((r, a - r.iova, n))
+    }
+}
+
+fn access(addr: u64, len: usize, reason: &'static str) -> GuestMemError {
+    GuestMemError::Access { addr, len, reason }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mmap::memfd;
+
+    #[test]
+    fn accesses_span_adjacent_mappings_and_stop_at_holes() {
+        let fd = memfd(c"g", 0x3000).unwrap();
+        let mut m = GuestMemory::new();
+        m.add(0x10000, 0x1000, Some(fd.try_clone().unwrap()), 0, true)
+            .unwrap();
+        m.add(0x11000, 0x1000, Some(fd.try_clone().unwrap()), 0x1000, true)
+            .unwrap();
+        assert!(m
+            .add(0x10800, 0x1000, Some(fd.try_clone().unwrap()), 0, true)
+            .is_err());
+        assert!(m.add(0x20000, 0x1000, None, 0, true).is_err());
+        m.write(0x10ffe, &[1, 2, 3, 4]).unwrap();
+        let mut b = [0; 4];
+        m.read(0x10ffe, &mut b).unwrap();
+        assert_eq!(b, [1, 2, 3, 4]);
+        assert!(m.read(0x11ffe, &mut b).is_err());
+        assert!(m.read(u64::MAX - 1, &mut b).is_err());
+        assert!(m.read(0, &mut b).is_err());
+        m.remove(0x11000, 0x1000).unwrap();
+        assert!(m.read(0x10ffe, &mut b).is_err());
+        assert!(m.remove(0x11000, 0x1000).is_err());
+    }
+}

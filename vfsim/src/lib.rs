@@ -1,0 +1,32 @@
+//! `vfsim`: a software SR-IOV virtual function for tests. It is a virtio-blk PCI function
+//! (virtio 1.x modern transport) backed by a disk image file and served over vfio-user.
+//!
+//! - [`layout`]: identity, configuration-space and BAR layout constants;
+//! - [`pci_config`]: the PCI configuration space with its write masks;
+//! - [`common_cfg`]: the virtio common configuration registers and device status;
+//! - [`mmap`]: memfds and bounds-checked shared mappings;
+//! - [`guest_mem`]: the DMA mappings the client made (IOVA to mapping);
+//! - [`virtqueue`]: split virtqueues read from and written to guest memory;
+//! - [`blk`]: the disk image and virtio-blk request execution;
+//! - [`irq`]: the MSI-X eventfds;
+//! - [`engine`]: queue processing over all of the above;
+//! - [`poller`]: the thread that owns queue processing and watches the doorbells;
+//! - [`device`]: [`VfSim`], the [`vfio_user::Device`] implementation;
+//! - [`serve`]: binding the socket and serving one client after another.
+
+#![deny(missing_docs)]
+
+pub mod blk;
+pub mod common_cfg;
+pub mod device;
+pub mod engine;
+pub mod guest_mem;
+pub mod irq;
+pub mod layout;
+pub mod mmap;
+pub mod pci_config;
+pub mod poller;
+pub mod serve;
+pub mod virtqueue;
+
+pub use device::{DeviceError, SimConfig, VfSim};

@@ -1,0 +1,212 @@
+//! The PCI configuration space (region 7): a type-0 header, the virtio vendor
+//! capabilities and an MSI-X capability, with per-byte write masks.
+
+use crate::layout::*;
+
+/// A configuration-space access that does not fit the space.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// The access reaches outside the 256 bytes.
+    #[error("configuration access of {len} bytes at {offset:#x} is outside the {CONFIG_SPACE_SIZE}-byte space")]
+    OutOfRange {
+        /// Offset of the access.
+        offset: u64,
+        /// Length of the access.
+        len: usize,
+    },
+}
+
+/// Virtio PCI capability id (vendor specific).
+const CAP_ID_VENDOR: u8 = 0x09;
+/// MSI-X capability id.
+const CAP_ID_MSIX: u8 = 0x11;
+/// `cfg_type` of the common configuration.
+pub const VIRTIO_PCI_CAP_COMMON_CFG: u8 = 1;
+/// `cfg_type` of the notify area.
+pub const VIRTIO_PCI_CAP_NOTIFY_CFG: u8 = 2;
+/// `cfg_type` of the ISR status.
+pub const VIRTIO_PCI_CAP_ISR_CFG: u8 = 3;
+/// `cfg_type` of the device configuration.
+pub const VIRTIO_PCI_CAP_DEVICE_CFG: u8 = 4;
+
+/// Command register bits the driver may change: memory space, bus master, INTx disable.
+const COMMAND_WMASK: u16 = 0x0002 | 0x0004 | 0x0400;
+/// BAR 0 type bits: 64-bit memory, not prefetchable.
+const BAR0_TYPE: u32 = 0b100;
+
+/// The configuration space and what writes may change.
+#[derive(Debug, Clone)]
+pub struct ConfigSpace {
+    bytes: [u8; CONFIG_SPACE_SIZE],
+    wmask: [u8; CONFIG_SPACE_SIZE],
+}
+
+impl Default for ConfigSpace {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ConfigSpace {
+    /// The configuration space as it is after reset.
+    pub fn new() -> Self {
+        let mut c = ConfigSpace {
+            bytes: [0; CONFIG_SPACE_SIZE],
+            wmask: [0; CONFIG_SPACE_SIZE],
+        };
+        c.put16(0x00, VENDOR_ID);
+        c.put16(0x02, DEVICE_ID);
+        c.put16(0x06, 0x0010); // status: capability list
+        c.bytes[0x08] = REVISION;
+        c.bytes[0x09] = CLASS_CODE as u8;
+        c.bytes[0x0a] = (CLASS_CODE >> 8) as u8;
+        c.bytes[0x0b] = (CLASS_CODE >> 16) as u8;
+        c.bytes[0x0e] = 0; // header type 0, single function
+        c.put32(0x10, BAR0_TYPE);
+        c.put16(0x2c, SUBSYSTEM_VENDOR_ID);
+        c.put16(0x2e, SUBSYSTEM_ID);
+        c.bytes[0x34] = CAP_COMMON as u8;
+        c.bytes[0x3d] = 0; // no INTx pin: MSI-X only
+
+        c.virtio_cap(
+            CAP_COMMON,
+            CAP_NOTIFY,
+            VIRTIO_PCI_CAP_COMMON_CFG,
+            COMMON_OFFSET,
+            COMMON_SIZE,
+        );
+        c.virtio_cap(
+            CAP_NOTIFY,
+            CAP_ISR,
+            VIRTIO_PCI_CAP_NOTIFY_CFG,
+            NOTIFY_OFFSET,
+            NOTIFY_SIZE,
+        );
+        c.bytes[CAP_NOTIFY + 2] = 20;
+        c.put32(CAP_NOTIFY + 16, NOTIFY_OFF_MULTIPLIER);
+        c.virtio_cap(CAP_ISR, CAP_DEVICE, VIRTIO_PCI_CAP_ISR_CFG, ISR_OFFSET, 1);
+        c.virtio_cap(
+            CAP_DEVICE,
+            CAP_MSIX,
+            VIRTIO_PCI_CAP_DEVICE_CFG,
+            DEVICE_CFG_OFFSET,
+            DEVICE_CFG_SIZE,
+        );
+
+        c.bytes[CAP_MSIX] = CAP_ID_MSIX;
+        c.bytes[CAP_MSIX + 1] = 0;
+        c.put16(CAP_MSIX + 2, MSIX_VECTORS - 1);
+        c.put32(CAP_MSIX + 4, MSIX_TABLE_OFFSET as u32); // BIR 0
+        c.put32(CAP_MSIX + 8, MSIX_PBA_OFFSET as u32); // BIR 0
+
+        c.wmask16(0x04, COMMAND_WMASK);
+        c.wmask32(0x10, !(BAR0_SIZE as u32 - 1));
+        c.wmask32(0x14, u32::MAX);
+        c.wmask[0x3c] = 0xff; // interrupt line
+        c.wmask16(CAP_MSIX + 2, 0xc000); // MSI-X enable, function mask
+        c
+    }
+
+    /// Reads `data.len()` bytes at `offset`.
+    pub fn read(&self, offset: u64, data: &mut [u8]) -> Result<(), ConfigError> {
+        let range = Self::range(offset, data.len())?;
+        data.copy_from_slice(&self.bytes[range]);
+        Ok(())
+    }
+
+    /// Writes `data` at `offset`; only the bits of the write mask change.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), ConfigError> {
+        let range = Self::range(offset, data.len())?;
+        for (i, v) in range.zip(data) {
+            self.bytes[i] = (self.bytes[i] & !self.wmask[i]) | (v & self.wmask[i]);
+        }
+        Ok(())
+    }
+
+    /// The command register.
+    pub fn command(&self) -> u16 {
+        u16::from_le_bytes([self.bytes[0x04], self.bytes[0x05]])
+    }
+
+    fn range(offset: u64, len: usize) -> Result<std::ops::Range<usize>, ConfigError> {
+        let err = ConfigError::OutOfRange { offset, len };
+        let start = usize::try_from(offset).map_err(|_| err.clone())?;
+        let end = start.checked_add(len).ok_or(err.clone())?;
+        if end > CONFIG_SPACE_SIZE {
+            return Err(err);
+        }
+        Ok(start..end)
+    }
+
+    fn virtio_cap(&mut self, at: usize, next: usize, cfg_type: u8, offset: u64, len: u64) {
+        self.bytes[at] = CAP_ID_VENDOR;
+        self.bytes[at + 1] = next as u8;
+        self.bytes[at + 2] = 16;
+        self.bytes[at + 3] = cfg_type;
+        self.bytes[at + 4] = 0; // BAR 0
+        self.put32(at + 8, offset as u32);
+        self.put32(at + 12, len as u32);
+    }
+
+    fn put16(&mut self, at: usize, v: u16) {
+        self.bytes[at..at + 2].copy_from_slice(&v.to_le_bytes());
+    }
+
+    fn put32(&mut self, at: usize, v: u32) {
+        self.bytes[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    }
+
+    fn wmask16(&mut self, at: usize, v: u16) {
+        self.wmask[at..at + 2].copy_from_slice(&v.to_le_bytes());
+    }
+
+    fn wmask32(&mut self, at: usize, v: u32) {
+        self.wmask[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dword(c: &ConfigSpace, at: u64) -> u32 {
+        let mut b = [0; 4];
+        c.read(at, &mut b).unwrap();
+        u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn ids_and_capability_chain() {
+        let c = ConfigSpace::new();
+        assert_eq!(dword(&c, 0), 0x1042_1af4);
+        assert_eq!(dword(&c, 8) >> 8, CLASS_CODE);
+        let mut next = c.bytes[0x34] as usize;
+        let mut seen = Vec::new();
+        while next != 0 {
+            seen.push((c.bytes[next], c.bytes[next + 3]));
+            next = c.bytes[next + 1] as usize;
+        }
+        assert_eq!(
+            seen,
+            vec![
+                (9, 1),
+                (9, 2),
+                (9, 3),
+                (9, 4),
+                (0x11, c.bytes[CAP_MSIX + 3])
+            ]
+        );
+    }
+
+    #[test]
+    fn bar_sizing_and_read_only_bytes() {
+        let mut c = ConfigSpace::new();
+        c.write(0x10, &[0xff; 8]).unwrap();
+        assert_eq!(dword(&c, 0x10), 0xffff_c004);
+        assert_eq!(dword(&c, 0x14), 0xffff_ffff);
+        c.write(0, &[0; 4]).unwrap();
+        assert_eq!(dword(&c, 0), 0x1042_1af4);
+        assert!(c.write(0xff, &[0, 0]).is_err());
+        assert!(c.read(u64::MAX, &mut [0]).is_err());
+    }
+}

@@ -1,0 +1,293 @@
+//! A tiny virtio-blk driver for the tests: it starts a `vfsim` server on a real Unix
+//! socket, connects with the project's vfio-user client and drives one queue in a memfd
+//! acting as guest memory.
+
+#![allow(dead_code)]
+
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use vfio_bindings::bindings::vfio::{
+    VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_PCI_MSIX_IRQ_INDEX,
+};
+use vfio_user::Client;
+use vfsim::common_cfg::*;
+use vfsim::layout::*;
+use vfsim::mmap::{memfd, Mapping};
+use vfsim::{serve, SimConfig, VfSim};
+
+/// Guest memory: DMA address and size.
+pub const GUEST_BASE: u64 = 0x4000_0000;
+pub const GUEST_SIZE: u64 = 0x10_0000;
+/// Offsets in guest memory.
+pub const DESC: u64 = 0x0000;
+pub const AVAIL: u64 = 0x1000;
+pub const USED: u64 = 0x2000;
+pub const HEADER: u64 = 0x3000;
+pub const STATUS: u64 = 0x3800;
+pub const DATA: u64 = 0x1_0000;
+pub const QSIZE: u16 = 16;
+pub const DISK_SIZE: u64 = 1 << 20;
+
+/// A server running in a thread, with its socket and disk image.
+pub struct Server {
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub disk: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Starts a server in a thread (it runs until the test process ends).
+pub fn start_server() -> Server {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "vfsim-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; DISK_SIZE as usize]).unwrap();
+    let socket = dir.join("vfsim.sock");
+    let mut device = VfSim::new(&SimConfig {
+        disk: disk.clone(),
+        queue_size: 256,
+    })
+    .unwrap();
+    let listener = serve::bind(&socket).unwrap();
+    std::thread::spawn(move || serve::serve_clients(&listener, &mut device));
+    Server { dir, socket, disk }
+}
+
+/// An eventfd.
+pub fn eventfd() -> OwnedFd {
+    // SAFETY: plain syscall; the result is checked.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    assert!(fd >= 0, "eventfd failed");
+    // SAFETY: a new descriptor nothing else owns.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// Waits up to `timeout` for `fd` to be signalled; returns the count read.
+pub fn wait_eventfd(fd: &OwnedFd, timeout: Duration) -> Option<u64> {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is a valid pollfd array of one.
+    let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
+    if n != 1 {
+        return None;
+    }
+    let mut v = 0u64;
+    // SAFETY: reads 8 bytes into `v`.
+    let r = unsafe { libc::read(fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+    (r == 8).then_some(v)
+}
+
+/// How the doorbell is rung.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Doorbell {
+    /// `REGION_WRITE` to the notify offset (the page is trapped).
+    Trapped,
+    /// A store into the mmap of the notify area's fd.
+    Mapped,
+}
+
+/// The driver.
+pub struct Driver {
+    pub client: Client,
+    pub mem: Mapping,
+    pub mem_fd: OwnedFd,
+    pub bar: Option<Mapping>,
+    pub irqs: Vec<OwnedFd>,
+    pub avail_idx: u16,
+    pub used_idx: u16,
+}
+
+impl Driver {
+    /// Connects, maps guest memory and gives the device its MSI-X eventfds.
+    pub fn connect(socket: &Path) -> Driver {
+        let client = Client::connect(socket, Duration::from_secs(5)).unwrap();
+        let mem_fd = memfd(c"guest", GUEST_SIZE).unwrap();
+        let mem = Mapping::new(mem_fd.as_fd(), 0, GUEST_SIZE, true).unwrap();
+        client
+            .dma_map(GUEST_BASE, GUEST_SIZE, mem_fd.as_fd(), 0, true, true)
+            .unwrap();
+        let irqs = vec![eventfd(), eventfd()];
+        let fds: Vec<_> = irqs.iter().map(|f| f.as_fd()).collect();
+        client
+            .set_irqs(
+                VFIO_PCI_MSIX_IRQ_INDEX,
+                VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+                0,
+                2,
+                &fds,
+            )
+            .unwrap();
+        Driver {
+            client,
+            mem,
+            mem_fd,
+            bar: None,
+            irqs,
+            avail_idx: 0,
+            used_idx: 0,
+        }
+    }
+
+    pub fn bar_write(&self, offset: u64, data: &[u8]) {
+        self.client.region_write(0, offset, data).unwrap();
+    }
+
+    pub fn bar_read(&self, offset: u64, len: usize) -> u64 {
+        let mut b = [0u8; 8];
+        self.client.region_read(0, offset, &mut b[..len]).unwrap();
+        u64::from_le_bytes(b)
+    }
+
+    pub fn status(&self) -> u8 {
+        self.bar_read(COMMON_OFFSET + 0x14, 1) as u8
+    }
+
+    /// Virtio initialisation with one queue of `QSIZE` on vector 1.
+    pub fn init(&mut self) {
+        let c = COMMON_OFFSET;
+        self.bar_write(c + 0x14, &[0]);
+        self.bar_write(c + 0x14, &[STATUS_ACKNOWLEDGE | STATUS_DRIVER]);
+        self.bar_write(c, &1u32.to_le_bytes());
+        assert_eq!(self.bar_read(c + 4, 4) & 1, 1, "VERSION_1 offered");
+        self.bar_write(c + 0x08, &1u32.to_le_bytes());
+        self.bar_write(c + 0x0c, &1u32.to_le_bytes());
+        self.bar_write(c + 0x08, &0u32.to_le_bytes());
+        self.bar_write(c + 0x0c, &(1u32 << 9).to_le_bytes());
+        self.bar_write(
+            c + 0x14,
+            &[STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK],
+        );
+        assert_ne!(self.status() & STATUS_FEATURES_OK, 0, "features accepted");
+        self.bar_write(c + 0x10, &0u16.to_le_bytes());
+        self.bar_write(c + 0x16, &0u16.to_le_bytes());
+        self.bar_write(c + 0x18, &QSIZE.to_le_bytes());
+        self.bar_write(c + 0x1a, &1u16.to_le_bytes());
+        self.bar_write(c + 0x20, &(GUEST_BASE + DESC).to_le_bytes());
+        self.bar_write(c + 0x28, &(GUEST_BASE + AVAIL).to_le_bytes());
+        self.bar_write(c + 0x30, &(GUEST_BASE + USED).to_le_bytes());
+        self.mem.write(AVAIL, &[0; 4]).unwrap();
+        self.mem.write(USED, &[0; 4]).unwrap();
+        self.bar_write(c + 0x1c, &1u16.to_le_bytes());
+        assert_eq!(self.bar_read(c + 0x1c, 2), 1, "queue enabled");
+        self.bar_write(
+            c + 0x14,
+            &[STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK],
+        );
+        self.avail_idx = 0;
+        self.used_idx = 0;
+    }
+
+    /// Maps the BAR's fd so the doorbell can be rung by a store.
+    pub fn map_notify(&mut self) {
+        let info = self.client.region_info(0).unwrap();
+        let fd = info.fd.expect("BAR 0 comes with an fd");
+        let area = info.sparse_areas[0];
+        let whole = Mapping::new(fd.as_fd(), info.offset, area.offset + area.size, true).unwrap();
+        self.bar = Some(whole);
+    }
+
+    pub fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let mut d = [0u8; 16];
+        d[0..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        d[12..14].copy_from_slice(&flags.to_le_bytes());
+        d[14..16].copy_from_slice(&next.to_le_bytes());
+        self.mem.write(DESC + 16 * u64::from(i), &d).unwrap();
+    }
+
+    /// Publishes head 0 and rings the doorbell.
+    pub fn kick(&mut self, how: Doorbell) {
+        let slot = u64::from(self.avail_idx % QSIZE);
+        self.mem
+            .write(AVAIL + 4 + 2 * slot, &0u16.to_le_bytes())
+            .unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.mem
+            .write(AVAIL + 2, &self.avail_idx.to_le_bytes())
+            .unwrap();
+        match how {
+            Doorbell::Trapped => self.bar_write(NOTIFY_OFFSET, &0u16.to_le_bytes()),
+            Doorbell::Mapped => self
+                .bar
+                .as_ref()
+                .expect("notify area mapped")
+                .write(NOTIFY_OFFSET, &0u16.to_le_bytes())
+                .unwrap(),
+        }
+    }
+
+    /// Waits for the next used entry; returns (head, len).
+    pub fn wait_used(&mut self) -> (u32, u32) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut b = [0u8; 2];
+            self.mem.read(USED + 2, &mut b).unwrap();
+            if u16::from_le_bytes(b) != self.used_idx {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no used entry within 5 s");
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        let slot = u64::from(self.used_idx % QSIZE);
+        let mut e = [0u8; 8];
+        self.mem.read(USED + 4 + 8 * slot, &mut e).unwrap();
+        self.used_idx = self.used_idx.wrapping_add(1);
+        (
+            u32::from_le_bytes(e[0..4].try_into().unwrap()),
+            u32::from_le_bytes(e[4..8].try_into().unwrap()),
+        )
+    }
+
+    /// Runs one request: header, optional data, status. Returns (status, used len).
+    pub fn request(
+        &mut self,
+        kind: u32,
+        sector: u64,
+        data: Option<(&[u8], bool)>,
+        how: Doorbell,
+    ) -> (u8, u32) {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        self.mem.write(HEADER, &h).unwrap();
+        self.mem.write(STATUS, &[0xff]).unwrap();
+        self.desc(0, GUEST_BASE + HEADER, 16, 1, 1);
+        match data {
+            Some((bytes, device_writes)) => {
+                self.mem.write(DATA, bytes).unwrap();
+                let flags = 1 | if device_writes { 2 } else { 0 };
+                self.desc(1, GUEST_BASE + DATA, bytes.len() as u32, flags, 2);
+                self.desc(2, GUEST_BASE + STATUS, 1, 2, 0);
+            }
+            None => self.desc(1, GUEST_BASE + STATUS, 1, 2, 0),
+        }
+        self.kick(how);
+        let (head, len) = self.wait_used();
+        assert_eq!(head, 0);
+        let mut s = [0u8];
+        self.mem.read(STATUS, &mut s).unwrap();
+        (s[0], len)
+    }
+
+    pub fn read_data(&self, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        self.mem.read(DATA, &mut v).unwrap();
+        v
+    }
+}

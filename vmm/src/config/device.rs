@@ -1,0 +1,316 @@
+//! The `--device` option: a PCI function passed through to the guest.
+//!
+//! ```text
+//! --device vfio-user,socket=PATH[,id=NAME]      a device served by a vfio-user server
+//! --device vfio,host=DDDD:BB:DD.F[,id=NAME]     a host PCI function bound to vfio-pci
+//! ```
+//!
+//! Parsing ([`DeviceConfig`], through [`super::keyvalue`]) checks each option alone;
+//! [`resolve`] checks them together (ids unique, host addresses valid) and names the
+//! devices that have no id (`vfio0`, `vfio1`, ...).
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use super::keyvalue::{from_key_values, KeyValueError};
+
+/// One `--device` option as given.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeviceConfig {
+    /// A device served by a vfio-user server.
+    VfioUser(VfioUserConfig),
+    /// A host PCI function through the kernel's VFIO.
+    Vfio(VfioConfig),
+}
+
+/// `vfio-user,socket=PATH[,id=NAME]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VfioUserConfig {
+    /// The server's Unix socket.
+    pub socket: PathBuf,
+    /// Name in logs and statistics.
+    pub id: Option<String>,
+}
+
+/// `vfio,host=DDDD:BB:DD.F[,id=NAME]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VfioConfig {
+    /// The host function's address, `domain:bus:device.function`.
+    pub host: String,
+    /// Name in logs and statistics.
+    pub id: Option<String>,
+}
+
+/// A `--device` value that does not parse.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}; use vfio-user,socket=PATH[,id=NAME] or vfio,host=DDDD:BB:DD.F[,id=NAME]")]
+pub struct DeviceParseError(KeyValueError);
+
+impl FromStr for DeviceConfig {
+    type Err = DeviceParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        from_key_values(s).map_err(DeviceParseError)
+    }
+}
+
+impl DeviceConfig {
+    /// The id given, if any.
+    pub fn id(&self) -> Option<&str> {
+        match self {
+            DeviceConfig::VfioUser(c) => c.id.as_deref(),
+            DeviceConfig::Vfio(c) => c.id.as_deref(),
+        }
+    }
+}
+
+/// A PCI address on the host: `domain:bus:device.function`, all hexadecimal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostBdf {
+    /// PCI domain (segment), 0-ffff.
+    pub domain: u16,
+    /// Bus, 0-ff.
+    pub bus: u8,
+    /// Device, 0-1f.
+    pub device: u8,
+    /// Function, 0-7.
+    pub function: u8,
+}
+
+impl fmt::Display for HostBdf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:04x}:{:02x}:{:02x}.{:x}",
+            self.domain, self.bus, self.device, self.function
+        )
+    }
+}
+
+impl HostBdf {
+    /// Parses `DDDD:BB:DD.F` (exactly that form, hexadecimal, as sysfs names devices).
+    pub fn parse(s: &str) -> Option<HostBdf> {
+        let (domain, rest) = s.split_once(':')?;
+        let (bus, rest) = rest.split_once(':')?;
+        let (device, function) = rest.split_once('.')?;
+        let hex = |t: &str, len: usize| {
+            (t.len() == len && t.chars().all(|c| c.is_ascii_hexdigit()))
+                .then(|| u16::from_str_radix(t, 16).ok())
+                .flatten()
+        };
+        let bdf = HostBdf {
+            domain: hex(domain, 4)?,
+            bus: hex(bus, 2)? as u8,
+            device: hex(device, 2)? as u8,
+            function: hex(function, 1)? as u8,
+        };
+        (bdf.device < 32 && bdf.function < 8).then_some(bdf)
+    }
+
+    /// The function's directory in sysfs.
+    pub fn sysfs_path(&self) -> PathBuf {
+        PathBuf::from(format!("/sys/bus/pci/devices/{self}"))
+    }
+}
+
+/// What serves a resolved device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// A vfio-user server listening at this socket.
+    VfioUser {
+        /// The socket path.
+        socket: PathBuf,
+    },
+    /// A host function through kernel VFIO.
+    Vfio {
+        /// Its address.
+        host: HostBdf,
+    },
+}
+
+/// A device ready to be built: named, with its options checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceSpec {
+    /// Unique name.
+    pub id: String,
+    /// What serves it.
+    pub kind: DeviceKind,
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            DeviceKind::VfioUser { socket } => {
+                write!(f, "{} (vfio-user,socket={})", self.id, socket.display())
+            }
+            DeviceKind::Vfio { host } => write!(f, "{} (vfio,host={host})", self.id),
+        }
+    }
+}
+
+/// Why the `--device` options cannot be used together.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceConfigError {
+    /// Two devices have the same id.
+    #[error("--device: id '{0}' is used by more than one device")]
+    DuplicateId(String),
+    /// An id is empty or has characters that would break logs and statistics.
+    #[error("--device: id '{0}' is not valid; use letters, digits, '-' and '_'")]
+    BadId(String),
+    /// `host=` is not a PCI address.
+    #[error("--device vfio,host={0}: not a PCI address; use DDDD:BB:DD.F in hexadecimal, e.g. 0000:01:00.0")]
+    BadHost(String),
+    /// `socket=` is empty.
+    #[error("--device vfio-user: socket= needs a path")]
+    EmptySocket,
+}
+
+/// Checks the devices together and names those without an id: each gets the lowest
+/// `vfioN` not taken by an explicit id.
+pub fn resolve(devices: &[DeviceConfig]) -> Result<Vec<DeviceSpec>, DeviceConfigError> {
+    let mut explicit: Vec<&str> = Vec::new();
+    for id in devices.iter().filter_map(DeviceConfig::id) {
+        let ok = !id.is_empty()
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !ok {
+            return Err(DeviceConfigError::BadId(id.to_string()));
+        }
+        if explicit.contains(&id) {
+            return Err(DeviceConfigError::DuplicateId(id.to_string()));
+        }
+        explicit.push(id);
+    }
+    let mut next = 0usize;
+    let mut specs = Vec::with_capacity(devices.len());
+    for d in devices {
+        let id = match d.id() {
+            Some(id) => id.to_string(),
+            None => loop {
+                let candidate = format!("vfio{next}");
+                next += 1;
+                if !explicit.contains(&candidate.as_str()) {
+                    break candidate;
+                }
+            },
+        };
+        let kind = match d {
+            DeviceConfig::VfioUser(c) => {
+                if c.socket.as_os_str().is_empty() {
+                    return Err(DeviceConfigError::EmptySocket);
+                }
+                DeviceKind::VfioUser {
+                    socket: c.socket.clone(),
+                }
+            }
+            DeviceConfig::Vfio(c) => DeviceKind::Vfio {
+                host: HostBdf::parse(&c.host)
+                    .ok_or_else(|| DeviceConfigError::BadHost(c.host.clone()))?,
+            },
+        };
+        specs.push(DeviceSpec { id, kind });
+    }
+    Ok(specs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> DeviceConfig {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn both_device_types_parse() {
+        assert_eq!(
+            parse("vfio-user,socket=/run/d.sock"),
+            DeviceConfig::VfioUser(VfioUserConfig {
+                socket: "/run/d.sock".into(),
+                id: None
+            })
+        );
+        assert_eq!(
+            parse("vfio,host=0000:01:00.1,id=nic"),
+            DeviceConfig::Vfio(VfioConfig {
+                host: "0000:01:00.1".into(),
+                id: Some("nic".into())
+            })
+        );
+    }
+
+    #[test]
+    fn parse_errors_say_what_and_how() {
+        let e = "vfio-user,sock=/x".parse::<DeviceConfig>().unwrap_err();
+        let e = e.to_string();
+        assert!(e.starts_with("unknown field `sock`"), "{e}");
+        assert!(e.contains("use vfio-user,socket=PATH"), "{e}");
+        let e = "vfio-user,id=a".parse::<DeviceConfig>().unwrap_err();
+        assert!(e.to_string().starts_with("missing field `socket`"), "{e}");
+        let e = "virtio-net".parse::<DeviceConfig>().unwrap_err();
+        assert!(
+            e.to_string().starts_with("unknown variant `virtio-net`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn ids_default_and_must_be_unique() {
+        let specs = resolve(&[
+            parse("vfio-user,socket=/a"),
+            parse("vfio-user,socket=/b,id=vfio1"),
+            parse("vfio-user,socket=/c"),
+        ])
+        .unwrap();
+        let ids: Vec<_> = specs.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(ids, ["vfio0", "vfio1", "vfio2"]);
+        assert_eq!(
+            specs[0].to_string(),
+            "vfio0 (vfio-user,socket=/a)".to_string()
+        );
+        let e = resolve(&[
+            parse("vfio-user,socket=/a,id=x"),
+            parse("vfio,host=0000:00:01.0,id=x"),
+        ])
+        .unwrap_err();
+        assert_eq!(e, DeviceConfigError::DuplicateId("x".into()));
+        assert_eq!(
+            e.to_string(),
+            "--device: id 'x' is used by more than one device"
+        );
+        let e = resolve(&[parse("vfio-user,socket=/a,id=a b")]).unwrap_err();
+        assert_eq!(e, DeviceConfigError::BadId("a b".into()));
+    }
+
+    #[test]
+    fn host_addresses_are_checked() {
+        let bdf = HostBdf::parse("0000:3b:1f.7").unwrap();
+        assert_eq!((bdf.bus, bdf.device, bdf.function), (0x3b, 0x1f, 7));
+        assert_eq!(bdf.to_string(), "0000:3b:1f.7");
+        assert_eq!(
+            bdf.sysfs_path(),
+            PathBuf::from("/sys/bus/pci/devices/0000:3b:1f.7")
+        );
+        for bad in [
+            "01:00.0",
+            "0000:01:00",
+            "0000:01:20.0",
+            "0000:01:00.8",
+            "000g:01:00.0",
+            "0000:1:00.0",
+            "0000:01:00.0x",
+            "+000:01:00.0",
+        ] {
+            assert_eq!(HostBdf::parse(bad), None, "{bad}");
+        }
+        let e = resolve(&[parse("vfio,host=01:00.0")]).unwrap_err();
+        assert!(e.to_string().contains("use DDDD:BB:DD.F"), "{e}");
+    }
+}

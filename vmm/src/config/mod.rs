@@ -1,0 +1,5 @@
+//! Option values: a `key=value` deserializer ([`keyvalue`]) and the typed configurations
+//! built with it ([`device`]).
+
+pub mod device;
+pub mod keyvalue;

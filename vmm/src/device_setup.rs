@@ -1,0 +1,313 @@
+//! Building the `--device` functions: connecting each backend, putting the function on
+//! the PCI bus, placing its BARs as firmware would, and handing it guest RAM for DMA.
+//!
+//! There is no firmware, so the VMM assigns the BARs and turns on memory decoding and bus
+//! mastering; Linux keeps resources that are already assigned. 32-bit BARs go into
+//! `[PCI_MMIO32_START, PCI_MMIO32_END)` and 64-bit BARs above RAM from
+//! `high_mmio_start(mem)`; the E820 map lists RAM only, so neither window is claimed by it.
+
+use std::sync::{Arc, Mutex};
+
+use devices::pci::root::PciError;
+use devices::pci::PciRoot;
+use devices::vfio::kernel::KernelVfio;
+use devices::vfio::{
+    BackendError, BarDesc, BarKind, BarStats, KernelVfioError, VfioBackend, VfioPciDevice,
+    VfioPciError, VfioPciParams,
+};
+use devices::Bus;
+use kvm_ioctls::VmFd;
+use resources::alloc::{AddressAllocError, AddressAllocator, Policy};
+use resources::layout::{high_mmio_start, HIGH_MMIO_SIZE, PCI_MMIO32_END, PCI_MMIO32_START};
+use resources::memslots::MemSlots;
+use vm_memory::GuestMemoryMmap;
+
+use crate::config::device::{DeviceKind, DeviceSpec};
+use crate::irq_routes::KvmRoutes;
+use crate::vfio_user_backend::VfioUserBackend;
+
+/// First PCI slot for devices (slot 0 is the host bridge).
+const FIRST_DEVICE_SLOT: u8 = 1;
+
+/// Why a `--device` could not be set up. Every message names the device and includes the
+/// underlying error's whole message, so the error is not a `source` (a `{:#}` chain would
+/// repeat it).
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceSetupError {
+    /// The vfio-user server did not answer.
+    #[error("device {device}: {error}")]
+    Connect {
+        /// The device, as given.
+        device: String,
+        /// The client's error.
+        error: vfio_user::ClientError,
+    },
+    /// Kernel VFIO could not open the host function.
+    #[error("device {device}: {error}")]
+    Kernel {
+        /// The device, as given.
+        device: String,
+        /// The backend's error.
+        error: KernelVfioError,
+    },
+    /// The function could not be opened or programmed.
+    #[error("device {device}: {error}")]
+    Pci {
+        /// The device, as given.
+        device: String,
+        /// The function's error (boxed: it is large).
+        error: Box<VfioPciError>,
+    },
+    /// Every PCI slot is taken.
+    #[error("device {device}: no free slot on PCI bus 0 (32 slots)")]
+    NoSlot {
+        /// The device, as given.
+        device: String,
+    },
+    /// The PCI root refused the function.
+    #[error("device {device}: {error}")]
+    Slot {
+        /// The device, as given.
+        device: String,
+        /// The root's error.
+        error: PciError,
+    },
+    /// No room for a BAR in its window.
+    #[error("device {device}: no room for BAR {index} ({size:#x} bytes): {error}")]
+    Bar {
+        /// The device, as given.
+        device: String,
+        /// The BAR.
+        index: usize,
+        /// Its size.
+        size: u64,
+        /// The allocator's error.
+        error: AddressAllocError,
+    },
+    /// The device refused guest RAM for DMA.
+    #[error("device {device}: cannot map guest RAM for DMA: {error}")]
+    Dma {
+        /// The device, as given.
+        device: String,
+        /// The backend's error.
+        error: BackendError,
+    },
+    /// The BAR windows could not be managed (a layout error).
+    #[error("cannot manage the PCI MMIO windows: {0}")]
+    Windows(AddressAllocError),
+}
+
+/// What the devices are built into.
+pub struct DeviceContext<'a> {
+    /// The VM.
+    pub vm: &'a Arc<VmFd>,
+    /// The bus BARs are registered on.
+    pub bus: &'a Arc<Bus>,
+    /// The VM's memory slots.
+    pub memslots: &'a Arc<MemSlots>,
+    /// Interrupt routing.
+    pub routes: &'a Arc<KvmRoutes>,
+    /// PCI bus 0.
+    pub pci: &'a PciRoot,
+    /// Guest RAM (one memfd), handed to the devices for DMA.
+    pub mem: &'a GuestMemoryMmap,
+    /// Guest RAM size, which decides where the 64-bit window starts.
+    pub mem_size: u64,
+    /// Deadline of each vfio-user request.
+    pub timeout: std::time::Duration,
+}
+
+/// A built device and its id.
+pub struct PciPassthrough {
+    /// The id from `--device`.
+    pub id: String,
+    /// The function.
+    pub device: Arc<VfioPciDevice>,
+}
+
+/// Per-device access statistics, for `--exit-stats`.
+#[derive(Clone, Debug)]
+pub struct DeviceStats {
+    /// The device's id.
+    pub id: String,
+    /// Per-BAR counters.
+    pub bars: Vec<BarStats>,
+    /// Backend failures on the guest's access paths.
+    pub errors: u64,
+}
+
+impl PciPassthrough {
+    /// The device's statistics now.
+    pub fn stats(&self) -> DeviceStats {
+        DeviceStats {
+            id: self.id.clone(),
+            bars: self.device.bar_stats(),
+            errors: self.device.backend_errors(),
+        }
+    }
+}
+
+/// The MMIO windows BARs are allocated from.
+pub struct BarWindows {
+    low: AddressAllocator,
+    high: AddressAllocator,
+}
+
+impl BarWindows {
+    /// The 32-bit window below the IOAPIC and the 64-bit window above `mem_size` of RAM.
+    pub fn new(mem_size: u64) -> Result<Self, AddressAllocError> {
+        Ok(BarWindows {
+            low: AddressAllocator::new(PCI_MMIO32_START, PCI_MMIO32_END - PCI_MMIO32_START)?,
+            high: AddressAllocator::new(high_mmio_start(mem_size), HIGH_MMIO_SIZE)?,
+        })
+    }
+
+    /// An address for `bar`, aligned to its size (a power of two, as BARs are).
+    pub fn allocate(&mut self, bar: &BarDesc) -> Result<u64, AddressAllocError> {
+        let window = match bar.kind {
+            BarKind::Mem64 { .. } => &mut self.high,
+            _ => &mut self.low,
+        };
+        let align = bar.size.max(resources::layout::PAGE_SIZE);
+        Ok(window.allocate(bar.size, align, Policy::FirstFit)?.start)
+    }
+}
+
+/// Connects the backend a device spec names.
+fn open_backend(
+    spec: &DeviceSpec,
+    ctx: &DeviceContext<'_>,
+    container: &mut Option<Arc<vfio_ioctls::VfioContainer>>,
+) -> Result<Arc<dyn VfioBackend>, DeviceSetupError> {
+    let device = spec.to_string();
+    match &spec.kind {
+        DeviceKind::VfioUser { socket } => VfioUserBackend::connect(socket, ctx.timeout)
+            .map(|b| Arc::new(b) as Arc<dyn VfioBackend>)
+            .map_err(|error| DeviceSetupError::Connect { device, error }),
+        DeviceKind::Vfio { host } => {
+            let kernel = |source| DeviceSetupError::Kernel {
+                device: device.clone(),
+                error: source,
+            };
+            let c = match container {
+                Some(c) => c.clone(),
+                None => container
+                    .insert(KernelVfio::container(ctx.vm).map_err(kernel)?)
+                    .clone(),
+            };
+            KernelVfio::open(&host.sysfs_path(), c)
+                .map(|b| Arc::new(b) as Arc<dyn VfioBackend>)
+                .map_err(kernel)
+        }
+    }
+}
+
+/// Builds every device in `specs`, in order, each at the next free PCI slot.
+pub fn add_devices(
+    specs: &[DeviceSpec],
+    ctx: &DeviceContext<'_>,
+) -> Result<Vec<PciPassthrough>, DeviceSetupError> {
+    let mut windows = BarWindows::new(ctx.mem_size).map_err(DeviceSetupError::Windows)?;
+    let mut container = None;
+    let mut built = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let device = spec.to_string();
+        let backend = open_backend(spec, ctx, &mut container)?;
+        let pci_err = |source| DeviceSetupError::Pci {
+            device: device.clone(),
+            error: Box::new(source),
+        };
+        let dev = VfioPciDevice::new(VfioPciParams {
+            name: spec.id.clone(),
+            backend: backend.clone(),
+            bus: ctx.bus.clone(),
+            memslots: ctx.memslots.clone(),
+            routes: ctx.routes.clone(),
+        })
+        .map_err(pci_err)?;
+        for bar in dev.bars().iter().filter(|b| b.kind.is_memory()) {
+            let addr = windows
+                .allocate(bar)
+                .map_err(|source| DeviceSetupError::Bar {
+                    device: device.clone(),
+                    index: bar.index,
+                    size: bar.size,
+                    error: source,
+                })?;
+            dev.program_bar(bar.index, addr).map_err(pci_err)?;
+            tracing::debug!(
+                "{}: BAR {} at {addr:#x} ({:#x} bytes)",
+                spec.id,
+                bar.index,
+                bar.size
+            );
+        }
+        // SAFETY: guest RAM stays mapped for the whole run: `vm::run` declares the memory
+        // before the devices, so it is dropped after them; a vfio-user server maps the
+        // memfd itself and loses it with the connection.
+        unsafe { devices::vfio::backend::dma_map_guest_memory(backend.as_ref(), ctx.mem) }
+            .map_err(|source| DeviceSetupError::Dma {
+                device: device.clone(),
+                error: source,
+            })?;
+        dev.enable_memory_and_bus_master();
+        let slot =
+            ctx.pci
+                .free_slot(FIRST_DEVICE_SLOT)
+                .ok_or_else(|| DeviceSetupError::NoSlot {
+                    device: device.clone(),
+                })?;
+        ctx.pci
+            .add(slot, 0, Arc::new(Mutex::new(dev.clone())))
+            .map_err(|source| DeviceSetupError::Slot {
+                device: device.clone(),
+                error: source,
+            })?;
+        tracing::info!(
+            "{device} at PCI 00:{slot:02x}.0, MSI/MSI-X GSIs {:?}",
+            dev.gsis()
+        );
+        built.push(PciPassthrough {
+            id: spec.id.clone(),
+            device: dev,
+        });
+    }
+    Ok(built)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bars_go_to_their_windows_aligned() {
+        let mut w = BarWindows::new(256 << 20).unwrap();
+        let bar = |index, kind, size| BarDesc {
+            index,
+            kind,
+            size,
+            region_size: size,
+        };
+        let m32 = BarKind::Mem32 {
+            prefetchable: false,
+        };
+        let m64 = BarKind::Mem64 { prefetchable: true };
+        assert_eq!(w.allocate(&bar(0, m32, 0x1000)).unwrap(), PCI_MMIO32_START);
+        assert_eq!(
+            w.allocate(&bar(1, m32, 0x10_0000)).unwrap(),
+            PCI_MMIO32_START + 0x10_0000
+        );
+        // Small BARs are page-aligned so their pages can be mapped.
+        assert_eq!(
+            w.allocate(&bar(2, m32, 0x100)).unwrap(),
+            PCI_MMIO32_START + 0x1000
+        );
+        assert_eq!(w.allocate(&bar(3, m64, 1 << 30)).unwrap(), 4 << 30);
+        let e = w.allocate(&bar(4, m32, 1 << 30)).unwrap_err();
+        assert!(e.to_string().contains("no free part"), "{e}");
+    }
+}
+
+#[cfg(test)]
+#[path = "device_setup_tests.rs"]
+mod kvm_tests;

@@ -1,0 +1,253 @@
+//! Tests of the vfio-user backend against the vfio-user crate's server over a socket pair.
+
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+
+use vfio_bindings::bindings::vfio::{
+    VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+};
+use vfio_user::{Device, DeviceResult, Errno, IrqData, ServerConfig, SparseArea};
+
+use std::os::fd::AsFd;
+
+use super::*;
+
+#[derive(Default)]
+struct Seen {
+    /// `(index, flags, start, count, number of fds)` of each SET_IRQS.
+    irqs: Vec<(u32, u32, u32, u32, usize)>,
+    /// `(iova, size, offset, had fd)` of each DMA_MAP.
+    dma: Vec<(u64, u64, u64, bool)>,
+    resets: usize,
+}
+
+struct Fake {
+    bar0: [u8; 16],
+    memfd: OwnedFd,
+    seen: Arc<Mutex<Seen>>,
+}
+
+impl Device for Fake {
+    fn device_info(&mut self) -> vfio_user::DeviceInfo {
+        vfio_user::DeviceInfo {
+            flags: 3,
+            num_regions: 9,
+            num_irqs: 5,
+        }
+    }
+
+    fn region_info(&mut self, index: u32) -> DeviceResult<vfio_user::RegionInfo> {
+        let rw = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
+        match index {
+            0 => Ok(vfio_user::RegionInfo {
+                index,
+                flags: rw | VFIO_REGION_INFO_FLAG_MMAP,
+                size: 0x4000,
+                offset: 0x1000,
+                sparse_areas: vec![SparseArea {
+                    offset: 0x2000,
+                    size: 0x2000,
+                }],
+                fd: Some(self.memfd.try_clone().map_err(|_| Errno(libc::EIO))?),
+            }),
+            1..=8 => Ok(vfio_user::RegionInfo {
+                index,
+                flags: rw,
+                size: 0,
+                offset: 0,
+                sparse_areas: vec![],
+                fd: None,
+            }),
+            _ => Err(Errno(libc::EINVAL)),
+        }
+    }
+
+    fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> DeviceResult<()> {
+        let o = offset as usize;
+        match self.bar0.get(o..o + data.len()) {
+            Some(src) if index == 0 => {
+                data.copy_from_slice(src);
+                Ok(())
+            }
+            _ => Err(Errno(libc::EINVAL)),
+        }
+    }
+
+    fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> DeviceResult<()> {
+        let o = offset as usize;
+        match self.bar0.get_mut(o..o + data.len()) {
+            Some(dst) if index == 0 => {
+                dst.copy_from_slice(data);
+                Ok(())
+            }
+            _ => Err(Errno(libc::EINVAL)),
+        }
+    }
+
+    fn dma_map(&mut self, m: vfio_user::DmaMapping) -> DeviceResult<()> {
+        let mut seen = self.seen.lock().unwrap();
+        seen.dma
+            .push((m.iova, m.size, m.file_offset, m.fd.is_some()));
+        Ok(())
+    }
+
+    fn dma_unmap(&mut self, _iova: u64, _size: u64) -> DeviceResult<()> {
+        Ok(())
+    }
+
+    fn irq_info(&mut self, index: u32) -> DeviceResult<vfio_user::IrqInfo> {
+        Ok(vfio_user::IrqInfo {
+            index,
+            flags: 1,
+            count: if index == 2 { 4 } else { 0 },
+        })
+    }
+
+    fn set_irqs(
+        &mut self,
+        index: u32,
+        flags: u32,
+        start: u32,
+        count: u32,
+        data: IrqData,
+    ) -> DeviceResult<()> {
+        let fds = match data {
+            IrqData::Eventfds(f) => f.len(),
+            _ => 0,
+        };
+        self.seen
+            .lock()
+            .unwrap()
+            .irqs
+            .push((index, flags, start, count, fds));
+        Ok(())
+    }
+
+    fn reset(&mut self) -> DeviceResult<()> {
+        self.seen.lock().unwrap().resets += 1;
+        Ok(())
+    }
+}
+
+/// A backend connected to a fake device served on another thread.
+fn connect() -> (
+    VfioUserBackend,
+    Arc<Mutex<Seen>>,
+    std::thread::JoinHandle<()>,
+) {
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let memfd = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+    let mut fake = Fake {
+        bar0: [0; 16],
+        memfd,
+        seen: seen.clone(),
+    };
+    let server = std::thread::spawn(move || {
+        let _ = vfio_user::serve(theirs, &mut fake, &ServerConfig::default());
+    });
+    let client = Client::from_stream(ours, Duration::from_secs(5)).unwrap();
+    (
+        VfioUserBackend::from_client(client, "/test.sock".into()),
+        seen,
+        server,
+    )
+}
+
+#[test]
+fn regions_info_and_access() {
+    let (b, _seen, _server) = connect();
+    let info = b.device_info().unwrap();
+    assert_eq!((info.num_regions, info.num_irqs, info.flags), (9, 5, 3));
+    let r = b.region_info(0).unwrap();
+    assert_eq!(r.size, 0x4000);
+    assert!(r.flags.read && r.flags.write && r.flags.mmap);
+    assert_eq!(r.sparse_areas, vec![(0x2000, 0x2000)]);
+    assert_eq!(r.mmap.as_ref().map(|m| m.file_offset), Some(0x1000));
+    assert_eq!(r.mappable_areas(), vec![(0x2000, 0x2000)]);
+    assert!(b.region_info(1).unwrap().mmap.is_none());
+
+    b.region_write(0, 4, &[1, 2, 3, 4]).unwrap();
+    let mut buf = [0u8; 4];
+    b.region_read(0, 4, &mut buf).unwrap();
+    assert_eq!(buf, [1, 2, 3, 4]);
+    let e = b.region_read(0, 14, &mut buf).unwrap_err();
+    assert!(matches!(e, BackendError::Refused { .. }), "{e}");
+    assert!(e.to_string().contains("at 0xe of region 0"), "{e}");
+    assert_eq!(b.irq_info(2).unwrap().count, 4);
+}
+
+#[test]
+fn interrupts_are_set_in_runs_and_deassigned() {
+    let (b, seen, _server) = connect();
+    let fds: Vec<EventFd> = (0..4).map(|_| EventFd::new(0).unwrap()).collect();
+    let all: Vec<Option<&EventFd>> = fds.iter().map(Some).collect();
+    b.set_irq_eventfds(2, 0, &all).unwrap();
+    b.set_irq_eventfds(2, 0, &[Some(&fds[0]), None, None, Some(&fds[3])])
+        .unwrap();
+    b.disable_irqs(2).unwrap();
+    let ev = VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER;
+    let none = VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER;
+    assert_eq!(
+        seen.lock().unwrap().irqs,
+        vec![
+            (2, ev, 0, 4, 4),
+            (2, ev, 0, 1, 1),
+            (2, ev, 1, 2, 0),
+            (2, ev, 3, 1, 1),
+            (2, none, 0, 0, 0),
+        ]
+    );
+}
+
+#[test]
+fn dma_maps_pass_the_file_and_reset_works() {
+    let (b, seen, _server) = connect();
+    let file = std::fs::File::open("/dev/null").unwrap();
+    let mapping = DmaMapping {
+        iova: 0x10_0000,
+        size: 0x20_0000,
+        host_addr: 0,
+        file: Some((file.as_fd(), 0x10_0000)),
+    };
+    // SAFETY: the fake device does not touch the memory; nothing is mapped at host_addr.
+    unsafe { b.dma_map(&mapping) }.unwrap();
+    let anonymous = DmaMapping {
+        file: None,
+        ..mapping
+    };
+    // SAFETY: as above; the call is refused before anything is sent.
+    let e = unsafe { b.dma_map(&anonymous) }.unwrap_err();
+    assert!(matches!(e, BackendError::Unsupported { .. }), "{e}");
+    b.reset().unwrap();
+    let s = seen.lock().unwrap();
+    assert_eq!(s.dma, vec![(0x10_0000, 0x20_0000, 0x10_0000, true)]);
+    assert_eq!(s.resets, 1);
+}
+
+#[test]
+fn a_dead_server_is_a_disconnected_backend() {
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let mut fake = Fake {
+        bar0: [0; 16],
+        memfd: OwnedFd::from(std::fs::File::open("/dev/null").unwrap()),
+        seen: Arc::new(Mutex::new(Seen::default())),
+    };
+    // The server negotiates, then its socket is shut down (as if the process died).
+    let killer = theirs.try_clone().unwrap();
+    let server = std::thread::spawn(move || {
+        let _ = vfio_user::serve(theirs, &mut fake, &ServerConfig::default());
+    });
+    let client = Client::from_stream(ours, Duration::from_secs(2)).unwrap();
+    let b = VfioUserBackend::from_client(client, "/dead.sock".into());
+    killer.shutdown(std::net::Shutdown::Both).unwrap();
+    server.join().unwrap();
+    let mut buf = [0u8; 4];
+    let e = b.region_read(0, 0, &mut buf).unwrap_err();
+    assert!(matches!(e, BackendError::Disconnected { .. }), "{e}");
+    assert!(e.to_string().contains("/dead.sock"), "{e}");
+    // Every later call fails the same way, at once.
+    let e = b.device_info().unwrap_err();
+    assert!(matches!(e, BackendError::Disconnected { .. }), "{e}");
+}
