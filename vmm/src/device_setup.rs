@@ -182,7 +182,7 @@ fn open_backend(
     let device = spec.to_string();
     match &spec.kind {
         DeviceKind::VfioUser { socket } => VfioUserBackend::connect(socket, ctx.timeout)
-            .map(|b| Arc::new(b) as Arc<dyn VfioBackend>)
+            .map(|b| trap_all_unless(spec.mmap, Arc::new(b)))
             .map_err(|error| DeviceSetupError::Connect { device, error }),
         DeviceKind::Vfio { host } => {
             let kernel = |source| DeviceSetupError::Kernel {
@@ -196,7 +196,7 @@ fn open_backend(
                     .clone(),
             };
             KernelVfio::open(&host.sysfs_path(), c)
-                .map(|b| Arc::new(b) as Arc<dyn VfioBackend>)
+                .map(|b| trap_all_unless(spec.mmap, Arc::new(b)))
                 .map_err(kernel)
         }
     }
@@ -311,3 +311,12 @@ mod tests {
 #[cfg(test)]
 #[path = "device_setup_tests.rs"]
 mod kvm_tests;
+
+/// `backend` as it is, or wrapped so that none of its BAR areas is mapped (`mmap=off`).
+fn trap_all_unless<B: VfioBackend + 'static>(mmap: bool, backend: Arc<B>) -> Arc<dyn VfioBackend> {
+    if mmap {
+        backend
+    } else {
+        Arc::new(devices::vfio::TrapAll(backend))
+    }
+}

@@ -117,6 +117,7 @@ fn a_vfio_user_device_is_placed_and_gets_guest_ram() {
         kind: DeviceKind::VfioUser {
             socket: socket.clone(),
         },
+        mmap: true,
     }];
     let ctx = DeviceContext {
         vm: &vm,
@@ -153,6 +154,7 @@ fn a_vfio_user_device_is_placed_and_gets_guest_ram() {
         kind: DeviceKind::VfioUser {
             socket: dir.join("missing.sock"),
         },
+        mmap: true,
     }];
     let e = add_devices(&specs, &ctx).err().unwrap().to_string();
     assert!(e.starts_with("device nic (vfio-user,socket="), "{e}");

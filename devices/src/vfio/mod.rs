@@ -19,6 +19,7 @@ mod mmap;
 pub mod pci;
 mod placement;
 pub mod testing;
+pub mod trap_all;
 
 #[cfg(test)]
 mod tests;
@@ -28,3 +29,4 @@ pub use bars::{BarDesc, BarKind};
 pub use kernel::{KernelVfio, KernelVfioError};
 pub use pci::{BarStats, VfioPciDevice, VfioPciError, VfioPciParams};
 pub use placement::PlacementError;
+pub use trap_all::TrapAll;

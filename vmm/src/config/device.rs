@@ -1,7 +1,7 @@
 //! The `--device` option: a PCI function passed through to the guest.
 //!
 //! ```text
-//! --device vfio-user,socket=PATH[,id=NAME]      a device served by a vfio-user server
+//! --device vfio-user,socket=PATH[,id=NAME][,mmap=on|off]   a device served by a vfio-user server
 //! --device vfio,host=DDDD:BB:DD.F[,id=NAME]     a host PCI function bound to vfio-pci
 //! ```
 //!
@@ -27,7 +27,7 @@ pub enum DeviceConfig {
     Vfio(VfioConfig),
 }
 
-/// `vfio-user,socket=PATH[,id=NAME]`.
+/// `vfio-user,socket=PATH[,id=NAME][,mmap=on|off]`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VfioUserConfig {
@@ -35,9 +35,12 @@ pub struct VfioUserConfig {
     pub socket: PathBuf,
     /// Name in logs and statistics.
     pub id: Option<String>,
+    /// Map the device's mappable BAR areas into the guest (default on); off traps every
+    /// BAR access.
+    pub mmap: Option<bool>,
 }
 
-/// `vfio,host=DDDD:BB:DD.F[,id=NAME]`.
+/// `vfio,host=DDDD:BB:DD.F[,id=NAME][,mmap=on|off]`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VfioConfig {
@@ -45,6 +48,8 @@ pub struct VfioConfig {
     pub host: String,
     /// Name in logs and statistics.
     pub id: Option<String>,
+    /// As [`VfioUserConfig::mmap`].
+    pub mmap: Option<bool>,
 }
 
 /// A `--device` value that does not parse.
@@ -61,6 +66,15 @@ impl FromStr for DeviceConfig {
 }
 
 impl DeviceConfig {
+    /// Whether mappable BAR areas are mapped into the guest (`mmap=`, default on).
+    pub fn mmap(&self) -> bool {
+        match self {
+            DeviceConfig::VfioUser(c) => c.mmap,
+            DeviceConfig::Vfio(c) => c.mmap,
+        }
+        .unwrap_or(true)
+    }
+
     /// The id given, if any.
     pub fn id(&self) -> Option<&str> {
         match self {
@@ -141,6 +155,8 @@ pub struct DeviceSpec {
     pub id: String,
     /// What serves it.
     pub kind: DeviceKind,
+    /// Map mappable BAR areas into the guest (false: trap every BAR access).
+    pub mmap: bool,
 }
 
 impl fmt::Display for DeviceSpec {
@@ -215,7 +231,11 @@ pub fn resolve(devices: &[DeviceConfig]) -> Result<Vec<DeviceSpec>, DeviceConfig
                     .ok_or_else(|| DeviceConfigError::BadHost(c.host.clone()))?,
             },
         };
-        specs.push(DeviceSpec { id, kind });
+        specs.push(DeviceSpec {
+            id,
+            kind,
+            mmap: d.mmap(),
+        });
     }
     Ok(specs)
 }
@@ -234,16 +254,33 @@ mod tests {
             parse("vfio-user,socket=/run/d.sock"),
             DeviceConfig::VfioUser(VfioUserConfig {
                 socket: "/run/d.sock".into(),
-                id: None
+                id: None,
+                mmap: None,
             })
         );
         assert_eq!(
             parse("vfio,host=0000:01:00.1,id=nic"),
             DeviceConfig::Vfio(VfioConfig {
                 host: "0000:01:00.1".into(),
-                id: Some("nic".into())
+                id: Some("nic".into()),
+                mmap: None,
             })
         );
+    }
+
+    #[test]
+    fn mmap_defaults_to_on_and_can_be_switched_off() {
+        let specs = resolve(&[
+            parse("vfio-user,socket=/a"),
+            parse("vfio-user,socket=/b,mmap=off"),
+            parse("vfio-user,socket=/c,mmap=on"),
+        ])
+        .unwrap();
+        let mmap: Vec<bool> = specs.iter().map(|s| s.mmap).collect();
+        assert_eq!(mmap, [true, false, true]);
+        assert!("vfio-user,socket=/a,mmap=maybe"
+            .parse::<DeviceConfig>()
+            .is_err());
     }
 
     #[test]
