@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use vmm_tests::harness::{Agent, RunOutput, Vm, DEFAULT_BOOT_TIMEOUT};
+use vmm_tests::harness::{run, Agent, Vm, DEFAULT_BOOT_TIMEOUT};
 
 const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -14,27 +14,6 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
 /// KVM's own: PIC, PIT, 0x61). MMIO in the PCI hole and in the HPET range, unassigned here.
 const UNASSIGNED_PORTS: [u16; 4] = [0x110, 0x510, 0x2e8, 0xe0];
 const UNASSIGNED_MMIO: [u64; 2] = [0xd000_0000, 0xfed0_0000];
-
-/// Runs `argv` in the guest. A fresh busybox process sometimes dies of SIGSEGV right after
-/// exec on these machines, reading its locale through a TLS pointer that is NULL (fault at
-/// address 0, ip 0x4a4d02 in Debian's busybox-static): a bug of the nested-KVM guest
-/// platform (the syscall shim of ../shared/nested-kvm-guest.patch, presumably), seen under
-/// QEMU too. Such a death, with no output, is retried at most twice, and reported; any other
-/// failure, or a third SIGSEGV, is returned as it is for the caller's assertions.
-fn run(agent: &mut Agent, argv: &[&str]) -> RunOutput {
-    let mut attempt = 1;
-    loop {
-        let out = agent
-            .run(argv)
-            .unwrap_or_else(|e| panic!("run {argv:?}: {e}"));
-        let segv_at_start = out.signal == Some(libc::SIGSEGV) && out.stdout.is_empty();
-        if !segv_at_start || attempt == 3 {
-            return out;
-        }
-        eprintln!("guest: {argv:?} died of SIGSEGV right after exec (attempt {attempt}); retrying");
-        attempt += 1;
-    }
-}
 
 /// The guest's /proc/cpuinfo: (processor count, flags of the first CPU).
 fn cpuinfo(agent: &mut Agent) -> (usize, Vec<String>) {

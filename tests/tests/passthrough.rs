@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use vmm_tests::agent::pattern;
-use vmm_tests::harness::{vmm_binary, BlkRequest, TestDir, Vm, DEFAULT_BOOT_TIMEOUT};
+use vmm_tests::harness::{run, vmm_binary, BlkRequest, TestDir, Vm, DEFAULT_BOOT_TIMEOUT};
 
 const DISK_SIZE: u64 = 16 << 20;
 /// The second VF's disk (a different size tells the two apart in the guest).
@@ -100,9 +100,7 @@ fn guest_virtio_blk_driver_drives_the_passed_through_vf() {
         .unwrap_or_else(|e| panic!("guest did not come up: {e}\n{}", vm.describe()));
 
     // The stock driver bound the VF: /dev/vda has the image's size (in 512-byte sectors).
-    let size = agent
-        .run(&["cat", "/sys/block/vda/size"])
-        .expect("read vda size");
+    let size = run(&mut agent, &["cat", "/sys/block/vda/size"]);
     assert_eq!(
         size.stdout.trim(),
         (DISK_SIZE / 512).to_string(),
@@ -157,9 +155,7 @@ fn guest_virtio_blk_driver_drives_the_passed_through_vf() {
 
     // The same guest write to each VF: doorbells to the mapped notify page cost no exit
     // (vfsim polls the page); to the trapped one, one exit each.
-    let size2 = agent
-        .run(&["cat", "/sys/block/vdb/size"])
-        .expect("read vdb size");
+    let size2 = run(&mut agent, &["cat", "/sys/block/vdb/size"]);
     assert_eq!(
         size2.stdout.trim(),
         (DISK2_SIZE / 512).to_string(),

@@ -113,8 +113,11 @@ fn run(cli: &cli::Cli) -> anyhow::Result<u8> {
 
 fn print_stats(stats: &vm::RunStats, secs: f64) {
     eprintln!("exit-stats: total {} exits in {secs:.1} s", stats.total);
-    for (kind, n) in &stats.exits {
-        if *n > 0 {
+    for (kind, n, ns) in &stats.exits {
+        if *n > 0 && *ns > 0 {
+            let avg_us = *ns as f64 / *n as f64 / 1000.0;
+            eprintln!("exit-stats: cause {kind:<14} {n} (VMM handling {avg_us:.1} us each)");
+        } else if *n > 0 {
             eprintln!("exit-stats: cause {kind:<14} {n}");
         }
     }

@@ -6,6 +6,7 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use devices::Bus;
 use kvm_bindings::kvm_run;
@@ -31,6 +32,8 @@ pub const EXIT_KINDS: [&str; 9] = [
 #[derive(Debug, Default)]
 pub struct ExitCounters {
     counts: [AtomicU64; EXIT_KINDS.len()],
+    /// Time the VMM spent handling exits of each kind (dispatch to the device and back).
+    handling_ns: [AtomicU64; EXIT_KINDS.len()],
 }
 
 impl ExitCounters {
@@ -38,12 +41,19 @@ impl ExitCounters {
         self.counts[kind].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// (kind, count) for every kind.
-    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+    /// Counts an exit of `kind` and the VMM's time handling it, from `since` to now.
+    fn handled(&self, kind: usize, since: Instant) {
+        self.bump(kind);
+        let ns = u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.handling_ns[kind].fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// (kind, count, total VMM handling time in ns) for every kind.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64, u64)> {
         EXIT_KINDS
             .iter()
-            .zip(&self.counts)
-            .map(|(k, c)| (*k, c.load(Ordering::Relaxed)))
+            .zip(self.counts.iter().zip(&self.handling_ns))
+            .map(|(k, (c, ns))| (*k, c.load(Ordering::Relaxed), ns.load(Ordering::Relaxed)))
             .collect()
     }
 
@@ -51,8 +61,8 @@ impl ExitCounters {
     pub fn total(&self) -> u64 {
         self.snapshot()
             .iter()
-            .filter(|(k, _)| *k != "interrupted")
-            .map(|(_, c)| c)
+            .filter(|(k, _, _)| *k != "interrupted")
+            .map(|(_, c, _)| c)
             .sum()
     }
 }
@@ -133,22 +143,25 @@ pub fn spawn(id: u8, mut vcpu: VcpuFd, ctx: VcpuContext) -> std::io::Result<Vcpu
 fn run_loop(id: u8, vcpu: &mut VcpuFd, ctx: &VcpuContext) {
     let c = &ctx.counters;
     while !ctx.stop.load(Ordering::Acquire) {
-        match vcpu.run() {
+        let result = vcpu.run();
+        // The VMM's own share of an I/O exit: from KVM_RUN's return to the next KVM_RUN.
+        let exited = Instant::now();
+        match result {
             Ok(VcpuExit::IoIn(port, data)) => {
-                c.bump(0);
                 ctx.bus.pio_read(port, data);
+                c.handled(0, exited);
             }
             Ok(VcpuExit::IoOut(port, data)) => {
-                c.bump(1);
                 ctx.bus.pio_write(port, data);
+                c.handled(1, exited);
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
-                c.bump(2);
                 ctx.bus.mmio_read(addr, data);
+                c.handled(2, exited);
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
-                c.bump(3);
                 ctx.bus.mmio_write(addr, data);
+                c.handled(3, exited);
             }
             Ok(VcpuExit::Hlt) => {
                 // With the in-kernel irqchip KVM handles hlt itself; reaching here means the

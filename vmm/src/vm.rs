@@ -134,8 +134,8 @@ const SERIAL_PORTS: [(&str, u16, u32); 2] = [("serial0", 0x3f8, 4), ("serial1", 
 
 /// Exit statistics of a finished run.
 pub struct RunStats {
-    /// Exits by cause.
-    pub exits: Vec<(&'static str, u64)>,
+    /// Exits by cause: (kind, count, VMM handling time in ns).
+    pub exits: Vec<(&'static str, u64, u64)>,
     /// Total exits.
     pub total: u64,
     /// Bus accesses by device.

@@ -16,6 +16,7 @@
 
 pub mod client;
 pub mod diag;
+pub mod guest_run;
 pub mod image;
 pub mod paths;
 pub mod testdir;
@@ -26,6 +27,7 @@ pub use crate::agent::protocol::{
     PingReply, PokeReply, Reply, RunOutput, RunRequest,
 };
 pub use client::{Agent, AgentError, DEFAULT_TIMEOUT};
+pub use guest_run::run;
 pub use image::{GuestImage, ImageError};
 pub use paths::{guest_cmdline, vmm_binary, workspace_root, PathsError};
 pub use testdir::{TestDir, TestDirError};
