@@ -4,12 +4,10 @@
 //! for byte on the other.
 
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vmm_tests::agent::pattern;
-use vmm_tests::harness::{run, vmm_binary, BlkRequest, TestDir, Vm, DEFAULT_BOOT_TIMEOUT};
+use vmm_tests::harness::{run, BlkRequest, TestDir, Vfsim, Vm, DEFAULT_BOOT_TIMEOUT};
 
 const DISK_SIZE: u64 = 16 << 20;
 /// The second VF's disk (a different size tells the two apart in the guest).
@@ -17,51 +15,6 @@ const DISK2_SIZE: u64 = 8 << 20;
 /// Single-block guest writes to each VF in the exit comparison.
 const COMPARE_WRITES: u64 = 16;
 const BLOCK: u64 = 4096;
-
-/// A running vfsim, killed on drop.
-struct Vfsim {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Vfsim {
-    fn start(dir: &TestDir, disk: &std::path::Path, name: &str) -> Vfsim {
-        let bin = vmm_binary().expect("vmm binary").with_file_name("vfsim");
-        assert!(
-            bin.is_file(),
-            "vfsim is built beside vmm: {}",
-            bin.display()
-        );
-        let socket = dir.join(format!("{name}.sock"));
-        let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-        let child = Command::new(&bin)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--disk")
-            .arg(disk)
-            .stdin(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start vfsim");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "vfsim did not create {}",
-                socket.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Vfsim { child, socket }
-    }
-}
-
-impl Drop for Vfsim {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[test]
 fn guest_virtio_blk_driver_drives_the_passed_through_vf() {

@@ -4,6 +4,7 @@
 //! [`protocol`] and [`pattern`] are shared with the host-side harness.
 
 pub mod aligned;
+pub mod bar_time;
 pub mod blk;
 pub mod cli;
 pub mod lines;

@@ -27,6 +27,7 @@ pub const OP_NAMES: &[&str] = &[
     "mem_fill",
     "mem_check",
     "checksum",
+    "bar_time",
 ];
 
 /// Why a request line could not be turned into a [`Request`].
@@ -120,6 +121,9 @@ pub enum Op {
     MemCheck,
     /// Checksum a byte range of a file; replies [`ChecksumReply`].
     Checksum(ChecksumRequest),
+    /// Time writes to a mapped file (a PCI BAR's sysfs `resourceN`) and to RAM (PID 1
+    /// only); replies [`BarTimeReply`].
+    BarTime(BarTimeRequest),
 }
 
 impl Op {
@@ -135,6 +139,7 @@ impl Op {
             Op::MemFill(_) => "mem_fill",
             Op::MemCheck => "mem_check",
             Op::Checksum(_) => "checksum",
+            Op::BarTime(_) => "bar_time",
         }
     }
 }
@@ -219,6 +224,26 @@ pub struct ChecksumRequest {
     pub offset: u64,
     /// Number of bytes.
     pub len: u64,
+}
+
+/// Fields of `bar_time`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BarTimeRequest {
+    /// A file to map, e.g. `/sys/bus/pci/devices/0000:00:01.0/resource0`.
+    pub path: String,
+    /// Byte offsets (4-byte aligned) in it to time writes to, one measurement each.
+    pub offsets: Vec<u64>,
+    /// 32-bit writes per measurement.
+    pub count: u64,
+}
+
+/// Reply to `bar_time`: nanoseconds per 32-bit write.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BarTimeReply {
+    /// Per offset of the request, in order.
+    pub mapped_ns: Vec<f64>,
+    /// To a page of ordinary RAM, the same number of times.
+    pub ram_ns: f64,
 }
 
 /// Reply to `ping`.

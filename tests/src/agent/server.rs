@@ -10,7 +10,7 @@ use thiserror::Error;
 use super::lines::{Line, LineReader};
 use super::mem::{self, MemBuffer};
 use super::protocol::{self, Op, PingReply, ProtocolError, MAX_LINE};
-use super::{blk, poke, run, sys};
+use super::{bar_time, blk, poke, run, sys};
 
 /// Why serving stopped with an error.
 #[derive(Debug, Error)]
@@ -167,6 +167,12 @@ impl Server {
             }
             Op::BlkVerify(req) => {
                 to_value(blk::blk_verify(&req).map_err(|e| format!("blk_verify: {e}"))?)
+            }
+            Op::BarTime(req) => {
+                if !self.pid1 {
+                    return Err("bar_time is only available as PID 1".to_owned());
+                }
+                to_value(bar_time::bar_time(&req).map_err(|e| format!("bar_time: {e}"))?)
             }
             Op::Checksum(req) => {
                 to_value(blk::checksum(&req).map_err(|e| format!("checksum: {e}"))?)

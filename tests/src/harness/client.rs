@@ -19,9 +19,9 @@ use thiserror::Error;
 
 use crate::agent::lines::{Line, LineReader};
 use crate::agent::protocol::{
-    self, BlkRequest, BlkVerifyReply, BlkWriteReply, ChecksumReply, ChecksumRequest, MemCheckReply,
-    MemFillReply, MemFillRequest, Op, PingReply, PokeReply, PokeRequest, ProtocolError, Reply,
-    RunOutput, RunRequest,
+    self, BarTimeReply, BarTimeRequest, BlkRequest, BlkVerifyReply, BlkWriteReply, ChecksumReply,
+    ChecksumRequest, MemCheckReply, MemFillReply, MemFillRequest, Op, PingReply, PokeReply,
+    PokeRequest, ProtocolError, Reply, RunOutput, RunRequest,
 };
 
 /// Timeout of a call unless changed with [`Agent::set_timeout`]: generous, the test guest is
@@ -336,6 +336,22 @@ impl Agent {
             len,
         };
         self.call(&Op::Checksum(req), self.timeout)
+    }
+
+    /// Times 32-bit writes at `offsets` of the mapped file `path` and to RAM (see
+    /// [`crate::agent::bar_time`]).
+    pub fn bar_time(
+        &mut self,
+        path: &str,
+        offsets: &[u64],
+        count: u64,
+    ) -> Result<BarTimeReply, AgentError> {
+        let req = BarTimeRequest {
+            path: path.to_owned(),
+            offsets: offsets.to_vec(),
+            count,
+        };
+        self.call(&Op::BarTime(req), self.timeout)
     }
 
     /// Writes raw bytes to the agent, for robustness tests (garbage, partial lines).

@@ -20,6 +20,7 @@ pub mod guest_run;
 pub mod image;
 pub mod paths;
 pub mod testdir;
+pub mod vfsim;
 pub mod vm;
 
 pub use crate::agent::protocol::{
@@ -31,4 +32,5 @@ pub use guest_run::run;
 pub use image::{GuestImage, ImageError};
 pub use paths::{guest_cmdline, vmm_binary, workspace_root, PathsError};
 pub use testdir::{TestDir, TestDirError};
+pub use vfsim::Vfsim;
 pub use vm::{Vm, VmBuilder, VmError, DEFAULT_BOOT_TIMEOUT};
