@@ -90,10 +90,11 @@ pub fn supported(kvm: &Kvm) -> Result<CpuId, CpuidError> {
             1 => e.ecx |= 1 << 31,
             // KVM paravirt features: only the clock (and the no-op I/O delay, PV EOI) stay.
             // A `vmcall` from emulated guest kernel code never completes on this nested KVM
-            // (seen: the boot CPU stuck at the PV_SEND_IPI vmcall while bringing up CPU 1),
-            // and with PV TLB flush / steal time a 2-vCPU guest saw user processes die of
-            // SIGSEGV (stale TLB entries after a skipped flush IPI, presumably). The guest
-            // falls back to the APIC for IPIs and TLB shootdowns.
+            // (seen: the boot CPU stuck at the PV_SEND_IPI vmcall while bringing up CPU 1).
+            // The other hypercall-based or host-cooperative features (PV TLB flush, steal
+            // time, async PF, sched yield, ...) go too, as a precaution: they rely on the host
+            // acting on shared state in ways this nested KVM has not been shown to do. The
+            // guest falls back to the APIC for IPIs and TLB shootdowns.
             0x4000_0001 => e.eax &= KVM_PV_FEATURES_KEPT,
             _ => {}
         }
