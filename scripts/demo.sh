@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 . scripts/lib/common.sh
 
 ensure_rust_tools
+ensure_debs bc
 step "guest image (cached after the first build, which takes ~10 minutes)"
 guest_image
 step "building the VMM"
