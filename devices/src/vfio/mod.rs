@@ -7,6 +7,8 @@
 //!   configuration space (`config.rs`, `bars.rs`), interrupts (`irq.rs`, over
 //!   [`crate::pci::msix`] and [`crate::pci::msi`]) and BAR placement (`placement.rs`,
 //!   `mmap.rs`: the one place that computes what of a BAR is mapped);
+//! - [`migration`]: [`migration::DeviceMigration`], the one interface through which the VMM
+//!   saves and restores a device's state and learns the pages it wrote by DMA;
 //! - [`testing`]: a fake backend and a fake memory-slot backend.
 
 pub mod backend;
@@ -15,6 +17,7 @@ mod config;
 mod errlog;
 mod irq;
 pub mod kernel;
+pub mod migration;
 mod mmap;
 pub mod pci;
 mod placement;

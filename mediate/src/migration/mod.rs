@@ -1,0 +1,1 @@
+//! The migration region: layout, protocol helper and the VMM-side reader.
