@@ -113,6 +113,22 @@ pub enum VfioPciError {
         /// The address refused.
         addr: u64,
     },
+    /// A run-time trap or untrap could not be applied.
+    #[error("{name}: cannot {what} {offset:#x}+{size:#x} of BAR {index}: {source}")]
+    Trap {
+        /// Device name.
+        name: String,
+        /// "trap" or "untrap".
+        what: &'static str,
+        /// The BAR.
+        index: usize,
+        /// Offset of the range in the BAR.
+        offset: u64,
+        /// Size of the range.
+        size: u64,
+        /// What failed.
+        source: PlacementError,
+    },
     /// Re-applying a BAR's memory slots failed.
     #[error("{name}: cannot remap BAR {index}: {source}")]
     Remap {
@@ -441,6 +457,50 @@ impl VfioPciDevice {
                 index,
                 source,
             })
+    }
+
+    /// Makes guest accesses to the page-aligned range `[offset, offset + size)` of BAR
+    /// `index` exit to the VMM (and so reach the backend, or a mediator in front of it),
+    /// while the guest runs. Returns once no vCPU can reach the range through a memory
+    /// slot any more. Trapping a range that is already trapped, or that is not mappable
+    /// anyway, is not an error.
+    ///
+    /// Must not be called from within this device's own configuration-space access path
+    /// (a backend's config-region hook), which holds the device's state lock.
+    pub fn trap(&self, index: usize, offset: u64, size: u64) -> Result<(), VfioPciError> {
+        let r = self.lock_state().placement.trap(index, offset, size);
+        r.map_err(|source| self.trap_error("trap", index, offset, size, source))
+    }
+
+    /// Undoes [`trap`](Self::trap) for `[offset, offset + size)` of BAR `index`: the
+    /// mappable pages of the range go back into memory slots (the MSI-X table and PBA stay
+    /// trapped). Returns once the guest reaches them directly.
+    pub fn untrap(&self, index: usize, offset: u64, size: u64) -> Result<(), VfioPciError> {
+        let r = self.lock_state().placement.untrap(index, offset, size);
+        r.map_err(|source| self.trap_error("untrap", index, offset, size, source))
+    }
+
+    /// The ranges of BAR `index` trapped with [`trap`](Self::trap), as `(offset, size)`.
+    pub fn trapped(&self, index: usize) -> Vec<(u64, u64)> {
+        self.lock_state().placement.trapped(index)
+    }
+
+    fn trap_error(
+        &self,
+        what: &'static str,
+        index: usize,
+        offset: u64,
+        size: u64,
+        source: PlacementError,
+    ) -> VfioPciError {
+        VfioPciError::Trap {
+            name: self.name.clone(),
+            what,
+            index,
+            offset,
+            size,
+            source,
+        }
     }
 
     fn handler(&self, bar: usize) -> BarHandler {

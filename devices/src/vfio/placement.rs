@@ -10,6 +10,14 @@
 //! The host mappings behind the slots ([`DeviceMmap`]) are owned here and unmapped on drop,
 //! after the slots are gone; if KVM refused to delete a slot, they are leaked instead, since
 //! the guest could still reach them.
+//!
+//! Run-time trap/untrap ([`Placement::trap`], [`Placement::untrap`]) changes only the slots
+//! that cover the range: trapping punches the range out of its slot (KVM deletes the slot,
+//! then the fragments around the range are re-created), untrapping fills it back, merged with
+//! its neighbours. While a slot is being replaced its pages are not in any slot, so a vCPU
+//! touching them exits and the access reaches the BAR's handler on the bus: the guest sees
+//! a trapped access, never an unmapped page. The memory-slot owner records which slots
+//! exist; this file keeps no copy of them.
 
 use std::sync::Arc;
 
@@ -19,6 +27,8 @@ use vm_device::DeviceMmio;
 use super::bars::BarDesc;
 use super::errlog::ErrorLog;
 use super::mmap::{mappable_pieces, DeviceMmap, Piece};
+use super::ranges::RangeSet;
+use resources::layout::PAGE_SIZE;
 use crate::bus::{Bus, BusError};
 
 /// Why a BAR could not be (re)mapped.
@@ -30,6 +40,21 @@ pub enum PlacementError {
     /// A memory slot could not be created or removed.
     #[error("cannot change the BAR's memory slots: {0}")]
     Slots(#[from] MemSlotsError),
+    /// A trap/untrap range that is not whole pages inside the BAR.
+    #[error("range {offset:#x}+{size:#x} is not page-aligned inside BAR {index} of {bar_size:#x} bytes")]
+    BadRange {
+        /// The BAR.
+        index: usize,
+        /// Offset asked for.
+        offset: u64,
+        /// Size asked for.
+        size: u64,
+        /// Size of the BAR.
+        bar_size: u64,
+    },
+    /// The BAR is not a memory BAR of this device.
+    #[error("BAR {0} is not an implemented memory BAR")]
+    NoBar(usize),
 }
 
 /// The handler registered on the bus for a placed BAR.
@@ -49,11 +74,11 @@ pub struct BarSetup {
 struct Bar {
     desc: BarDesc,
     mmaps: Vec<DeviceMmap>,
-    /// Ranges `(offset, size)` of the BAR that must exit to the VMM.
+    /// Ranges `(offset, size)` of the BAR that always exit to the VMM (MSI-X).
     trapped: Vec<(u64, u64)>,
+    /// Page ranges a mediator trapped at run time.
+    mediated: RangeSet,
     base: Option<u64>,
-    /// Memory slots mapped for this BAR, as `(gpa, size)`.
-    slots: Vec<(u64, u64)>,
 }
 
 /// The placement of every memory BAR of one device.
@@ -75,8 +100,8 @@ impl Placement {
                 desc: b.desc,
                 mmaps: b.mmaps,
                 trapped: b.trapped,
+                mediated: RangeSet::default(),
                 base: None,
-                slots: Vec::new(),
             })
             .collect();
         Placement {
@@ -102,16 +127,135 @@ impl Placement {
         self.bar(index).and_then(|b| b.base)
     }
 
-    /// The memory slots of BAR `index` as `(gpa, size)`.
+    /// The memory slots of BAR `index` as `(gpa, size)`, as the memory-slot owner records
+    /// them.
     pub fn slots(&self, index: usize) -> Vec<(u64, u64)> {
-        self.bar(index).map(|b| b.slots.clone()).unwrap_or_default()
+        let Some((base, size)) = self.bar(index).and_then(|b| Some((b.base?, b.desc.size)))
+        else {
+            return Vec::new();
+        };
+        let end = base.saturating_add(size);
+        self.memslots
+            .mappings()
+            .into_iter()
+            .filter(|(_, m)| m.gpa >= base && m.end() <= end && self.owns(&m.kind))
+            .map(|(_, m)| (m.gpa, m.size))
+            .collect()
+    }
+
+    fn owns(&self, kind: &MappingKind) -> bool {
+        matches!(kind, MappingKind::Device { owner } if *owner == self.owner)
+    }
+
+    fn kind(&self) -> MappingKind {
+        MappingKind::Device {
+            owner: self.owner.clone(),
+        }
     }
 
     /// What of BAR `index` should be in memory slots now.
     pub fn pieces(&self, index: usize) -> Vec<Piece> {
         self.bar(index)
-            .map(|b| mappable_pieces(&b.mmaps, &b.trapped))
+            .map(|b| {
+                let mut trapped = b.trapped.clone();
+                trapped.extend(b.mediated.as_offset_size());
+                mappable_pieces(&b.mmaps, &trapped)
+            })
             .unwrap_or_default()
+    }
+
+    /// The ranges of BAR `index` a mediator trapped, as `(offset, size)`.
+    pub fn trapped(&self, index: usize) -> Vec<(u64, u64)> {
+        self.bar(index)
+            .map(|b| b.mediated.as_offset_size())
+            .unwrap_or_default()
+    }
+
+    /// Checks that `[offset, offset + size)` is whole pages inside BAR `index`; returns its
+    /// end.
+    fn check_range(&self, index: usize, offset: u64, size: u64) -> Result<u64, PlacementError> {
+        let bar = self.bar(index).ok_or(PlacementError::NoBar(index))?;
+        let end = offset.checked_add(size).filter(|&e| {
+            size > 0 && offset % PAGE_SIZE == 0 && size % PAGE_SIZE == 0 && e <= bar.desc.size
+        });
+        end.ok_or(PlacementError::BadRange {
+            index,
+            offset,
+            size,
+            bar_size: bar.desc.size,
+        })
+    }
+
+    /// Makes guest accesses to `[offset, offset + size)` of BAR `index` exit to the VMM from
+    /// now on: the pages are punched out of the memory slots that map them. Returns when the
+    /// change is in effect (KVM has stopped every vCPU from using the old slot). On an
+    /// error the range stays recorded as trapped, and any page still mapped is logged.
+    pub fn trap(&mut self, index: usize, offset: u64, size: u64) -> Result<(), PlacementError> {
+        let end = self.check_range(index, offset, size)?;
+        if let Some(b) = self.bar_mut(index) {
+            b.mediated.insert(offset, end);
+        }
+        let Some(base) = self.base(index) else {
+            return Ok(());
+        };
+        let (from, to) = (base + offset, base + end);
+        for (gpa, len) in self.slots(index) {
+            let (s, e) = (gpa.max(from), (gpa + len).min(to));
+            if s < e {
+                self.memslots.punch(s, e - s)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Lets guest accesses to `[offset, offset + size)` of BAR `index` go straight to the
+    /// device again where the BAR is mappable (not the MSI-X table or PBA): the pages are
+    /// filled back into memory slots, merged with their neighbours. Returns when the change
+    /// is in effect.
+    pub fn untrap(&mut self, index: usize, offset: u64, size: u64) -> Result<(), PlacementError> {
+        let end = self.check_range(index, offset, size)?;
+        if let Some(b) = self.bar_mut(index) {
+            b.mediated.remove(offset, end);
+        }
+        let Some(base) = self.base(index) else {
+            return Ok(());
+        };
+        // The pages of the range that should be mapped but are not (some may be mapped
+        // already: untrapping a range that was only partly trapped).
+        let mut holes = RangeSet::default();
+        for p in self.pieces(index) {
+            holes.insert(p.bar_offset.max(offset), (p.bar_offset + p.size).min(end));
+        }
+        for (gpa, len) in self.slots(index) {
+            holes.remove(gpa - base, gpa - base + len);
+        }
+        for (s, len) in holes.as_offset_size() {
+            // Pieces are maximal runs of one host mapping, so a hole lies in exactly one.
+            let Some(p) = self
+                .pieces(index)
+                .into_iter()
+                .find(|p| p.bar_offset <= s && s + len <= p.bar_offset + p.size)
+            else {
+                continue;
+            };
+            let flags = MapFlags {
+                readonly: !p.writable,
+                log_dirty: false,
+            };
+            // SAFETY: the host range lies in a `DeviceMmap` owned by this BAR (a shared
+            // mapping of device memory that no Rust reference points into), which stays
+            // mapped until the slot is removed (`unmap_slots`, or leaked in `drop`).
+            unsafe {
+                self.memslots.fill(
+                    base + s,
+                    len,
+                    p.host_addr + (s - p.bar_offset),
+                    flags,
+                    self.kind(),
+                )
+            }?;
+        }
+        Ok(())
     }
 
     /// Puts BAR `index` at `to` (`None`: takes it off the bus). Failures are logged
@@ -187,7 +331,6 @@ impl Placement {
             return Ok(());
         };
         let mut first_error = None;
-        let mut mapped = Vec::new();
         for p in self.pieces(index) {
             let Some(gpa) = base.checked_add(p.bar_offset) else {
                 continue;
@@ -196,32 +339,20 @@ impl Placement {
                 readonly: !p.writable,
                 log_dirty: false,
             };
-            let kind = MappingKind::Device {
-                owner: self.owner.clone(),
-            };
+            let kind = self.kind();
             // SAFETY: the host range is part of a `DeviceMmap` owned by this BAR: a shared
             // mapping of device memory that no Rust reference points into, which stays
             // mapped until the slot is removed (`unmap_slots`, or leaked in `drop` when
             // removal fails).
-            match unsafe { self.memslots.map(gpa, p.size, p.host_addr, flags, kind) } {
-                Ok(_) => mapped.push((gpa, p.size)),
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
+            if let Err(e) = unsafe { self.memslots.map(gpa, p.size, p.host_addr, flags, kind) } {
+                first_error.get_or_insert(e);
             }
-        }
-        if let Some(b) = self.bar_mut(index) {
-            b.slots.extend(mapped);
         }
         first_error.map_or(Ok(()), |e| Err(e.into()))
     }
 
     fn unmap_slots(&mut self, index: usize) {
-        let slots = self
-            .bar_mut(index)
-            .map(|b| std::mem::take(&mut b.slots))
-            .unwrap_or_default();
-        for (gpa, _) in slots {
+        for (gpa, _) in self.slots(index) {
             if let Err(e) = self.memslots.unmap(gpa) {
                 // The slot may still point at our mapping: never unmap it.
                 self.leaked = true;
