@@ -127,7 +127,7 @@ pub enum VfioPciError {
         /// Size of the range.
         size: u64,
         /// What failed.
-        source: PlacementError,
+        source: Box<PlacementError>,
     },
     /// Re-applying a BAR's memory slots failed.
     #[error("{name}: cannot remap BAR {index}: {source}")]
@@ -499,7 +499,7 @@ impl VfioPciDevice {
             index,
             offset,
             size,
-            source,
+            source: Box::new(source),
         }
     }
 

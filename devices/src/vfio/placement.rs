@@ -28,8 +28,8 @@ use super::bars::BarDesc;
 use super::errlog::ErrorLog;
 use super::mmap::{mappable_pieces, DeviceMmap, Piece};
 use super::ranges::RangeSet;
-use resources::layout::PAGE_SIZE;
 use crate::bus::{Bus, BusError};
+use resources::layout::PAGE_SIZE;
 
 /// Why a BAR could not be (re)mapped.
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +41,9 @@ pub enum PlacementError {
     #[error("cannot change the BAR's memory slots: {0}")]
     Slots(#[from] MemSlotsError),
     /// A trap/untrap range that is not whole pages inside the BAR.
-    #[error("range {offset:#x}+{size:#x} is not page-aligned inside BAR {index} of {bar_size:#x} bytes")]
+    #[error(
+        "range {offset:#x}+{size:#x} is not page-aligned inside BAR {index} of {bar_size:#x} bytes"
+    )]
     BadRange {
         /// The BAR.
         index: usize,
@@ -130,8 +132,7 @@ impl Placement {
     /// The memory slots of BAR `index` as `(gpa, size)`, as the memory-slot owner records
     /// them.
     pub fn slots(&self, index: usize) -> Vec<(u64, u64)> {
-        let Some((base, size)) = self.bar(index).and_then(|b| Some((b.base?, b.desc.size)))
-        else {
+        let Some((base, size)) = self.bar(index).and_then(|b| Some((b.base?, b.desc.size))) else {
             return Vec::new();
         };
         let end = base.saturating_add(size);
@@ -176,7 +177,10 @@ impl Placement {
     fn check_range(&self, index: usize, offset: u64, size: u64) -> Result<u64, PlacementError> {
         let bar = self.bar(index).ok_or(PlacementError::NoBar(index))?;
         let end = offset.checked_add(size).filter(|&e| {
-            size > 0 && offset % PAGE_SIZE == 0 && size % PAGE_SIZE == 0 && e <= bar.desc.size
+            size > 0
+                && offset.is_multiple_of(PAGE_SIZE)
+                && size.is_multiple_of(PAGE_SIZE)
+                && e <= bar.desc.size
         });
         end.ok_or(PlacementError::BadRange {
             index,
