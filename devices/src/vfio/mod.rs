@@ -21,6 +21,7 @@ pub mod migration;
 mod mmap;
 pub mod pci;
 mod placement;
+mod ranges;
 pub mod testing;
 pub mod trap_all;
 

@@ -653,7 +653,7 @@ fn random_trap_untrap_keeps_slots_exact() {
         let first = (rng.next() % 16) as usize;
         let n = 1 + (rng.next() % (16 - first as u64)) as usize;
         let (off, size) = (first as u64 * 0x1000, n as u64 * 0x1000);
-        if rng.next() % 2 == 0 {
+        if rng.next().is_multiple_of(2) {
             dev.trap(0, off, size).unwrap();
             trapped[first..first + n].fill(true);
         } else {
