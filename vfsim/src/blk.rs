@@ -105,6 +105,16 @@ impl Disk {
         self.sectors
     }
 
+    /// The id string `GET_ID` returns (NUL-padded).
+    pub fn id(&self) -> [u8; ID_LEN] {
+        self.id
+    }
+
+    /// Replaces the id string (a restored device keeps the one the driver saw).
+    pub fn set_id(&mut self, id: [u8; ID_LEN]) {
+        self.id = id;
+    }
+
     /// A second handle on the image file (for a final flush on exit).
     pub fn try_clone_file(&self) -> io::Result<File> {
         self.file.try_clone()

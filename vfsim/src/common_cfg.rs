@@ -47,15 +47,21 @@ pub enum CfgEvent {
 pub struct CommonCfg {
     /// Features the device offers.
     pub device_features: u64,
-    device_feature_select: u32,
-    driver_feature_select: u32,
+    /// `device_feature_select`.
+    pub device_feature_select: u32,
+    /// `driver_feature_select`.
+    pub driver_feature_select: u32,
     /// Features the driver accepted.
     pub driver_features: u64,
     /// `config_msix_vector`.
     pub config_msix_vector: u16,
     /// `device_status`.
     pub status: u8,
-    queue_select: u16,
+    /// `config_generation` (the device configuration never changes, so it stays 0
+    /// unless a saved state brings another value).
+    pub config_generation: u8,
+    /// `queue_select`.
+    pub queue_select: u16,
     /// The queues.
     pub queues: Vec<Queue>,
     msix_vectors: u16,
@@ -72,6 +78,7 @@ impl CommonCfg {
             driver_features: 0,
             config_msix_vector: NO_VECTOR,
             status: 0,
+            config_generation: 0,
             queue_select: 0,
             queues: (0..num_queues).map(|_| Queue::new(queue_size)).collect(),
             msix_vectors,
@@ -86,6 +93,11 @@ impl CommonCfg {
             self.queues.first().map_or(0, |q| q.max_size),
             self.msix_vectors,
         );
+    }
+
+    /// Number of MSI-X vectors the queues and the configuration may use.
+    pub fn msix_vectors(&self) -> u16 {
+        self.msix_vectors
     }
 
     /// Whether the driver finished initialisation and the device is not broken.
@@ -214,7 +226,7 @@ impl CommonCfg {
         put(0x0c, &drf.to_le_bytes());
         put(0x10, &self.config_msix_vector.to_le_bytes());
         put(0x12, &(self.queues.len() as u16).to_le_bytes());
-        put(0x14, &[self.status, 0]);
+        put(0x14, &[self.status, self.config_generation]);
         put(0x16, &self.queue_select.to_le_bytes());
         if let Some(q) = self.queues.get(self.queue_select as usize) {
             put(0x18, &q.size.to_le_bytes());

@@ -23,7 +23,8 @@ use crate::engine::Engine;
 use crate::guest_mem::GuestMemError;
 use crate::layout::*;
 use crate::mmap::{memfd, Mapping, MmapError};
-use crate::pci_config::ConfigSpace;
+use crate::pci_config::PciRegs;
+use crate::pf::control::Controller;
 use crate::poller::{Poller, PollerError};
 
 /// Why the device could not be created.
@@ -56,10 +57,9 @@ pub struct SimConfig {
 #[derive(Debug)]
 pub struct VfSim {
     engine: Arc<Mutex<Engine>>,
-    config: ConfigSpace,
+    pci: Arc<Mutex<PciRegs>>,
     bar_fd: OwnedFd,
     bar: Arc<Mapping>,
-    msix_table: [u8; MSIX_TABLE_SIZE as usize],
     poller: Poller,
 }
 
@@ -91,12 +91,16 @@ impl VfSim {
         let poller = Poller::spawn(engine.clone(), bar.clone(), doorbells)?;
         Ok(VfSim {
             engine,
-            config: ConfigSpace::new(),
+            pci: Arc::new(Mutex::new(PciRegs::default())),
             bar_fd,
             bar,
-            msix_table: [0; MSIX_TABLE_SIZE as usize],
             poller,
         })
+    }
+
+    /// The PF side's handle on this function (for [`crate::pf::server`]).
+    pub fn pf_controller(&self) -> Controller {
+        Controller::new(self.engine.clone(), self.pci.clone(), self.poller.handle())
     }
 
     /// A second handle on the disk image (to flush it on exit).
@@ -106,6 +110,10 @@ impl VfSim {
 
     fn engine(&self) -> MutexGuard<'_, Engine> {
         self.engine.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn pci(&self) -> MutexGuard<'_, PciRegs> {
+        self.pci.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The block holding `offset..offset + len` of BAR 0 and the offset in it.
@@ -157,7 +165,7 @@ impl VfSim {
             }
             Block::Notify => self.bar.read(offset, data).map_err(|_| Errno(libc::EINVAL)),
             Block::MsixTable => {
-                data.copy_from_slice(&self.msix_table[o..o + data.len()]);
+                data.copy_from_slice(&self.pci().msix_table[o..o + data.len()]);
                 Ok(())
             }
             Block::MsixPba | Block::Reserved => {
@@ -189,7 +197,7 @@ impl VfSim {
                     .map_err(|_| Errno(libc::EINVAL))?;
                 self.poller.kick();
             }
-            Block::MsixTable => self.msix_table[o..o + data.len()].copy_from_slice(data),
+            Block::MsixTable => self.pci().msix_table[o..o + data.len()].copy_from_slice(data),
             Block::Isr | Block::DeviceCfg | Block::MsixPba | Block::Reserved => {}
         }
         Ok(())
@@ -252,7 +260,7 @@ impl Device for VfSim {
     fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> DeviceResult<()> {
         match index {
             VFIO_PCI_BAR0_REGION_INDEX => self.bar_read(offset, data),
-            VFIO_PCI_CONFIG_REGION_INDEX => self.config.read(offset, data).map_err(|e| {
+            VFIO_PCI_CONFIG_REGION_INDEX => self.pci().config.read(offset, data).map_err(|e| {
                 tracing::debug!("{e}");
                 Errno(libc::EINVAL)
             }),
@@ -263,7 +271,7 @@ impl Device for VfSim {
     fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> DeviceResult<()> {
         match index {
             VFIO_PCI_BAR0_REGION_INDEX => self.bar_write(offset, data),
-            VFIO_PCI_CONFIG_REGION_INDEX => self.config.write(offset, data).map_err(|e| {
+            VFIO_PCI_CONFIG_REGION_INDEX => self.pci().config.write(offset, data).map_err(|e| {
                 tracing::debug!("{e}");
                 Errno(libc::EINVAL)
             }),
@@ -356,8 +364,7 @@ impl Device for VfSim {
 
     fn reset(&mut self) -> DeviceResult<()> {
         self.engine().reset();
-        self.config = ConfigSpace::new();
-        self.msix_table = [0; MSIX_TABLE_SIZE as usize];
+        *self.pci() = PciRegs::default();
         tracing::debug!("device reset by the client");
         Ok(())
     }

@@ -36,6 +36,12 @@ pub struct Engine {
     pub irqs: MsixVectors,
     /// ISR status (read to clear).
     pub isr: u8,
+    /// Set by the PF side: no new requests are taken from the available rings. Requests
+    /// are popped and completed within one [`Engine::process`] pass under the engine's
+    /// lock, so whoever sets this with the lock held knows nothing is in flight.
+    pub quiesced: bool,
+    /// Requests completed since the device was created.
+    pub completed: u64,
 }
 
 impl Engine {
@@ -47,11 +53,13 @@ impl Engine {
             disk,
             irqs: MsixVectors::new(MSIX_VECTORS),
             isr: 0,
+            quiesced: false,
+            completed: 0,
         }
     }
 
     /// Virtio reset: status, features and queues back to their reset state. DMA
-    /// mappings and eventfds stay.
+    /// mappings, eventfds, the DMA write log and the PF side's quiesce stay.
     pub fn reset(&mut self) {
         self.common.reset();
         self.isr = 0;
@@ -69,8 +77,10 @@ impl Engine {
         c
     }
 
-    fn can_process(&self) -> bool {
-        self.common.is_live() && !self.mem.is_empty()
+    /// Whether queues may be processed: the driver is done with initialisation, the
+    /// device is not broken, memory is mapped and the PF side has not quiesced it.
+    pub fn can_process(&self) -> bool {
+        self.common.is_live() && !self.mem.is_empty() && !self.quiesced
     }
 
     /// Completes every available request of every ready queue and signals the queues'
@@ -96,6 +106,7 @@ impl Engine {
                     });
                     q.add_used(&self.mem, chain.head, len)?;
                     completed += 1;
+                    self.completed += 1;
                 }
                 Ok(())
             })();

@@ -1,8 +1,14 @@
 //! Guest memory as the device sees it: the client's DMA mappings, each an `mmap()` of
 //! the file descriptor that came with `DMA_MAP`, looked up by IOVA. Every access is
 //! bounds-checked and may span adjacent mappings.
+//!
+//! [`GuestMemory::write`] is the device's only way to write guest memory (the mappings are
+//! private to this module), so the DMA write log it keeps while logging is on is the
+//! ground truth of what the device dirtied.
 
+use std::collections::BTreeSet;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Mutex, MutexGuard};
 
 use crate::mmap::{Mapping, MmapError};
 
@@ -80,6 +86,8 @@ pub enum GuestMemError {
 
 /// Most mappings kept at once.
 pub const MAX_DMA_MAPS: usize = 256;
+/// Granularity of the DMA write log.
+pub const LOG_PAGE_SIZE: u64 = 4096;
 
 #[derive(Debug)]
 struct DmaRegion {
@@ -94,10 +102,14 @@ impl DmaRegion {
     }
 }
 
-/// The client's DMA mappings, sorted by address, never overlapping.
+/// The client's DMA mappings, sorted by address, never overlapping, and the log of the
+/// pages written while logging is on.
 #[derive(Debug, Default)]
 pub struct GuestMemory {
     regions: Vec<DmaRegion>,
+    /// Pages (IOVA rounded down to [`LOG_PAGE_SIZE`]) written since the log was started
+    /// or last taken; `None` while logging is off.
+    log: Mutex<Option<BTreeSet<u64>>>,
 }
 
 impl GuestMemory {
@@ -161,9 +173,50 @@ impl GuestMemory {
         Ok(())
     }
 
-    /// Removes every mapping.
+    /// Removes every mapping (the DMA write log stays as it is).
     pub fn clear(&mut self) {
         self.regions.clear();
+    }
+
+    fn log(&self) -> MutexGuard<'_, Option<BTreeSet<u64>>> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts logging DMA writes with an empty log; false if it was already on.
+    pub fn log_start(&self) -> bool {
+        let mut log = self.log();
+        if log.is_some() {
+            return false;
+        }
+        *log = Some(BTreeSet::new());
+        true
+    }
+
+    /// Stops logging and drops the log; false if it was off.
+    pub fn log_stop(&self) -> bool {
+        self.log().take().is_some()
+    }
+
+    /// Whether DMA writes are being logged.
+    pub fn logging(&self) -> bool {
+        self.log().is_some()
+    }
+
+    /// The pages written since the start or the previous take, sorted, each once, and
+    /// an empty log to go on with; `None` while logging is off.
+    pub fn log_take(&self) -> Option<Vec<u64>> {
+        self.log()
+            .as_mut()
+            .map(|set| std::mem::take(set).into_iter().collect())
+    }
+
+    /// Records that `len` bytes at `addr` were written (len > 0).
+    fn record(&self, addr: u64, len: usize) {
+        if let Some(set) = self.log().as_mut() {
+            let first = addr / LOG_PAGE_SIZE;
+            let last = addr.saturating_add(len as u64 - 1) / LOG_PAGE_SIZE;
+            set.extend((first..=last).map(|p| p * LOG_PAGE_SIZE));
+        }
     }
 
     /// Reads `out.len()` bytes at guest address `addr`.
@@ -191,6 +244,7 @@ impl GuestMemory {
             r.map
                 .write(off, &data[done..done + n])
                 .map_err(|_| access(addr, len, "the mapping is not writable by the device"))?;
+            self.record(a, n);
             done += n;
         }
         Ok(())
@@ -264,5 +318,30 @@ mod tests {
         m.remove(0x11000, 0x1000).unwrap();
         assert!(m.read(0x10ffe, &mut b).is_err());
         assert!(m.remove(0x11000, 0x1000).is_err());
+    }
+
+    #[test]
+    fn the_log_holds_exactly_the_pages_written() {
+        let fd = memfd(c"g", 0x4000).unwrap();
+        let mut m = GuestMemory::new();
+        m.add(0x10000, 0x3000, Some(fd.try_clone().unwrap()), 0, true)
+            .unwrap();
+        m.add(0x20000, 0x1000, Some(fd.try_clone().unwrap()), 0, false)
+            .unwrap();
+        assert_eq!(m.log_take(), None);
+        m.write(0x10000, &[1]).unwrap(); // before the start: not logged
+        assert!(m.log_start() && !m.log_start() && m.logging());
+        m.write(0x10ffe, &[1, 2, 3, 4]).unwrap(); // spans two pages
+        m.write(0x10001, &[1]).unwrap();
+        let mut b = [0; 8];
+        m.read(0x12000, &mut b).unwrap(); // reads are not logged
+        assert!(m.write(0x20000, &[1]).is_err()); // refused writes are not logged
+                                                  // A write that fails half-way logs the part that was written.
+        assert!(m.write(0x12ffc, &[0; 8]).is_err());
+        assert_eq!(m.log_take(), Some(vec![0x10000, 0x11000, 0x12000]));
+        assert_eq!(m.log_take(), Some(vec![]));
+        m.clear();
+        assert!(m.logging());
+        assert!(m.log_stop() && !m.log_stop() && !m.logging());
     }
 }

@@ -12,7 +12,9 @@
 //! - [`engine`]: queue processing over all of the above;
 //! - [`poller`]: the thread that owns queue processing and watches the doorbells;
 //! - [`device`]: [`VfSim`], the [`vfio_user::Device`] implementation;
-//! - [`serve`]: binding the socket and serving one client after another.
+//! - [`serve`]: binding the socket and serving one client after another;
+//! - [`pf`]: the PF-side control socket (`--pf-socket`): state save/load, quiesce and
+//!   resume, and a log of the guest pages the device wrote by DMA, for mediators.
 
 #![deny(missing_docs)]
 
@@ -25,6 +27,7 @@ pub mod irq;
 pub mod layout;
 pub mod mmap;
 pub mod pci_config;
+pub mod pf;
 pub mod poller;
 pub mod serve;
 pub mod virtqueue;

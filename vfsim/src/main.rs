@@ -1,18 +1,27 @@
-//! `vfsim`: serves a simulated virtio-blk VF over vfio-user on a Unix socket.
+//! `vfsim`: serves a simulated virtio-blk VF over vfio-user on a Unix socket, and
+//! optionally the PF side's control socket (`--pf-socket`, see `vfsim::pf`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use vfsim::{serve, SimConfig, VfSim};
+use vfsim::{pf, serve, SimConfig, VfSim};
 
 /// A software SR-IOV VF (virtio-blk) served over vfio-user.
+///
+/// With --pf-socket it also serves the PF side's control socket: JSON lines
+/// (`{"op":"get_state"}`, `set_state`, `quiesce`, `resume`, `dma_log_start`,
+/// `dma_log_take`, `dma_log_stop`, `stats`), see `vfsim::pf::proto`.
 #[derive(Debug, Parser)]
 #[command(name = "vfsim", version)]
 struct Args {
-    /// Path of the Unix socket to listen on.
+    /// Path of the Unix socket to listen on (vfio-user).
     #[arg(long)]
     socket: PathBuf,
+    /// Path of the PF-side control socket (JSON lines: state save/load, quiesce,
+    /// resume, DMA write log); none if not given.
+    #[arg(long)]
+    pf_socket: Option<PathBuf>,
     /// Disk image backing the device (read and written in place).
     #[arg(long)]
     disk: PathBuf,
@@ -47,36 +56,55 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> Result<std::convert::Infallible, String> {
+    if args.pf_socket.as_ref() == Some(&args.socket) {
+        return Err("--pf-socket must differ from --socket".into());
+    }
     signals::block_termination().map_err(|e| format!("blocking SIGTERM/SIGINT failed: {e}"))?;
     let mut device = VfSim::new(&SimConfig {
         disk: args.disk.clone(),
         queue_size: args.queue_size,
     })
     .map_err(|e| e.to_string())?;
-    let listener = serve::bind(&args.socket).map_err(|e| e.to_string())?;
+    // The PF socket first: once the vfio-user socket exists, both are ready.
+    let mut sockets = Vec::new();
+    if let Some(path) = &args.pf_socket {
+        let pf = serve::bind(path).map_err(|e| e.to_string())?;
+        sockets.push(path.clone());
+        pf::server::spawn(pf, device.pf_controller())
+            .map_err(|e| format!("spawning the PF socket thread failed: {e}"))?;
+        tracing::info!(socket = %path.display(), "PF control socket listening");
+    }
+    let listener = serve::bind(&args.socket).map_err(|e| {
+        for s in &sockets {
+            let _ = std::fs::remove_file(s);
+        }
+        e.to_string()
+    })?;
+    sockets.push(args.socket.clone());
     let disk = device
         .disk_file()
         .map_err(|e| format!("duplicating the disk image handle failed: {e}"))?;
-    let socket = args.socket.clone();
     std::thread::Builder::new()
         .name("vfsim-signals".into())
         .spawn(move || {
             let sig = signals::wait_termination();
             tracing::info!("signal {sig} received; exiting");
-            shutdown(&socket, &disk)
+            shutdown(&sockets, &disk)
         })
         .map_err(|e| format!("spawning the signal thread failed: {e}"))?;
     tracing::info!(socket = %args.socket.display(), "vfsim listening");
     serve::serve_clients(&listener, &mut device)
 }
 
-/// Flushes the disk, removes the socket and exits with success.
-fn shutdown(socket: &Path, disk: &std::fs::File) -> ! {
+/// Flushes the disk, removes the sockets and exits with success.
+fn shutdown(sockets: &[PathBuf], disk: &std::fs::File) -> ! {
     if let Err(e) = disk.sync_all() {
         tracing::warn!("flushing the disk image on exit failed: {e}");
     }
-    if let Err(e) = std::fs::remove_file(socket) {
-        tracing::warn!("removing {} on exit failed: {e}", socket.display());
+    for socket in sockets {
+        if let Err(e) = std::fs::remove_file(socket) {
+            tracing::warn!("removing {} on exit failed: {e}", socket.display());
+        }
     }
     std::process::exit(0)
 }

@@ -34,6 +34,25 @@ const COMMAND_WMASK: u16 = 0x0002 | 0x0004 | 0x0400;
 /// BAR 0 type bits: 64-bit memory, not prefetchable.
 const BAR0_TYPE: u32 = 0b100;
 
+/// The PCI-level registers the function keeps besides the virtio ones: configuration
+/// space and the (trapped) MSI-X table. Shared by the vfio-user and PF-side threads.
+#[derive(Debug, Clone)]
+pub struct PciRegs {
+    /// Configuration space.
+    pub config: ConfigSpace,
+    /// The MSI-X table as the client wrote it.
+    pub msix_table: [u8; MSIX_TABLE_SIZE as usize],
+}
+
+impl Default for PciRegs {
+    fn default() -> Self {
+        PciRegs {
+            config: ConfigSpace::new(),
+            msix_table: [0; MSIX_TABLE_SIZE as usize],
+        }
+    }
+}
+
 /// The configuration space and what writes may change.
 #[derive(Debug, Clone)]
 pub struct ConfigSpace {

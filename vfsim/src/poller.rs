@@ -5,9 +5,9 @@
 //! and [`Poller::kick`] the thread awake, so every queue is processed from one place.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
+use std::thread::{self, JoinHandle, Thread};
 use std::time::Duration;
 
 use crate::engine::Engine;
@@ -44,13 +44,34 @@ pub enum PollerError {
 struct Flags {
     stop: AtomicBool,
     kicked: AtomicBool,
+    doorbells: AtomicU64,
 }
 
 /// The running poller; dropping it stops and joins the thread.
 #[derive(Debug)]
 pub struct Poller {
-    flags: Arc<Flags>,
+    handle: PollerHandle,
     thread: Option<JoinHandle<()>>,
+}
+
+/// A handle other threads keep to wake the poller and read its counters.
+#[derive(Debug, Clone)]
+pub struct PollerHandle {
+    flags: Arc<Flags>,
+    thread: Thread,
+}
+
+impl PollerHandle {
+    /// Wakes the thread now (see [`Poller::kick`]).
+    pub fn kick(&self) {
+        self.flags.kicked.store(true, Ordering::Release);
+        self.thread.unpark();
+    }
+
+    /// Doorbells seen in the notify page (several writes between two polls count once).
+    pub fn doorbells(&self) -> u64 {
+        self.flags.doorbells.load(Ordering::Relaxed)
+    }
 }
 
 impl Poller {
@@ -74,23 +95,28 @@ impl Poller {
             .spawn(move || run(&engine, &page, &doorbells, &f))
             .map_err(PollerError::Spawn)?;
         Ok(Poller {
-            flags,
+            handle: PollerHandle {
+                flags,
+                thread: thread.thread().clone(),
+            },
             thread: Some(thread),
         })
     }
 
     /// Wakes the thread now (a trapped doorbell, or a register change).
     pub fn kick(&self) {
-        self.flags.kicked.store(true, Ordering::Release);
-        if let Some(t) = &self.thread {
-            t.thread().unpark();
-        }
+        self.handle.kick();
+    }
+
+    /// A handle for other threads (the PF side).
+    pub fn handle(&self) -> PollerHandle {
+        self.handle.clone()
     }
 }
 
 impl Drop for Poller {
     fn drop(&mut self) {
-        self.flags.stop.store(true, Ordering::Release);
+        self.handle.flags.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
             t.thread().unpark();
             let _ = t.join();
@@ -108,13 +134,14 @@ fn run(engine: &Mutex<Engine>, page: &Mapping, doorbells: &[u64], flags: &Flags)
                 .is_ok_and(|v| v != DOORBELL_IDLE)
             {
                 rang = true;
+                flags.doorbells.fetch_add(1, Ordering::Relaxed);
                 let _ = page.write_u32_volatile(offset, DOORBELL_IDLE);
             }
         }
         let (worked, live) = {
             let mut e = engine.lock().unwrap_or_else(|p| p.into_inner());
             let worked = e.process();
-            (worked, e.common.is_live() && !e.mem.is_empty())
+            (worked, e.can_process())
         };
         if worked || rang {
             idle = 0;

@@ -44,6 +44,24 @@ fn bad_arguments_fail_with_a_message() {
 
     let out = vfsim(&["--disk", disk]);
     assert!(!out.status.success());
+
+    let out = vfsim(&["--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("--pf-socket"), "{help}");
+    assert!(help.contains("quiesce"), "{help}");
+
+    let out = vfsim(&[
+        "--socket",
+        sock,
+        "--disk",
+        disk,
+        "--pf-socket",
+        "/nonexistent/dir/pf.sock",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("listening on /nonexistent/dir/pf.sock failed"));
     let _ = std::fs::remove_dir_all(d);
 }
 
@@ -53,12 +71,15 @@ fn sigterm_exits_cleanly() {
     let disk = d.join("disk.img");
     std::fs::write(&disk, vec![0u8; 4096]).unwrap();
     let sock = d.join("s.sock");
+    let pf_sock = d.join("pf.sock");
     let mut child = Command::new(env!("CARGO_BIN_EXE_vfsim"))
         .args([
             "--socket",
             sock.to_str().unwrap(),
             "--disk",
             disk.to_str().unwrap(),
+            "--pf-socket",
+            pf_sock.to_str().unwrap(),
         ])
         .stderr(Stdio::null())
         .spawn()
@@ -77,10 +98,13 @@ fn sigterm_exits_cleanly() {
         }
     };
     assert_eq!(client.device_info().unwrap().num_regions, 9);
+    let pf = vfsim::pf::PfClient::connect(&pf_sock, Duration::from_secs(5)).unwrap();
+    assert_eq!(pf.stats().unwrap().requests_completed, 0);
     // SAFETY: signals the child this test started, by its id.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
     assert!(!sock.exists(), "socket removed on exit");
+    assert!(!pf_sock.exists(), "PF socket removed on exit");
     let _ = std::fs::remove_dir_all(d);
 }

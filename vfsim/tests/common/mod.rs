@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -30,6 +32,11 @@ pub const STATUS: u64 = 0x3800;
 pub const DATA: u64 = 0x1_0000;
 pub const QSIZE: u16 = 16;
 pub const DISK_SIZE: u64 = 1 << 20;
+
+/// Offset of the 4 KiB data page of request slot `slot` (see [`Driver::post`]).
+pub fn slot_data(slot: u16) -> u64 {
+    DATA + 0x1000 * u64::from(slot)
+}
 
 /// A server running in a thread, with its socket and disk image.
 pub struct Server {
@@ -116,8 +123,12 @@ pub struct Driver {
 impl Driver {
     /// Connects, maps guest memory and gives the device its MSI-X eventfds.
     pub fn connect(socket: &Path) -> Driver {
+        Self::connect_with_memory(socket, memfd(c"guest", GUEST_SIZE).unwrap())
+    }
+
+    /// Like [`Driver::connect`], with `mem_fd` (e.g. another driver's) as guest memory.
+    pub fn connect_with_memory(socket: &Path, mem_fd: OwnedFd) -> Driver {
         let client = Client::connect(socket, Duration::from_secs(5)).unwrap();
-        let mem_fd = memfd(c"guest", GUEST_SIZE).unwrap();
         let mem = Mapping::new(mem_fd.as_fd(), 0, GUEST_SIZE, true).unwrap();
         client
             .dma_map(GUEST_BASE, GUEST_SIZE, mem_fd.as_fd(), 0, true, true)
@@ -213,14 +224,78 @@ impl Driver {
 
     /// Publishes head 0 and rings the doorbell.
     pub fn kick(&mut self, how: Doorbell) {
+        self.publish(0);
+        self.ring(how);
+    }
+
+    /// Puts `head` into the available ring and publishes it (no doorbell).
+    pub fn publish(&mut self, head: u16) {
         let slot = u64::from(self.avail_idx % QSIZE);
         self.mem
-            .write(AVAIL + 4 + 2 * slot, &0u16.to_le_bytes())
+            .write(AVAIL + 4 + 2 * slot, &head.to_le_bytes())
             .unwrap();
         self.avail_idx = self.avail_idx.wrapping_add(1);
         self.mem
             .write(AVAIL + 2, &self.avail_idx.to_le_bytes())
             .unwrap();
+    }
+
+    /// The used index in guest memory.
+    pub fn used_index(&self) -> u16 {
+        let mut b = [0u8; 2];
+        self.mem.read(USED + 2, &mut b).unwrap();
+        u16::from_le_bytes(b)
+    }
+
+    /// [`Driver::build`]s request `slot` and publishes it without a doorbell. Returns
+    /// its head.
+    pub fn post(&mut self, slot: u16, kind: u32, sector: u64, data: Option<(&[u8], bool)>) -> u16 {
+        let head = self.build(slot, kind, sector, data);
+        self.publish(head);
+        head
+    }
+
+    /// Builds request `slot` (0..5) in its own descriptors 3*slot.., header, status
+    /// byte (set to 0xff) and 4 KiB data page, without publishing it. Returns its head.
+    pub fn build(&mut self, slot: u16, kind: u32, sector: u64, data: Option<(&[u8], bool)>) -> u16 {
+        assert!(slot < 5);
+        let s = u64::from(slot);
+        let (header, status, buf) = (HEADER + 32 * s, STATUS + s, slot_data(slot));
+        let head = 3 * slot;
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        self.mem.write(header, &h).unwrap();
+        self.mem.write(status, &[0xff]).unwrap();
+        self.desc(head, GUEST_BASE + header, 16, 1, head + 1);
+        match data {
+            Some((bytes, device_writes)) => {
+                assert!(bytes.len() <= 4096);
+                self.mem.write(buf, bytes).unwrap();
+                let flags = 1 | if device_writes { 2 } else { 0 };
+                self.desc(
+                    head + 1,
+                    GUEST_BASE + buf,
+                    bytes.len() as u32,
+                    flags,
+                    head + 2,
+                );
+                self.desc(head + 2, GUEST_BASE + status, 1, 2, 0);
+            }
+            None => self.desc(head + 1, GUEST_BASE + status, 1, 2, 0),
+        }
+        head
+    }
+
+    /// The status byte of request `slot` (see [`Driver::post`]).
+    pub fn slot_status(&self, slot: u16) -> u8 {
+        let mut s = [0u8];
+        self.mem.read(STATUS + u64::from(slot), &mut s).unwrap();
+        s[0]
+    }
+
+    /// Rings the queue's doorbell.
+    pub fn ring(&mut self, how: Doorbell) {
         match how {
             Doorbell::Trapped => self.bar_write(NOTIFY_OFFSET, &0u16.to_le_bytes()),
             Doorbell::Mapped => self
@@ -283,6 +358,13 @@ impl Driver {
         let mut s = [0u8];
         self.mem.read(STATUS, &mut s).unwrap();
         (s[0], len)
+    }
+
+    /// `len` bytes of request `slot`'s data page.
+    pub fn slot_data(&self, slot: u16, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        self.mem.read(slot_data(slot), &mut v).unwrap();
+        v
     }
 
     pub fn read_data(&self, len: usize) -> Vec<u8> {
