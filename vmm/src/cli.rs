@@ -56,9 +56,18 @@ pub struct Cli {
     /// A PCI function passed through to the guest (repeatable):
     /// `vfio-user,socket=PATH[,id=NAME]` (a device served by a vfio-user server) or
     /// `vfio,host=DDDD:BB:DD.F[,id=NAME]` (a host function bound to vfio-pci; needs
-    /// /dev/vfio). Devices without an id are named vfio0, vfio1, ...
+    /// /dev/vfio), or `vfio-mediated,socket=PATH|host=BDF,mediator=NAME|auto[,pf=PATH]
+    /// [,trap=BAR:OFFSET+SIZE;...][,id=NAME]` (either, with a mediator in front:
+    /// `virtio-blk-vf` for vfsim VFs, `trace` to trap and count BAR accesses). Add
+    /// `mmap=off` to trap every BAR access. Devices without an id are named vfio0, vfio1, ...
     #[arg(long = "device", value_name = "SPEC")]
     pub devices: Vec<DeviceConfig>,
+
+    /// Serve the control API on this Unix socket: JSON requests, one per line, e.g.
+    /// `{"request":"device-stats"}` or `{"request":"mediator","device":"vf0","command":"trap",
+    /// "args":{"bar":0,"offset":4096,"size":4096}}`.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<std::path::PathBuf>,
 
     /// Print KVM exit counts by cause and by device to stderr when the VM stops.
     #[arg(long)]

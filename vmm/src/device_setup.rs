@@ -22,6 +22,8 @@ use resources::layout::{high_mmio_start, HIGH_MMIO_SIZE, PCI_MMIO32_END, PCI_MMI
 use resources::memslots::MemSlots;
 use vm_memory::GuestMemoryMmap;
 
+use mediate::{AttachContext, MediatedBackend, MediatorOptions, Registry, TrapHandle};
+
 use crate::config::device::{DeviceKind, DeviceSpec};
 use crate::irq_routes::KvmRoutes;
 use crate::vfio_user_backend::VfioUserBackend;
@@ -84,6 +86,14 @@ pub enum DeviceSetupError {
         /// The allocator's error.
         error: AddressAllocError,
     },
+    /// No mediator took the device, or the mediator failed to set it up.
+    #[error("device {device}: {error}")]
+    Mediator {
+        /// The device, as given.
+        device: String,
+        /// The mediator's error.
+        error: mediate::MediateError,
+    },
     /// The device refused guest RAM for DMA.
     #[error("device {device}: cannot map guest RAM for DMA: {error}")]
     Dma {
@@ -115,6 +125,8 @@ pub struct DeviceContext<'a> {
     pub mem_size: u64,
     /// Deadline of each vfio-user request.
     pub timeout: std::time::Duration,
+    /// The mediators `vfio-mediated` devices choose from.
+    pub mediators: &'a Registry,
 }
 
 /// A built device and its id.
@@ -123,6 +135,8 @@ pub struct PciPassthrough {
     pub id: String,
     /// The function.
     pub device: Arc<VfioPciDevice>,
+    /// Its mediated backend, for `vfio-mediated` devices.
+    pub mediated: Option<Arc<MediatedBackend>>,
 }
 
 /// Per-device access statistics, for `--exit-stats`.
@@ -212,7 +226,25 @@ pub fn add_devices(
     let mut built = Vec::with_capacity(specs.len());
     for spec in specs {
         let device = spec.to_string();
-        let backend = open_backend(spec, ctx, &mut container)?;
+        let mut backend = open_backend(spec, ctx, &mut container)?;
+        let mut mediated = None;
+        if let Some(m) = &spec.mediation {
+            let options = MediatorOptions {
+                pf: m.pf.clone(),
+                trap: m.trap.clone(),
+                named: false,
+            };
+            let selector = m.mediator.parse().unwrap_or(mediate::Selector::Auto);
+            let b = ctx
+                .mediators
+                .open(&selector, &spec.kind.address(), &options, backend)
+                .map_err(|error| DeviceSetupError::Mediator {
+                    device: device.clone(),
+                    error,
+                })?;
+            backend = b.clone();
+            mediated = Some(b);
+        }
         let pci_err = |source| DeviceSetupError::Pci {
             device: device.clone(),
             error: Box::new(source),
@@ -225,6 +257,12 @@ pub fn add_devices(
             routes: ctx.routes.clone(),
         })
         .map_err(pci_err)?;
+        if let Some(m) = &mediated {
+            m.handle().attach(AttachContext {
+                traps: TrapHandle::new(&dev),
+                memory: Arc::new(GuestRam(ctx.mem.clone())),
+            });
+        }
         for bar in dev.bars().iter().filter(|b| b.kind.is_memory()) {
             let addr = windows
                 .allocate(bar)
@@ -270,6 +308,7 @@ pub fn add_devices(
         built.push(PciPassthrough {
             id: spec.id.clone(),
             device: dev,
+            mediated,
         });
     }
     Ok(built)
@@ -311,6 +350,18 @@ mod tests {
 #[cfg(test)]
 #[path = "device_setup_tests.rs"]
 mod kvm_tests;
+
+/// Guest RAM as mediators read it.
+struct GuestRam(GuestMemoryMmap);
+
+impl mediate::GuestMemory for GuestRam {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        use vm_memory::{Bytes, GuestAddress};
+        self.0
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|e| std::io::Error::other(format!("guest memory at {gpa:#x}: {e}")))
+    }
+}
 
 /// `backend` as it is, or wrapped so that none of its BAR areas is mapped (`mmap=off`).
 fn trap_all_unless<B: VfioBackend + 'static>(mmap: bool, backend: Arc<B>) -> Arc<dyn VfioBackend> {

@@ -118,6 +118,7 @@ fn a_vfio_user_device_is_placed_and_gets_guest_ram() {
             socket: socket.clone(),
         },
         mmap: true,
+        mediation: None,
     }];
     let ctx = DeviceContext {
         vm: &vm,
@@ -128,6 +129,7 @@ fn a_vfio_user_device_is_placed_and_gets_guest_ram() {
         mem: &mem,
         mem_size,
         timeout: Duration::from_secs(5),
+        mediators: &mediate::Registry::new(),
     };
     let built = add_devices(&specs, &ctx).unwrap();
     assert_eq!(built.len(), 1);
@@ -155,6 +157,7 @@ fn a_vfio_user_device_is_placed_and_gets_guest_ram() {
             socket: dir.join("missing.sock"),
         },
         mmap: true,
+        mediation: None,
     }];
     let e = add_devices(&specs, &ctx).err().unwrap().to_string();
     assert!(e.starts_with("device nic (vfio-user,socket="), "{e}");

@@ -1,6 +1,7 @@
 //! `vmm`: the binary's edge. Parses the command line, runs the VM, and turns every error into
 //! one line on stderr and a non-zero exit status.
 
+mod api;
 mod boot;
 mod cli;
 mod config;
@@ -95,6 +96,7 @@ fn run(cli: &cli::Cli) -> anyhow::Result<u8> {
         serial: cli.serial.clone(),
         serial2: cli.serial2.clone(),
         devices,
+        api_socket: cli.api_socket.clone(),
     };
     let started = std::time::Instant::now();
     let (reason, stats) = vm::run(&cfg)?;

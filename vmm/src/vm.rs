@@ -46,6 +46,8 @@ pub struct VmConfig {
     pub serial2: SerialConfig,
     /// PCI functions passed through (`--device`), checked and named.
     pub devices: Vec<DeviceSpec>,
+    /// Where to serve the control API, if anywhere.
+    pub api_socket: Option<PathBuf>,
 }
 
 /// Errors building or running a VM.
@@ -96,6 +98,9 @@ pub enum VmError {
     /// A `--device`.
     #[error(transparent)]
     Device(#[from] DeviceSetupError),
+    /// The control API socket could not be set up.
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiError),
     /// The event loop failed.
     #[error("event loop: {0}")]
     EventLoop(String),
@@ -215,6 +220,8 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, RunStats), VmError> {
     let pci = Arc::new(PciRoot::new());
     pci.add(0, 0, Arc::new(Mutex::new(HostBridge::new())))?;
     let routes = Arc::new(KvmRoutes::new(vm.clone())?);
+    // Declared before the devices: a mediator outlives the devices that use it.
+    let mediators = mediate::Registry::with_bundled();
     let passthrough = device_setup::add_devices(
         &cfg.devices,
         &DeviceContext {
@@ -226,6 +233,7 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, RunStats), VmError> {
             mem: &mem,
             mem_size: cfg.mem_size,
             timeout: vfio_user::DEFAULT_TIMEOUT,
+            mediators: &mediators,
         },
     )?;
     bus.register_pio(
@@ -268,6 +276,19 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, RunStats), VmError> {
 
     let stop = Arc::new(AtomicBool::new(false));
     let counters = Arc::new(ExitCounters::default());
+    let passthrough = Arc::new(passthrough);
+    let api = match &cfg.api_socket {
+        Some(path) => Some(crate::api::ApiServer::start(
+            path,
+            crate::api::ApiState {
+                cpus: cfg.cpus,
+                mem_size: cfg.mem_size,
+                devices: passthrough.clone(),
+                exits: counters.clone(),
+            },
+        )?),
+        None => None,
+    };
     // Debugging aid: VMM_SAMPLE_RIP_MS=N kicks every vCPU every N ms and logs where it is.
     let sample_ms: Option<u64> = std::env::var("VMM_SAMPLE_RIP_MS")
         .ok()
@@ -325,8 +346,10 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, RunStats), VmError> {
         bus: bus.stats(),
         devices: passthrough.iter().map(|d| d.stats()).collect(),
     };
-    // Devices first (their BAR slots and mappings), then the bus holding the PCI root,
-    // then guest RAM's slots; `mem` itself drops last, at the end of this function.
+    // The API (which reads the devices) first, then the devices (their BAR slots and
+    // mappings), then the bus holding the PCI root, then guest RAM's slots; `mem` itself
+    // drops last, at the end of this function.
+    drop(api);
     drop(passthrough);
     drop(bus);
     drop(memslots);

@@ -14,6 +14,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod api;
 pub mod client;
 pub mod diag;
 pub mod guest_run;
@@ -27,6 +28,7 @@ pub use crate::agent::protocol::{
     BlkRequest, BlkVerifyReply, BlkWriteReply, ChecksumReply, MemCheckReply, MemFillReply,
     PingReply, PokeReply, Reply, RunOutput, RunRequest,
 };
+pub use api::ApiClient;
 pub use client::{Agent, AgentError, DEFAULT_TIMEOUT};
 pub use guest_run::run;
 pub use image::{GuestImage, ImageError};

@@ -12,12 +12,23 @@ pub struct Vfsim {
     child: Child,
     /// The vfio-user socket it listens on.
     pub socket: PathBuf,
+    /// Its PF-side control socket, if started with one.
+    pub pf: Option<PathBuf>,
 }
 
 impl Vfsim {
     /// Starts `vfsim` (built beside `vmm`) on `disk`, with socket and log `NAME.sock` /
     /// `NAME.log` in `dir`, and waits for its socket. Panics when it cannot start.
     pub fn start(dir: &TestDir, disk: &Path, name: &str) -> Vfsim {
+        Self::spawn(dir, disk, name, false)
+    }
+
+    /// As [`start`](Self::start), with a PF-side control socket `NAME.pf` in `dir`.
+    pub fn start_with_pf(dir: &TestDir, disk: &Path, name: &str) -> Vfsim {
+        Self::spawn(dir, disk, name, true)
+    }
+
+    fn spawn(dir: &TestDir, disk: &Path, name: &str, with_pf: bool) -> Vfsim {
         let bin = vmm_binary().expect("vmm binary").with_file_name("vfsim");
         assert!(
             bin.is_file(),
@@ -26,11 +37,13 @@ impl Vfsim {
         );
         let socket = dir.join(format!("{name}.sock"));
         let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-        let child = Command::new(&bin)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--disk")
-            .arg(disk)
+        let pf = with_pf.then(|| dir.join(format!("{name}.pf")));
+        let mut cmd = Command::new(&bin);
+        cmd.arg("--socket").arg(&socket).arg("--disk").arg(disk);
+        if let Some(pf) = &pf {
+            cmd.arg("--pf-socket").arg(pf);
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stderr(log)
             .spawn()
@@ -44,7 +57,20 @@ impl Vfsim {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Vfsim { child, socket }
+        Vfsim { child, socket, pf }
+    }
+}
+
+impl Vfsim {
+    /// Kills vfsim with SIGKILL (no chance to clean up, as in a crash) and reaps it.
+    pub fn kill(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.child.kill()?;
+        self.child.wait()
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
 

@@ -3,6 +3,9 @@
 //! ```text
 //! --device vfio-user,socket=PATH[,id=NAME][,mmap=on|off]   a device served by a vfio-user server
 //! --device vfio,host=DDDD:BB:DD.F[,id=NAME]     a host PCI function bound to vfio-pci
+//! --device vfio-mediated,socket=PATH|host=DDDD:BB:DD.F,mediator=NAME|auto[,pf=PATH]
+//!          [,trap=BAR:OFFSET+SIZE;...][,id=NAME][,mmap=on|off]
+//!                                               either of the above, with a mediator
 //! ```
 //!
 //! Parsing ([`DeviceConfig`], through [`super::keyvalue`]) checks each option alone;
@@ -25,6 +28,29 @@ pub enum DeviceConfig {
     VfioUser(VfioUserConfig),
     /// A host PCI function through the kernel's VFIO.
     Vfio(VfioConfig),
+    /// A vfio-user device or host function with a mediator in front of it.
+    VfioMediated(VfioMediatedConfig),
+}
+
+/// `vfio-mediated,socket=PATH|host=DDDD:BB:DD.F,mediator=NAME|auto[,pf=PATH][,trap=...][,id=NAME][,mmap=on|off]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VfioMediatedConfig {
+    /// The vfio-user server's socket (or give `host`).
+    pub socket: Option<PathBuf>,
+    /// The host function (or give `socket`).
+    pub host: Option<String>,
+    /// The mediator's name, or `auto`: the first registered mediator that accepts.
+    pub mediator: String,
+    /// The device's PF-side control socket, for mediators that need it.
+    pub pf: Option<PathBuf>,
+    /// BAR ranges to trap from the start, `BAR:OFFSET+SIZE` separated by `;` (the `trace`
+    /// mediator).
+    pub trap: Option<String>,
+    /// Name in logs, statistics and the control API.
+    pub id: Option<String>,
+    /// As [`VfioUserConfig::mmap`].
+    pub mmap: Option<bool>,
 }
 
 /// `vfio-user,socket=PATH[,id=NAME][,mmap=on|off]`.
@@ -54,7 +80,7 @@ pub struct VfioConfig {
 
 /// A `--device` value that does not parse.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}; use vfio-user,socket=PATH[,id=NAME] or vfio,host=DDDD:BB:DD.F[,id=NAME]")]
+#[error("{0}; use vfio-user,socket=PATH[,id=NAME], vfio,host=DDDD:BB:DD.F[,id=NAME] or vfio-mediated,socket=PATH|host=DDDD:BB:DD.F,mediator=NAME|auto[,pf=PATH][,id=NAME]")]
 pub struct DeviceParseError(KeyValueError);
 
 impl FromStr for DeviceConfig {
@@ -71,6 +97,7 @@ impl DeviceConfig {
         match self {
             DeviceConfig::VfioUser(c) => c.mmap,
             DeviceConfig::Vfio(c) => c.mmap,
+            DeviceConfig::VfioMediated(c) => c.mmap,
         }
         .unwrap_or(true)
     }
@@ -80,6 +107,7 @@ impl DeviceConfig {
         match self {
             DeviceConfig::VfioUser(c) => c.id.as_deref(),
             DeviceConfig::Vfio(c) => c.id.as_deref(),
+            DeviceConfig::VfioMediated(c) => c.id.as_deref(),
         }
     }
 }
@@ -148,6 +176,17 @@ pub enum DeviceKind {
     },
 }
 
+/// The mediator a device asked for, with its options.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mediation {
+    /// Mediator name or `auto`.
+    pub mediator: String,
+    /// The PF-side control socket.
+    pub pf: Option<PathBuf>,
+    /// Ranges to trap from the start.
+    pub trap: Vec<mediate::BarRange>,
+}
+
 /// A device ready to be built: named, with its options checked.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceSpec {
@@ -157,15 +196,40 @@ pub struct DeviceSpec {
     pub kind: DeviceKind,
     /// Map mappable BAR areas into the guest (false: trap every BAR access).
     pub mmap: bool,
+    /// The mediator in front of it, if any.
+    pub mediation: Option<Mediation>,
 }
 
 impl fmt::Display for DeviceSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = if self.mediation.is_some() {
+            "vfio-mediated,"
+        } else {
+            ""
+        };
         match &self.kind {
             DeviceKind::VfioUser { socket } => {
-                write!(f, "{} (vfio-user,socket={})", self.id, socket.display())
+                let kind = if kind.is_empty() { "vfio-user," } else { kind };
+                write!(f, "{} ({kind}socket={})", self.id, socket.display())
             }
-            DeviceKind::Vfio { host } => write!(f, "{} (vfio,host={host})", self.id),
+            DeviceKind::Vfio { host } => {
+                let kind = if kind.is_empty() { "vfio," } else { kind };
+                write!(f, "{} ({kind}host={host})", self.id)
+            }
+        }?;
+        if let Some(m) = &self.mediation {
+            write!(f, " with mediator {}", m.mediator)?;
+        }
+        Ok(())
+    }
+}
+
+impl DeviceKind {
+    /// The address a mediator is told: `vfio-user:PATH` or `vfio:DDDD:BB:DD.F`.
+    pub fn address(&self) -> String {
+        match self {
+            DeviceKind::VfioUser { socket } => format!("vfio-user:{}", socket.display()),
+            DeviceKind::Vfio { host } => format!("vfio:{host}"),
         }
     }
 }
@@ -185,6 +249,17 @@ pub enum DeviceConfigError {
     /// `socket=` is empty.
     #[error("--device vfio-user: socket= needs a path")]
     EmptySocket,
+    /// `vfio-mediated` needs exactly one of `socket=` and `host=`.
+    #[error("--device vfio-mediated: give either socket=PATH (a vfio-user server) or host=DDDD:BB:DD.F (a host function), not {0}")]
+    MediatedBackend(&'static str),
+    /// `trap=` does not parse.
+    #[error("--device vfio-mediated: trap={value}: {reason}; separate several ranges with ';'")]
+    BadTrap {
+        /// The value given.
+        value: String,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 /// Checks the devices together and names those without an id: each gets the lowest
@@ -226,23 +301,98 @@ pub fn resolve(devices: &[DeviceConfig]) -> Result<Vec<DeviceSpec>, DeviceConfig
                     socket: c.socket.clone(),
                 }
             }
-            DeviceConfig::Vfio(c) => DeviceKind::Vfio {
-                host: HostBdf::parse(&c.host)
-                    .ok_or_else(|| DeviceConfigError::BadHost(c.host.clone()))?,
+            DeviceConfig::Vfio(c) => vfio_kind(&c.host)?,
+            DeviceConfig::VfioMediated(c) => match (&c.socket, &c.host) {
+                (Some(s), None) if s.as_os_str().is_empty() => {
+                    return Err(DeviceConfigError::EmptySocket)
+                }
+                (Some(s), None) => DeviceKind::VfioUser { socket: s.clone() },
+                (None, Some(h)) => vfio_kind(h)?,
+                (Some(_), Some(_)) => return Err(DeviceConfigError::MediatedBackend("both")),
+                (None, None) => return Err(DeviceConfigError::MediatedBackend("neither")),
             },
+        };
+        let mediation = match d {
+            DeviceConfig::VfioMediated(c) => Some(Mediation {
+                mediator: c.mediator.clone(),
+                pf: c.pf.clone(),
+                trap: parse_traps(c.trap.as_deref().unwrap_or(""))?,
+            }),
+            _ => None,
         };
         specs.push(DeviceSpec {
             id,
             kind,
             mmap: d.mmap(),
+            mediation,
         });
     }
     Ok(specs)
 }
 
+fn vfio_kind(host: &str) -> Result<DeviceKind, DeviceConfigError> {
+    Ok(DeviceKind::Vfio {
+        host: HostBdf::parse(host).ok_or_else(|| DeviceConfigError::BadHost(host.to_string()))?,
+    })
+}
+
+/// `BAR:OFFSET+SIZE;...` (empty: none).
+fn parse_traps(value: &str) -> Result<Vec<mediate::BarRange>, DeviceConfigError> {
+    value
+        .split(';')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse().map_err(|reason| DeviceConfigError::BadTrap {
+                value: value.to_string(),
+                reason,
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mediated_devices_parse_and_are_checked() {
+        let specs = resolve(&[
+            parse("vfio-mediated,socket=/a,mediator=virtio-blk-vf,pf=/a.pf,id=vf0"),
+            parse("vfio-mediated,host=0000:01:00.1,mediator=trace,trap=0:0x1000+0x1000;2:0+4096"),
+        ])
+        .unwrap();
+        assert_eq!(specs[0].kind.address(), "vfio-user:/a");
+        let m = specs[0].mediation.as_ref().unwrap();
+        assert_eq!(
+            (m.mediator.as_str(), m.pf.as_deref()),
+            ("virtio-blk-vf", Some(std::path::Path::new("/a.pf")))
+        );
+        assert_eq!(
+            specs[0].to_string(),
+            "vf0 (vfio-mediated,socket=/a) with mediator virtio-blk-vf"
+        );
+        assert_eq!(specs[1].kind.address(), "vfio:0000:01:00.1");
+        assert_eq!(specs[1].mediation.as_ref().unwrap().trap.len(), 2);
+        assert!(resolve(&[parse("vfio-user,socket=/a")]).unwrap()[0]
+            .mediation
+            .is_none());
+        let e = resolve(&[parse(
+            "vfio-mediated,socket=/a,host=0000:01:00.0,mediator=auto",
+        )])
+        .unwrap_err();
+        assert!(e.to_string().contains("not both"), "{e}");
+        let e = resolve(&[parse("vfio-mediated,mediator=auto")]).unwrap_err();
+        assert!(e.to_string().contains("not neither"), "{e}");
+        let e = resolve(&[parse(
+            "vfio-mediated,socket=/a,mediator=trace,trap=0:0x1000",
+        )])
+        .unwrap_err();
+        assert!(e.to_string().contains("write BAR:OFFSET+SIZE"), "{e}");
+        let e = "vfio-mediated,socket=/a"
+            .parse::<DeviceConfig>()
+            .unwrap_err();
+        assert!(e.to_string().starts_with("missing field `mediator`"), "{e}");
+    }
 
     fn parse(s: &str) -> DeviceConfig {
         s.parse().unwrap()

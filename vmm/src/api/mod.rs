@@ -1,0 +1,256 @@
+//! The control API: a Unix socket (`--api-socket PATH`) that answers JSON requests (see
+//! [`protocol`]) while the VM runs.
+//!
+//! One thread accepts connections and serves them one at a time, a request per line. It
+//! polls a stop flag, so the VM's shutdown joins it before the devices it reads are
+//! dropped. Requests never panic the VMM: bad ones get an error response.
+
+pub mod protocol;
+
+use std::io::{BufRead, BufReader, ErrorKind, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::device_setup::PciPassthrough;
+use crate::vcpu::ExitCounters;
+use protocol::{Request, Response};
+
+/// Longest request line accepted.
+const MAX_LINE: usize = 1 << 20;
+/// How often blocked calls look at the stop flag.
+const POLL: Duration = Duration::from_millis(100);
+
+/// Why the API socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Another process serves the path.
+    #[error(
+        "--api-socket {0}: another process is listening there; choose another path or stop it"
+    )]
+    InUse(PathBuf),
+    /// The socket could not be created.
+    #[error("--api-socket {path}: cannot listen: {source}")]
+    Bind {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The server thread could not start.
+    #[error("cannot start the API thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// What requests are answered from.
+pub struct ApiState {
+    /// vCPU count.
+    pub cpus: u8,
+    /// Guest RAM size.
+    pub mem_size: u64,
+    /// The passed-through devices.
+    pub devices: Arc<Vec<PciPassthrough>>,
+    /// KVM exit counters.
+    pub exits: Arc<ExitCounters>,
+}
+
+/// The running API server; stops and removes its socket on drop.
+pub struct ApiServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ApiServer {
+    /// Listens at `path` (a stale socket left by a dead VMM is replaced) and serves
+    /// requests from `state` on a thread.
+    pub fn start(path: &Path, state: ApiState) -> Result<Self, ApiError> {
+        if path.exists() {
+            if UnixStream::connect(path).is_ok() {
+                return Err(ApiError::InUse(path.to_path_buf()));
+            }
+            let _ = std::fs::remove_file(path);
+        }
+        let bind_err = |source| ApiError::Bind {
+            path: path.to_path_buf(),
+            source,
+        };
+        let listener = UnixListener::bind(path).map_err(bind_err)?;
+        listener.set_nonblocking(true).map_err(bind_err)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("api".into())
+                .spawn(move || serve(&listener, &state, &stop))
+                .map_err(ApiError::Thread)?
+        };
+        tracing::info!("control API listening on {}", path.display());
+        Ok(ApiServer {
+            path: path.to_path_buf(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn serve(listener: &UnixListener, state: &ApiState, stop: &AtomicBool) {
+    while !stop.load(Ordering::Acquire) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                if let Err(e) = serve_client(stream, state, stop) {
+                    tracing::debug!("API client: {e}");
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(POLL),
+            Err(e) => {
+                tracing::warn!("API socket accept failed: {e}");
+                std::thread::sleep(POLL);
+            }
+        }
+    }
+}
+
+fn serve_client(stream: UnixStream, state: &ApiState, stop: &AtomicBool) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(POLL))?;
+    let mut out = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let mut line = Vec::new();
+    while !stop.load(Ordering::Acquire) {
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) => return Ok(()),
+            Ok(_) if line.ends_with(b"\n") => {}
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                if line.len() > MAX_LINE {
+                    respond(&mut out, &Response::error("request line longer than 1 MiB"))?;
+                    return Ok(());
+                }
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        let response = match std::str::from_utf8(&line) {
+            Ok(text) if text.trim().is_empty() => {
+                line.clear();
+                continue;
+            }
+            Ok(text) => match protocol::parse(text.trim()) {
+                Ok(request) => handle(request, state),
+                Err(e) => Response::error(e),
+            },
+            Err(_) => Response::error("request is not UTF-8"),
+        };
+        line.clear();
+        respond(&mut out, &response)?;
+    }
+    Ok(())
+}
+
+fn respond(out: &mut UnixStream, r: &Response) -> std::io::Result<()> {
+    let mut text = serde_json::to_string(r).unwrap_or_else(|e| {
+        format!("{{\"ok\":false,\"error\":\"cannot encode the response: {e}\"}}")
+    });
+    text.push('\n');
+    out.write_all(text.as_bytes())
+}
+
+fn device<'a>(state: &'a ApiState, id: &str) -> Result<&'a PciPassthrough, String> {
+    state.devices.iter().find(|d| d.id == id).ok_or_else(|| {
+        let ids: Vec<&str> = state.devices.iter().map(|d| d.id.as_str()).collect();
+        format!(
+            "no device {id:?}; devices: {}",
+            if ids.is_empty() {
+                "none".into()
+            } else {
+                ids.join(", ")
+            }
+        )
+    })
+}
+
+/// Answers one request.
+pub fn handle(request: Request, state: &ApiState) -> Response {
+    match request {
+        Request::Info => Response::ok(json!({
+            "cpus": state.cpus,
+            "memory": state.mem_size,
+            "devices": state.devices.iter().map(|d| json!({
+                "id": d.id,
+                "mediator": d.mediated.as_ref().map(|m| m.mediator_name().to_string()),
+            })).collect::<Vec<_>>(),
+        })),
+        Request::DeviceStats => Response::ok(device_stats(state)),
+        Request::Mediator {
+            device: id,
+            command,
+            args,
+        } => {
+            let d = match device(state, &id) {
+                Ok(d) => d,
+                Err(e) => return Response::error(e),
+            };
+            let Some(m) = &d.mediated else {
+                return Response::error(format!(
+                    "device {id} has no mediator; start it with --device vfio-mediated,...,mediator=NAME"
+                ));
+            };
+            match m.handle().control(&command, &args) {
+                Ok(v) => Response::ok(v),
+                Err(e) => {
+                    Response::error(format!("device {id}: mediator {}: {e}", m.mediator_name()))
+                }
+            }
+        }
+    }
+}
+
+fn device_stats(state: &ApiState) -> Value {
+    let exits: serde_json::Map<String, Value> = state
+        .exits
+        .snapshot()
+        .into_iter()
+        .map(|(k, n, ns)| (k.to_string(), json!({"count": n, "handling_ns": ns})))
+        .collect();
+    let devices: Vec<Value> = state
+        .devices
+        .iter()
+        .map(|d| {
+            let s = d.stats();
+            json!({
+                "id": s.id,
+                "backend_errors": s.errors,
+                "bars": s.bars.iter().map(|b| json!({
+                    "index": b.index,
+                    "size": b.size,
+                    "base": b.base,
+                    "reads": b.reads,
+                    "writes": b.writes,
+                    "mapped": d.device.mapped_areas(b.index),
+                    "trapped": d.device.trapped(b.index),
+                })).collect::<Vec<_>>(),
+                "mediator": d.mediated.as_ref().map(|m| json!({
+                    "name": m.mediator_name(),
+                    "stats": m.handle().stats(),
+                })),
+            })
+        })
+        .collect();
+    json!({"exits": exits, "total_exits": state.exits.total(), "devices": devices})
+}

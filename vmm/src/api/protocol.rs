@@ -1,0 +1,102 @@
+//! The control API's messages: one JSON object per line each way.
+//!
+//! ```text
+//! {"request": "info"}
+//! {"request": "device-stats"}
+//! {"request": "mediator", "device": "vf0", "command": "trap", "args": {"bar": 0, "offset": 4096, "size": 4096}}
+//! ```
+//! Every response is `{"ok": true, "result": ...}` or `{"ok": false, "error": "..."}`.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// A request to the VMM.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// The VM's configuration and devices.
+    Info,
+    /// KVM exit counts, and per device: BAR access counters, trapped ranges, mediator
+    /// statistics.
+    DeviceStats,
+    /// A request to the mediator of a `vfio-mediated` device.
+    Mediator {
+        /// The device's id.
+        device: String,
+        /// The mediator's command (e.g. `trap`, `untrap`, `stats` for `trace`).
+        command: String,
+        /// Its arguments.
+        #[serde(default)]
+        args: Value,
+    },
+}
+
+/// The answer to one request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// The result, if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    /// What went wrong, if it did not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Response {
+    /// A success with `result`.
+    pub fn ok(result: Value) -> Self {
+        Response {
+            ok: true,
+            result: Some(result),
+            error: None,
+        }
+    }
+
+    /// A failure saying `error`.
+    pub fn error(error: impl Into<String>) -> Self {
+        Response {
+            ok: false,
+            result: None,
+            error: Some(error.into()),
+        }
+    }
+}
+
+/// Parses one request line; the error says what is wrong and what is accepted.
+pub fn parse(line: &str) -> Result<Request, String> {
+    serde_json::from_str(line).map_err(|e| {
+        format!("bad request ({e}); send one JSON object per line with \"request\": \"info\", \"device-stats\" or \"mediator\"")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_and_bad_ones_say_why() {
+        assert_eq!(parse(r#"{"request":"info"}"#), Ok(Request::Info));
+        assert_eq!(
+            parse(r#"{"request":"mediator","device":"vf0","command":"stats"}"#),
+            Ok(Request::Mediator {
+                device: "vf0".into(),
+                command: "stats".into(),
+                args: Value::Null
+            })
+        );
+        for bad in [
+            "",
+            "nope",
+            r#"{"request":"reboot"}"#,
+            r#"{"request":"info","x":1}"#,
+            r#"{"request":"mediator"}"#,
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(e.starts_with("bad request"), "{bad}: {e}");
+        }
+        let r = serde_json::to_string(&Response::error("x")).unwrap();
+        assert_eq!(r, r#"{"ok":false,"error":"x"}"#);
+    }
+}
