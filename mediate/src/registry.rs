@@ -107,6 +107,22 @@ impl Registry {
             .collect()
     }
 
+    /// Checks that `selector` names a registered mediator (or is `auto`), before any
+    /// device is opened.
+    pub fn check(&self, selector: &Selector) -> Result<()> {
+        match selector {
+            Selector::Auto => Ok(()),
+            Selector::Named(name) => {
+                let entries = self.lock();
+                if entries.iter().any(|e| e.mediator.name() == name) {
+                    Ok(())
+                } else {
+                    Err(self.unknown(&entries, name))
+                }
+            }
+        }
+    }
+
     fn unknown(&self, entries: &[Entry], name: &str) -> MediateError {
         let known: Vec<&str> = entries.iter().map(|e| e.mediator.name()).collect();
         MediateError::UnknownMediator {

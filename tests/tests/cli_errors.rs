@@ -139,3 +139,65 @@ fn nix_is_root() -> bool {
     // SAFETY: getuid has no preconditions.
     unsafe { libc::getuid() == 0 }
 }
+
+#[test]
+fn unknown_mediator_is_named_before_any_device_is_touched() {
+    let image = vmm_tests::harness::GuestImage::get().expect("guest image");
+    let out = vmm(&[
+        "--kernel",
+        image.vmlinux.to_str().unwrap(),
+        "--log-level",
+        "error",
+        "--serial",
+        "off",
+        "--device",
+        "vfio-mediated,socket=/nonexistent/vf.sock,mediator=nope,id=vf0",
+    ]);
+    assert_one_error_line(
+        &out,
+        1,
+        &[
+            "device vf0",
+            "no mediator is named \"nope\"",
+            "registered mediators: virtio-blk-vf, trace",
+        ],
+    );
+    let out = vmm(&[
+        "--kernel",
+        "/bin/true",
+        "--device",
+        "vfio-mediated,socket=/x",
+    ]);
+    assert_one_error_line(&out, 2, &["missing field `mediator`"]);
+}
+
+#[test]
+fn ctl_errors_say_what_to_do() {
+    let out = vmm(&["ctl", "--api-socket", "/nonexistent/api.sock", "info"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with("vmm ctl: error: cannot connect to /nonexistent/api.sock")
+            && stderr.contains("--api-socket"),
+        "{stderr}"
+    );
+    let out = vmm(&["ctl", "--api-socket", "/x", "fly"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = vmm(&[
+        "ctl",
+        "--api-socket",
+        "/x",
+        "mediator",
+        "vf0",
+        "trap",
+        "{bad",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("are not JSON"), "{stderr}");
+    let out = vmm(&["ctl", "--help"]);
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        help.contains("device-migration") && help.contains("mediator"),
+        "{help}"
+    );
+}

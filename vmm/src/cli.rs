@@ -18,9 +18,18 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 /// (ttyS1), an i8042 controller whose reset line ends the VMM with status 0 (`reboot -f` in
 /// the guest, with `reboot=k`), and a PCI host bridge. SIGTERM or SIGINT stop the VM.
 ///
-/// Example:
+/// PCI functions are passed through with --device: a vfio-user server's socket, a host
+/// function bound to vfio-pci, or either with a mediator in front (vfio-mediated), which
+/// can trap BAR pages at run time and migrate the device.
+///
+/// Examples:
 ///   vmm --kernel vmlinux --initramfs initramfs.cpio --memory 512M --cpus 2 \
 ///       --cmdline "console=ttyS0 reboot=k panic=1"
+///   vfsim --socket /tmp/vf0.sock --pf-socket /tmp/vf0.pf --disk disk.img &
+///   vmm --kernel vmlinux --initramfs initramfs.cpio --api-socket /tmp/vm.sock \
+///       --device vfio-mediated,socket=/tmp/vf0.sock,mediator=auto,pf=/tmp/vf0.pf,id=vf0
+///
+/// A running VMM is controlled with `vmm ctl --api-socket PATH ...` (see vmm ctl --help).
 #[derive(Debug, Parser)]
 #[command(name = "vmm", version, verbatim_doc_comment)]
 pub struct Cli {

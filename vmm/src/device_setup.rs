@@ -137,6 +137,8 @@ pub struct PciPassthrough {
     pub device: Arc<VfioPciDevice>,
     /// Its mediated backend, for `vfio-mediated` devices.
     pub mediated: Option<Arc<MediatedBackend>>,
+    /// How its state is saved and restored, if it can be.
+    pub migration: Option<Arc<dyn devices::vfio::migration::DeviceMigration>>,
 }
 
 /// Per-device access statistics, for `--exit-stats`.
@@ -226,6 +228,15 @@ pub fn add_devices(
     let mut built = Vec::with_capacity(specs.len());
     for spec in specs {
         let device = spec.to_string();
+        if let Some(m) = &spec.mediation {
+            let selector = m.mediator.parse().unwrap_or(mediate::Selector::Auto);
+            ctx.mediators
+                .check(&selector)
+                .map_err(|error| DeviceSetupError::Mediator {
+                    device: device.clone(),
+                    error,
+                })?;
+        }
         let mut backend = open_backend(spec, ctx, &mut container)?;
         let mut mediated = None;
         if let Some(m) = &spec.mediation {
@@ -305,10 +316,12 @@ pub fn add_devices(
             "{device} at PCI 00:{slot:02x}.0, MSI/MSI-X GSIs {:?}",
             dev.gsis()
         );
+        let migration = mediated.as_ref().and_then(|m| m.migration());
         built.push(PciPassthrough {
             id: spec.id.clone(),
             device: dev,
             mediated,
+            migration,
         });
     }
     Ok(built)

@@ -6,6 +6,7 @@ mod boot;
 mod cli;
 mod config;
 mod console;
+mod ctl;
 mod device_setup;
 mod event_loop;
 mod exit;
@@ -24,6 +25,10 @@ use clap::Parser;
 use crate::exit::ExitReason;
 
 fn main() -> ExitCode {
+    let mut args = std::env::args_os();
+    if args.nth(1).is_some_and(|a| a == "ctl") {
+        return ExitCode::from(ctl::main(args));
+    }
     let cli = match cli::Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

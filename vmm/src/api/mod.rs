@@ -21,6 +21,8 @@ use crate::device_setup::PciPassthrough;
 use crate::vcpu::ExitCounters;
 use protocol::{Request, Response};
 
+mod migration;
+
 /// Longest request line accepted.
 const MAX_LINE: usize = 1 << 20;
 /// How often blocked calls look at the stop flag.
@@ -188,7 +190,7 @@ fn device<'a>(state: &'a ApiState, id: &str) -> Result<&'a PciPassthrough, Strin
 /// Answers one request.
 pub fn handle(request: Request, state: &ApiState) -> Response {
     match request {
-        Request::Info => Response::ok(json!({
+        Request::Info {} => Response::ok(json!({
             "cpus": state.cpus,
             "memory": state.mem_size,
             "devices": state.devices.iter().map(|d| json!({
@@ -196,7 +198,26 @@ pub fn handle(request: Request, state: &ApiState) -> Response {
                 "mediator": d.mediated.as_ref().map(|m| m.mediator_name().to_string()),
             })).collect::<Vec<_>>(),
         })),
-        Request::DeviceStats => Response::ok(device_stats(state)),
+        Request::DeviceStats {} => Response::ok(device_stats(state)),
+        Request::DeviceMigration {
+            device: id,
+            op,
+            path,
+        } => {
+            let d = match device(state, &id) {
+                Ok(d) => d,
+                Err(e) => return Response::error(e),
+            };
+            let Some(m) = &d.migration else {
+                return Response::error(format!(
+                    "device {id} cannot migrate: it has no mediator with a migration region"
+                ));
+            };
+            match migration::run(&**m, op, path.as_deref()) {
+                Ok(v) => Response::ok(v),
+                Err(e) => Response::error(format!("device {id}: {e}")),
+            }
+        }
         Request::Mediator {
             device: id,
             command,
@@ -245,6 +266,7 @@ fn device_stats(state: &ApiState) -> Value {
                     "mapped": d.device.mapped_areas(b.index),
                     "trapped": d.device.trapped(b.index),
                 })).collect::<Vec<_>>(),
+                "migration_state": d.migration.as_ref().and_then(|m| m.state().ok()).map(|s| s.to_string()),
                 "mediator": d.mediated.as_ref().map(|m| json!({
                     "name": m.mediator_name(),
                     "stats": m.handle().stats(),

@@ -14,11 +14,22 @@ use serde_json::Value;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "request", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
-    /// The VM's configuration and devices.
-    Info,
+    /// The VM's configuration and devices. (Empty struct variants, not unit ones: serde
+    /// checks unknown fields only for those.)
+    Info {},
     /// KVM exit counts, and per device: BAR access counters, trapped ranges, mediator
     /// statistics.
-    DeviceStats,
+    DeviceStats {},
+    /// A step of a device's migration (through its mediator's migration region or another
+    /// source): for tests and tools; live migration drives the same interface itself.
+    DeviceMigration {
+        /// The device's id.
+        device: String,
+        /// What to do.
+        op: MigrationOp,
+        /// The file `save` writes and `restore` reads.
+        path: Option<std::path::PathBuf>,
+    },
     /// A request to the mediator of a `vfio-mediated` device.
     Mediator {
         /// The device's id.
@@ -29,6 +40,25 @@ pub enum Request {
         #[serde(default)]
         args: Value,
     },
+}
+
+/// A device-migration step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationOp {
+    /// The device's migration state.
+    State,
+    /// Starts recording the guest pages the device writes.
+    StartDirtyTracking,
+    /// Stops recording them.
+    StopDirtyTracking,
+    /// The pages written since the start or the last take.
+    TakeDirtyPages,
+    /// Saves the device's state to `path` while the VM runs: pre-copy, then a short
+    /// stop-and-copy, then the device runs on.
+    Save,
+    /// Loads a state saved with `save` from `path` into the device and lets it run.
+    Restore,
 }
 
 /// The answer to one request.
@@ -67,7 +97,7 @@ impl Response {
 /// Parses one request line; the error says what is wrong and what is accepted.
 pub fn parse(line: &str) -> Result<Request, String> {
     serde_json::from_str(line).map_err(|e| {
-        format!("bad request ({e}); send one JSON object per line with \"request\": \"info\", \"device-stats\" or \"mediator\"")
+        format!("bad request ({e}); send one JSON object per line with \"request\": \"info\", \"device-stats\", \"mediator\" or \"device-migration\"")
     })
 }
 
@@ -77,7 +107,7 @@ mod tests {
 
     #[test]
     fn requests_parse_and_bad_ones_say_why() {
-        assert_eq!(parse(r#"{"request":"info"}"#), Ok(Request::Info));
+        assert_eq!(parse(r#"{"request":"info"}"#), Ok(Request::Info {}));
         assert_eq!(
             parse(r#"{"request":"mediator","device":"vf0","command":"stats"}"#),
             Ok(Request::Mediator {
@@ -86,7 +116,16 @@ mod tests {
                 args: Value::Null
             })
         );
+        assert_eq!(
+            parse(r#"{"request":"device-migration","device":"vf0","op":"save","path":"/x"}"#),
+            Ok(Request::DeviceMigration {
+                device: "vf0".into(),
+                op: MigrationOp::Save,
+                path: Some("/x".into()),
+            })
+        );
         for bad in [
+            r#"{"request":"device-migration","device":"vf0","op":"fly"}"#,
             "",
             "nope",
             r#"{"request":"reboot"}"#,

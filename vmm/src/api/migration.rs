@@ -1,0 +1,87 @@
+//! The API's device-migration steps, over [`DeviceMigration`].
+
+use std::time::Instant;
+
+use devices::vfio::migration::{DeviceMigration, MigrationState};
+use serde_json::{json, Value};
+
+use super::protocol::MigrationOp;
+
+/// Chunks read in one phase before giving up: a device that keeps offering data forever
+/// must not hang the API.
+const MAX_CHUNKS: usize = 100_000;
+
+/// Runs one step; the error text says what failed.
+pub fn run(
+    m: &dyn DeviceMigration,
+    op: MigrationOp,
+    path: Option<&std::path::Path>,
+) -> Result<Value, String> {
+    let e = |e: devices::vfio::migration::MigrationError| e.to_string();
+    let path = || path.ok_or_else(|| format!("{op:?} needs \"path\": the state file"));
+    match op {
+        MigrationOp::State => Ok(json!({"state": m.state().map_err(e)?.to_string()})),
+        MigrationOp::StartDirtyTracking => m.start_dirty_tracking().map(|()| json!({})).map_err(e),
+        MigrationOp::StopDirtyTracking => m.stop_dirty_tracking().map(|()| json!({})).map_err(e),
+        MigrationOp::TakeDirtyPages => Ok(json!({"pages": m.take_dirty_pages().map_err(e)?})),
+        MigrationOp::Save => save(m, path()?),
+        MigrationOp::Restore => {
+            let path = path()?;
+            let data = std::fs::read(&path)
+                .map_err(|err| format!("cannot read {}: {err}", path.display()))?;
+            m.set_state(MigrationState::Resuming).map_err(e)?;
+            let r = m
+                .restore_chunk(&data)
+                .and_then(|()| m.set_state(MigrationState::Running));
+            if let Err(err) = r {
+                // Leave the device stopped, not half-restored and running.
+                let _ = m.set_state(MigrationState::Stopped);
+                return Err(format!("restoring from {}: {err}", path.display()));
+            }
+            Ok(json!({"bytes": data.len()}))
+        }
+    }
+}
+
+/// Pre-copy, stop-and-copy, then back to running; the device runs on whatever happens.
+fn save(m: &dyn DeviceMigration, path: &std::path::Path) -> Result<Value, String> {
+    let mut data = Vec::new();
+    let result = (|| {
+        m.set_state(MigrationState::PreCopy)?;
+        drain(m, &mut data, false)?;
+        let stopped = Instant::now();
+        m.set_state(MigrationState::StopCopy)?;
+        drain(m, &mut data, true)?;
+        m.set_state(MigrationState::Running)?;
+        Ok::<_, devices::vfio::migration::MigrationError>(stopped.elapsed())
+    })();
+    let stopped_for = match result {
+        Ok(d) => d,
+        Err(err) => {
+            let _ = m.set_state(MigrationState::Running);
+            return Err(format!("saving: {err} (the device was resumed)"));
+        }
+    };
+    std::fs::write(path, &data).map_err(|err| format!("cannot write {}: {err}", path.display()))?;
+    Ok(json!({"bytes": data.len(), "device_stopped_us": stopped_for.as_micros() as u64}))
+}
+
+fn drain(
+    m: &dyn DeviceMigration,
+    out: &mut Vec<u8>,
+    until_empty: bool,
+) -> devices::vfio::migration::Result<()> {
+    for _ in 0..MAX_CHUNKS {
+        if until_empty && m.pending_bytes()? == 0 {
+            return Ok(());
+        }
+        match m.save_chunk()? {
+            Some(chunk) => out.extend_from_slice(&chunk),
+            None if until_empty => {}
+            None => return Ok(()),
+        }
+    }
+    Err(devices::vfio::migration::MigrationError::Protocol(format!(
+        "the device offered more than {MAX_CHUNKS} chunks"
+    )))
+}

@@ -1,0 +1,146 @@
+//! `vmm ctl`: a client of a running VMM's control API (`--api-socket`).
+//!
+//! ```text
+//! vmm ctl --api-socket /run/vm0.sock info
+//! vmm ctl --api-socket /run/vm0.sock device-stats
+//! vmm ctl --api-socket /run/vm0.sock mediator vf0 trap '{"bar":0,"offset":4096,"size":4096}'
+//! vmm ctl --api-socket /run/vm0.sock device-migration vf0 save --path /tmp/vf0.state
+//! ```
+//! Prints the result as JSON on stdout; an error response is printed on stderr with exit
+//! status 1.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+
+/// Talks to a running vmm through its control API socket.
+#[derive(Debug, Parser)]
+#[command(name = "vmm ctl", version)]
+pub struct CtlCli {
+    /// The VMM's API socket (its --api-socket).
+    #[arg(long, short = 's', value_name = "PATH")]
+    api_socket: PathBuf,
+    /// How long to wait for the answer, in seconds.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+    #[command(subcommand)]
+    request: CtlRequest,
+}
+
+#[derive(Debug, Subcommand)]
+enum CtlRequest {
+    /// The VM's configuration and devices.
+    Info,
+    /// KVM exit counts and per-device BAR counters, mapped and trapped ranges, mediator
+    /// statistics.
+    DeviceStats,
+    /// A request to a device's mediator, e.g. `mediator vf0 trap '{"bar":0,"offset":4096,"size":4096}'`
+    /// (trace: trap, untrap, trapped, stats; virtio-blk-vf: status, skip-ring-walk).
+    Mediator {
+        /// The device's id.
+        device: String,
+        /// The mediator's command.
+        command: String,
+        /// Its arguments as JSON.
+        #[arg(default_value = "{}")]
+        args: String,
+    },
+    /// A device-migration step: state, start-dirty-tracking, stop-dirty-tracking,
+    /// take-dirty-pages, save (--path), restore (--path).
+    DeviceMigration {
+        /// The device's id.
+        device: String,
+        /// The step.
+        op: String,
+        /// The state file of save and restore.
+        #[arg(long)]
+        path: Option<PathBuf>,
+    },
+    /// Sends a raw JSON request line.
+    Raw {
+        /// The request, e.g. '{"request":"info"}'.
+        json: String,
+    },
+}
+
+/// Runs `vmm ctl` with `args` (after `ctl`); returns the exit status.
+pub fn main(args: impl Iterator<Item = std::ffi::OsString>) -> u8 {
+    let cli = match CtlCli::try_parse_from(std::iter::once("vmm ctl".into()).chain(args)) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    match run(&cli) {
+        Ok(v) => {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            0
+        }
+        Err(e) => {
+            eprintln!("vmm ctl: error: {e}");
+            1
+        }
+    }
+}
+
+fn request_of(r: &CtlRequest) -> Result<Value, String> {
+    Ok(match r {
+        CtlRequest::Info => json!({"request": "info"}),
+        CtlRequest::DeviceStats => json!({"request": "device-stats"}),
+        CtlRequest::Mediator {
+            device,
+            command,
+            args,
+        } => {
+            let args: Value = serde_json::from_str(args)
+                .map_err(|e| format!("the arguments {args:?} are not JSON: {e}"))?;
+            json!({"request": "mediator", "device": device, "command": command, "args": args})
+        }
+        CtlRequest::DeviceMigration { device, op, path } => {
+            json!({"request": "device-migration", "device": device, "op": op, "path": path})
+        }
+        CtlRequest::Raw { json } => {
+            serde_json::from_str(json).map_err(|e| format!("{json:?} is not JSON: {e}"))?
+        }
+    })
+}
+
+fn run(cli: &CtlCli) -> Result<Value, String> {
+    let request = request_of(&cli.request)?;
+    let stream = UnixStream::connect(&cli.api_socket).map_err(|e| {
+        format!(
+            "cannot connect to {}: {e} (is the vmm running with --api-socket {0}?)",
+            cli.api_socket.display()
+        )
+    })?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(cli.timeout)))
+        .map_err(|e| e.to_string())?;
+    let mut w = stream.try_clone().map_err(|e| e.to_string())?;
+    let mut line = request.to_string();
+    line.push('\n');
+    w.write_all(line.as_bytes())
+        .map_err(|e| format!("sending the request: {e}"))?;
+    let mut answer = String::new();
+    BufReader::new(stream)
+        .read_line(&mut answer)
+        .map_err(|e| format!("waiting for the answer: {e}"))?;
+    if answer.is_empty() {
+        return Err("the vmm closed the connection without answering".into());
+    }
+    let v: Value =
+        serde_json::from_str(&answer).map_err(|e| format!("bad answer {answer:?}: {e}"))?;
+    if v["ok"] == Value::Bool(true) {
+        Ok(v["result"].clone())
+    } else {
+        Err(v["error"]
+            .as_str()
+            .unwrap_or("error without text")
+            .to_string())
+    }
+}
