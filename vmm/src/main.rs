@@ -13,6 +13,7 @@ mod exit;
 mod irq_routes;
 mod memory;
 mod serial_config;
+mod state;
 mod vcpu;
 mod vfio_user_backend;
 mod vm;

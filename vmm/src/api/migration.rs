@@ -27,7 +27,7 @@ pub fn run(
         MigrationOp::Save => save(m, path()?),
         MigrationOp::Restore => {
             let path = path()?;
-            let data = std::fs::read(&path)
+            let data = std::fs::read(path)
                 .map_err(|err| format!("cannot read {}: {err}", path.display()))?;
             m.set_state(MigrationState::Resuming).map_err(e)?;
             let r = m
