@@ -219,6 +219,39 @@ impl MemSlots {
         record.set_flags(&*self.backend, "set dirty logging", gpa, flags)
     }
 
+    /// The guest pages of the mapping that starts at `gpa` written since the last call (or
+    /// since dirty logging was turned on for it), as page-aligned guest addresses. KVM
+    /// clears its log on each call.
+    pub fn take_dirty_pages(&self, gpa: u64) -> Result<Vec<u64>> {
+        let record = self.lock();
+        let (slot, mapping) = record.starting_at(gpa).ok_or(MemSlotsError::NotMapped {
+            op: "get the dirty log",
+            gpa,
+        })?;
+        let bitmap = self
+            .backend
+            .get_dirty_log(slot.0, mapping.size)
+            .map_err(|source| MemSlotsError::Kvm {
+                op: "get the dirty log of",
+                slot: *slot,
+                gpa,
+                end: mapping.end(),
+                source,
+            })?;
+        let mut pages = Vec::new();
+        for (word_index, mut word) in bitmap.into_iter().enumerate() {
+            while word != 0 {
+                let bit = u64::from(word.trailing_zeros());
+                word &= word - 1;
+                let page = word_index as u64 * 64 + bit;
+                if page * PAGE_SIZE < mapping.size {
+                    pages.push(mapping.gpa + page * PAGE_SIZE);
+                }
+            }
+        }
+        Ok(pages)
+    }
+
     /// All mappings with their slots, sorted by guest address.
     pub fn mappings(&self) -> Vec<(SlotId, Mapping)> {
         self.lock().all().cloned().collect()

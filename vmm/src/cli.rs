@@ -34,8 +34,20 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 #[command(name = "vmm", version, verbatim_doc_comment)]
 pub struct Cli {
     /// Kernel image: an ELF vmlinux or a bzImage.
-    #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["restore", "incoming"])]
+    pub kernel: Option<PathBuf>,
+
+    /// Start from a snapshot written by `vmm ctl snapshot` instead of booting: memory and
+    /// vCPUs come from it; give each saved device again (same ids) with --device, since the
+    /// backends (e.g. a VF on this host) are this VMM's own.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["kernel", "initramfs", "cmdline", "memory", "cpus"])]
+    pub restore: Option<PathBuf>,
+
+    /// Wait for a live migration on tcp:ADDR:PORT (from `vmm ctl migrate` on the source)
+    /// instead of booting; give each of the guest's devices (same ids) with --device,
+    /// backed by this host's own device servers.
+    #[arg(long, value_name = "tcp:ADDR:PORT", conflicts_with_all = ["kernel", "initramfs", "cmdline", "memory", "cpus", "restore"])]
+    pub incoming: Option<String>,
 
     /// Initial RAM filesystem (a cpio archive; uncompressed boots fastest).
     #[arg(long, value_name = "PATH")]

@@ -38,6 +38,33 @@ enum CtlRequest {
     /// KVM exit counts and per-device BAR counters, mapped and trapped ranges, mediator
     /// statistics.
     DeviceStats,
+    /// Stops the guest's vCPUs.
+    Pause,
+    /// Lets them run again.
+    Resume,
+    /// Writes the VM to a snapshot file (restore it with `vmm --restore PATH`); the VM
+    /// runs on afterwards unless --paused.
+    Snapshot {
+        /// The file.
+        path: PathBuf,
+        /// Stay paused afterwards.
+        #[arg(long)]
+        paused: bool,
+    },
+    /// Live-migrates the VM to a `vmm --incoming tcp:ADDR:PORT` and shows its progress
+    /// until it completes or fails (the source exits when the destination runs the guest).
+    Migrate {
+        /// The destination, tcp:HOST:PORT.
+        url: String,
+        /// Downtime budget in ms.
+        #[arg(long, default_value_t = 300)]
+        downtime_ms: u64,
+        /// Return at once instead of following the progress.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Progress of the current or last migration.
+    MigrationStatus,
     /// A request to a device's mediator, e.g. `mediator vf0 trap '{"bar":0,"offset":4096,"size":4096}'`
     /// (trace: trap, untrap, trapped, stats; virtio-blk-vf: status, skip-ring-walk).
     Mediator {
@@ -92,6 +119,17 @@ fn request_of(r: &CtlRequest) -> Result<Value, String> {
     Ok(match r {
         CtlRequest::Info => json!({"request": "info"}),
         CtlRequest::DeviceStats => json!({"request": "device-stats"}),
+        CtlRequest::Pause => json!({"request": "pause"}),
+        CtlRequest::Migrate {
+            url, downtime_ms, ..
+        } => json!({"request": "migrate", "url": url, "downtime_ms": downtime_ms}),
+        CtlRequest::MigrationStatus => json!({"request": "migration-status"}),
+        CtlRequest::Resume => json!({"request": "resume"}),
+        CtlRequest::Snapshot { path, paused } => {
+            let path = std::path::absolute(path)
+                .map_err(|e| format!("snapshot path {}: {e}", path.display()))?;
+            json!({"request": "snapshot", "path": path, "paused": paused})
+        }
         CtlRequest::Mediator {
             device,
             command,
@@ -112,6 +150,63 @@ fn request_of(r: &CtlRequest) -> Result<Value, String> {
 
 fn run(cli: &CtlCli) -> Result<Value, String> {
     let request = request_of(&cli.request)?;
+    let started = call(cli, &request)?;
+    match &cli.request {
+        CtlRequest::Migrate { no_wait: false, .. } => follow_migration(cli),
+        _ => Ok(started),
+    }
+}
+
+/// Polls the migration status and prints progress lines on stderr until it ends. The
+/// source exits right after a completed migration, so a status that said the guest is
+/// stopping followed by a closed socket counts as done only if the last status was
+/// "completed".
+fn follow_migration(cli: &CtlCli) -> Result<Value, String> {
+    let mut last = Value::Null;
+    let mut last_line = String::new();
+    loop {
+        std::thread::sleep(Duration::from_millis(250));
+        let status = match call(cli, &json!({"request": "migration-status"})) {
+            Ok(s) => s,
+            Err(e) if last["phase"] == "completed" => {
+                eprintln!("migrate: the source VMM exited after completing ({e})");
+                return Ok(last);
+            }
+            Err(e) => {
+                return Err(format!(
+                    "lost the source VMM during the migration: {e}; last status {last}"
+                ))
+            }
+        };
+        let line = format!(
+            "migrate: {} iteration {} sent {:.1} MB at {:.1} MB/s, dirty {} pages ({:.0}/s), expected downtime {:.1} ms",
+            status["phase"].as_str().unwrap_or("?"),
+            status["iteration"],
+            status["bytes"].as_f64().unwrap_or(0.0) / 1e6,
+            status["bandwidth_mb_s"].as_f64().unwrap_or(0.0),
+            status["dirty_pages"],
+            status["dirty_rate_pages_s"].as_f64().unwrap_or(0.0),
+            status["expected_downtime_ms"].as_f64().unwrap_or(0.0),
+        );
+        if line != last_line {
+            eprintln!("{line}");
+            last_line = line;
+        }
+        match status["phase"].as_str() {
+            Some("completed") => return Ok(status),
+            Some("failed") => {
+                return Err(format!(
+                    "migration failed, the guest runs on at the source: {}",
+                    status["error"].as_str().unwrap_or("no reason given")
+                ))
+            }
+            _ => {}
+        }
+        last = status;
+    }
+}
+
+fn call(cli: &CtlCli, request: &Value) -> Result<Value, String> {
     let stream = UnixStream::connect(&cli.api_socket).map_err(|e| {
         format!(
             "cannot connect to {}: {e} (is the vmm running with --api-socket {0}?)",

@@ -14,6 +14,8 @@ pub enum ExitReason {
     GuestPowerOff,
     /// SIGTERM or SIGINT.
     Signal(i32),
+    /// The guest was migrated to this destination and runs there now.
+    Migrated(String),
     /// A fatal vCPU error (KVM emulation failure, entry failure, ioctl error).
     Error(String),
 }

@@ -11,8 +11,12 @@ mod device_setup;
 mod event_loop;
 mod exit;
 mod irq_routes;
+mod machine;
 mod memory;
+mod migrate;
+mod pause;
 mod serial_config;
+mod snapshot;
 mod state;
 mod vcpu;
 mod vfio_user_backend;
@@ -80,23 +84,36 @@ fn init_logging(filter: Option<&str>) {
 fn run(cli: &cli::Cli) -> anyhow::Result<u8> {
     let mem_size = memory::parse_size(&cli.memory)?;
     memory::validate_size(mem_size, &cli.memory)?;
-    if !cli.kernel.is_file() {
-        // Checked here so the message names the option, not an internal step.
-        let why = match std::fs::metadata(&cli.kernel) {
-            Ok(_) => "not a regular file".to_string(),
-            Err(e) => e.to_string(),
-        };
-        anyhow::bail!("--kernel {}: {why}", cli.kernel.display());
+    for (opt, path) in [("--kernel", &cli.kernel), ("--restore", &cli.restore)] {
+        let Some(path) = path else { continue };
+        if !path.is_file() {
+            // Checked here so the message names the option, not an internal step.
+            let why = match std::fs::metadata(path) {
+                Ok(_) => "not a regular file".to_string(),
+                Err(e) => e.to_string(),
+            };
+            anyhow::bail!("{opt} {}: {why}", path.display());
+        }
     }
     if let Some(initramfs) = &cli.initramfs {
         std::fs::metadata(initramfs)
             .with_context(|| format!("--initramfs {}", initramfs.display()))?;
     }
     let devices = config::device::resolve(&cli.devices)?;
+    let start = match (&cli.restore, &cli.kernel) {
+        _ if cli.incoming.is_some() => {
+            vm::Start::Incoming(cli.incoming.clone().unwrap_or_default())
+        }
+        (Some(path), _) => vm::Start::Restore(path.clone()),
+        (None, Some(kernel)) => vm::Start::Boot {
+            kernel: kernel.clone(),
+            initramfs: cli.initramfs.clone(),
+            cmdline: cli.cmdline.clone(),
+        },
+        (None, None) => anyhow::bail!("give --kernel PATH (or --restore PATH)"),
+    };
     let cfg = vm::VmConfig {
-        kernel: cli.kernel.clone(),
-        initramfs: cli.initramfs.clone(),
-        cmdline: cli.cmdline.clone(),
+        start,
         mem_size,
         cpus: cli.cpus,
         serial: cli.serial.clone(),
@@ -114,6 +131,9 @@ fn run(cli: &cli::Cli) -> anyhow::Result<u8> {
         ExitReason::GuestReset => tracing::info!("guest reset after {secs:.1} s; exiting"),
         ExitReason::GuestPowerOff => tracing::info!("guest powered off after {secs:.1} s; exiting"),
         ExitReason::Signal(n) => tracing::info!("stopped by signal {n} after {secs:.1} s"),
+        ExitReason::Migrated(to) => {
+            tracing::info!("guest migrated to {to} after {secs:.1} s; exiting")
+        }
         ExitReason::Error(msg) => anyhow::bail!("{msg}"),
     }
     Ok(reason.status() as u8)

@@ -14,6 +14,8 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::exit::{ExitReason, VmExit};
+use crate::pause::PauseControl;
+use crate::state::vcpu::KvmCaps;
 
 /// Kinds of exits counted.
 pub const EXIT_KINDS: [&str; 9] = [
@@ -106,6 +108,12 @@ impl VcpuThread {
         }
     }
 
+    /// The thread's pthread id (for kicks from other threads).
+    pub fn pthread(&self) -> libc::pthread_t {
+        use std::os::unix::thread::JoinHandleExt;
+        self.handle.as_pthread_t()
+    }
+
     /// Waits for the thread to finish.
     pub fn join(self) {
         if self.handle.join().is_err() {
@@ -126,6 +134,10 @@ pub struct VcpuContext {
     pub counters: Arc<ExitCounters>,
     /// Log where the vCPU is each time it is kicked (VMM_SAMPLE_RIP_MS, a debugging aid).
     pub sample_rip: bool,
+    /// Pause handshake with the VMM.
+    pub pause: Arc<PauseControl>,
+    /// What KVM can save, for captures while paused.
+    pub caps: Option<Arc<KvmCaps>>,
 }
 
 /// Starts vCPU `id` on its own thread.
@@ -143,6 +155,10 @@ pub fn spawn(id: u8, mut vcpu: VcpuFd, ctx: VcpuContext) -> std::io::Result<Vcpu
 fn run_loop(id: u8, vcpu: &mut VcpuFd, ctx: &VcpuContext) {
     let c = &ctx.counters;
     while !ctx.stop.load(Ordering::Acquire) {
+        if ctx.pause.wanted() {
+            ctx.pause.park(id, vcpu, ctx.caps.as_deref(), &ctx.stop);
+            continue;
+        }
         let result = vcpu.run();
         // The VMM's own share of an I/O exit: from KVM_RUN's return to the next KVM_RUN.
         let exited = Instant::now();

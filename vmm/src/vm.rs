@@ -27,16 +27,30 @@ use crate::memory::{self, MemoryError};
 use crate::serial_config::SerialConfig;
 use crate::vcpu::{self, ExitCounters, VcpuContext};
 
+/// How the guest starts.
+#[derive(Clone, Debug)]
+pub enum Start {
+    /// Boot a kernel.
+    Boot {
+        /// Kernel image.
+        kernel: PathBuf,
+        /// Optional initramfs.
+        initramfs: Option<PathBuf>,
+        /// Kernel command line.
+        cmdline: String,
+    },
+    /// Restore a snapshot file (memory size and vCPU count come from it).
+    Restore(PathBuf),
+    /// Wait for a live migration on `tcp:ADDR:PORT` and run the guest it brings.
+    Incoming(String),
+}
+
 /// Everything needed to build a VM.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
-    /// Kernel image.
-    pub kernel: PathBuf,
-    /// Optional initramfs.
-    pub initramfs: Option<PathBuf>,
-    /// Kernel command line.
-    pub cmdline: String,
-    /// Guest RAM in bytes (validated).
+    /// How the guest starts.
+    pub start: Start,
+    /// Guest RAM in bytes (validated; a restored VM takes the saved size).
     pub mem_size: u64,
     /// vCPU count.
     pub cpus: u8,
@@ -62,6 +76,9 @@ pub enum VmError {
         what: &'static str,
         source: kvm_ioctls::Error,
     },
+    /// A snapshot could not be read or applied.
+    #[error("restoring: {0}")]
+    Restore(#[from] crate::snapshot::SnapshotError),
     /// Guest RAM.
     #[error(transparent)]
     Memory(#[from] MemoryError),
@@ -151,6 +168,39 @@ pub struct RunStats {
 
 /// Builds the VM, runs it until it stops, and returns why, with exit statistics.
 pub fn run(cfg: &VmConfig) -> Result<(ExitReason, RunStats), VmError> {
+    // A restored VM's shape comes from the stream, so its config is read first.
+    let mut reply = None;
+    let mut incoming = match &cfg.start {
+        Start::Boot { .. } => None,
+        Start::Incoming(url) => {
+            let (reader, config, r) = crate::migrate::incoming::accept(url)?;
+            reply = Some(r);
+            Some((reader, config))
+        }
+        Start::Restore(path) => {
+            let file = std::fs::File::open(path).map_err(|source| VmError::Os {
+                what: "open the snapshot (--restore)",
+                source,
+            })?;
+            let r: Box<dyn std::io::Read + Send> = Box::new(std::io::BufReader::new(file));
+            Some(crate::snapshot::restore::open(r)?)
+        }
+    };
+    let (mem_size, cpus) = match &incoming {
+        Some((_, c)) => (
+            c.mem_size,
+            u8::try_from(c.vcpus)
+                .ok()
+                .filter(|&n| (1..=32).contains(&n))
+                .ok_or_else(|| {
+                    crate::snapshot::SnapshotError::Mismatch(format!(
+                        "{} vCPUs in the stream",
+                        c.vcpus
+                    ))
+                })?,
+        ),
+        None => (cfg.mem_size, cfg.cpus),
+    };
     let kvm = open_kvm()?;
     let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create the VM"))?);
     vm.set_tss_address(0xfffb_d000)
@@ -164,27 +214,46 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, RunStats), VmError> {
     vm.create_pit2(pit)
         .map_err(kvm_err("create the in-kernel PIT"))?;
 
-    let (mem, _memfd) = memory::create(cfg.mem_size)?;
+    let caps = match crate::state::vcpu::KvmCaps::probe(&kvm, &vm) {
+        Ok(c) => Some(Arc::new(c)),
+        Err(e) => {
+            tracing::warn!("KVM state cannot be saved (snapshots and migration are off): {e}");
+            None
+        }
+    };
+
+    let (mem, _memfd) = memory::create(mem_size)?;
     let memslots = Arc::new(MemSlots::new(vm.clone()));
     map_guest_ram(&memslots, &mem)?;
 
-    let loaded = boot::load(
-        &mem,
-        &boot::BootConfig {
-            kernel: &cfg.kernel,
-            initramfs: cfg.initramfs.as_deref(),
-            cmdline: &cfg.cmdline,
-            mem_size: cfg.mem_size,
-            cpus: cfg.cpus,
-        },
-    )?;
-    tracing::info!("loaded {:?} kernel, entry {:#x}", loaded.kind, loaded.entry);
-    regs::write_boot_structures(&mem)?;
+    let entry = match &cfg.start {
+        Start::Boot {
+            kernel,
+            initramfs,
+            cmdline,
+        } => {
+            let loaded = boot::load(
+                &mem,
+                &boot::BootConfig {
+                    kernel,
+                    initramfs: initramfs.as_deref(),
+                    cmdline,
+                    mem_size,
+                    cpus,
+                },
+            )?;
+            tracing::info!("loaded {:?} kernel, entry {:#x}", loaded.kind, loaded.entry);
+            regs::write_boot_structures(&mem)?;
+            Some(loaded.entry)
+        }
+        Start::Restore(_) | Start::Incoming(_) => None,
+    };
 
     // Devices.
     let bus = Arc::new(Bus::new());
     let exit = Arc::new(VmExit::new().map_err(os_err("create the exit eventfd"))?);
     let mut inputs = Vec::new();
+    let mut serials = Vec::new();
     for ((name, base, gsi), scfg) in SERIAL_PORTS.iter().zip([&cfg.serial, &cfg.serial2]) {
         let irq =
             EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("create a serial IRQ eventfd"))?;
@@ -196,6 +265,7 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, RunStats), VmError> {
                 .map_err(os_err("create a serial port"))?,
         );
         bus.register_pio(name, *base, 8, port.clone())?;
+        serials.push(port.clone());
         inputs.push(SerialInput::new(name, port, source));
     }
     let reset = EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("create the reset eventfd"))?;
@@ -216,7 +286,12 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, RunStats), VmError> {
     let kbd_irq = i8042_irqs.pop().expect("two IRQs");
     let i8042 = Arc::new(I8042::new(reset_trigger).with_irqs(kbd_irq, aux_irq));
     bus.register_pio("i8042", devices::legacy::i8042::DATA_PORT, 1, i8042.clone())?;
-    bus.register_pio("i8042", devices::legacy::i8042::COMMAND_PORT, 1, i8042)?;
+    bus.register_pio(
+        "i8042",
+        devices::legacy::i8042::COMMAND_PORT,
+        1,
+        i8042.clone(),
+    )?;
     let pci = Arc::new(PciRoot::new());
     pci.add(0, 0, Arc::new(Mutex::new(HostBridge::new())))?;
     let routes = Arc::new(KvmRoutes::new(vm.clone())?);
@@ -231,7 +306,7 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, RunStats), VmError> {
             routes: &routes,
             pci: &pci,
             mem: &mem,
-            mem_size: cfg.mem_size,
+            mem_size,
             timeout: vfio_user::DEFAULT_TIMEOUT,
             mediators: &mediators,
         },
@@ -251,17 +326,53 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, RunStats), VmError> {
     let base_cpuid = cpuid::supported(&kvm)?;
     tracing::debug!("CPUID hides {}", cpuid::hidden_names().join(","));
     let mut vcpu_fds = Vec::new();
-    for id in 0..cfg.cpus {
+    for id in 0..cpus {
         let fd = vm
             .create_vcpu(u64::from(id))
             .map_err(kvm_err("create a vCPU"))?;
-        fd.set_cpuid2(&cpuid::for_vcpu(&base_cpuid, id, cfg.cpus))
+        fd.set_cpuid2(&cpuid::for_vcpu(&base_cpuid, id, cpus))
             .map_err(kvm_err("set CPUID"))?;
         regs::setup_common(&fd)?;
-        if id == 0 {
-            regs::setup_boot_vcpu(&fd, loaded.entry)?;
+        if let (0, Some(entry)) = (id, entry) {
+            regs::setup_boot_vcpu(&fd, entry)?;
         }
         vcpu_fds.push(fd);
+    }
+
+    if let Some((reader, config)) = &mut incoming {
+        let result = (|| {
+            crate::snapshot::restore::check_devices(config, &passthrough)?;
+            let caps = caps.as_deref().ok_or_else(|| {
+                crate::snapshot::SnapshotError::NoCaps("probing KVM's capabilities failed".into())
+            })?;
+            if let Some(r) = &mut reply {
+                r.ready()
+                    .map_err(crate::snapshot::SnapshotError::Mismatch)?;
+            }
+            crate::snapshot::restore::apply(
+                reader,
+                &crate::snapshot::restore::Target {
+                    vm: &vm,
+                    mem: &mem,
+                    vcpus: &vcpu_fds,
+                    caps,
+                    devices: &passthrough,
+                },
+            )
+        })();
+        match result {
+            Ok(loaded) => tracing::info!(
+                "restored {} pages of RAM and {} bytes of device state",
+                loaded.pages,
+                loaded.device_bytes
+            ),
+            Err(e) => {
+                if let Some(r) = &mut reply {
+                    r.abort(&e.to_string());
+                }
+                return Err(e.into());
+            }
+        }
     }
 
     // Event loop first, so nothing the guest does is missed; then the vCPUs.
@@ -277,33 +388,32 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, RunStats), VmError> {
     let stop = Arc::new(AtomicBool::new(false));
     let counters = Arc::new(ExitCounters::default());
     let passthrough = Arc::new(passthrough);
-    let api = match &cfg.api_socket {
-        Some(path) => Some(crate::api::ApiServer::start(
-            path,
-            crate::api::ApiState {
-                cpus: cfg.cpus,
-                mem_size: cfg.mem_size,
-                devices: passthrough.clone(),
-                exits: counters.clone(),
-            },
-        )?),
-        None => None,
-    };
     // Debugging aid: VMM_SAMPLE_RIP_MS=N kicks every vCPU every N ms and logs where it is.
     let sample_ms: Option<u64> = std::env::var("VMM_SAMPLE_RIP_MS")
         .ok()
         .and_then(|v| v.parse().ok());
     let mut threads = Vec::new();
+    let mut handles = Vec::new();
     for (id, fd) in vcpu_fds.into_iter().enumerate() {
+        let pause = Arc::new(crate::pause::PauseControl::default());
         let ctx = VcpuContext {
             bus: bus.clone(),
             exit: exit.clone(),
             stop: stop.clone(),
             counters: counters.clone(),
             sample_rip: sample_ms.is_some(),
+            pause: pause.clone(),
+            caps: caps.clone(),
         };
         match vcpu::spawn(id as u8, fd, ctx) {
-            Ok(t) => threads.push(t),
+            Ok(t) => {
+                handles.push(crate::machine::VcpuHandle {
+                    id: id as u8,
+                    pause,
+                    kicker: crate::machine::Kicker(t.pthread()),
+                });
+                threads.push(t)
+            }
             Err(e) => {
                 exit.trigger(ExitReason::Error(format!(
                     "cannot start vCPU thread {id}: {e}"
@@ -311,6 +421,45 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, RunStats), VmError> {
                 break;
             }
         }
+    }
+
+    let machine = Arc::new(crate::machine::Machine::new(
+        cpus,
+        mem_size,
+        vm.clone(),
+        mem.clone(),
+        memslots.clone(),
+        caps.clone(),
+        passthrough.clone(),
+        serials,
+        i8042,
+        counters.clone(),
+        exit.clone(),
+        handles,
+    ));
+    let api = match &cfg.api_socket {
+        Some(path) => Some(crate::api::ApiServer::start(
+            path,
+            crate::api::ApiState {
+                machine: machine.clone(),
+            },
+        )),
+        None => None,
+    };
+    let api = match api.transpose() {
+        Ok(a) => a,
+        Err(e) => {
+            exit.trigger(ExitReason::Error(e.to_string()));
+            None
+        }
+    };
+
+    if let Some(r) = &mut reply {
+        if let Err(e) = r.resumed() {
+            // The guest runs here already; the source will see the connection close.
+            tracing::warn!("{e}");
+        }
+        tracing::info!("migration complete: the guest runs here");
     }
 
     let mut next_sample = std::time::Instant::now();
@@ -337,9 +486,15 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, RunStats), VmError> {
     for t in &threads {
         t.kick();
     }
+    for v in &machine.vcpus {
+        v.pause.wake();
+    }
+    // The API may be kicking and pausing vCPUs: stop it before the threads are joined.
+    drop(api);
     for t in threads {
         t.join();
     }
+    drop(machine);
     let stats = RunStats {
         exits: counters.snapshot(),
         total: counters.total(),
@@ -349,7 +504,6 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, RunStats), VmError> {
     // The API (which reads the devices) first, then the devices (their BAR slots and
     // mappings), then the bus holding the PCI root, then guest RAM's slots; `mem` itself
     // drops last, at the end of this function.
-    drop(api);
     drop(passthrough);
     drop(bus);
     drop(memslots);

@@ -25,6 +25,16 @@ pub trait SlotBackend: Send + Sync {
 
     /// How many slots (numbered from 0) this backend supports.
     fn max_slots(&self) -> u32;
+
+    /// `KVM_GET_DIRTY_LOG` of slot `slot` of `memory_size` bytes: one bit per page written
+    /// since the last call (or since logging was turned on), which the call clears.
+    fn get_dirty_log(&self, slot: u32, memory_size: u64) -> io::Result<Vec<u64>> {
+        let _ = (slot, memory_size);
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this slot backend keeps no dirty log",
+        ))
+    }
 }
 
 impl SlotBackend for VmFd {
@@ -40,5 +50,11 @@ impl SlotBackend for VmFd {
             Ok(n) if n > 0 => n,
             _ => DEFAULT_MAX_SLOTS,
         }
+    }
+
+    fn get_dirty_log(&self, slot: u32, memory_size: u64) -> io::Result<Vec<u64>> {
+        let size = usize::try_from(memory_size)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "slot too large"))?;
+        VmFd::get_dirty_log(self, slot, size).map_err(io::Error::from)
     }
 }

@@ -148,6 +148,7 @@ pub struct VmBuilder {
     vmm_args: Vec<String>,
     image: Option<GuestImage>,
     vmm: Option<PathBuf>,
+    restore: Option<PathBuf>,
 }
 
 impl Default for VmBuilder {
@@ -159,6 +160,7 @@ impl Default for VmBuilder {
             vmm_args: Vec::new(),
             image: None,
             vmm: None,
+            restore: None,
         }
     }
 }
@@ -194,6 +196,13 @@ impl VmBuilder {
     /// Boots this kernel and initramfs instead of [`GuestImage::get`]'s.
     pub fn image(mut self, image: GuestImage) -> Self {
         self.image = Some(image);
+        self
+    }
+
+    /// Starts from this snapshot (`--restore`) instead of booting: no kernel, memory or
+    /// vCPU options are passed.
+    pub fn restore(mut self, snapshot: &Path) -> Self {
+        self.restore = Some(snapshot.to_path_buf());
         self
     }
 
@@ -237,22 +246,27 @@ impl VmBuilder {
         let stderr = create(dir.join("vmm.stderr"))?;
         let stdout = create(dir.join("vmm.stdout"))?;
 
-        let mut args: Vec<String> = vec![
-            "--kernel".into(),
-            image.vmlinux.display().to_string(),
-            "--initramfs".into(),
-            image.initramfs.display().to_string(),
-            "--cmdline".into(),
-            self.cmdline(),
-            "--memory".into(),
-            self.memory.clone(),
-            "--cpus".into(),
-            self.cpus.to_string(),
+        let mut args: Vec<String> = match &self.restore {
+            Some(snapshot) => vec!["--restore".into(), snapshot.display().to_string()],
+            None => vec![
+                "--kernel".into(),
+                image.vmlinux.display().to_string(),
+                "--initramfs".into(),
+                image.initramfs.display().to_string(),
+                "--cmdline".into(),
+                self.cmdline(),
+                "--memory".into(),
+                self.memory.clone(),
+                "--cpus".into(),
+                self.cpus.to_string(),
+            ],
+        };
+        args.extend([
             "--serial".into(),
             format!("file={}", console.display()),
             "--serial2".into(),
             format!("socket={}", socket.display()),
-        ];
+        ]);
         args.extend(self.vmm_args.iter().cloned());
 
         let child = Command::new(&vmm)

@@ -18,7 +18,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::device_setup::PciPassthrough;
-use crate::vcpu::ExitCounters;
+use crate::machine::Machine;
 use protocol::{Request, Response};
 
 mod migration;
@@ -51,14 +51,8 @@ pub enum ApiError {
 
 /// What requests are answered from.
 pub struct ApiState {
-    /// vCPU count.
-    pub cpus: u8,
-    /// Guest RAM size.
-    pub mem_size: u64,
-    /// The passed-through devices.
-    pub devices: Arc<Vec<PciPassthrough>>,
-    /// KVM exit counters.
-    pub exits: Arc<ExitCounters>,
+    /// The running VM.
+    pub machine: Arc<Machine>,
 }
 
 /// The running API server; stops and removes its socket on drop.
@@ -174,8 +168,9 @@ fn respond(out: &mut UnixStream, r: &Response) -> std::io::Result<()> {
 }
 
 fn device<'a>(state: &'a ApiState, id: &str) -> Result<&'a PciPassthrough, String> {
-    state.devices.iter().find(|d| d.id == id).ok_or_else(|| {
-        let ids: Vec<&str> = state.devices.iter().map(|d| d.id.as_str()).collect();
+    let devices = &state.machine.devices;
+    devices.iter().find(|d| d.id == id).ok_or_else(|| {
+        let ids: Vec<&str> = devices.iter().map(|d| d.id.as_str()).collect();
         format!(
             "no device {id:?}; devices: {}",
             if ids.is_empty() {
@@ -191,14 +186,45 @@ fn device<'a>(state: &'a ApiState, id: &str) -> Result<&'a PciPassthrough, Strin
 pub fn handle(request: Request, state: &ApiState) -> Response {
     match request {
         Request::Info {} => Response::ok(json!({
-            "cpus": state.cpus,
-            "memory": state.mem_size,
-            "devices": state.devices.iter().map(|d| json!({
+            "cpus": state.machine.cpus,
+            "memory": state.machine.mem_size,
+            "paused": *state.machine.lock(),
+            "devices": state.machine.devices.iter().map(|d| json!({
                 "id": d.id,
                 "mediator": d.mediated.as_ref().map(|m| m.mediator_name().to_string()),
             })).collect::<Vec<_>>(),
         })),
         Request::DeviceStats {} => Response::ok(device_stats(state)),
+        Request::Pause {} => match state.machine.pause() {
+            Ok(()) => Response::ok(json!({"paused": true})),
+            Err(e) => Response::error(format!("cannot pause: {e}")),
+        },
+        Request::Resume {} => match state.machine.resume() {
+            Ok(()) => Response::ok(json!({"paused": false})),
+            Err(e) => Response::error(format!("cannot resume: {e}")),
+        },
+        Request::Migrate { url, downtime_ms } => {
+            let req = crate::migrate::source::Request {
+                url: url.clone(),
+                downtime_ms: downtime_ms.unwrap_or(300),
+            };
+            match crate::migrate::source::start(state.machine.clone(), req) {
+                Ok(()) => Response::ok(json!({"started": url})),
+                Err(e) => Response::error(format!("cannot migrate: {e}")),
+            }
+        }
+        Request::MigrationStatus {} => {
+            Response::ok(serde_json::to_value(state.machine.migration.get()).unwrap_or(Value::Null))
+        }
+        Request::Snapshot { path, paused } => {
+            match crate::snapshot::file::snapshot(&state.machine, &path, paused) {
+                Ok(v) => Response::ok(v),
+                Err(e) => Response::error(format!(
+                    "snapshot to {} failed: {e} (the VM runs on)",
+                    path.display()
+                )),
+            }
+        }
         Request::DeviceMigration {
             device: id,
             op,
@@ -243,13 +269,14 @@ pub fn handle(request: Request, state: &ApiState) -> Response {
 }
 
 fn device_stats(state: &ApiState) -> Value {
-    let exits: serde_json::Map<String, Value> = state
+    let m = &state.machine;
+    let exits: serde_json::Map<String, Value> = m
         .exits
         .snapshot()
         .into_iter()
         .map(|(k, n, ns)| (k.to_string(), json!({"count": n, "handling_ns": ns})))
         .collect();
-    let devices: Vec<Value> = state
+    let devices: Vec<Value> = m
         .devices
         .iter()
         .map(|d| {
@@ -274,5 +301,5 @@ fn device_stats(state: &ApiState) -> Value {
             })
         })
         .collect();
-    json!({"exits": exits, "total_exits": state.exits.total(), "devices": devices})
+    json!({"exits": exits, "total_exits": m.exits.total(), "devices": devices})
 }

@@ -20,6 +20,29 @@ pub enum Request {
     /// KVM exit counts, and per device: BAR access counters, trapped ranges, mediator
     /// statistics.
     DeviceStats {},
+    /// Stops the vCPUs (devices keep their state).
+    Pause {},
+    /// Lets the vCPUs run again.
+    Resume {},
+    /// Writes the VM to a snapshot file; it runs on afterwards unless `paused`.
+    Snapshot {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Stay paused after writing.
+        #[serde(default)]
+        paused: bool,
+    },
+    /// Starts a live migration to a `vmm --incoming` (`tcp:HOST:PORT`); returns at once,
+    /// follow it with `migration-status`.
+    Migrate {
+        /// The destination.
+        url: String,
+        /// Downtime budget in ms (default 300).
+        #[serde(default)]
+        downtime_ms: Option<u64>,
+    },
+    /// Progress of the current or last migration.
+    MigrationStatus {},
     /// A step of a device's migration (through its mediator's migration region or another
     /// source): for tests and tools; live migration drives the same interface itself.
     DeviceMigration {
@@ -97,7 +120,7 @@ impl Response {
 /// Parses one request line; the error says what is wrong and what is accepted.
 pub fn parse(line: &str) -> Result<Request, String> {
     serde_json::from_str(line).map_err(|e| {
-        format!("bad request ({e}); send one JSON object per line with \"request\": \"info\", \"device-stats\", \"mediator\" or \"device-migration\"")
+        format!("bad request ({e}); send one JSON object per line with \"request\": \"info\", \"device-stats\", \"pause\", \"resume\", \"snapshot\", \"migrate\", \"migration-status\", \"mediator\" or \"device-migration\"")
     })
 }
 

@@ -1,0 +1,51 @@
+//! Live migration between two VMM processes over TCP.
+//!
+//! - [`source`]: `vmm ctl migrate tcp:HOST:PORT`: pre-copy of guest RAM (KVM's dirty log)
+//!   together with the devices' dirty pages and pre-copy data, iterated until the rest fits
+//!   the downtime budget at the measured bandwidth, then stop-and-copy; any failure before
+//!   the destination says it runs the guest leaves the source running;
+//! - [`incoming`]: `vmm --incoming tcp:ADDR:PORT`: accepts one migration, checks it,
+//!   builds the VM, loads the stream and resumes the guest;
+//! - [`progress`]: what the source reports while it migrates.
+//!
+//! The protocol (sections of the `migration` stream):
+//! ```text
+//! source                                   destination
+//! header(LIVE), VmConfig        ------>
+//!                               <------    header(LIVE|REPLY), Ready   (or Abort)
+//! IterationBegin(0), RAM..., device pre-copy chunks, IterationEnd(0)
+//! IterationBegin(n), dirty RAM..., IterationEnd(n)      (n = 1, 2, ...)
+//! StopAndCopy, dirty RAM, device final state, vCPUs, irqchip/PIT/clock, Complete
+//!                               <------    Resumed                     (or Abort)
+//! source exits 0                           guest runs here
+//! ```
+
+pub mod incoming;
+pub mod progress;
+pub mod source;
+
+/// Parses `tcp:HOST:PORT`.
+pub fn parse_tcp(url: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    let rest = url
+        .strip_prefix("tcp:")
+        .ok_or_else(|| format!("{url:?}: only tcp:HOST:PORT is supported"))?;
+    rest.to_socket_addrs()
+        .map_err(|e| format!("{url:?}: {e}; write tcp:HOST:PORT, e.g. tcp:10.0.0.2:4444"))?
+        .next()
+        .ok_or_else(|| format!("{url:?} resolves to no address"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tcp_urls_parse_and_bad_ones_say_why() {
+        assert_eq!(super::parse_tcp("tcp:127.0.0.1:4444").unwrap().port(), 4444);
+        assert!(super::parse_tcp("udp:1.2.3.4:5")
+            .unwrap_err()
+            .contains("only tcp:HOST:PORT"));
+        assert!(super::parse_tcp("tcp:1.2.3.4")
+            .unwrap_err()
+            .contains("tcp:HOST:PORT"));
+    }
+}

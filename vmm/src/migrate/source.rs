@@ -1,0 +1,331 @@
+//! The source side of a live migration, on its own thread.
+
+use std::collections::BTreeSet;
+use std::io::BufWriter;
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use devices::vfio::migration::MigrationState;
+use migration::{Control, DevicePhase, Section, StreamReader, StreamWriter, FLAG_LIVE};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use super::progress::Phase;
+use crate::exit::ExitReason;
+use crate::machine::Machine;
+use crate::snapshot::save::{
+    all_pages, config, restart_devices, stop_devices, write_device_chunks, write_final_state,
+    write_pages,
+};
+
+/// Pre-copy passes after the first before stopping the guest anyway.
+pub const MAX_ITERATIONS: u32 = 30;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A destination that says nothing for this long is gone.
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the caller asked for.
+#[derive(Clone, Debug)]
+pub struct Request {
+    /// `tcp:HOST:PORT`.
+    pub url: String,
+    /// Downtime budget.
+    pub downtime_ms: u64,
+}
+
+/// Starts the migration on a thread; the status is in `m.migration`. Fails at once if one
+/// is already running or the URL is bad.
+pub fn start(m: Arc<Machine>, req: Request) -> Result<(), String> {
+    let addr = super::parse_tcp(&req.url)?;
+    if m.caps.is_none() {
+        return Err("KVM state cannot be saved on this host".into());
+    }
+    {
+        if m.migration.busy() {
+            return Err(format!(
+                "a migration to {} is already running",
+                m.migration.get().url
+            ));
+        }
+        let mut s = m.migration.lock();
+        *s = super::progress::Status {
+            phase: Phase::Setup,
+            url: req.url.clone(),
+            downtime_budget_ms: req.downtime_ms,
+            ..Default::default()
+        };
+    }
+    std::thread::Builder::new()
+        .name("migrate".into())
+        .spawn(move || {
+            let started = Instant::now();
+            match migrate(&m, addr, &req, started) {
+                Ok(()) => {
+                    tracing::info!("migration to {} complete; exiting", req.url);
+                    m.exit.trigger(ExitReason::Migrated(req.url.clone()));
+                }
+                Err(e) => {
+                    let mut s = m.migration.lock();
+                    s.phase = Phase::Failed;
+                    s.error = Some(e.clone());
+                    s.total_ms = started.elapsed().as_secs_f64() * 1e3;
+                    tracing::error!(
+                        "migration to {} failed, the guest runs on here: {e}",
+                        req.url
+                    );
+                }
+            }
+        })
+        .map_err(|e| format!("cannot start the migration thread: {e}"))?;
+    Ok(())
+}
+
+/// Sends on the socket; fails with what was being sent.
+struct Link {
+    w: StreamWriter<BufWriter<TcpStream>>,
+    reply: Option<StreamReader<TcpStream>>,
+}
+
+fn io<T>(what: &str, r: Result<T, migration::Error>) -> Result<T, String> {
+    r.map_err(|e| format!("{what}: {e}"))
+}
+
+/// RAM pages written since the last call (KVM's log) plus the devices' dirty pages.
+fn dirty_pages(m: &Machine) -> Result<(BTreeSet<u64>, u64), String> {
+    let mut pages = BTreeSet::new();
+    for r in m.mem.iter() {
+        let gpa = r.start_addr().0;
+        pages.extend(
+            m.memslots
+                .take_dirty_pages(gpa)
+                .map_err(|e| format!("reading KVM's dirty log: {e}"))?,
+        );
+    }
+    let mut from_devices = 0;
+    for d in m.devices.iter() {
+        if let Some(mig) = &d.migration {
+            let dev = mig
+                .take_dirty_pages()
+                .map_err(|e| format!("device {}: reading its dirty pages: {e}", d.id))?;
+            from_devices += dev.len() as u64;
+            pages.extend(dev);
+        }
+    }
+    Ok((pages, from_devices))
+}
+
+fn set_ram_logging(m: &Machine, on: bool) -> Result<(), String> {
+    for r in m.mem.iter() {
+        m.memslots
+            .set_dirty_logging(r.start_addr().0, on)
+            .map_err(|e| {
+                format!(
+                    "turning dirty logging {}: {e}",
+                    if on { "on" } else { "off" }
+                )
+            })?;
+    }
+    Ok(())
+}
+
+fn migrate(
+    m: &Arc<Machine>,
+    addr: std::net::SocketAddr,
+    req: &Request,
+    started: Instant,
+) -> Result<(), String> {
+    let url = &req.url;
+    let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
+        .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    stream
+        .set_write_timeout(Some(IO_TIMEOUT))
+        .and_then(|()| stream.set_read_timeout(Some(IO_TIMEOUT)))
+        .map_err(|e| e.to_string())?;
+    let writer = BufWriter::with_capacity(1 << 20, stream.try_clone().map_err(|e| e.to_string())?);
+    let mut link = Link {
+        w: io(
+            "sending the header",
+            StreamWriter::write_header(writer, FLAG_LIVE),
+        )?,
+        reply: None,
+    };
+    io("sending the VM config", link.w.write_vm_config(&config(m)))?;
+    io("sending", link.w.flush())?;
+    let mut reply = io(
+        "reading the destination's answer",
+        StreamReader::read_header(stream),
+    )?;
+    match io("reading the destination's answer", reply.next_section())? {
+        Section::Control(Control::Ready) => {}
+        Section::Control(Control::Abort { reason }) => {
+            return Err(format!("the destination refused the migration: {reason}"))
+        }
+        other => {
+            return Err(format!(
+                "the destination answered {other:?} instead of Ready"
+            ))
+        }
+    }
+    link.reply = Some(reply);
+    tracing::info!("migration to {url}: destination ready");
+
+    // From here on a failure must undo: the guest keeps running here.
+    let mut guard = m.lock();
+    let was_paused = *guard;
+    let mut paused_here = false;
+    let result = precopy_and_stop(m, &mut link, req, started, was_paused, &mut paused_here);
+    match result {
+        Ok(()) => {
+            // The guest runs on the destination: stay stopped here until we exit.
+            *guard = true;
+            Ok(())
+        }
+        Err(e) => {
+            let _ = link.w.write_control(&Control::Abort { reason: e.clone() });
+            let _ = link.w.flush();
+            for d in m.devices.iter() {
+                if let Some(mig) = &d.migration {
+                    let _ = mig.stop_dirty_tracking();
+                }
+            }
+            restart_devices(m);
+            if let Err(e2) = set_ram_logging(m, false) {
+                tracing::warn!("{e2}");
+            }
+            if paused_here && !was_paused {
+                if let Err(e2) = m.resume_vcpus() {
+                    tracing::error!("resuming the guest after the failed migration: {e2}");
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
+fn precopy_and_stop(
+    m: &Arc<Machine>,
+    link: &mut Link,
+    req: &Request,
+    started: Instant,
+    was_paused: bool,
+    paused_here: &mut bool,
+) -> Result<(), String> {
+    let url = &req.url;
+    set_ram_logging(m, true)?;
+    dirty_pages(m)?; // clear what KVM logged before
+    for d in m.devices.iter() {
+        if let Some(mig) = &d.migration {
+            let derr =
+                |e: devices::vfio::migration::MigrationError| format!("device {}: {e}", d.id);
+            mig.start_dirty_tracking().map_err(derr)?;
+            mig.set_state(MigrationState::PreCopy).map_err(derr)?;
+        }
+    }
+    m.migration.lock().phase = Phase::PreCopy;
+
+    let mut pages: Vec<u64> = all_pages(m);
+    let mut iteration = 0u32;
+    loop {
+        let pass_start = Instant::now();
+        io(
+            "sending",
+            link.w.write_control(&Control::IterationBegin { iteration }),
+        )?;
+        let n = write_pages(m, &mut link.w, pages.iter().copied()).map_err(|e| e.to_string())?;
+        for d in m.devices.iter() {
+            if let Some(mig) = &d.migration {
+                write_device_chunks(&d.id, &**mig, DevicePhase::PreCopy, &mut link.w)
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        io(
+            "sending",
+            link.w.write_control(&Control::IterationEnd { iteration }),
+        )?;
+        io("sending", link.w.flush())?;
+        let elapsed = started.elapsed().as_secs_f64();
+        let bytes = link.w.bytes_written();
+        let bandwidth = bytes as f64 / elapsed.max(1e-3);
+        let (dirty, from_devices) = dirty_pages(m)?;
+        let pass_secs = pass_start.elapsed().as_secs_f64().max(1e-3);
+        let expected_ms = dirty.len() as f64 * 4096.0 / bandwidth * 1e3;
+        {
+            let mut s = m.migration.lock();
+            s.iteration = iteration;
+            s.bytes = bytes;
+            s.pages += n;
+            s.dirty_pages = dirty.len() as u64;
+            s.device_dirty_pages = from_devices;
+            s.dirty_rate_pages_s = dirty.len() as f64 / pass_secs;
+            s.bandwidth_mb_s = bandwidth / 1e6;
+            s.expected_downtime_ms = expected_ms;
+            s.total_ms = elapsed * 1e3;
+        }
+        tracing::info!(
+            "migration to {url}: iteration {iteration}: sent {n} pages, {:.1} MB total at {:.1} MB/s; {} pages dirty ({from_devices} by devices, {:.0}/s); stopping now would take {expected_ms:.1} ms",
+            bytes as f64 / 1e6,
+            bandwidth / 1e6,
+            dirty.len(),
+            dirty.len() as f64 / pass_secs
+        );
+        pages = dirty.into_iter().collect();
+        iteration += 1;
+        if expected_ms <= req.downtime_ms as f64 || iteration > MAX_ITERATIONS {
+            break;
+        }
+    }
+
+    // Stop-and-copy.
+    let stop_start = Instant::now();
+    m.migration.lock().phase = Phase::StopAndCopy;
+    if !was_paused {
+        m.pause_vcpus().map_err(|e| e.to_string())?;
+        *paused_here = true;
+    }
+    stop_devices(m).map_err(|e| e.to_string())?;
+    io("sending", link.w.write_control(&Control::StopAndCopy))?;
+    let (dirty, _) = dirty_pages(m)?;
+    pages.extend(dirty);
+    pages.sort_unstable();
+    pages.dedup();
+    let n = write_pages(m, &mut link.w, pages.iter().copied()).map_err(|e| e.to_string())?;
+    write_final_state(m, &mut link.w).map_err(|e| e.to_string())?;
+    io("sending", link.w.write_control(&Control::Complete))?;
+    io("sending", link.w.flush())?;
+    let reply = link
+        .reply
+        .as_mut()
+        .ok_or("no answer channel from the destination")?;
+    match io(
+        "waiting for the destination to resume the guest",
+        reply.next_section(),
+    )? {
+        Section::Control(Control::Resumed) => {}
+        Section::Control(Control::Abort { reason }) => {
+            return Err(format!(
+                "the destination could not resume the guest: {reason}"
+            ))
+        }
+        other => {
+            return Err(format!(
+                "the destination answered {other:?} instead of Resumed"
+            ))
+        }
+    }
+    let downtime = stop_start.elapsed().as_secs_f64() * 1e3;
+    let mut s = m.migration.lock();
+    s.phase = Phase::Completed;
+    s.pages += n;
+    s.bytes = link.w.bytes_written();
+    s.downtime_ms = Some(downtime);
+    s.total_ms = started.elapsed().as_secs_f64() * 1e3;
+    tracing::info!(
+        "migration to {url}: guest resumed there; downtime {downtime:.1} ms, total {:.0} ms, {:.1} MB sent in {} iterations",
+        s.total_ms,
+        s.bytes as f64 / 1e6,
+        iteration
+    );
+    let _ = link.w.flush();
+    Ok(())
+}

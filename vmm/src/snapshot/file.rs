@@ -1,0 +1,53 @@
+//! The snapshot request: pause, write the VM to a file, resume.
+
+use std::path::Path;
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use super::save::{
+    all_pages, config, restart_devices, stop_devices, write_final_state, write_pages,
+};
+use super::SnapshotError;
+use crate::machine::Machine;
+
+/// Writes the VM to `path` (through `PATH.tmp`, renamed when complete). The VM runs on
+/// afterwards unless `stay_paused`; devices run on whatever happens.
+pub fn snapshot(m: &Machine, path: &Path, stay_paused: bool) -> Result<Value, SnapshotError> {
+    if m.caps.is_none() {
+        return Err(SnapshotError::NoCaps(
+            "probing KVM's capabilities failed at start".into(),
+        ));
+    }
+    let started = Instant::now();
+    let mut paused = m.lock();
+    let was_paused = *paused;
+    if !was_paused {
+        m.pause_vcpus()?;
+    }
+    let result = (|| {
+        stop_devices(m)?;
+        let mut snap = migration::snapshot::create(path, 0)?;
+        let w = snap.stream();
+        w.write_vm_config(&config(m))?;
+        // Devices are stopped, so RAM is final: no more DMA.
+        write_final_state(m, w)?;
+        let pages = write_pages(m, w, all_pages(m))?;
+        let bytes = w.bytes_written();
+        snap.commit()?;
+        Ok::<_, SnapshotError>((pages, bytes))
+    })();
+    restart_devices(m);
+    if stay_paused || was_paused {
+        *paused = true;
+    } else if let Err(e) = m.resume_vcpus() {
+        tracing::error!("resuming after the snapshot: {e}");
+    }
+    let (pages, bytes) = result?;
+    let ms = started.elapsed().as_secs_f64() * 1e3;
+    tracing::info!(
+        "snapshot written to {}: {bytes} bytes, {pages} pages, {ms:.0} ms",
+        path.display()
+    );
+    Ok(json!({"path": path, "bytes": bytes, "pages": pages, "ms": ms, "paused": *paused}))
+}

@@ -1,0 +1,51 @@
+//! Saving the VM into a `migration` stream and loading it back: snapshots
+//! (`vmm ctl snapshot PATH`, `vmm --restore PATH`) and the state part of live migration.
+//!
+//! - [`save`]: the sections a stopped VM is written as (config, RAM, vCPUs, irqchip, PIT,
+//!   clock, devices), and RAM pages by list for pre-copy;
+//! - [`restore`]: reading a stream into a freshly built VM before its vCPUs run;
+//! - [`file`]: the snapshot request itself (pause, save, resume).
+//!
+//! Device ids in the stream: each `--device` id carries its device's own state (from its
+//! [`DeviceMigration`](devices::vfio::migration::DeviceMigration)); `ID/pci` its
+//! virtualized PCI configuration; `serial0`, `serial1` and `i8042` the legacy devices.
+
+pub mod file;
+pub mod restore;
+pub mod save;
+
+/// Why a snapshot or restore failed. Messages say which part and why.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// The stream could not be written or read.
+    #[error("{0}")]
+    Stream(#[from] migration::Error),
+    /// vCPUs could not be paused or captured.
+    #[error("{0}")]
+    Machine(#[from] crate::machine::MachineError),
+    /// KVM state could not be captured or loaded.
+    #[error("{0}")]
+    State(#[from] crate::state::StateError),
+    /// A device could not save or load its state.
+    #[error("device {id}: {reason}")]
+    Device {
+        /// The device id.
+        id: String,
+        /// What failed.
+        reason: String,
+    },
+    /// Guest RAM could not be read or written.
+    #[error("guest RAM at {gpa:#x}: {reason}")]
+    Ram {
+        /// Where.
+        gpa: u64,
+        /// What failed.
+        reason: String,
+    },
+    /// The stream does not fit this VM, or lacks something.
+    #[error("{0}")]
+    Mismatch(String),
+    /// KVM capabilities were not probed, so nothing can be saved.
+    #[error("KVM state cannot be saved on this host: {0}")]
+    NoCaps(String),
+}

@@ -1,0 +1,188 @@
+//! Loading a stream into a freshly built VM, before its vCPUs run.
+
+use std::collections::BTreeSet;
+use std::io::Read;
+
+use devices::vfio::migration::MigrationState;
+use kvm_ioctls::{VcpuFd, VmFd};
+use migration::{Control, Section, StreamReader, VmConfig};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::SnapshotError;
+use crate::device_setup::PciPassthrough;
+use crate::state::vcpu::{KvmCaps, VcpuState};
+use crate::state::vm::{ClockRestore, VmState};
+use crate::state::StateBytes;
+
+/// What a stream is loaded into.
+pub struct Target<'a> {
+    /// The VM (irqchip and PIT created).
+    pub vm: &'a VmFd,
+    /// Guest RAM.
+    pub mem: &'a GuestMemoryMmap,
+    /// The vCPUs, not yet running.
+    pub vcpus: &'a [VcpuFd],
+    /// What KVM can load.
+    pub caps: &'a KvmCaps,
+    /// The devices, built from this VMM's `--device` options.
+    pub devices: &'a [PciPassthrough],
+}
+
+/// Reads the stream's header and first section, which must be the VM's config.
+pub fn open<R: Read>(r: R) -> Result<(StreamReader<R>, VmConfig), SnapshotError> {
+    let mut reader = StreamReader::read_header(r)?;
+    match reader.next_section()? {
+        Section::VmConfig(c) => Ok((reader, c)),
+        other => Err(SnapshotError::Mismatch(format!(
+            "the stream starts with a {:?} section, not the VM config",
+            other.section_type()
+        ))),
+    }
+}
+
+/// Checks that the devices of this VMM are exactly those the stream carries.
+pub fn check_devices(config: &VmConfig, devices: &[PciPassthrough]) -> Result<(), SnapshotError> {
+    let theirs: BTreeSet<&str> = config.devices.iter().map(String::as_str).collect();
+    let ours: BTreeSet<&str> = devices.iter().map(|d| d.id.as_str()).collect();
+    if theirs != ours {
+        let list = |s: &BTreeSet<&str>| {
+            if s.is_empty() {
+                "none".to_string()
+            } else {
+                s.iter().copied().collect::<Vec<_>>().join(", ")
+            }
+        };
+        return Err(SnapshotError::Mismatch(format!(
+            "the saved VM has devices [{}] but this VMM was given [{}]; give each saved device again with --device ...,id=NAME",
+            list(&theirs),
+            list(&ours)
+        )));
+    }
+    Ok(())
+}
+
+/// What [`apply`] loaded.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// RAM pages written.
+    pub pages: u64,
+    /// Device state bytes.
+    pub device_bytes: u64,
+}
+
+/// Applies every section after the config until the end of the stream (or a live
+/// migration's Complete): RAM, device state
+/// (each device resuming from its first chunk, running at the end), then the VM-wide KVM
+/// state and the vCPUs (VM first, as the state module requires).
+pub fn apply<R: Read>(
+    reader: &mut StreamReader<R>,
+    t: &Target<'_>,
+) -> Result<Loaded, SnapshotError> {
+    let mut loaded = Loaded::default();
+    let mut vcpus: Vec<Option<VcpuState>> = (0..t.vcpus.len()).map(|_| None).collect();
+    let mut vm_state = None;
+    let mut resuming: Vec<&PciPassthrough> = Vec::new();
+    loop {
+        match reader.next_section()? {
+            Section::End => break,
+            Section::RamPages(p) => {
+                for run in p.runs() {
+                    let len = u64::from(run.pages) * migration::PAGE_SIZE as u64;
+                    let ram = |e: String| SnapshotError::Ram {
+                        gpa: run.gpa,
+                        reason: e,
+                    };
+                    match run.data {
+                        Some(data) => t
+                            .mem
+                            .write_slice(data, GuestAddress(run.gpa))
+                            .map_err(|e| ram(e.to_string()))?,
+                        None => {
+                            let zeros = vec![0u8; migration::PAGE_SIZE];
+                            for i in 0..u64::from(run.pages) {
+                                t.mem
+                                    .write_slice(&zeros, GuestAddress(run.gpa + i * 4096))
+                                    .map_err(|e| ram(e.to_string()))?;
+                            }
+                        }
+                    }
+                    loaded.pages += len / migration::PAGE_SIZE as u64;
+                }
+            }
+            Section::Device(d) => {
+                let dev = t.devices.iter().find(|x| x.id == d.id).ok_or_else(|| {
+                    SnapshotError::Mismatch(format!(
+                        "the stream has state of an unknown device {:?}",
+                        d.id
+                    ))
+                })?;
+                let mig = dev.migration.as_ref().ok_or_else(|| SnapshotError::Device {
+                    id: d.id.clone(),
+                    reason: "the stream has its state but it cannot migrate here (no mediator with a migration region)".into(),
+                })?;
+                let derr = |e: devices::vfio::migration::MigrationError| SnapshotError::Device {
+                    id: d.id.clone(),
+                    reason: e.to_string(),
+                };
+                if !resuming.iter().any(|r| r.id == d.id) {
+                    mig.set_state(MigrationState::Resuming).map_err(derr)?;
+                    resuming.push(dev);
+                }
+                mig.restore_chunk(&d.data).map_err(derr)?;
+                loaded.device_bytes += d.data.len() as u64;
+            }
+            Section::Vcpu { id, state } => {
+                let slot = vcpus.get_mut(id as usize).ok_or_else(|| {
+                    SnapshotError::Mismatch(format!(
+                        "the stream has vCPU {id} but this VM has {} vCPUs",
+                        t.vcpus.len()
+                    ))
+                })?;
+                *slot = Some(VcpuState::from_bytes(&state)?);
+            }
+            Section::Irqchip(bytes) => vm_state = Some(VmState::from_bytes(&bytes)?),
+            Section::Pit(_) | Section::Clock(_) => {
+                // This VMM sends the PIT and clock inside the Irqchip section's VmState.
+            }
+            Section::VmConfig(_) => {
+                return Err(SnapshotError::Mismatch("a second VM config section".into()))
+            }
+            Section::Control(c) => match c {
+                Control::IterationBegin { .. }
+                | Control::IterationEnd { .. }
+                | Control::StopAndCopy => {}
+                Control::Complete => break,
+                Control::Abort { reason } => {
+                    return Err(SnapshotError::Mismatch(format!(
+                        "the source aborted the migration: {reason}"
+                    )))
+                }
+                other => {
+                    return Err(SnapshotError::Mismatch(format!(
+                        "unexpected {other:?} from the source"
+                    )))
+                }
+            },
+        }
+    }
+    let vm_state = vm_state.ok_or_else(|| {
+        SnapshotError::Mismatch("the stream has no irqchip/PIT/clock state".into())
+    })?;
+    vm_state.restore(t.vm, ClockRestore::Frozen)?;
+    for (i, (fd, s)) in t.vcpus.iter().zip(&vcpus).enumerate() {
+        let s = s.as_ref().ok_or_else(|| {
+            SnapshotError::Mismatch(format!("the stream has no state of vCPU {i}"))
+        })?;
+        s.restore(fd, t.caps)?;
+    }
+    for dev in resuming {
+        if let Some(mig) = &dev.migration {
+            mig.set_state(MigrationState::Running)
+                .map_err(|e| SnapshotError::Device {
+                    id: dev.id.clone(),
+                    reason: e.to_string(),
+                })?;
+        }
+    }
+    Ok(loaded)
+}
