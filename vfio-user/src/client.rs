@@ -8,6 +8,10 @@
 //! [`ClientError::Broken`]. An error reply from the server is not a violation: it becomes
 //! [`ClientError::Remote`] and the client stays usable.
 //!
+//! One exception to "a request, then its reply": [`Client::region_write_posted`] sends a
+//! region write with the *No_reply* flag and returns once it is on the socket. The server
+//! serves commands in order, so the next request's reply comes after the write was done.
+//!
 //! Commands the server sends to the client (`DMA_READ`/`DMA_WRITE`, used only when guest
 //! memory is not shared through a file descriptor) are not supported: the client answers
 //! them with an `ENOTSUP` error reply, keeping the stream in step, and goes on waiting for
@@ -290,6 +294,41 @@ impl Client {
                 }
                 Ok(())
             })?;
+        }
+        Ok(())
+    }
+
+    /// Posts `data` at `offset` of region `index`: `VFIO_USER_REGION_WRITE` with the
+    /// *No_reply* flag, split like [`Self::region_write`], returning once the messages are
+    /// on the socket, without waiting for the server. For PCI memory writes, which are
+    /// posted on a real bus too.
+    ///
+    /// Ordering: the socket is a stream and the server serves commands in the order they
+    /// arrive (the specification's "Command Concurrency" section), so any later request
+    /// of this client, a read of the same register included, is served after this write.
+    ///
+    /// Errors: the server sends nothing back, so a write it refuses is known only to the
+    /// server (which logs it). What fails here is the socket: a dead peer or a full socket
+    /// past the deadline breaks the connection like any other call, and later calls fail
+    /// with [`ClientError::Broken`]. A server that dies just after taking the message in
+    /// is noticed by the next call.
+    pub fn region_write_posted(
+        &self,
+        index: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), ClientError> {
+        let command = Command::RegionWrite;
+        let step = self.negotiated.max_data_xfer_size as usize;
+        check_span(command, offset, data.len())?;
+        for (i, chunk) in data.chunks(step).enumerate() {
+            let request = RegionAccessData {
+                offset: offset + (i * step) as u64,
+                region: index,
+                data: chunk.to_vec(),
+            };
+            let bytes = request.to_bytes().map_err(|e| invalid(command, e))?;
+            self.lock().post(command, &bytes, self.timeout)?;
         }
         Ok(())
     }

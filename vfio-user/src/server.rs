@@ -3,10 +3,11 @@
 //! It negotiates the version, then receives commands and answers each from the
 //! [`Device`] until the client disconnects. A bad request (malformed payload, wrong file
 //! descriptors, unknown or unsupported command, device failure) gets an error reply with
-//! an errno and the loop goes on. Only a broken stream ends it early: a malformed header,
-//! a message over the size limit (answered with `E2BIG` first), a message not completed
-//! within [`ServerConfig::message_timeout`], or a client proposing another major version
-//! (answered with `ENOTSUP` first).
+//! an errno and the loop goes on; a command sent with the *No_reply* flag gets no reply at
+//! all, failed or not, so its failure is logged (warning) instead. Only a broken stream
+//! ends it early: a malformed header, a message over the size limit (answered with
+//! `E2BIG` first), a message not completed within [`ServerConfig::message_timeout`], or a
+//! client proposing another major version (answered with `ENOTSUP` first).
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -151,7 +152,19 @@ impl Session<'_> {
                 Outcome::Reply(_, _) | Outcome::Fail(_) => None,
                 Outcome::Fatal(_, ref reason) => Some(reason.clone()),
             };
-            if !header.no_reply() {
+            if header.no_reply() {
+                // A posted command (e.g. a region write the client did not wait for): its
+                // failure has no reply to travel in, so this log is all that records it.
+                if let Outcome::Fail(errno) | Outcome::Fatal(errno, _) = &outcome {
+                    tracing::warn!(
+                        command = ?header.known_command(),
+                        raw_command = header.command,
+                        id = header.msg_id,
+                        %errno,
+                        "vfio-user command sent without wanting a reply failed"
+                    );
+                }
+            } else {
                 let sent = match outcome {
                     Outcome::Reply(payload, fds) => self.send_reply(&header, &payload, &fds),
                     Outcome::Fail(errno) | Outcome::Fatal(errno, _) => {

@@ -2,8 +2,9 @@
 //! with their file descriptors (`SCM_RIGHTS`) and come back complete, with a deadline on
 //! every send and receive and a cap on message size and descriptor count.
 //!
-//! The socket stays in blocking mode; each `sendmsg`/`recvmsg` uses `MSG_DONTWAIT` after
-//! `poll()` has waited, at most until the deadline, for the socket to be ready.
+//! The socket stays in blocking mode; each `sendmsg`/`recvmsg` uses `MSG_DONTWAIT`, and
+//! `poll()` waits, at most until the deadline, for the socket to be ready (before each
+//! `recvmsg`; before a `sendmsg` only once the socket has said it would block).
 
 use std::io;
 use std::mem::size_of;
@@ -161,8 +162,13 @@ impl Channel {
         let head = header.to_bytes();
         let raw_fds: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
         let mut sent = 0;
+        // Try at once and poll only once the socket says it would block: a send into a
+        // socket with room costs one system call, not two.
+        let mut wait = false;
         while sent < actual {
-            self.poll(libc::POLLOUT, Some(deadline))?;
+            if wait {
+                self.poll(libc::POLLOUT, Some(deadline))?;
+            }
             let (first, second) = match head.get(sent..) {
                 Some(rest) if !rest.is_empty() => (rest, payload),
                 _ => (
@@ -174,8 +180,14 @@ impl Channel {
             };
             let with_fds = if sent == 0 { &raw_fds[..] } else { &[][..] };
             match self.send_some(first, second, with_fds) {
-                Ok(n) => sent += n,
-                Err(e) if retry(&e) => continue,
+                Ok(n) => {
+                    sent += n;
+                    wait = false;
+                }
+                Err(e) if retry(&e) => {
+                    wait = true;
+                    continue;
+                }
                 Err(e) if peer_gone(&e) => return Err(SocketError::Disconnected),
                 Err(source) => {
                     return Err(SocketError::Io {

@@ -399,3 +399,46 @@ fn negotiation_failures() {
     assert!(start.elapsed() < Duration::from_secs(2));
     drop(b);
 }
+
+#[test]
+fn posted_write_carries_no_reply_and_a_server_dying_after_it_fails_the_next_call() {
+    let (client, server) = with_fake(TIMEOUT, |s| {
+        let req = s.recv();
+        assert_eq!(req.header.command, Command::RegionWrite as u16);
+        assert_ne!(req.header.flags & FLAGS_NO_REPLY, 0, "{:?}", req.header);
+        // Takes the write in, then dies without a word.
+    });
+    client.region_write_posted(0, 0x10, &[1, 2, 3, 4]).unwrap();
+    server.join().unwrap();
+    let start = Instant::now();
+    match client.device_info() {
+        Err(ClientError::Disconnected { command }) => assert_eq!(command, Command::DeviceGetInfo),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(start.elapsed() < Duration::from_secs(2));
+    assert_broken(&client);
+}
+
+#[test]
+fn posted_writes_to_a_server_that_stops_reading_time_out() {
+    let timeout = Duration::from_millis(300);
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (client, server) = with_fake(timeout, move |s| {
+        // Alive but not reading: the socket's buffer fills up.
+        let _ = rx.recv();
+        drop(s);
+    });
+    let start = Instant::now();
+    let data = vec![0u8; 64 << 10];
+    let err = loop {
+        if let Err(e) = client.region_write_posted(0, 0, &data) {
+            break e;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "never blocked");
+    };
+    assert!(matches!(err, ClientError::Timeout { .. }), "{err:?}");
+    assert!(start.elapsed() < Duration::from_secs(5));
+    tx.send(()).unwrap();
+    server.join().unwrap();
+    assert_broken(&client);
+}

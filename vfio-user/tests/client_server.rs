@@ -334,3 +334,90 @@ fn requests_from_several_threads() {
         t.join().unwrap();
     }
 }
+
+#[test]
+fn posted_writes_are_seen_by_the_next_read() {
+    let config = ServerConfig {
+        max_data_xfer_size: 1024,
+        ..ServerConfig::default()
+    };
+    let (client, _, _server) = start(config);
+    client
+        .region_write_posted(REG_REGION, REG_SCRATCH, &0x1234_5678u32.to_ne_bytes())
+        .unwrap();
+    assert_eq!(read_u32(&client, REG_SCRATCH).unwrap(), 0x1234_5678);
+
+    // Many posted writes in a row, the last one wins; nothing is left unread on the socket
+    // (a stray reply would break the next call with a wrong message ID).
+    for i in 0..1000u32 {
+        client
+            .region_write_posted(REG_REGION, REG_SCRATCH, &i.to_ne_bytes())
+            .unwrap();
+    }
+    assert_eq!(read_u32(&client, REG_SCRATCH).unwrap(), 999);
+
+    // Posted writes larger than a transfer are split like synchronous ones.
+    let pattern: Vec<u8> = (0..MEM_SIZE as usize).map(|i| (i * 13) as u8).collect();
+    client.region_write_posted(MEM_REGION, 0, &pattern).unwrap();
+    let mut back = vec![0u8; pattern.len()];
+    client.region_read(MEM_REGION, 0, &mut back).unwrap();
+    assert_eq!(back, pattern);
+}
+
+#[test]
+fn a_refused_posted_write_goes_unanswered_and_the_client_stays_usable() {
+    let (client, _, _server) = start(ServerConfig::default());
+    // The ID register is read-only: a synchronous write is refused...
+    assert_eq!(
+        remote_errno(client.region_write(REG_REGION, REG_ID, &[0; 4])),
+        (Command::RegionWrite, libc::EINVAL)
+    );
+    // ...a posted one cannot be: the server logs it and sends nothing.
+    client
+        .region_write_posted(REG_REGION, REG_ID, &[0; 4])
+        .unwrap();
+    assert_eq!(read_u32(&client, REG_ID).unwrap(), DEVICE_ID);
+    assert!(!client.is_broken());
+}
+
+#[test]
+fn posted_write_to_a_dead_server_fails_the_next_call_without_hanging() {
+    let (a, b) = UnixStream::pair().unwrap();
+    let stats = Arc::new(Stats::default());
+    let s = stats.clone();
+    let killer = b.try_clone().unwrap();
+    let server = thread::spawn(move || {
+        let mut dev = TestDevice::new(s);
+        serve(b, &mut dev, &ServerConfig::default())
+    });
+    let client = Client::from_stream(a, Duration::from_secs(5)).expect("negotiate");
+    client
+        .region_write_posted(REG_REGION, REG_SCRATCH, &1u32.to_ne_bytes())
+        .unwrap();
+    assert_eq!(read_u32(&client, REG_SCRATCH).unwrap(), 1);
+    // The server's socket goes away, as when its process is killed.
+    killer.shutdown(std::net::Shutdown::Both).unwrap();
+    server.join().unwrap().expect("the server sees end of file");
+    drop(killer);
+
+    let start = std::time::Instant::now();
+    // Whether the posted write itself already sees the dead peer or the call after it
+    // does, the failure is a disconnect, and every call after that fails at once.
+    let first = client.region_write_posted(REG_REGION, REG_SCRATCH, &2u32.to_ne_bytes());
+    let second = read_u32(&client, REG_SCRATCH);
+    match (&first, &second) {
+        (Err(ClientError::Disconnected { .. }), Err(ClientError::Broken { .. }))
+        | (Ok(()), Err(ClientError::Disconnected { .. })) => {}
+        other => panic!("expected a disconnect, got {other:?}"),
+    }
+    assert!(client.is_broken());
+    assert!(matches!(
+        client.region_write_posted(REG_REGION, REG_SCRATCH, &3u32.to_ne_bytes()),
+        Err(ClientError::Broken { .. })
+    ));
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        start.elapsed()
+    );
+}

@@ -8,16 +8,22 @@
 //! A dead or misbehaving server breaks the client's connection; every call after that
 //! answers [`BackendError::Disconnected`] at once, which the PCI function logs (rate-limited)
 //! while the guest reads all ones. The VMM keeps running.
+//!
+//! BAR writes are posted (sent without waiting for the server, see
+//! [`VfioUserBackend::region_write`]); everything else waits for its reply.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use devices::vfio::backend::{DmaMapping, RegionMmap, Result};
 use devices::vfio::{BackendError, DeviceInfo, IrqInfo, RegionFlags, RegionInfo, VfioBackend};
 use vfio_bindings::bindings::vfio::{
     VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE,
+    VFIO_PCI_BAR5_REGION_INDEX,
 };
 use vfio_user::{Client, ClientError};
 use vmm_sys_util::eventfd::EventFd;
@@ -26,14 +32,26 @@ use vmm_sys_util::eventfd::EventFd;
 pub struct VfioUserBackend {
     client: Client,
     socket: PathBuf,
+    /// Logs the server's hang-up when it happens (`None` in tests over socket pairs).
+    _watch: Option<HangupWatch>,
 }
 
 impl VfioUserBackend {
     /// Connects to the server at `socket`; `timeout` is the deadline of every request.
+    /// A thread watches the connection and logs at once when the server goes away.
     pub fn connect(socket: &Path, timeout: Duration) -> std::result::Result<Self, ClientError> {
+        let connect_error = |source| ClientError::Connect {
+            path: socket.to_path_buf(),
+            source,
+        };
+        let stream = UnixStream::connect(socket).map_err(connect_error)?;
+        let watched = stream.try_clone().map_err(connect_error)?;
+        let client = Client::from_stream(stream, timeout)?;
+        let watch = HangupWatch::start(watched, socket).map_err(connect_error)?;
         Ok(VfioUserBackend {
-            client: Client::connect(socket, timeout)?,
+            client,
             socket: socket.to_path_buf(),
+            _watch: Some(watch),
         })
     }
 
@@ -41,7 +59,11 @@ impl VfioUserBackend {
     /// socket pair.
     #[cfg(test)]
     pub fn from_client(client: Client, socket: PathBuf) -> Self {
-        VfioUserBackend { client, socket }
+        VfioUserBackend {
+            client,
+            socket,
+            _watch: None,
+        }
     }
 
     /// Turns a client error into a backend error: a broken connection is
@@ -138,8 +160,22 @@ impl VfioBackend for VfioUserBackend {
         })
     }
 
+    /// Writes to a BAR (regions 0-5) are posted: PCI memory writes are posted on a real
+    /// bus too, and waiting for vfsim's reply was almost all of the VMM's time on a trapped
+    /// write. A later read still sees the write: the socket is ordered and the server
+    /// serves requests in order, so the read's reply comes after the write was done. A
+    /// write the device refuses cannot be reported to the guest (PCI has no way either);
+    /// the server logs it. A dead socket fails here or on the next call, which the PCI
+    /// function logs, naming the device. Config-space writes (region 7) and every other
+    /// region stay synchronous: their callers act on the result.
     fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<()> {
-        self.client.region_write(index, offset, data).map_err(|e| {
+        let posted = index <= VFIO_PCI_BAR5_REGION_INDEX;
+        let result = if posted {
+            self.client.region_write_posted(index, offset, data)
+        } else {
+            self.client.region_write(index, offset, data)
+        };
+        result.map_err(|e| {
             self.error(
                 format!(
                     "write of {} bytes at {offset:#x} of region {index}",
@@ -220,6 +256,88 @@ impl VfioBackend for VfioUserBackend {
         self.client
             .reset()
             .map_err(|e| self.error("reset".into(), e))
+    }
+}
+
+/// A thread that waits for the server to hang up (its process died or closed the socket)
+/// and logs it at once. Without it a dead server goes unnoticed until the guest's next
+/// trapped access: a guest whose doorbells go to the mapped notify page, waiting for
+/// completions that will never come, makes none.
+struct HangupWatch {
+    stop: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl HangupWatch {
+    /// Watches `stream` (a duplicate of the client's socket, never read from).
+    fn start(stream: UnixStream, socket: &Path) -> std::io::Result<Self> {
+        let stop = EventFd::new(libc::EFD_CLOEXEC)?;
+        let stopped = stop.try_clone()?;
+        let socket = socket.to_path_buf();
+        let thread = std::thread::Builder::new()
+            .name("vfio-user-watch".into())
+            .spawn(move || watch_hangup(&stream, &stopped, &socket))?;
+        Ok(HangupWatch {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for HangupWatch {
+    fn drop(&mut self) {
+        // The thread holds a duplicate of the socket: it must end for the server to see
+        // the connection close.
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn watch_hangup(stream: &UnixStream, stop: &EventFd, socket: &Path) {
+    loop {
+        // Only hang-up and error conditions wake the socket's entry (no POLLIN: replies
+        // are the client's to read).
+        let mut fds = [
+            libc::pollfd {
+                fd: stream.as_raw_fd(),
+                events: libc::POLLRDHUP,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is an array of two initialised pollfds over descriptors that stay
+        // open for the call; poll only writes their `revents`.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            tracing::warn!(
+                "cannot watch the vfio-user connection to {}: poll: {e}",
+                socket.display()
+            );
+            return;
+        }
+        if fds[1].revents != 0 {
+            return;
+        }
+        if fds[0].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+            tracing::error!(
+                "the vfio-user connection to the server at {} is closed (the server died or \
+                 hung up, or the connection failed): its device is gone; guest reads of its \
+                 trapped registers return all ones, writes are dropped, and requests in \
+                 flight in the device will not complete",
+                socket.display()
+            );
+            return;
+        }
     }
 }
 

@@ -251,3 +251,50 @@ fn a_dead_server_is_a_disconnected_backend() {
     let e = b.device_info().unwrap_err();
     assert!(matches!(e, BackendError::Disconnected { .. }), "{e}");
 }
+
+#[test]
+fn bar_writes_are_posted_and_config_writes_wait() {
+    let (b, _seen, _server) = connect();
+    // Out of range: the fake refuses it, but a posted BAR write has no reply to carry the
+    // refusal (the server logs it), so it is not an error here...
+    b.region_write(0, 14, &[1, 2, 3, 4]).unwrap();
+    // ...and the connection is still in step: the next read answers.
+    b.region_write(0, 8, &[9, 8, 7, 6]).unwrap();
+    let mut buf = [0u8; 4];
+    b.region_read(0, 8, &mut buf).unwrap();
+    assert_eq!(buf, [9, 8, 7, 6]);
+    // A config-space write (region 7) waits for its answer, so a refusal is reported.
+    let e = b.region_write(7, 0, &[0; 4]).unwrap_err();
+    assert!(matches!(e, BackendError::Refused { .. }), "{e}");
+}
+
+#[test]
+fn a_posted_write_to_a_dead_server_is_a_disconnected_backend() {
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let mut fake = Fake {
+        bar0: [0; 16],
+        memfd: OwnedFd::from(std::fs::File::open("/dev/null").unwrap()),
+        seen: Arc::new(Mutex::new(Seen::default())),
+    };
+    let killer = theirs.try_clone().unwrap();
+    let server = std::thread::spawn(move || {
+        let _ = vfio_user::serve(theirs, &mut fake, &ServerConfig::default());
+    });
+    let client = Client::from_stream(ours, Duration::from_secs(2)).unwrap();
+    let b = VfioUserBackend::from_client(client, "/dead.sock".into());
+    b.region_write(0, 0, &[1, 2, 3, 4]).unwrap();
+    killer.shutdown(std::net::Shutdown::Both).unwrap();
+    server.join().unwrap();
+    // The peer is gone: the posted write itself fails to send.
+    let e = b.region_write(0, 0, &[5, 6, 7, 8]).unwrap_err();
+    assert!(matches!(e, BackendError::Disconnected { .. }), "{e}");
+    assert!(e.to_string().contains("/dead.sock"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("write of 4 bytes at 0x0 of region 0"),
+        "{e}"
+    );
+    let mut buf = [0u8; 4];
+    let e = b.region_read(0, 0, &mut buf).unwrap_err();
+    assert!(matches!(e, BackendError::Disconnected { .. }), "{e}");
+}

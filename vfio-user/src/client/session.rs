@@ -5,7 +5,7 @@ use std::os::fd::BorrowedFd;
 use std::time::{Duration, Instant};
 
 use super::{invalid, ClientError};
-use crate::proto::{Command, Header};
+use crate::proto::{Command, Header, FLAGS_NO_REPLY};
 use crate::socket::{Channel, Message, RecvLimits, SocketError, MAX_FDS_PER_MESSAGE};
 
 /// The connection's state, kept under the client's lock.
@@ -72,6 +72,31 @@ impl Session {
             }
             return Ok(reply);
         }
+    }
+
+    /// Sends a command with the *No_reply* flag and returns once it is on the socket.
+    /// A failure to send breaks the connection, as in [`Self::transact`].
+    pub(super) fn post(
+        &mut self,
+        command: Command,
+        payload: &[u8],
+        timeout: Duration,
+    ) -> Result<(), ClientError> {
+        if let Some(reason) = &self.broken {
+            return Err(ClientError::Broken {
+                reason: reason.clone(),
+            });
+        }
+        let id = self.next_id;
+        self.next_id = id.wrapping_add(1);
+        let mut header =
+            Header::command(id, command, payload.len()).map_err(|e| invalid(command, e))?;
+        header.flags |= FLAGS_NO_REPLY;
+        tracing::trace!(%command, id, len = payload.len(), "vfio-user posted request");
+        let deadline = Instant::now() + timeout;
+        self.channel
+            .send(&header, payload, &[], deadline)
+            .map_err(|e| self.fail(command, timeout, e))
     }
 
     /// Answers a command from the server with `ENOTSUP` (none is supported).

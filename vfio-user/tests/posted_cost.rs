@@ -1,0 +1,150 @@
+//! What a posted region write costs the caller (ignored: a measurement, run by hand with
+//! `cargo test --release -p vfio-user --test posted_cost -- --ignored --nocapture`).
+//! It separates the client's own work from the kernel's cost of waking the server
+//! thread that sleeps in `poll()` on the other end of the socket.
+
+mod common;
+
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use vfio_user::{serve, Client, ServerConfig};
+
+const N: u32 = 20_000;
+
+fn per_call(f: impl FnMut(u32)) -> f64 {
+    let mut f = f;
+    let start = Instant::now();
+    for i in 0..N {
+        f(i);
+    }
+    start.elapsed().as_nanos() as f64 / f64::from(N)
+}
+
+#[test]
+#[ignore = "measurement, not a test"]
+fn posted_write_cost() {
+    let (a, b) = UnixStream::pair().unwrap();
+    let server = thread::spawn(move || {
+        let mut dev = TestDevice::new(Arc::new(Stats::default()));
+        serve(b, &mut dev, &ServerConfig::default())
+    });
+    let client = Client::from_stream(a, Duration::from_secs(5)).unwrap();
+    let data = 1u32.to_ne_bytes();
+
+    // Back to back: the server is mostly awake, draining.
+    let busy = per_call(|_| {
+        client
+            .region_write_posted(REG_REGION, REG_SCRATCH, &data)
+            .unwrap()
+    });
+    // One at a time with a pause: the server has gone back to sleep in poll() before each
+    // write, as between a guest's trapped writes.
+    let mut total = Duration::ZERO;
+    for _ in 0..2000 {
+        thread::sleep(Duration::from_micros(200));
+        let t = Instant::now();
+        client
+            .region_write_posted(REG_REGION, REG_SCRATCH, &data)
+            .unwrap();
+        total += t.elapsed();
+    }
+    let sleeping = total.as_nanos() as f64 / 2000.0;
+    let mut total = Duration::ZERO;
+    let mut b4 = [0u8; 4];
+    for _ in 0..2000 {
+        thread::sleep(Duration::from_micros(200));
+        let t = Instant::now();
+        client.region_write(REG_REGION, REG_SCRATCH, &data).unwrap();
+        total += t.elapsed();
+    }
+    let sync = total.as_nanos() as f64 / 2000.0;
+    client.region_read(REG_REGION, 0, &mut b4).unwrap();
+    drop(client);
+    server.join().unwrap().unwrap();
+
+    // Raw sendmsg of the same 32-byte message with nobody waiting on the other end.
+    let (x, y) = UnixStream::pair().unwrap();
+    y.set_nonblocking(true).unwrap();
+    let mut sink = vec![0u8; 1 << 16];
+    let msg = [0u8; 32];
+    let mut total = Duration::ZERO;
+    for _ in 0..2000 {
+        let t = Instant::now();
+        // SAFETY: a valid socket and a live 32-byte buffer.
+        let n = unsafe {
+            libc::send(
+                std::os::fd::AsRawFd::as_raw_fd(&x),
+                msg.as_ptr().cast(),
+                msg.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        total += t.elapsed();
+        assert_eq!(n, 32);
+        // Drained outside the timing, so the buffer never fills.
+        let _ = std::io::Read::read(&mut &y, &mut sink);
+    }
+    let raw_nobody = total.as_nanos() as f64 / 2000.0;
+    // The same raw send() while a thread sleeps in poll() on the other end: the kernel
+    // wakes it (on another CPU, an inter-processor interrupt: under nested KVM a VM exit).
+    let (x, y) = UnixStream::pair().unwrap();
+    let reader = thread::spawn(move || {
+        let mut buf = [0u8; 32];
+        for _ in 0..2000 {
+            let mut pfd = libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&y),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            unsafe { libc::poll(&mut pfd, 1, -1) };
+            std::io::Read::read_exact(&mut &y, &mut buf).unwrap();
+        }
+    });
+    let mut total = Duration::ZERO;
+    for _ in 0..2000 {
+        thread::sleep(Duration::from_micros(200));
+        let t = Instant::now();
+        // SAFETY: a valid socket and a live 32-byte buffer.
+        let n = unsafe {
+            libc::send(
+                std::os::fd::AsRawFd::as_raw_fd(&x),
+                msg.as_ptr().cast(),
+                msg.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        total += t.elapsed();
+        assert_eq!(n, 32);
+    }
+    reader.join().unwrap();
+    let raw_waking = total.as_nanos() as f64 / 2000.0;
+
+    // The client's posted write with the server negotiated but not reading (no wake-up):
+    // the client's own work plus send().
+    let (a, b) = UnixStream::pair().unwrap();
+    let fake = thread::spawn(move || FakeServer::handshake(b));
+    let client = Client::from_stream(a, Duration::from_secs(5)).unwrap();
+    let fake = fake.join().unwrap();
+    let mut total = Duration::ZERO;
+    for _ in 0..2000 {
+        let t = Instant::now();
+        client
+            .region_write_posted(REG_REGION, REG_SCRATCH, &data)
+            .unwrap();
+        total += t.elapsed();
+        let _ = fake.recv();
+    }
+    let client_only = total.as_nanos() as f64 / 2000.0;
+
+    println!("posted-cost: raw send(), reader asleep in poll():       {raw_waking:>9.0} ns");
+    println!("posted-cost: posted write, nobody waiting (client work): {client_only:>8.0} ns");
+    println!("posted-cost: posted write, server awake (back to back): {busy:>9.0} ns");
+    println!("posted-cost: posted write, server asleep in poll():     {sleeping:>9.0} ns");
+    println!("posted-cost: synchronous write, server asleep:          {sync:>9.0} ns");
+    println!("posted-cost: raw send(), no reader waiting:             {raw_nobody:>9.0} ns");
+}
