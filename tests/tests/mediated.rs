@@ -367,7 +367,7 @@ fn virtio_blk_vf_tracks_dirty_pages_and_migrates_state() {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        let off = (x >> 8) % 0x2000 & !3;
+        let off = ((x >> 8) % 0x2000) & !3;
         cmds.push(format!("devmem {:#x} 32 {:#x}", base + off, x as u32));
     }
     let script = cmds.join("; ");
