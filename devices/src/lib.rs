@@ -4,6 +4,13 @@
 //! - [`legacy`]: the 16550 serial ports and the i8042 controller (reset line);
 //! - [`pci`]: PCI configuration space, the host bridge and the configuration mechanism #1
 //!   (ports 0xCF8/0xCFC) root.
+//!
+//! Every device's guest-visible state can be saved and restored as a plain serde struct
+//! (`state()` / `restore()`): [`legacy::SerialPortState`], [`legacy::I8042State`],
+//! [`pci::ConfigSpaceState`] (host bridge), [`pci::PciRootState`] and
+//! [`vfio::VfioPciState`]. The stream that carries them is versioned by the `migration`
+//! crate; a passed-through device's internal state travels through
+//! [`vfio::migration::DeviceMigration`].
 
 pub mod bus;
 pub mod legacy;

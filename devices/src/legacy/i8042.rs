@@ -15,6 +15,9 @@ use vm_device::DevicePio;
 use crate::trigger::EventFdTrigger;
 use vm_superio::Trigger;
 
+mod persist;
+pub use persist::{I8042PersistError, I8042State};
+
 /// Port 0x60: data.
 pub const DATA_PORT: u16 = 0x60;
 /// Port 0x64: status (read) and command (write).

@@ -16,6 +16,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::trigger::EventFdTrigger;
 
+mod persist;
+pub use persist::{SerialPersistError, SerialPortState};
+
 /// How many bytes of host input may wait for the guest before more input is refused.
 pub const MAX_PENDING_INPUT: usize = 64 * 1024;
 
@@ -34,8 +37,23 @@ impl SerialEvents for Events {
     }
 }
 
+/// The guest-output writer, shared so that a restore can build a new UART around it and
+/// keep it if that fails.
+#[derive(Clone)]
+struct Output(Arc<Mutex<Box<dyn Write + Send>>>);
+
+impl Write for Output {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).flush()
+    }
+}
+
 struct Inner {
-    uart: Serial<EventFdTrigger, Events, Box<dyn Write + Send>>,
+    uart: Serial<EventFdTrigger, Events, Output>,
     pending: VecDeque<u8>,
 }
 
@@ -54,7 +72,7 @@ impl SerialPort {
         };
         Ok(SerialPort {
             inner: Mutex::new(Inner {
-                uart: Serial::with_events(irq, events, out),
+                uart: Serial::with_events(irq, events, Output(Arc::new(Mutex::new(out)))),
                 pending: VecDeque::new(),
             }),
             in_buffer_empty,

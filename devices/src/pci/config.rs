@@ -27,9 +27,9 @@ pub mod reg {
 /// Configuration space contents and write masks.
 #[derive(Clone, Debug)]
 pub struct ConfigSpace {
-    regs: [u32; DWORDS],
-    writable: [u32; DWORDS],
-    w1c: [u32; DWORDS],
+    pub(super) regs: [u32; DWORDS],
+    pub(super) writable: [u32; DWORDS],
+    pub(super) w1c: [u32; DWORDS],
 }
 
 impl ConfigSpace {

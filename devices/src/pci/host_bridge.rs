@@ -6,7 +6,7 @@ use super::root::PciDevice;
 
 /// An Intel-id host bridge with nothing configurable.
 pub struct HostBridge {
-    config: ConfigSpace,
+    pub(super) config: ConfigSpace,
 }
 
 impl HostBridge {

@@ -5,6 +5,7 @@
 //! The device itself is told only whether MSI is on and with how many vectors.
 
 use super::msix::{MsiMessage, MsiVectors};
+use super::persist::MsiState;
 
 const CONTROL_ENABLE: u16 = 1;
 const CONTROL_MMC_SHIFT: u16 = 1;
@@ -50,11 +51,11 @@ impl MsiCap {
         }
     }
 
-    fn is_64bit(&self) -> bool {
+    pub(super) fn is_64bit(&self) -> bool {
         self.control & CONTROL_64BIT != 0
     }
 
-    fn per_vector_mask(&self) -> bool {
+    pub(super) fn per_vector_mask(&self) -> bool {
         self.control & CONTROL_PER_VECTOR_MASK != 0
     }
 
@@ -89,8 +90,24 @@ impl MsiCap {
         (1usize << mme).min(self.max_vectors())
     }
 
+    /// The read-only bits of the control register: multiple-message capable, 64-bit,
+    /// per-vector masking (what the capability's layout and vector count follow from).
+    pub fn capabilities(&self) -> u16 {
+        self.control & !(CONTROL_ENABLE | 7 << CONTROL_MME_SHIFT)
+    }
+
+    /// The registers the guest programmed, for saving.
+    pub fn state(&self) -> MsiState {
+        MsiState {
+            control: self.control,
+            address: u64::from(self.addr_lo) | u64::from(self.addr_hi) << 32,
+            data: self.data,
+            mask: self.mask,
+        }
+    }
+
     /// Offsets of data, mask and pending registers.
-    fn layout(&self) -> (usize, usize, usize) {
+    pub(super) fn layout(&self) -> (usize, usize, usize) {
         if self.is_64bit() {
             (0x0c, 0x10, 0x14)
         } else {
@@ -176,7 +193,11 @@ impl MsiCap {
             }
         }
         self.parse(&img);
-        self.resync(vectors);
+        // The vectors are shared with MSI-X: while MSI is off (before and after), they are
+        // not MSI's to change.
+        if before.0 || self.enabled() {
+            self.resync(vectors);
+        }
         match (before, (self.enabled(), self.enabled_vectors())) {
             ((false, _), (true, n)) => MsiChange::Enabled(n),
             ((true, _), (false, _)) => MsiChange::Disabled,

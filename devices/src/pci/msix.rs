@@ -16,6 +16,8 @@ use std::sync::Arc;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::persist::{MsixEntryState, MsixState};
+
 /// Bytes per MSI-X table entry.
 pub const MSIX_ENTRY_SIZE: usize = 16;
 /// Largest MSI-X table (the PCI specification's limit).
@@ -172,6 +174,11 @@ impl MsiVectors {
         self.vectors.iter().take(n).map(|v| &v.eventfd).collect()
     }
 
+    /// Routing and irqfd failures so far (each is logged, rate-limited).
+    pub fn errors(&self) -> u64 {
+        self.errors
+    }
+
     /// Whether vector `i` is currently delivering (irqfd registered).
     pub fn is_delivering(&self, i: usize) -> bool {
         self.vectors.get(i).is_some_and(|v| v.delivering)
@@ -289,6 +296,24 @@ impl Msix {
         self.enabled
     }
 
+    /// The enable and function-mask bits and the whole table, for saving. Pending bits are
+    /// not here: they live in the vectors' eventfds ([`MsiVectors::is_pending`]).
+    pub fn state(&self) -> MsixState {
+        MsixState {
+            enabled: self.enabled,
+            function_mask: self.function_mask,
+            entries: self
+                .entries
+                .iter()
+                .map(|e| MsixEntryState {
+                    address: u64::from(e[0]) | u64::from(e[1]) << 32,
+                    data: e[2],
+                    vector_control: e[3],
+                })
+                .collect(),
+        }
+    }
+
     /// Size of the table in bytes.
     pub fn table_len(&self) -> u64 {
         (self.entries.len() * MSIX_ENTRY_SIZE) as u64
@@ -358,7 +383,11 @@ impl Msix {
             (true, false) => MsixChange::Disabled,
             _ => MsixChange::None,
         };
-        self.resync(vectors);
+        // The vectors are shared with MSI: while MSI-X is off (before and after), they
+        // are not MSI-X's to change.
+        if was || self.enabled {
+            self.resync(vectors);
+        }
         change
     }
 
@@ -426,6 +455,11 @@ impl Msix {
             entry[word] = value;
         }
         let last = (offset as usize + data.len() - 1) / MSIX_ENTRY_SIZE;
+        // While MSI-X is off the shared vectors are not its to change (MSI may use them);
+        // enabling MSI-X pushes the whole table.
+        if !self.enabled {
+            return;
+        }
         for i in first..=last {
             vectors.deliver(i, self.message(i));
         }
@@ -639,6 +673,35 @@ mod tests {
         assert_eq!(q, [0xff; 8]);
         m.table_write(u64::MAX, &[1], &mut v);
         m.table_write(0, &[], &mut v);
+    }
+
+    #[test]
+    fn the_disabled_capability_leaves_the_shared_vectors_alone() {
+        use crate::pci::msi::MsiCap;
+        let (mut m, mut v, routes) = setup(4);
+        // MSI on with 4 vectors; MSI-X table writes while MSI-X is off change nothing.
+        let mut msi = MsiCap::new(0x0184);
+        msi.write(4, &0xfee0_0000u32.to_le_bytes(), &mut v);
+        msi.write(2, &0x00a5u16.to_le_bytes(), &mut v);
+        assert_eq!(routes.lock().enabled.len(), 4);
+        write_entry(&mut m, &mut v, 0, 0xfee0_1000, 0x41, true);
+        m.cap_write(2, &[0x03, 0x40], &mut v); // function mask only, still off
+        assert_eq!(routes.lock().enabled.len(), 4, "MSI vectors untouched");
+        msi.force_disable(&mut v);
+        // MSI-X on; writes to the (off) MSI capability leave its vectors alone.
+        write_entry(&mut m, &mut v, 1, 0xfee0_2000, 0x42, false);
+        m.cap_write(2, &[0x03, 0x80], &mut v);
+        assert_eq!(
+            routes.lock().enabled.keys().copied().collect::<Vec<_>>(),
+            vec![41]
+        );
+        msi.write(8, &0x1u32.to_le_bytes(), &mut v);
+        msi.write(0x0c, &0x30u16.to_le_bytes(), &mut v);
+        assert_eq!(
+            routes.lock().enabled.keys().copied().collect::<Vec<_>>(),
+            vec![41]
+        );
+        assert_eq!(routes.lock().routes[&41].data, 0x42);
     }
 
     #[test]

@@ -17,7 +17,7 @@ const MAX_IO_SIZE: u64 = 1 << 16;
 const MAX_PHYS_ADDR: u64 = 1 << 52;
 
 /// The kind of a BAR.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum BarKind {
     /// I/O space.
     Io,

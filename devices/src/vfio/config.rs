@@ -195,7 +195,6 @@ impl CapList {
     }
 
     /// The kept capabilities in list order.
-    #[cfg(test)]
     pub fn caps(&self) -> &[Cap] {
         &self.caps
     }

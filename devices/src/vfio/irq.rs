@@ -57,6 +57,26 @@ impl Irqs {
         &self.vectors
     }
 
+    /// The emulated MSI-X capability, if the function exposes one.
+    pub fn msix(&self) -> Option<&Msix> {
+        self.msix.as_ref()
+    }
+
+    /// The emulated MSI capability, if the function exposes one.
+    pub fn msi(&self) -> Option<&MsiCap> {
+        self.msi.as_ref()
+    }
+
+    /// Vectors the backend has for MSI-X and MSI.
+    pub fn backend_counts(&self) -> (usize, usize) {
+        (self.msix_count, self.msi_count)
+    }
+
+    /// Failures so far: backend requests and KVM routing changes.
+    pub fn errors(&self) -> u64 {
+        self.errors.count() + self.vectors.errors()
+    }
+
     fn check(&self, what: &str, r: Result<(), BackendError>) {
         if let Err(e) = r {
             self.errors.record(&self.owner, format_args!("{what}"), &e);

@@ -6,7 +6,8 @@
 //! - [`pci`]: [`VfioPciDevice`], the function on the guest's PCI bus, with its virtualized
 //!   configuration space (`config.rs`, `bars.rs`), interrupts (`irq.rs`, over
 //!   [`crate::pci::msix`] and [`crate::pci::msi`]) and BAR placement (`placement.rs`,
-//!   `mmap.rs`: the one place that computes what of a BAR is mapped);
+//!   `mmap.rs`: the one place that computes what of a BAR is mapped) and save/restore of
+//!   what the guest programmed ([`VfioPciState`], `pci/persist.rs`);
 //! - [`migration`]: [`migration::DeviceMigration`], the one interface through which the VMM
 //!   saves and restores a device's state and learns the pages it wrote by DMA;
 //! - [`testing`]: a fake backend and a fake memory-slot backend.
@@ -31,6 +32,9 @@ mod tests;
 pub use backend::{BackendError, DeviceInfo, IrqInfo, RegionFlags, RegionInfo, VfioBackend};
 pub use bars::{BarDesc, BarKind};
 pub use kernel::{KernelVfio, KernelVfioError};
-pub use pci::{BarStats, VfioPciDevice, VfioPciError, VfioPciParams};
+pub use pci::{
+    BarLayout, BarStats, BarTraps, CapLayout, MsiCapLayout, MsixCapLayout, VfioPciDevice,
+    VfioPciError, VfioPciLayout, VfioPciParams, VfioPciState, VfioPersistError,
+};
 pub use placement::PlacementError;
 pub use trap_all::TrapAll;

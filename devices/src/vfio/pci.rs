@@ -42,6 +42,12 @@ use crate::pci::msi::MsiCap;
 use crate::pci::msix::{InterruptRoutes, MsiVectors, Msix, RouteError, MSIX_CAP_LEN};
 use crate::pci::PciDevice;
 
+mod persist;
+pub use persist::{
+    BarLayout, BarTraps, CapLayout, MsiCapLayout, MsixCapLayout, VfioPciLayout, VfioPciState,
+    VfioPersistError,
+};
+
 /// Everything a [`VfioPciDevice`] is built from.
 pub struct VfioPciParams {
     /// Name for logs, statistics and memory-slot ownership.

@@ -174,7 +174,7 @@ impl Placement {
 
     /// Checks that `[offset, offset + size)` is whole pages inside BAR `index`; returns its
     /// end.
-    fn check_range(&self, index: usize, offset: u64, size: u64) -> Result<u64, PlacementError> {
+    pub fn check_range(&self, index: usize, offset: u64, size: u64) -> Result<u64, PlacementError> {
         let bar = self.bar(index).ok_or(PlacementError::NoBar(index))?;
         let end = offset.checked_add(size).filter(|&e| {
             size > 0

@@ -10,6 +10,8 @@ use crate::bus::Bus;
 use crate::pci::msix::testing::RecordingRoutes;
 use crate::pci::PciRoot;
 
+mod persist;
+
 struct Rig {
     dev: Arc<VfioPciDevice>,
     fake: Arc<FakeBackend>,
