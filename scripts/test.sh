@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 . scripts/lib/common.sh
 
 ensure_rust_tools
+ensure_debs iproute2   # ip: network namespaces for the two-host tests (tests/tests/netns.rs)
 step "guest image"
 guest_image   # exports VMM_TEST_VMLINUX / VMM_TEST_INITRAMFS
 

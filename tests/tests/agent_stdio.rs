@@ -7,8 +7,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use vmm_tests::agent::pattern;
-use vmm_tests::harness::{Agent, AgentError, BlkRequest, RunRequest, TestDir};
+use vmm_tests::agent::{pattern, workload};
+use vmm_tests::harness::{
+    Agent, AgentError, BlkRequest, RunRequest, TestDir, WorkloadClient, WorkloadDisk,
+    WorkloadStartRequest, WorkloadStatus,
+};
 
 /// A `guest-agent --stdio` child and a client talking to it.
 struct Local {
@@ -243,4 +246,219 @@ fn usage_without_mode() {
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("usage: guest-agent --stdio"), "{stderr}");
+}
+
+/// Polls `workload_status` until `done` holds (20 s at most).
+fn wait_status(
+    l: &mut Local,
+    what: &str,
+    done: impl Fn(&WorkloadStatus) -> bool,
+) -> WorkloadStatus {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = l.agent.workload_status().unwrap();
+        if done(&s) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {s:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn workload_runs_verifies_and_catches_disk_corruption() {
+    let mut l = Local::start();
+    let dir = TestDir::new("agent-workload").unwrap();
+    let path = dir.join("disk.img");
+    const BLOCKS: u64 = 256;
+    const FIRST: u64 = 4; // offset / block_size
+    let start = l
+        .agent
+        .workload_start(&WorkloadStartRequest {
+            mem_mib: 4,
+            disk: Some(WorkloadDisk {
+                path: path.to_string_lossy().into_owned(),
+                offset: FIRST * 4096,
+                block_size: 4096,
+                blocks: BLOCKS,
+                direct: None,
+                readback: None,
+            }),
+            seed: 77,
+            ..Default::default()
+        })
+        .unwrap();
+    assert!(start.running);
+    let disk = start.disk.as_ref().unwrap();
+    eprintln!("disk writer: O_DIRECT {}", disk.direct);
+    assert_eq!(start.mem.as_ref().unwrap().chunks, 1024);
+
+    // Two memory passes and two disk laps.
+    let s = wait_status(&mut l, "two passes and two laps", |s| {
+        s.mem.as_ref().unwrap().passes >= 2 && s.disk.as_ref().unwrap().acked >= 2 * BLOCKS
+    });
+    let d = s.disk.unwrap();
+    assert_eq!(d.errors, 0, "{:?}", d.last_error);
+    assert_eq!(d.recorded_blocks, BLOCKS);
+    assert!(d.readbacks >= BLOCKS);
+
+    let v = l.agent.workload_verify().unwrap();
+    assert!(v.is_clean(), "{v:?}");
+    assert_eq!(v.mem_regions_checked, 1024);
+    assert_eq!(v.blocks_checked, BLOCKS);
+    assert!(v.readback_slots_checked > 0, "{v:?}");
+    // The file holds workload blocks: header (seed, absolute index, seq).
+    let data = std::fs::read(&path).unwrap();
+    let (seed, index, seq) = workload::header(&data[(FIRST as usize + 3) * 4096..]);
+    assert_eq!((seed, index), (77, FIRST + 3));
+    assert!(
+        seq > BLOCKS,
+        "block 3 was rewritten in the second lap, seq {seq}"
+    );
+
+    // The writers go on after a verify.
+    let before = v.status.disk.unwrap().writes;
+    wait_status(&mut l, "more writes", |s| {
+        s.disk.as_ref().unwrap().writes > before + 10
+    });
+
+    // Garbage in an acknowledged block half a lap ahead of the writer: found either by the
+    // writer's read-back before it overwrites the block or by the verify, once.
+    let s = l.agent.workload_status().unwrap();
+    let victim = (s.disk.unwrap().writes + BLOCKS / 2) % BLOCKS;
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.write_all_at(&[0xa5; 64], (FIRST + victim) * 4096 + 1000)
+        .unwrap();
+    drop(file);
+    let v = l.agent.workload_verify().unwrap();
+    assert_eq!((v.block_mismatches, v.mem_mismatches), (1, 0), "{v:?}");
+    let m = v.first_block_mismatch.unwrap();
+    assert_eq!(m.index, FIRST + victim);
+    assert_eq!((m.found_seed, m.found_index), (77, FIRST + victim));
+    assert!(m.detail.contains("acknowledged write"), "{}", m.detail);
+    assert_eq!(v.status.disk.as_ref().unwrap().block_mismatches, 1);
+    // Reported once; later checks are clean again.
+    let v = l.agent.workload_verify().unwrap();
+    assert!(v.is_clean(), "{v:?}");
+
+    let end = l.agent.workload_stop().unwrap();
+    assert!(!end.running);
+    let d = end.disk.unwrap();
+    assert_eq!(d.errors, 0, "{:?}", d.last_error);
+    assert!(d.acked > 2 * BLOCKS);
+    // Stopped means stopped: the file no longer changes.
+    let after_stop = std::fs::read(&path).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(std::fs::read(&path).unwrap() == after_stop);
+    assert!(!l.agent.workload_status().unwrap().running);
+}
+
+#[test]
+fn workload_catches_memory_corruption() {
+    let mut l = Local::start();
+    // Slow (1 MiB/s over 4 MiB: a pass takes 4 s): damage half a pass ahead of the writer is
+    // found by the verify.
+    l.agent
+        .workload_start(&WorkloadStartRequest {
+            mem_mib: 4,
+            mem_mib_per_s: Some(1),
+            seed: 5,
+            ..Default::default()
+        })
+        .unwrap();
+    let s = wait_status(&mut l, "some chunks", |s| {
+        s.mem.as_ref().unwrap().chunks_written > 10
+    });
+    let chunk = (s.mem.unwrap().chunks_written + 512) % 1024;
+    let c = l.agent.workload_corrupt_mem(chunk, None).unwrap();
+    assert_eq!((c.chunk, c.offset, c.after), (chunk, 100, !c.before));
+    let v = l.agent.workload_verify().unwrap();
+    assert_eq!(
+        (v.mem_regions_checked, v.mem_mismatches),
+        (1024, 1),
+        "{v:?}"
+    );
+    let m = v.first_mem_mismatch.unwrap();
+    assert_eq!((m.index, m.found_by.as_str()), (chunk, "verify"));
+    assert!(m.detail.contains("checksum"), "{}", m.detail);
+    assert!(l.agent.workload_verify().unwrap().is_clean());
+    let msg = remote_error(l.agent.workload_corrupt_mem(1024, None).unwrap_err());
+    assert!(msg.contains("outside the buffer"), "{msg}");
+    l.agent.workload_stop().unwrap();
+
+    // Fast (1 MiB, thousands of passes a second): the writer reaches the damage first, checks
+    // the chunk before rewriting it, and the next verify reports what it found.
+    l.agent
+        .workload_start(&WorkloadStartRequest {
+            mem_mib: 1,
+            seed: 6,
+            ..Default::default()
+        })
+        .unwrap();
+    l.agent.workload_corrupt_mem(17, Some(4095)).unwrap();
+    let s = wait_status(&mut l, "the writer to find the damage", |s| {
+        s.mem.as_ref().unwrap().mismatches == 1
+    });
+    assert!(s.mem.unwrap().passes >= 1);
+    let v = l.agent.workload_verify().unwrap();
+    assert_eq!(v.mem_mismatches, 1, "{v:?}");
+    let m = v.first_mem_mismatch.unwrap();
+    assert_eq!((m.index, m.found_by.as_str()), (17, "writer"));
+    assert!(l.agent.workload_verify().unwrap().is_clean());
+    let end = l.agent.workload_stop().unwrap();
+    assert_eq!(end.mem.unwrap().mismatches, 1);
+}
+
+#[test]
+fn workload_bad_requests_get_error_replies() {
+    let mut l = Local::start();
+    for op in ["workload_verify", "workload_stop"] {
+        let msg = remote_error(l.agent.request(json!({ "op": op })).unwrap_err());
+        assert!(msg.contains("no workload is running"), "{op}: {msg}");
+    }
+    let msg = remote_error(l.agent.workload_corrupt_mem(0, None).unwrap_err());
+    assert!(msg.contains("no workload is running"), "{msg}");
+    let status = l.agent.workload_status().unwrap();
+    assert!(!status.running && status.mem.is_none() && status.disk.is_none());
+
+    let bad =
+        |l: &mut Local, req: serde_json::Value| remote_error(l.agent.request(req).unwrap_err());
+    let msg = bad(&mut l, json!({"op": "workload_start", "seed": 1}));
+    assert!(msg.contains("nothing to do"), "{msg}");
+    let msg = bad(
+        &mut l,
+        json!({"op": "workload_start", "mem_mib": 1u64 << 40}),
+    );
+    assert!(msg.contains("mem_mib"), "{msg}");
+    let msg = bad(
+        &mut l,
+        json!({"op": "workload_start", "disk": {"path": "/nonexistent/d", "offset": 0,
+               "block_size": 4096, "blocks": 1}}),
+    );
+    assert!(msg.contains("/nonexistent/d"), "{msg}");
+    let msg = bad(
+        &mut l,
+        json!({"op": "workload_start", "disk": {"path": "/tmp/x", "offset": 0,
+               "block_size": 100, "blocks": 1}}),
+    );
+    assert!(msg.contains("multiple of 512"), "{msg}");
+    let msg = bad(&mut l, json!({"op": "workload_start", "mem_mib": "lots"}));
+    assert!(msg.contains("bad \"workload_start\" fields"), "{msg}");
+
+    // One workload at a time; a disk-less workload has no disk counters.
+    let req = WorkloadStartRequest {
+        mem_mib: 1,
+        ..Default::default()
+    };
+    let s = l.agent.workload_start(&req).unwrap();
+    assert!(s.disk.is_none());
+    let msg = remote_error(l.agent.workload_start(&req).unwrap_err());
+    assert!(msg.contains("already running"), "{msg}");
+    let v = l.agent.workload_verify().unwrap();
+    assert_eq!((v.blocks_checked, v.readback_slots_checked), (0, 0));
+    l.agent.workload_stop().unwrap();
+    l.agent.ping().unwrap();
 }

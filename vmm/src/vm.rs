@@ -357,6 +357,8 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, RunStats), VmError> {
                     vcpus: &vcpu_fds,
                     caps,
                     devices: &passthrough,
+                    serials: &serials,
+                    i8042: &i8042,
                 },
             )
         })();

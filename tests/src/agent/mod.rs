@@ -17,3 +17,4 @@ pub mod run;
 pub mod server;
 pub mod sys;
 pub mod tty;
+pub mod workload;

@@ -28,6 +28,11 @@ pub const OP_NAMES: &[&str] = &[
     "mem_check",
     "checksum",
     "bar_time",
+    "workload_start",
+    "workload_status",
+    "workload_verify",
+    "workload_stop",
+    "workload_corrupt_mem",
 ];
 
 /// Why a request line could not be turned into a [`Request`].
@@ -124,6 +129,18 @@ pub enum Op {
     /// Time writes to a mapped file (a PCI BAR's sysfs `resourceN`) and to RAM (PID 1
     /// only); replies [`BarTimeReply`].
     BarTime(BarTimeRequest),
+    /// Start the background memory and disk writers; replies [`WorkloadStatus`].
+    WorkloadStart(WorkloadStartRequest),
+    /// The writers' counters (cheap); replies [`WorkloadStatus`].
+    WorkloadStatus,
+    /// Pause the writers, check everything they recorded, resume; replies
+    /// [`WorkloadVerifyReply`].
+    WorkloadVerify(WorkloadVerifyRequest),
+    /// Stop and join the writers; replies [`WorkloadStatus`] (final counters).
+    WorkloadStop,
+    /// Test-only: flip a byte of a memory chunk without updating its checksum; replies
+    /// [`WorkloadCorruptReply`].
+    WorkloadCorruptMem(WorkloadCorruptRequest),
 }
 
 impl Op {
@@ -140,6 +157,11 @@ impl Op {
             Op::MemCheck => "mem_check",
             Op::Checksum(_) => "checksum",
             Op::BarTime(_) => "bar_time",
+            Op::WorkloadStart(_) => "workload_start",
+            Op::WorkloadStatus => "workload_status",
+            Op::WorkloadVerify(_) => "workload_verify",
+            Op::WorkloadStop => "workload_stop",
+            Op::WorkloadCorruptMem(_) => "workload_corrupt_mem",
         }
     }
 }
@@ -343,6 +365,205 @@ pub struct ChecksumReply {
     pub elapsed_us: u64,
 }
 
+/// Fields of `workload_start`. At least one of the two writers must be asked for.
+///
+/// Every chunk of memory and every disk block the writers produce holds
+/// [`crate::agent::workload::fill`]`(seed, index, seq)`: a 24-byte header (seed, index, seq,
+/// little-endian `u64`s) and a pseudo-random body derived from all three, so that stale
+/// content says which write it came from.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct WorkloadStartRequest {
+    /// Size of the memory writer's buffer in MiB; 0 (the default): no memory writer.
+    #[serde(default)]
+    pub mem_mib: u64,
+    /// Caps the memory writer's rewrite rate (MiB/s); absent or 0: as fast as it can.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_mib_per_s: Option<u64>,
+    /// The disk writer; absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<WorkloadDisk>,
+    /// Seed of all the data written.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+/// The disk writer's target: `blocks` blocks of `block_size` bytes from byte `offset` of `path`,
+/// rewritten in order, round and round.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadDisk {
+    /// Block device or file (created if missing).
+    pub path: String,
+    /// Byte offset of block 0; a multiple of `block_size`.
+    pub offset: u64,
+    /// Bytes per block: a multiple of 512, at least 512, at most 1 MiB.
+    pub block_size: u64,
+    /// Number of blocks.
+    pub blocks: u64,
+    /// O_DIRECT: absent = try it and fall back to buffered writes + fdatasync when the file
+    /// refuses it; true = required; false = buffered writes + fdatasync.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct: Option<bool>,
+    /// Before overwriting a block, read it back (into a ring of buffers: with O_DIRECT the
+    /// device writes them by DMA) and check it still holds the last acknowledged write; the
+    /// ring is checked again by `workload_verify`. Default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readback: Option<bool>,
+}
+
+/// Fields of `workload_verify`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct WorkloadVerifyRequest {
+    /// How long to wait for each writer to pause (it may be stuck in I/O); default 60 s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// Fields of `workload_corrupt_mem`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadCorruptRequest {
+    /// The chunk (4 KiB) of the memory writer's buffer.
+    pub chunk: u64,
+    /// Byte within the chunk (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+}
+
+/// Reply to `workload_start`, `workload_status` and `workload_stop`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct WorkloadStatus {
+    /// Whether a workload is running (`workload_status` without one: false, nothing else set).
+    pub running: bool,
+    /// Since `workload_start`.
+    pub elapsed_ms: u64,
+    /// The request's seed.
+    pub seed: u64,
+    /// The memory writer, if any.
+    pub mem: Option<MemWorkloadStatus>,
+    /// The disk writer, if any.
+    pub disk: Option<DiskWorkloadStatus>,
+}
+
+/// Counters of the memory writer.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct MemWorkloadStatus {
+    /// Buffer size.
+    pub bytes: u64,
+    /// Bytes per chunk (one checksum each).
+    pub chunk_size: u64,
+    /// Number of chunks.
+    pub chunks: u64,
+    /// Complete passes over the buffer.
+    pub passes: u64,
+    /// Chunks written in all.
+    pub chunks_written: u64,
+    /// Chunks found not to match their record, by the writer (each chunk is checked before it
+    /// is rewritten) or by `workload_verify`, since the start.
+    pub mismatches: u64,
+    /// The rate cap, if any.
+    pub mib_per_s: Option<u64>,
+}
+
+/// Counters of the disk writer.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct DiskWorkloadStatus {
+    /// The target.
+    pub path: String,
+    /// Byte offset of block 0.
+    pub offset: u64,
+    /// Bytes per block.
+    pub block_size: u64,
+    /// Blocks in the range.
+    pub blocks: u64,
+    /// Whether O_DIRECT is in use.
+    pub direct: bool,
+    /// Whether blocks are read back before being overwritten.
+    pub readback: bool,
+    /// Writes issued.
+    pub writes: u64,
+    /// Writes acknowledged (the write, and fdatasync without O_DIRECT, returned success).
+    pub acked: u64,
+    /// Failed reads, writes and syncs.
+    pub errors: u64,
+    /// The last of them.
+    pub last_error: Option<String>,
+    /// Blocks whose last acknowledged content is recorded (a failed write forgets its block).
+    pub recorded_blocks: u64,
+    /// Blocks read back before being overwritten.
+    pub readbacks: u64,
+    /// Blocks found not to hold their last acknowledged write (by the writer or by
+    /// `workload_verify`), since the start.
+    pub block_mismatches: u64,
+    /// Read-back buffers found changed since the device filled them, since the start.
+    pub readback_mismatches: u64,
+}
+
+/// One piece of data that did not match its record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadMismatch {
+    /// Memory chunk, absolute disk block index (`offset / block_size + i`), or read-back slot.
+    pub index: u64,
+    /// The write (sequence number) the data should come from.
+    pub expected_seq: u64,
+    /// The header found in the data: seed, index, seq.
+    pub found_seed: u64,
+    /// See `found_seed`.
+    pub found_index: u64,
+    /// See `found_seed`.
+    pub found_seq: u64,
+    /// `"writer"` (found before an overwrite) or `"verify"`.
+    pub found_by: String,
+    /// What differs.
+    pub detail: String,
+}
+
+/// Reply to `workload_verify`. Each mismatch is reported once: those the writers found since
+/// the previous verify plus those this verify found.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct WorkloadVerifyReply {
+    /// Memory chunks checked (all of them).
+    pub mem_regions_checked: u64,
+    /// Memory chunks that did not match.
+    pub mem_mismatches: u64,
+    /// The first of them.
+    pub first_mem_mismatch: Option<WorkloadMismatch>,
+    /// Disk blocks with a recorded acknowledged write, read back and checked.
+    pub blocks_checked: u64,
+    /// Blocks that did not hold their last acknowledged write (or could not be read).
+    pub block_mismatches: u64,
+    /// The first of them.
+    pub first_block_mismatch: Option<WorkloadMismatch>,
+    /// Read-back buffers checked.
+    pub readback_slots_checked: u64,
+    /// Read-back buffers that changed since the device filled them.
+    pub readback_mismatches: u64,
+    /// The first of them.
+    pub first_readback_mismatch: Option<WorkloadMismatch>,
+    /// Time taken, waiting for the writers to pause included.
+    pub elapsed_us: u64,
+    /// Counters at the end of the check.
+    pub status: WorkloadStatus,
+}
+
+impl WorkloadVerifyReply {
+    /// Whether nothing mismatched.
+    pub fn is_clean(&self) -> bool {
+        self.mem_mismatches == 0 && self.block_mismatches == 0 && self.readback_mismatches == 0
+    }
+}
+
+/// Reply to `workload_corrupt_mem`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadCorruptReply {
+    /// The chunk.
+    pub chunk: u64,
+    /// The byte within it.
+    pub offset: u64,
+    /// Its value before.
+    pub before: u8,
+    /// Its value now.
+    pub after: u8,
+}
+
 /// A reply as read by the host.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reply {
@@ -495,6 +716,34 @@ mod tests {
             r.op,
             Op::BlkWrite(BlkRequest { direct: false, .. })
         ));
+    }
+
+    #[test]
+    fn parses_workload_ops() {
+        let r = parse_request(br#"{"id":1,"op":"workload_verify"}"#).unwrap();
+        assert_eq!(r.op, Op::WorkloadVerify(WorkloadVerifyRequest::default()));
+        let r = parse_request(
+            br#"{"id":2,"op":"workload_start","mem_mib":64,"seed":3,"disk":{"path":"/dev/vda","offset":0,"block_size":4096,"blocks":10}}"#,
+        )
+        .unwrap();
+        let Op::WorkloadStart(start) = r.op else {
+            panic!("{:?}", r.op)
+        };
+        assert_eq!(
+            (start.mem_mib, start.seed, start.mem_mib_per_s),
+            (64, 3, None)
+        );
+        let disk = start.disk.unwrap();
+        assert_eq!((disk.direct, disk.readback), (None, None));
+        // Round trip of the typed form, and the short form of a verify.
+        let typed =
+            serde_json::to_value(Op::WorkloadVerify(WorkloadVerifyRequest::default())).unwrap();
+        assert_eq!(typed, json!({"op": "workload_verify"}));
+        let e = parse_request(br#"{"id":3,"op":"workload_corrupt_mem"}"#).unwrap_err();
+        assert!(e.to_string().contains("chunk"), "{e}");
+        let e =
+            parse_request(br#"{"id":4,"op":"workload_start","disk":{"path":"x"}}"#).unwrap_err();
+        assert!(matches!(e, ProtocolError::BadFields { .. }), "{e}");
     }
 
     #[test]

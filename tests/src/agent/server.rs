@@ -10,6 +10,7 @@ use thiserror::Error;
 use super::lines::{Line, LineReader};
 use super::mem::{self, MemBuffer};
 use super::protocol::{self, Op, PingReply, ProtocolError, MAX_LINE};
+use super::workload::{Workload, WorkloadError};
 use super::{bar_time, blk, poke, run, sys};
 
 /// Why serving stopped with an error.
@@ -46,6 +47,7 @@ pub struct Server {
     pid1: bool,
     trace: bool,
     mem: Option<MemBuffer>,
+    workload: Option<Workload>,
 }
 
 impl Server {
@@ -56,6 +58,7 @@ impl Server {
             pid1,
             trace: false,
             mem: None,
+            workload: None,
         }
     }
 
@@ -184,8 +187,47 @@ impl Server {
                 to_value(reply)
             }
             Op::MemCheck => to_value(mem::mem_check(self.mem.as_ref()).map_err(|e| e.to_string())?),
+            Op::WorkloadStart(req) => {
+                if self.workload.is_some() {
+                    return Err(format!("workload_start: {}", WorkloadError::AlreadyRunning));
+                }
+                let workload = Workload::start(&req).map_err(|e| format!("workload_start: {e}"))?;
+                let status = workload.status();
+                self.workload = Some(workload);
+                to_value(status)
+            }
+            Op::WorkloadStatus => to_value(
+                self.workload
+                    .as_ref()
+                    .map(Workload::status)
+                    .unwrap_or_default(),
+            ),
+            Op::WorkloadVerify(req) => to_value(
+                self.workload_mut("workload_verify")?
+                    .verify(&req)
+                    .map_err(|e| format!("workload_verify: {e}"))?,
+            ),
+            Op::WorkloadCorruptMem(req) => to_value(
+                self.workload_mut("workload_corrupt_mem")?
+                    .corrupt_mem(&req)
+                    .map_err(|e| format!("workload_corrupt_mem: {e}"))?,
+            ),
+            Op::WorkloadStop => {
+                let Some(workload) = self.workload.take() else {
+                    return Err(format!("workload_stop: {}", WorkloadError::NotRunning));
+                };
+                to_value(workload.stop().map_err(|e| format!("workload_stop: {e}"))?)
+            }
         };
         Ok((value, After::Continue))
+    }
+}
+
+impl Server {
+    fn workload_mut(&mut self, op: &str) -> Result<&mut Workload, String> {
+        self.workload
+            .as_mut()
+            .ok_or_else(|| format!("{op}: {}", WorkloadError::NotRunning))
     }
 }
 

@@ -19,10 +19,12 @@ pub mod client;
 pub mod diag;
 pub mod guest_run;
 pub mod image;
+pub mod netns;
 pub mod paths;
 pub mod testdir;
 pub mod vfsim;
 pub mod vm;
+pub mod workload;
 
 pub use crate::agent::protocol::{
     BlkRequest, BlkVerifyReply, BlkWriteReply, ChecksumReply, MemCheckReply, MemFillReply,
@@ -32,7 +34,11 @@ pub use api::ApiClient;
 pub use client::{Agent, AgentError, DEFAULT_TIMEOUT};
 pub use guest_run::run;
 pub use image::{GuestImage, ImageError};
+pub use netns::{NetnsError, NetnsPair, Side};
 pub use paths::{guest_cmdline, vmm_binary, workspace_root, PathsError};
 pub use testdir::{TestDir, TestDirError};
 pub use vfsim::Vfsim;
 pub use vm::{Vm, VmBuilder, VmError, DEFAULT_BOOT_TIMEOUT};
+pub use workload::{
+    WorkloadClient, WorkloadDisk, WorkloadStartRequest, WorkloadStatus, WorkloadVerifyReply,
+};

@@ -26,6 +26,71 @@ pub struct Target<'a> {
     pub caps: &'a KvmCaps,
     /// The devices, built from this VMM's `--device` options.
     pub devices: &'a [PciPassthrough],
+    /// COM1 and COM2.
+    pub serials: &'a [std::sync::Arc<devices::legacy::SerialPort>],
+    /// The i8042.
+    pub i8042: &'a devices::legacy::I8042,
+}
+
+/// The legacy and PCI configuration states from the stream, applied after the KVM state.
+#[derive(Default)]
+struct Configs {
+    serials: Vec<(usize, Vec<u8>)>,
+    i8042: Option<Vec<u8>>,
+    pci: Vec<(String, Vec<u8>)>,
+}
+
+impl Configs {
+    /// Takes the section if it is one of ours.
+    fn take(&mut self, id: &str, data: &[u8]) -> bool {
+        if let Some(n) = id
+            .strip_prefix("serial")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            self.serials.push((n, data.to_vec()));
+        } else if id == "i8042" {
+            self.i8042 = Some(data.to_vec());
+        } else if let Some(dev) = id.strip_suffix("/pci") {
+            self.pci.push((dev.to_string(), data.to_vec()));
+        } else {
+            return false;
+        }
+        true
+    }
+
+    fn apply(&self, t: &Target<'_>) -> Result<(), SnapshotError> {
+        let bad = |id: &str, e: String| SnapshotError::Device {
+            id: id.to_string(),
+            reason: e,
+        };
+        for (n, data) in &self.serials {
+            let id = format!("serial{n}");
+            let port = t
+                .serials
+                .get(*n)
+                .ok_or_else(|| SnapshotError::Mismatch(format!("no {id} here")))?;
+            let s = serde_json::from_slice(data).map_err(|e| bad(&id, e.to_string()))?;
+            port.restore(&s).map_err(|e| bad(&id, e.to_string()))?;
+        }
+        if let Some(data) = &self.i8042 {
+            let s = serde_json::from_slice(data).map_err(|e| bad("i8042", e.to_string()))?;
+            t.i8042
+                .restore(&s)
+                .map_err(|e| bad("i8042", e.to_string()))?;
+        }
+        for (id, data) in &self.pci {
+            let dev = t.devices.iter().find(|d| &d.id == id).ok_or_else(|| {
+                SnapshotError::Mismatch(format!(
+                    "the stream has PCI state of an unknown device {id:?}"
+                ))
+            })?;
+            let s = serde_json::from_slice(data).map_err(|e| bad(id, e.to_string()))?;
+            dev.device
+                .restore(&s)
+                .map_err(|e| bad(id, format!("restoring its PCI configuration: {e}")))?;
+        }
+        Ok(())
+    }
 }
 
 /// Reads the stream's header and first section, which must be the VM's config.
@@ -82,6 +147,7 @@ pub fn apply<R: Read>(
     let mut vcpus: Vec<Option<VcpuState>> = (0..t.vcpus.len()).map(|_| None).collect();
     let mut vm_state = None;
     let mut resuming: Vec<&PciPassthrough> = Vec::new();
+    let mut configs = Configs::default();
     loop {
         match reader.next_section()? {
             Section::End => break,
@@ -109,6 +175,7 @@ pub fn apply<R: Read>(
                     loaded.pages += len / migration::PAGE_SIZE as u64;
                 }
             }
+            Section::Device(d) if configs.take(&d.id, &d.data) => {}
             Section::Device(d) => {
                 let dev = t.devices.iter().find(|x| x.id == d.id).ok_or_else(|| {
                     SnapshotError::Mismatch(format!(
@@ -175,6 +242,7 @@ pub fn apply<R: Read>(
         })?;
         s.restore(fd, t.caps)?;
     }
+    configs.apply(t)?;
     for dev in resuming {
         if let Some(mig) = &dev.migration {
             mig.set_state(MigrationState::Running)

@@ -154,5 +154,23 @@ pub fn write_final_state<W: Write>(
     }
     let vm = VmState::capture(&m.vm)?;
     w.write_irqchip(&vm.to_bytes()?)?;
+    let json = |id: &str, v: serde_json::Result<Vec<u8>>| {
+        v.map_err(|e| SnapshotError::Device {
+            id: id.to_string(),
+            reason: format!("encoding its state: {e}"),
+        })
+    };
+    for (i, s) in m.serials.iter().enumerate() {
+        let id = format!("serial{i}");
+        let bytes = json(&id, serde_json::to_vec(&s.state()))?;
+        w.write_device(&id, DevicePhase::Final, &bytes)?;
+    }
+    let bytes = json("i8042", serde_json::to_vec(&m.i8042.state()))?;
+    w.write_device("i8042", DevicePhase::Final, &bytes)?;
+    for d in m.devices.iter() {
+        let id = format!("{}/pci", d.id);
+        let bytes = json(&id, serde_json::to_vec(&d.device.state()))?;
+        w.write_device(&id, DevicePhase::Final, &bytes)?;
+    }
     Ok(())
 }
