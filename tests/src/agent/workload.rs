@@ -641,6 +641,11 @@ impl DiskWriter {
             .try_reserve_exact(target.blocks as usize)
             .map_err(|_| WorkloadError::NoMemory(target.blocks * 8))?;
         record.resize(target.blocks as usize, 0);
+        let mut ring = alloc(slots * target.block)?;
+        // Touch every page of the ring now: a page's first touch makes the guest kernel
+        // zero it (a CPU write, which KVM's dirty log sees), and then a later read-back
+        // would not be a DMA-only write, which is what the ring is for.
+        ring.as_mut_slice().fill(0xa5);
         Ok(DiskWriter {
             seed,
             first: target.offset / bs,
@@ -648,7 +653,7 @@ impl DiskWriter {
             written: 0,
             write_buf: alloc(target.block)?,
             expected: vec![0; target.block],
-            ring: alloc(slots * target.block)?,
+            ring,
             slots: vec![None; slots],
             next_slot: 0,
             scan: alloc(SCAN_BYTES.max(bs) as usize)?,

@@ -20,15 +20,21 @@ impl Vfsim {
     /// Starts `vfsim` (built beside `vmm`) on `disk`, with socket and log `NAME.sock` /
     /// `NAME.log` in `dir`, and waits for its socket. Panics when it cannot start.
     pub fn start(dir: &TestDir, disk: &Path, name: &str) -> Vfsim {
-        Self::spawn(dir, disk, name, false)
+        Self::spawn(dir, disk, name, false, None)
     }
 
     /// As [`start`](Self::start), with a PF-side control socket `NAME.pf` in `dir`.
     pub fn start_with_pf(dir: &TestDir, disk: &Path, name: &str) -> Vfsim {
-        Self::spawn(dir, disk, name, true)
+        Self::spawn(dir, disk, name, true, None)
     }
 
-    fn spawn(dir: &TestDir, disk: &Path, name: &str, with_pf: bool) -> Vfsim {
+    /// As [`start_with_pf`](Self::start_with_pf), inside network namespace `netns` (a
+    /// device of another "host"; its Unix sockets are still files in `dir`).
+    pub fn start_in(dir: &TestDir, disk: &Path, name: &str, netns: &str) -> Vfsim {
+        Self::spawn(dir, disk, name, true, Some(netns))
+    }
+
+    fn spawn(dir: &TestDir, disk: &Path, name: &str, with_pf: bool, netns: Option<&str>) -> Vfsim {
         let bin = vmm_binary().expect("vmm binary").with_file_name("vfsim");
         assert!(
             bin.is_file(),
@@ -38,7 +44,14 @@ impl Vfsim {
         let socket = dir.join(format!("{name}.sock"));
         let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
         let pf = with_pf.then(|| dir.join(format!("{name}.pf")));
-        let mut cmd = Command::new(&bin);
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
         cmd.arg("--socket").arg(&socket).arg("--disk").arg(disk);
         if let Some(pf) = &pf {
             cmd.arg("--pf-socket").arg(pf);

@@ -149,6 +149,8 @@ pub struct VmBuilder {
     image: Option<GuestImage>,
     vmm: Option<PathBuf>,
     restore: Option<PathBuf>,
+    incoming: Option<String>,
+    netns: Option<String>,
 }
 
 impl Default for VmBuilder {
@@ -161,6 +163,8 @@ impl Default for VmBuilder {
             image: None,
             vmm: None,
             restore: None,
+            incoming: None,
+            netns: None,
         }
     }
 }
@@ -206,6 +210,18 @@ impl VmBuilder {
         self
     }
 
+    /// Waits for a live migration (`--incoming tcp:ADDR:PORT`) instead of booting.
+    pub fn incoming(mut self, url: &str) -> Self {
+        self.incoming = Some(url.to_string());
+        self
+    }
+
+    /// Runs the VMM inside this network namespace (`ip netns exec NAME`).
+    pub fn netns(mut self, name: &str) -> Self {
+        self.netns = Some(name.to_string());
+        self
+    }
+
     /// Runs this VMM binary instead of [`paths::vmm_binary`]'s.
     pub fn vmm_binary(mut self, vmm: &Path) -> Self {
         self.vmm = Some(vmm.to_path_buf());
@@ -246,9 +262,10 @@ impl VmBuilder {
         let stderr = create(dir.join("vmm.stderr"))?;
         let stdout = create(dir.join("vmm.stdout"))?;
 
-        let mut args: Vec<String> = match &self.restore {
-            Some(snapshot) => vec!["--restore".into(), snapshot.display().to_string()],
-            None => vec![
+        let mut args: Vec<String> = match (&self.restore, &self.incoming) {
+            (_, Some(url)) => vec!["--incoming".into(), url.clone()],
+            (Some(snapshot), None) => vec!["--restore".into(), snapshot.display().to_string()],
+            (None, None) => vec![
                 "--kernel".into(),
                 image.vmlinux.display().to_string(),
                 "--initramfs".into(),
@@ -269,7 +286,15 @@ impl VmBuilder {
         ]);
         args.extend(self.vmm_args.iter().cloned());
 
-        let child = Command::new(&vmm)
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&vmm);
+                c
+            }
+            None => Command::new(&vmm),
+        };
+        let child = cmd
             .args(&args)
             .stdin(Stdio::null())
             .stdout(stdout)

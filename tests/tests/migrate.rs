@@ -1,0 +1,448 @@
+//! Live migration between two "hosts": two network namespaces joined by a veth pair, each
+//! with its own vfsim over one shared disk image. The guest runs a memory writer and a disk
+//! writer during the migration and verifies both afterwards on the destination.
+
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use vmm_tests::agent::protocol::{WorkloadDisk, WorkloadStartRequest};
+use vmm_tests::harness::netns::{NetnsPair, Side};
+use vmm_tests::harness::workload::WorkloadClient;
+use vmm_tests::harness::{ApiClient, TestDir, Vfsim, Vm, DEFAULT_BOOT_TIMEOUT};
+
+const DISK_SIZE: u64 = 64 << 20;
+const PORT: u16 = 4444;
+
+struct Hosts {
+    pair: NetnsPair,
+    dir: TestDir,
+    disk: std::path::PathBuf,
+    n: u32,
+}
+
+impl Hosts {
+    fn new(label: &str) -> Hosts {
+        let pair = NetnsPair::create(label).expect("network namespaces");
+        let dir = TestDir::new(label).expect("test dir");
+        let disk = dir.join("disk.img");
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(DISK_SIZE)
+            .unwrap();
+        Hosts {
+            pair,
+            dir,
+            disk,
+            n: 0,
+        }
+    }
+
+    /// A vfsim on `side` over the shared image, and its --device option.
+    fn vf(&mut self, side: Side) -> (Vfsim, String) {
+        self.n += 1;
+        let v = Vfsim::start_in(
+            &self.dir,
+            &self.disk,
+            &format!("vf{}", self.n),
+            self.pair.name(side),
+        );
+        let dev = format!(
+            "vfio-mediated,socket={},mediator=virtio-blk-vf,pf={},id=vf0",
+            v.socket.display(),
+            v.pf.as_ref().unwrap().display()
+        );
+        (v, dev)
+    }
+
+    fn source(&mut self) -> (Vm, Vfsim, ApiClient, vmm_tests::harness::Agent) {
+        let (vf, dev) = self.vf(Side::A);
+        let api = self.dir.join("api-src.sock");
+        let vm = Vm::builder()
+            .netns(self.pair.name(Side::A))
+            .vmm_args(&[
+                "--device",
+                dev.as_str(),
+                "--api-socket",
+                api.to_str().unwrap(),
+            ])
+            .boot()
+            .expect("start the source");
+        let agent = vm
+            .agent(DEFAULT_BOOT_TIMEOUT)
+            .unwrap_or_else(|e| panic!("guest did not come up: {e}\n{}", vm.describe()));
+        let api = ApiClient::connect(&api, Duration::from_secs(10)).unwrap();
+        (vm, vf, api, agent)
+    }
+
+    /// A destination VMM waiting on `port` in B, with its own vfsim.
+    fn destination(&mut self, port: u16) -> (Vm, Vfsim) {
+        let (vf, dev) = self.vf(Side::B);
+        let url = format!("tcp:{}:{port}", self.pair.addr(Side::B));
+        let vm = Vm::builder()
+            .netns(self.pair.name(Side::B))
+            .incoming(&url)
+            .vmm_args(&["--device", dev.as_str()])
+            .boot()
+            .expect("start the destination");
+        // Wait until it listens.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !vm.vmm_stderr().contains("waiting for a migration") {
+            assert!(
+                Instant::now() < deadline,
+                "destination not listening\n{}",
+                vm.describe()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (vm, vf)
+    }
+}
+
+fn workload() -> WorkloadStartRequest {
+    WorkloadStartRequest {
+        mem_mib: 64,
+        mem_mib_per_s: Some(16),
+        disk: Some(WorkloadDisk {
+            path: "/dev/vda".into(),
+            offset: 0,
+            block_size: 4096,
+            blocks: 32,
+            direct: Some(true),
+            readback: Some(true),
+        }),
+        seed: 0x1234,
+    }
+}
+
+/// Starts a migration and follows it to the end; returns the last status.
+fn migrate(api: &mut ApiClient, url: &str) -> Value {
+    api.request(&json!({"request": "migrate", "url": url, "downtime_ms": 300}))
+        .expect("migrate");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut last = Value::Null;
+    while Instant::now() < deadline {
+        match api.request(&json!({"request": "migration-status"})) {
+            Ok(s) => {
+                if s["phase"] == "completed" || s["phase"] == "failed" {
+                    return s;
+                }
+                last = s;
+            }
+            // The source exits right after completing.
+            Err(_) => return json!({"phase": "completed", "last": last}),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("migration did not end: {last}");
+}
+
+fn settle_workload(agent: &mut vmm_tests::harness::Agent) {
+    let t = Instant::now();
+    loop {
+        let s = agent.workload_status().expect("status");
+        // Past the first lap the disk writer reads each block back before rewriting it
+        // (into buffers only the device writes, by DMA).
+        let readbacks = s.disk.as_ref().map_or(0, |d| d.readbacks);
+        if readbacks > 64 || t.elapsed() > Duration::from_secs(120) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The mediated path: the guest moves from A to B while it writes memory and disk; on B
+/// every checksum and every acknowledged block verifies, and I/O goes on.
+#[test]
+fn live_migration_between_two_hosts() {
+    let mut h = Hosts::new("mig");
+    let (src, _vf_a, mut api, mut agent) = h.source();
+    agent.workload_start(&workload()).expect("workload");
+    settle_workload(&mut agent);
+    let (dst, _vf_b) = h.destination(PORT);
+    let url = format!("tcp:{}:{PORT}", h.pair.addr(Side::B));
+    let t = Instant::now();
+    let status = migrate(&mut api, &url);
+    let total = t.elapsed();
+    assert_eq!(status["phase"], "completed", "{status}\n{}", src.describe());
+    let st = src
+        .wait_exit(Duration::from_secs(30))
+        .expect("source exits");
+    assert_eq!(st.code(), Some(0), "{}", src.describe());
+    let log = src.vmm_stderr();
+    for line in log.lines().filter(|l| l.contains("migration to")) {
+        eprintln!("source: {line}");
+    }
+    let summary = log
+        .lines()
+        .find(|l| l.contains("guest resumed there; downtime"))
+        .unwrap_or_else(|| panic!("no summary in the source's log\n{log}"));
+    eprintln!("migration A -> B took {total:?} as seen by the API client: {summary}");
+    drop(agent);
+    let mut agent = dst
+        .agent(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("guest does not answer on B: {e}\n{}", dst.describe()));
+    let v = agent.workload_verify().expect("verify on B");
+    eprintln!("verify on B: {v:?}");
+    assert_eq!(v.mem_mismatches, 0, "{v:?}");
+    assert_eq!(v.block_mismatches, 0, "{v:?}");
+    assert_eq!(v.readback_mismatches, 0, "{v:?}");
+    assert!(
+        v.mem_regions_checked > 0 && v.blocks_checked > 0 && v.readback_slots_checked > 0,
+        "{v:?}"
+    );
+    // I/O continues on B.
+    let before = agent.workload_status().unwrap().disk.unwrap().acked;
+    std::thread::sleep(Duration::from_secs(3));
+    let after = agent.workload_stop().unwrap().disk.unwrap().acked;
+    assert!(
+        after > before,
+        "disk writes continue on B: {before} -> {after}"
+    );
+    agent.reboot().expect("reboot");
+    let st = dst
+        .wait_exit(Duration::from_secs(120))
+        .expect("destination exits");
+    assert_eq!(st.code(), Some(0), "{}", dst.describe());
+}
+
+/// With the mediator's ring walk switched off (a test-only switch), pages the device wrote
+/// by DMA during the migration are not sent again, and the guest's check finds them stale:
+/// the verification above can fail.
+#[test]
+fn migration_without_device_dirty_tracking_is_detected() {
+    let mut h = Hosts::new("mignd");
+    let (src, _vf_a, mut api, mut agent) = h.source();
+    agent.workload_start(&workload()).expect("workload");
+    settle_workload(&mut agent);
+    api.mediator("vf0", "skip-ring-walk", json!({"on": true}))
+        .unwrap();
+    let (dst, _vf_b) = h.destination(PORT);
+    let url = format!("tcp:{}:{PORT}", h.pair.addr(Side::B));
+    let status = migrate(&mut api, &url);
+    assert_eq!(status["phase"], "completed", "{status}\n{}", src.describe());
+    drop(agent);
+    let mut agent = dst.agent(Duration::from_secs(60)).expect("agent on B");
+    let v = agent.workload_verify().expect("verify on B");
+    eprintln!("verify on B without device dirty tracking: {v:?}");
+    assert!(
+        v.readback_mismatches + v.block_mismatches + v.mem_mismatches > 0,
+        "stale DMA pages must be detected: {v:?}"
+    );
+    let _ = agent.reboot();
+    let _ = dst.wait_exit(Duration::from_secs(60));
+}
+
+/// A TCP proxy in B between the source and the destination that forwards the source's
+/// stream section by section and lets the test break it.
+enum Fault {
+    /// Flip one byte of the stream at this offset.
+    CorruptByte(u64),
+    /// Rewrite the header's format version.
+    Version(u32),
+    /// Kill the destination (this pid) when the source says stop-and-copy begins.
+    KillAtStopAndCopy(u32),
+}
+
+fn proxy(h: &Hosts, listen_port: u16, dest_port: u16, fault: Fault) -> std::thread::JoinHandle<()> {
+    let b = h.pair.addr(Side::B);
+    let listener = h
+        .pair
+        .within(Side::B, move || TcpListener::bind((b, listen_port)))
+        .unwrap()
+        .expect("proxy listen");
+    let connect = {
+        // Connect from inside B when the source arrives.
+        let name = h.pair.name(Side::B).to_string();
+        move || -> TcpStream {
+            let path = format!("/var/run/netns/{name}");
+            let f = std::fs::File::open(path).expect("netns handle");
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    use std::os::fd::AsRawFd;
+                    // SAFETY: setns on an open namespace fd changes this thread's network
+                    // namespace only.
+                    assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+                    TcpStream::connect((b, dest_port)).expect("proxy connect")
+                })
+                .join()
+                .unwrap()
+            })
+        }
+    };
+    std::thread::spawn(move || {
+        let (from_src, _) = listener.accept().expect("proxy accept");
+        let to_dst = connect();
+        // Answers from the destination go back unchanged.
+        let (mut back_r, mut back_w) = (to_dst.try_clone().unwrap(), from_src.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut back_r, &mut back_w);
+            let _ = back_w.shutdown(std::net::Shutdown::Both);
+        });
+        forward(from_src, to_dst, fault);
+    })
+}
+
+fn forward(mut from: TcpStream, mut to: TcpStream, fault: Fault) {
+    use std::io::{Read, Write};
+    match fault {
+        Fault::CorruptByte(_) | Fault::Version(_) => {
+            let mut off = 0u64;
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                let n = match from.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                for (i, b) in buf[..n].iter_mut().enumerate() {
+                    let pos = off + i as u64;
+                    match fault {
+                        Fault::CorruptByte(at) if pos == at => *b ^= 0x40,
+                        Fault::Version(v) if (8..12).contains(&pos) => {
+                            *b = v.to_le_bytes()[(pos - 8) as usize]
+                        }
+                        _ => {}
+                    }
+                }
+                off += n as u64;
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+        Fault::KillAtStopAndCopy(pid) => {
+            let mut r = migration::StreamReader::read_header(from).expect("source header");
+            let mut w = migration::StreamWriter::write_header(to, r.flags()).expect("dest header");
+            loop {
+                let s = match r.next_section() {
+                    Ok(s) => s,
+                    Err(_) => break,
+                };
+                if s == migration::Section::Control(migration::Control::StopAndCopy) {
+                    // SAFETY: kill(2) with a pid this test started; no memory involved.
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                    return;
+                }
+                if s == migration::Section::End || w.write(&s).is_err() {
+                    break;
+                }
+                let _ = w.flush();
+            }
+        }
+    }
+}
+
+/// Faults during a migration leave the source running with its guest's data intact: a
+/// corrupted byte, a version mismatch, the destination killed during stop-and-copy, the
+/// link cut during pre-copy. Each time the destination (if alive) exits non-zero naming the
+/// cause, and the source's workload verifies.
+#[test]
+fn migration_faults_leave_the_source_running() {
+    let mut h = Hosts::new("migf");
+    let (src, _vf_a, mut api, mut agent) = h.source();
+    agent.workload_start(&workload()).expect("workload");
+    settle_workload(&mut agent);
+    let b = h.pair.addr(Side::B);
+    let cases: Vec<(&str, u16, Box<dyn Fn(u32) -> Fault>, &str)> = vec![
+        (
+            "corrupted byte",
+            4501,
+            Box::new(|_| Fault::CorruptByte(300_000)),
+            "CRC mismatch",
+        ),
+        (
+            "version mismatch",
+            4502,
+            Box::new(|_| Fault::Version(99)),
+            "version 99",
+        ),
+        (
+            "destination killed at stop-and-copy",
+            4503,
+            Box::new(Fault::KillAtStopAndCopy),
+            "",
+        ),
+    ];
+    for (what, port, fault, cause) in cases {
+        let (dst, _vf_b) = h.destination(port);
+        let _p = proxy(&h, port + 100, port, fault(dst.pid()));
+        let status = migrate(&mut api, &format!("tcp:{b}:{}", port + 100));
+        eprintln!("{what}: source status {status}");
+        assert_eq!(status["phase"], "failed", "{what}: {status}");
+        let st = dst
+            .wait_exit(Duration::from_secs(90))
+            .expect("destination exits");
+        assert_ne!(
+            st.code(),
+            Some(0),
+            "{what}: destination must fail\n{}",
+            dst.describe()
+        );
+        if !cause.is_empty() {
+            assert!(
+                dst.vmm_stderr().contains(cause),
+                "{what}: the destination names the cause ({cause})\n{}",
+                dst.vmm_stderr()
+            );
+        }
+        let v = agent.workload_verify().expect("verify on the source");
+        assert_eq!(
+            v.mem_mismatches + v.block_mismatches + v.readback_mismatches,
+            0,
+            "{what}: {v:?}"
+        );
+        let stats = api.device_stats("vf0").unwrap();
+        assert_eq!(
+            stats["bars"][0]["trapped"],
+            json!([]),
+            "{what}: untrapped again"
+        );
+        assert_eq!(stats["migration_state"], "running", "{what}: {stats}");
+    }
+    // The link cut during pre-copy: the source gives up after its I/O timeout.
+    let (dst, _vf_b) = h.destination(PORT);
+    api.request(&json!({"request": "migrate", "url": format!("tcp:{b}:{PORT}")}))
+        .unwrap();
+    let t = Instant::now();
+    loop {
+        let s = api
+            .request(&json!({"request": "migration-status"}))
+            .unwrap();
+        if s["phase"] == "pre-copy" && s["bytes"].as_u64().unwrap_or(0) > 0
+            || t.elapsed() > Duration::from_secs(60)
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    h.pair.link_down().unwrap();
+    let status = loop {
+        let s = api
+            .request(&json!({"request": "migration-status"}))
+            .unwrap();
+        if s["phase"] == "failed" || s["phase"] == "completed" {
+            break s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "source stuck: {s}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    h.pair.link_up().unwrap();
+    eprintln!("link cut: source status {status}");
+    assert_eq!(status["phase"], "failed", "{status}");
+    let v = agent.workload_verify().expect("verify on the source");
+    assert_eq!(
+        v.mem_mismatches + v.block_mismatches + v.readback_mismatches,
+        0,
+        "{v:?}"
+    );
+    let st = dst
+        .wait_exit(Duration::from_secs(120))
+        .expect("destination exits");
+    assert_ne!(st.code(), Some(0), "{}", dst.describe());
+    agent.workload_stop().unwrap();
+    agent.reboot().expect("reboot");
+    assert_eq!(
+        src.wait_exit(Duration::from_secs(120)).unwrap().code(),
+        Some(0)
+    );
+}
