@@ -439,15 +439,14 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, RunStats), VmError> {
         exit.clone(),
         handles,
     ));
-    let api = match &cfg.api_socket {
-        Some(path) => Some(crate::api::ApiServer::start(
+    let api = cfg.api_socket.as_ref().map(|path| {
+        crate::api::ApiServer::start(
             path,
             crate::api::ApiState {
                 machine: machine.clone(),
             },
-        )),
-        None => None,
-    };
+        )
+    });
     let api = match api.transpose() {
         Ok(a) => a,
         Err(e) => {

@@ -87,7 +87,31 @@ struct Link {
 }
 
 fn io<T>(what: &str, r: Result<T, migration::Error>) -> Result<T, String> {
-    r.map_err(|e| format!("{what}: {e}"))
+    r.map_err(|e| match &e {
+        migration::Error::Io { source, .. }
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            format!(
+                "{what}: no progress for {} s: the connection is cut or the destination stalled ({e})",
+                IO_TIMEOUT.as_secs()
+            )
+        }
+        _ => format!("{what}: {e}"),
+    })
+}
+
+/// A snapshot-layer error as the migration reports it (stream timeouts explained).
+fn describe(e: crate::snapshot::SnapshotError) -> String {
+    match e {
+        crate::snapshot::SnapshotError::Stream(s) => match io::<()>("sending", Err(s)) {
+            Err(text) => text,
+            Ok(()) => String::new(),
+        },
+        other => other.to_string(),
+    }
 }
 
 /// RAM pages written since the last call (KVM's log) plus the devices' dirty pages.
@@ -232,11 +256,11 @@ fn precopy_and_stop(
             "sending",
             link.w.write_control(&Control::IterationBegin { iteration }),
         )?;
-        let n = write_pages(m, &mut link.w, pages.iter().copied()).map_err(|e| e.to_string())?;
+        let n = write_pages(m, &mut link.w, pages.iter().copied()).map_err(describe)?;
         for d in m.devices.iter() {
             if let Some(mig) = &d.migration {
                 write_device_chunks(&d.id, &**mig, DevicePhase::PreCopy, &mut link.w)
-                    .map_err(|e| e.to_string())?;
+                    .map_err(describe)?;
             }
         }
         io(
@@ -289,8 +313,8 @@ fn precopy_and_stop(
     pages.extend(dirty);
     pages.sort_unstable();
     pages.dedup();
-    let n = write_pages(m, &mut link.w, pages.iter().copied()).map_err(|e| e.to_string())?;
-    write_final_state(m, &mut link.w).map_err(|e| e.to_string())?;
+    let n = write_pages(m, &mut link.w, pages.iter().copied()).map_err(describe)?;
+    write_final_state(m, &mut link.w).map_err(describe)?;
     io("sending", link.w.write_control(&Control::Complete))?;
     io("sending", link.w.flush())?;
     let reply = link
