@@ -20,11 +20,7 @@ fn bar_access_costs() {
     let mapped_count: u64 = env_u64("BAR_MAPPED_WRITES", 10_000_000);
     let trapped_count: u64 = env_u64("BAR_TRAPPED_WRITES", 2_000);
     let dir = TestDir::new("bar-access").expect("test dir");
-    let disk = dir.join("disk.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    let disk = dir.disk("disk.img", 1 << 20);
     let vfsim = Vfsim::start(&dir, &disk, "vf0");
     let device = format!("vfio-user,socket={},id=vf0", vfsim.socket.display());
     let vm = Vm::builder()

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use vmm_tests::agent::pattern;
-use vmm_tests::harness::{ApiClient, BlkRequest, TestDir, Vfsim, Vm, DEFAULT_BOOT_TIMEOUT};
+use vmm_tests::harness::{boot_with_api, ApiClient, BlkRequest, TestDir, Vfsim};
 
 const DISK_SIZE: u64 = 16 << 20;
 const BLOCK: u64 = 4096;
@@ -33,30 +33,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[test]
 fn trap_untrap_notify_page_during_guest_io() {
     let dir = TestDir::new("mediated-trap").expect("test dir");
-    let disk = dir.join("disk.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(DISK_SIZE)
-        .unwrap();
+    let disk = dir.disk("disk.img", DISK_SIZE);
     let vfsim = Vfsim::start(&dir, &disk, "vf0");
-    let api_path = dir.join("api.sock");
-    let device = format!(
-        "vfio-mediated,socket={},mediator=trace,id=vf0",
-        vfsim.socket.display()
-    );
-    let vm = Vm::builder()
-        .vmm_args(&[
-            "--device",
-            device.as_str(),
-            "--api-socket",
-            api_path.to_str().unwrap(),
-        ])
-        .boot()
-        .expect("start vmm");
-    let mut agent = vm
-        .agent(DEFAULT_BOOT_TIMEOUT)
-        .unwrap_or_else(|e| panic!("guest did not come up: {e}\n{}", vm.describe()));
-    let mut api = ApiClient::connect(&api_path, Duration::from_secs(10)).expect("api");
+    let (vm, mut agent, mut api) = boot_with_api(&dir, &vfsim.mediated("trace", "vf0"));
     let info = api.request(&json!({"request": "info"})).unwrap();
     assert_eq!(info["devices"][0]["mediator"], "trace", "{info}");
     // Nothing is trapped at first: the notify page is in a memory slot.
@@ -207,32 +186,10 @@ fn virtio_blk_vf_tracks_dirty_pages_and_migrates_state() {
     use vfsim::pf::PfClient;
 
     let dir = TestDir::new("mediated-blk").expect("test dir");
-    let disk = dir.join("disk.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(DISK_SIZE)
-        .unwrap();
+    let disk = dir.disk("disk.img", DISK_SIZE);
     let vfsim = Vfsim::start_with_pf(&dir, &disk, "vf0");
     let pf_path = vfsim.pf.clone().unwrap();
-    let api_path = dir.join("api.sock");
-    let device = format!(
-        "vfio-mediated,socket={},mediator=auto,pf={},id=vf0",
-        vfsim.socket.display(),
-        pf_path.display()
-    );
-    let vm = Vm::builder()
-        .vmm_args(&[
-            "--device",
-            device.as_str(),
-            "--api-socket",
-            api_path.to_str().unwrap(),
-        ])
-        .boot()
-        .expect("start vmm");
-    let mut agent = vm
-        .agent(DEFAULT_BOOT_TIMEOUT)
-        .unwrap_or_else(|e| panic!("guest did not come up: {e}\n{}", vm.describe()));
-    let mut api = ApiClient::connect(&api_path, Duration::from_secs(10)).expect("api");
+    let (vm, mut agent, mut api) = boot_with_api(&dir, &vfsim.mediated("auto", "vf0"));
     let info = api.request(&json!({"request": "info"})).unwrap();
     assert_eq!(
         info["devices"][0]["mediator"], "virtio-blk-vf",

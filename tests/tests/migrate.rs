@@ -25,11 +25,7 @@ impl Hosts {
     fn new(label: &str) -> Hosts {
         let pair = NetnsPair::create(label).expect("network namespaces");
         let dir = TestDir::new(label).expect("test dir");
-        let disk = dir.join("disk.img");
-        std::fs::File::create(&disk)
-            .unwrap()
-            .set_len(DISK_SIZE)
-            .unwrap();
+        let disk = dir.disk("disk.img", DISK_SIZE);
         Hosts {
             pair,
             dir,
@@ -47,11 +43,7 @@ impl Hosts {
             &format!("vf{}", self.n),
             self.pair.name(side),
         );
-        let dev = format!(
-            "vfio-mediated,socket={},mediator=virtio-blk-vf,pf={},id=vf0",
-            v.socket.display(),
-            v.pf.as_ref().unwrap().display()
-        );
+        let dev = v.mediated("virtio-blk-vf", "vf0");
         (v, dev)
     }
 

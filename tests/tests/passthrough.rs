@@ -19,18 +19,10 @@ const BLOCK: u64 = 4096;
 #[test]
 fn guest_virtio_blk_driver_drives_the_passed_through_vf() {
     let dir = TestDir::new("passthrough").expect("test dir");
-    let disk = dir.join("disk.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(DISK_SIZE)
-        .unwrap();
+    let disk = dir.disk("disk.img", DISK_SIZE);
     let vfsim = Vfsim::start(&dir, &disk, "vf0");
     // A second VF whose BAR is trapped whole (mmap=off): its doorbells exit to the VMM.
-    let disk2 = dir.join("disk2.img");
-    std::fs::File::create(&disk2)
-        .unwrap()
-        .set_len(DISK2_SIZE)
-        .unwrap();
+    let disk2 = dir.disk("disk2.img", DISK2_SIZE);
     let vfsim2 = Vfsim::start(&dir, &disk2, "vf1");
 
     let device = format!("vfio-user,socket={},id=vf0", vfsim.socket.display());

@@ -6,17 +6,9 @@
 use std::time::Duration;
 
 use serde_json::json;
-use vmm_tests::harness::{ApiClient, BlkRequest, TestDir, Vfsim, Vm, DEFAULT_BOOT_TIMEOUT};
+use vmm_tests::harness::{boot_with_api, BlkRequest, TestDir, Vfsim, Vm};
 
 const DISK_SIZE: u64 = 16 << 20;
-
-fn device(vfsim: &Vfsim) -> String {
-    format!(
-        "vfio-mediated,socket={},mediator=virtio-blk-vf,pf={},id=vf0",
-        vfsim.socket.display(),
-        vfsim.pf.as_ref().unwrap().display()
-    )
-}
 
 fn req(seed: u64, offset: u64) -> BlkRequest {
     BlkRequest {
@@ -32,32 +24,14 @@ fn req(seed: u64, offset: u64) -> BlkRequest {
 #[test]
 fn snapshot_kill_and_restore_with_a_new_vf() {
     let dir = TestDir::new("snapshot").expect("test dir");
-    let disk = dir.join("disk.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(DISK_SIZE)
-        .unwrap();
+    let disk = dir.disk("disk.img", DISK_SIZE);
     let mut vfsim = Vfsim::start_with_pf(&dir, &disk, "vf0");
-    let api_path = dir.join("api.sock");
-    let dev = device(&vfsim);
-    let vm = Vm::builder()
-        .vmm_args(&[
-            "--device",
-            dev.as_str(),
-            "--api-socket",
-            api_path.to_str().unwrap(),
-        ])
-        .boot()
-        .expect("start vmm");
-    let mut agent = vm
-        .agent(DEFAULT_BOOT_TIMEOUT)
-        .unwrap_or_else(|e| panic!("guest did not come up: {e}\n{}", vm.describe()));
+    let (vm, mut agent, mut api) = boot_with_api(&dir, &vfsim.mediated("virtio-blk-vf", "vf0"));
     agent.blk_write(&req(0xa, 0)).expect("guest write");
     let filled = agent.mem_fill(32, 0x5eed).expect("mem fill");
     eprintln!("guest filled 32 MiB: {filled:?}");
 
     let snap = dir.join("vm.snap");
-    let mut api = ApiClient::connect(&api_path, Duration::from_secs(10)).unwrap();
     let r = api
         .request(&json!({"request": "snapshot", "path": snap}))
         .unwrap_or_else(|e| panic!("snapshot: {e}\n{}", vm.describe()));
@@ -71,7 +45,7 @@ fn snapshot_kill_and_restore_with_a_new_vf() {
     vfsim.kill().expect("kill vfsim");
     drop(agent);
     let vfsim2 = Vfsim::start_with_pf(&dir, &disk, "vf1");
-    let dev2 = device(&vfsim2);
+    let dev2 = vfsim2.mediated("virtio-blk-vf", "vf0");
     let vm2 = Vm::builder()
         .restore(&snap)
         .vmm_args(&["--device", dev2.as_str()])

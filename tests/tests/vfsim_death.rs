@@ -36,11 +36,7 @@ const WRITE_LOOP: &str = "i=0; while :; do \
 #[test]
 fn vmm_survives_vfsim_killed_during_guest_io() {
     let dir = TestDir::new("vfsim-death").expect("test dir");
-    let disk = dir.join("disk.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(DISK_SIZE)
-        .unwrap();
+    let disk = dir.disk("disk.img", DISK_SIZE);
     let mut vfsim = Vfsim::start(&dir, &disk, "vf0");
     let socket = vfsim.socket.display().to_string();
     let device = format!("vfio-user,socket={socket},id=vf0");

@@ -78,3 +78,23 @@ impl ApiClient {
             .ok_or_else(|| format!("no device {id} in {all}"))
     }
 }
+
+/// Boots a VM with `device` (a `--device` option) and a control API socket in `dir`;
+/// returns the VM, its agent (once the guest is up) and an API client.
+pub fn boot_with_api(dir: &super::TestDir, device: &str) -> (super::Vm, super::Agent, ApiClient) {
+    let api_path = dir.join("api.sock");
+    let vm = super::Vm::builder()
+        .vmm_args(&[
+            "--device",
+            device,
+            "--api-socket",
+            &api_path.display().to_string(),
+        ])
+        .boot()
+        .expect("start vmm");
+    let agent = vm
+        .agent(super::DEFAULT_BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("guest did not come up: {e}\n{}", vm.describe()));
+    let api = ApiClient::connect(&api_path, Duration::from_secs(10)).expect("api socket");
+    (vm, agent, api)
+}

@@ -30,7 +30,7 @@ pub use crate::agent::protocol::{
     BlkRequest, BlkVerifyReply, BlkWriteReply, ChecksumReply, MemCheckReply, MemFillReply,
     PingReply, PokeReply, Reply, RunOutput, RunRequest,
 };
-pub use api::ApiClient;
+pub use api::{boot_with_api, ApiClient};
 pub use client::{Agent, AgentError, DEFAULT_TIMEOUT};
 pub use guest_run::run;
 pub use image::{GuestImage, ImageError};

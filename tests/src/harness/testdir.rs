@@ -59,6 +59,15 @@ impl TestDir {
         &self.path
     }
 
+    /// A sparse disk image `name` of `size` bytes in the directory.
+    pub fn disk(&self, name: &str, size: u64) -> PathBuf {
+        let path = self.join(name);
+        fs::File::create(&path)
+            .and_then(|f| f.set_len(size))
+            .unwrap_or_else(|e| panic!("creating the disk image {}: {e}", path.display()));
+        path
+    }
+
     /// A path inside the directory.
     pub fn join<P: AsRef<Path>>(&self, name: P) -> PathBuf {
         self.path.join(name)

@@ -87,6 +87,22 @@ impl Vfsim {
     }
 }
 
+impl Vfsim {
+    /// The `--device` option passing this VF through with `mediator` in front (its PF
+    /// socket given when it has one), as device `id`.
+    pub fn mediated(&self, mediator: &str, id: &str) -> String {
+        let pf = self
+            .pf
+            .as_ref()
+            .map(|p| format!(",pf={}", p.display()))
+            .unwrap_or_default();
+        format!(
+            "vfio-mediated,socket={},mediator={mediator}{pf},id={id}",
+            self.socket.display()
+        )
+    }
+}
+
 impl Drop for Vfsim {
     fn drop(&mut self) {
         let _ = self.child.kill();
