@@ -12,11 +12,16 @@
 //! region write with the *No_reply* flag and returns once it is on the socket. The server
 //! serves commands in order, so the next request's reply comes after the write was done.
 //!
+//! Migration (device features, migration data, DMA logging) is in `migration.rs`:
+//! [`Client::migration_flags`], [`Client::set_mig_state`], [`Client::mig_data_read`],
+//! [`Client::dma_logging_report`] and their siblings.
+//!
 //! Commands the server sends to the client (`DMA_READ`/`DMA_WRITE`, used only when guest
 //! memory is not shared through a file descriptor) are not supported: the client answers
 //! them with an `ENOTSUP` error reply, keeping the stream in step, and goes on waiting for
 //! its own reply.
 
+mod migration;
 mod negotiate;
 mod session;
 
@@ -39,6 +44,7 @@ use crate::proto::{
 };
 use crate::socket::{Channel, Message, RecvLimits, SocketError};
 use crate::types::{DeviceInfo, IrqInfo, RegionInfo};
+pub use migration::FeatureOp;
 pub use negotiate::Negotiated;
 use negotiate::{CLIENT_MAX_DATA_XFER_SIZE, CLIENT_MAX_MSG_FDS};
 use session::Session;

@@ -1,14 +1,15 @@
 //! [`Device`]: what a device process implements for [`serve`](crate::serve) to drive.
 //!
 //! Every method answers one command. Failures are an [`Errno`], sent back to the client
-//! as an error reply; the connection goes on. Migration commands are refused with
-//! `ENOTSUP` unless the device overrides them.
+//! as an error reply; the connection goes on. Migration (device features, migration
+//! data, DMA logging) is refused with `ENOTSUP` unless the device overrides its methods;
+//! the server decodes and checks the messages, so the methods get typed arguments.
 
 use std::fmt;
 use std::io;
 use std::os::fd::OwnedFd;
 
-use crate::proto::DeviceFeature;
+use crate::proto::{DmaLoggingRange, MigState};
 use crate::types::{DeviceInfo, IrqInfo, RegionInfo};
 
 /// An errno value to report to the client.
@@ -99,20 +100,75 @@ pub trait Device {
     /// `DEVICE_RESET`.
     fn reset(&mut self) -> DeviceResult<()>;
 
-    /// `DEVICE_FEATURE`: return the reply's data (the feature's data for GET, the
-    /// request's data for SET, nothing for PROBE).
-    fn device_feature(&mut self, request: &DeviceFeature) -> DeviceResult<Vec<u8>> {
-        let _ = request;
+    /// `DEVICE_FEATURE` GET of `VFIO_DEVICE_FEATURE_MIGRATION`: the migration flags
+    /// (`VFIO_MIGRATION_STOP_COPY`, mandatory, or'ed with `VFIO_MIGRATION_PRE_COPY`). A
+    /// device that answers supports `VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE` and the
+    /// `MIG_DATA_*` messages too. A PROBE of either feature calls this and answers
+    /// with its result.
+    fn migration_flags(&mut self) -> DeviceResult<u64> {
         Err(Errno(libc::ENOTSUP))
     }
 
-    /// `MIG_DATA_READ`: up to `size` bytes of migration data (fewer: the end).
+    /// `DEVICE_FEATURE` GET of `VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE`: the current state.
+    fn mig_state(&mut self) -> DeviceResult<MigState> {
+        Err(Errno(libc::ENOTSUP))
+    }
+
+    /// `DEVICE_FEATURE` SET of `VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE`: move to `state`
+    /// (completely, before returning), along the specification's arcs. Refuse an
+    /// illegal transition (e.g. `EINVAL`) without changing anything.
+    fn set_mig_state(&mut self, state: MigState) -> DeviceResult<()> {
+        let _ = state;
+        Err(Errno(libc::ENOTSUP))
+    }
+
+    /// Whether the DMA logging features are implemented (for PROBE).
+    fn dma_logging_supported(&mut self) -> bool {
+        false
+    }
+
+    /// `DEVICE_FEATURE` SET of `VFIO_DEVICE_FEATURE_DMA_LOGGING_START`: log the DMA writes
+    /// into `ranges` (all writes if empty; checked not to wrap) at about `page_size` (a
+    /// power of two). Returns the page size chosen.
+    fn dma_logging_start(
+        &mut self,
+        page_size: u64,
+        ranges: &[DmaLoggingRange],
+    ) -> DeviceResult<u64> {
+        let _ = (page_size, ranges);
+        Err(Errno(libc::ENOTSUP))
+    }
+
+    /// `DEVICE_FEATURE` SET of `VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP`.
+    fn dma_logging_stop(&mut self) -> DeviceResult<()> {
+        Err(Errno(libc::ENOTSUP))
+    }
+
+    /// `DEVICE_FEATURE` GET of `VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT`: the pages of
+    /// `iova..iova + length` written since logging started or since they were last
+    /// reported, as a bitmap of exactly [`crate::proto::DmaLoggingReport::bitmap_words`] words (bit
+    /// `n` of the whole bitmap, i.e. bit `n % 64` of word `n / 64`, is the page at
+    /// `iova + n * page_size`); the reported pages are cleared. The range does not wrap,
+    /// `page_size` is a power of two and the bitmap fits the transfer size (checked).
+    fn dma_logging_report(
+        &mut self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+    ) -> DeviceResult<Vec<u64>> {
+        let _ = (iova, length, page_size);
+        Err(Errno(libc::ENOTSUP))
+    }
+
+    /// `MIG_DATA_READ`: up to `size` bytes of migration data (fewer: no more for now; in
+    /// `STOP_COPY`, the end). Only in a saving state (`PRE_COPY`, `STOP_COPY`).
     fn mig_data_read(&mut self, size: u32) -> DeviceResult<Vec<u8>> {
         let _ = size;
         Err(Errno(libc::ENOTSUP))
     }
 
-    /// `MIG_DATA_WRITE`: migration data for the device being restored.
+    /// `MIG_DATA_WRITE`: the next piece of migration data for the device being restored
+    /// (only in `RESUMING`).
     fn mig_data_write(&mut self, data: &[u8]) -> DeviceResult<()> {
         let _ = data;
         Err(Errno(libc::ENOTSUP))

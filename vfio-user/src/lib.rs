@@ -16,8 +16,8 @@ pub mod server;
 pub mod socket;
 mod types;
 
-pub use client::{Client, ClientError, Negotiated, DEFAULT_TIMEOUT};
+pub use client::{Client, ClientError, FeatureOp, Negotiated, DEFAULT_TIMEOUT};
 pub use device::{Device, DeviceResult, DmaMapping, Errno, IrqData};
-pub use proto::SparseArea;
+pub use proto::{DmaLoggingRange, MigState, SparseArea};
 pub use server::{accept_and_serve, serve, ServerConfig, ServerError};
 pub use types::{DeviceInfo, IrqInfo, RegionInfo};

@@ -14,7 +14,8 @@ use vfio_bindings::bindings::vfio::{
     VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
 };
 use vfio_user::{
-    Device, DeviceInfo, DeviceResult, DmaMapping, Errno, IrqData, IrqInfo, RegionInfo, SparseArea,
+    Device, DeviceInfo, DeviceResult, DmaLoggingRange, DmaMapping, Errno, IrqData, IrqInfo,
+    MigState, RegionInfo, SparseArea,
 };
 
 use crate::blk::{BlkError, Disk};
@@ -23,6 +24,7 @@ use crate::engine::Engine;
 use crate::guest_mem::GuestMemError;
 use crate::layout::*;
 use crate::mmap::{memfd, Mapping, MmapError};
+use crate::native_mig::NativeMigration;
 use crate::pci_config::PciRegs;
 use crate::pf::control::Controller;
 use crate::poller::{Poller, PollerError};
@@ -51,6 +53,9 @@ pub struct SimConfig {
     pub disk: PathBuf,
     /// Largest queue size offered.
     pub queue_size: u16,
+    /// Offer vfio-user's own migration (device features, migration data, DMA
+    /// logging; see [`crate::native_mig`]).
+    pub native_migration: bool,
 }
 
 /// The simulated function.
@@ -61,6 +66,8 @@ pub struct VfSim {
     bar_fd: OwnedFd,
     bar: Arc<Mapping>,
     poller: Poller,
+    /// vfio-user migration, with `--native-migration`.
+    native: Option<NativeMigration>,
 }
 
 /// What part of BAR 0 an access falls in.
@@ -89,13 +96,21 @@ impl VfSim {
             .map(|q| NOTIFY_OFFSET + q * u64::from(NOTIFY_OFF_MULTIPLIER))
             .collect();
         let poller = Poller::spawn(engine.clone(), bar.clone(), doorbells)?;
-        Ok(VfSim {
+        let mut sim = VfSim {
             engine,
             pci: Arc::new(Mutex::new(PciRegs::default())),
             bar_fd,
             bar,
             poller,
-        })
+            native: None,
+        };
+        if cfg.native_migration {
+            sim.native = Some(NativeMigration::new(
+                sim.pf_controller(),
+                sim.engine.clone(),
+            ));
+        }
+        Ok(sim)
     }
 
     /// The PF side's handle on this function (for [`crate::pf::server`]).
@@ -114,6 +129,11 @@ impl VfSim {
 
     fn pci(&self) -> MutexGuard<'_, PciRegs> {
         self.pci.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The native migration, or `ENOTSUP` without `--native-migration`.
+    fn native(&mut self) -> DeviceResult<&mut NativeMigration> {
+        self.native.as_mut().ok_or(Errno(libc::ENOTSUP))
     }
 
     /// The block holding `offset..offset + len` of BAR 0 and the offset in it.
@@ -365,14 +385,67 @@ impl Device for VfSim {
     fn reset(&mut self) -> DeviceResult<()> {
         self.engine().reset();
         *self.pci() = PciRegs::default();
+        if let Some(n) = &mut self.native {
+            n.reset();
+        }
         tracing::debug!("device reset by the client");
         Ok(())
     }
 
     fn client_disconnected(&mut self) {
-        let mut e = self.engine();
-        e.mem.clear();
-        e.irqs.clear_all();
+        {
+            let mut e = self.engine();
+            e.mem.clear();
+            e.irqs.clear_all();
+        }
+        if let Some(n) = &mut self.native {
+            n.client_disconnected();
+        }
         tracing::info!("client disconnected: DMA mappings and eventfds dropped");
+    }
+
+    fn migration_flags(&mut self) -> DeviceResult<u64> {
+        Ok(self.native()?.flags())
+    }
+
+    fn mig_state(&mut self) -> DeviceResult<MigState> {
+        Ok(self.native()?.state())
+    }
+
+    fn set_mig_state(&mut self, state: MigState) -> DeviceResult<()> {
+        self.native()?.set_state(state)
+    }
+
+    fn mig_data_read(&mut self, size: u32) -> DeviceResult<Vec<u8>> {
+        self.native()?.read(size)
+    }
+
+    fn mig_data_write(&mut self, data: &[u8]) -> DeviceResult<()> {
+        self.native()?.write(data)
+    }
+
+    fn dma_logging_supported(&mut self) -> bool {
+        self.native.is_some()
+    }
+
+    fn dma_logging_start(
+        &mut self,
+        page_size: u64,
+        ranges: &[DmaLoggingRange],
+    ) -> DeviceResult<u64> {
+        self.native()?.log_start(page_size, ranges)
+    }
+
+    fn dma_logging_stop(&mut self) -> DeviceResult<()> {
+        self.native()?.log_stop()
+    }
+
+    fn dma_logging_report(
+        &mut self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+    ) -> DeviceResult<Vec<u64>> {
+        self.native()?.log_report(iova, length, page_size)
     }
 }

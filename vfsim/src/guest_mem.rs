@@ -102,14 +102,41 @@ impl DmaRegion {
     }
 }
 
-/// The client's DMA mappings, sorted by address, never overlapping, and the log of the
+/// The client's DMA mappings, sorted by address, never overlapping, and the logs of the
 /// pages written while logging is on.
 #[derive(Debug, Default)]
 pub struct GuestMemory {
     regions: Vec<DmaRegion>,
-    /// Pages (IOVA rounded down to [`LOG_PAGE_SIZE`]) written since the log was started
-    /// or last taken; `None` while logging is off.
-    log: Mutex<Option<BTreeSet<u64>>>,
+    logs: Mutex<Logs>,
+}
+
+/// The two independent DMA write logs: the PF socket's (ground truth, every write) and
+/// the one the vfio-user client asked for (`--native-migration`), limited to its
+/// ranges. Each holds pages (IOVA rounded down to [`LOG_PAGE_SIZE`]) written since it
+/// was started or last taken; `None` while off.
+#[derive(Debug, Default)]
+struct Logs {
+    pf: Option<BTreeSet<u64>>,
+    native: Option<RangedLog>,
+}
+
+#[derive(Debug, Default)]
+struct RangedLog {
+    /// `(iova, length)` of the ranges logged, sorted; empty for every write.
+    ranges: Vec<(u64, u64)>,
+    pages: BTreeSet<u64>,
+}
+
+impl RangedLog {
+    /// Whether page `page` overlaps a logged range.
+    fn covers(&self, page: u64) -> bool {
+        let end = page.saturating_add(LOG_PAGE_SIZE);
+        self.ranges.is_empty()
+            || self
+                .ranges
+                .iter()
+                .any(|&(iova, len)| page < iova.saturating_add(len) && iova < end)
+    }
 }
 
 impl GuestMemory {
@@ -178,44 +205,97 @@ impl GuestMemory {
         self.regions.clear();
     }
 
-    fn log(&self) -> MutexGuard<'_, Option<BTreeSet<u64>>> {
-        self.log.lock().unwrap_or_else(|p| p.into_inner())
+    fn logs(&self) -> MutexGuard<'_, Logs> {
+        self.logs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Starts logging DMA writes with an empty log; false if it was already on.
+    /// Starts the PF side's log of DMA writes, empty; false if it was already on.
     pub fn log_start(&self) -> bool {
-        let mut log = self.log();
-        if log.is_some() {
+        let mut logs = self.logs();
+        if logs.pf.is_some() {
             return false;
         }
-        *log = Some(BTreeSet::new());
+        logs.pf = Some(BTreeSet::new());
         true
     }
 
-    /// Stops logging and drops the log; false if it was off.
+    /// Stops the PF side's log and drops it; false if it was off.
     pub fn log_stop(&self) -> bool {
-        self.log().take().is_some()
+        self.logs().pf.take().is_some()
     }
 
-    /// Whether DMA writes are being logged.
+    /// Whether the PF side's log is on.
     pub fn logging(&self) -> bool {
-        self.log().is_some()
+        self.logs().pf.is_some()
     }
 
-    /// The pages written since the start or the previous take, sorted, each once, and
-    /// an empty log to go on with; `None` while logging is off.
+    /// The pages written since the PF side's log started or was last taken, sorted,
+    /// each once, and an empty log to go on with; `None` while it is off.
     pub fn log_take(&self) -> Option<Vec<u64>> {
-        self.log()
+        self.logs()
+            .pf
             .as_mut()
             .map(|set| std::mem::take(set).into_iter().collect())
     }
 
+    /// Starts the vfio-user client's log of DMA writes into `ranges` (`(iova,
+    /// length)`; all writes if empty), empty; false if it was already on.
+    pub fn native_log_start(&self, mut ranges: Vec<(u64, u64)>) -> bool {
+        let mut logs = self.logs();
+        if logs.native.is_some() {
+            return false;
+        }
+        ranges.sort_unstable();
+        logs.native = Some(RangedLog {
+            ranges,
+            pages: BTreeSet::new(),
+        });
+        true
+    }
+
+    /// Stops the client's log and drops it; false if it was off.
+    pub fn native_log_stop(&self) -> bool {
+        self.logs().native.take().is_some()
+    }
+
+    /// Whether the client's log is on.
+    pub fn native_logging(&self) -> bool {
+        self.logs().native.is_some()
+    }
+
+    /// Takes the logged pages that overlap `iova..iova + length` out of the client's
+    /// log (sorted, each once); `None` while it is off.
+    pub fn native_log_take(&self, iova: u64, length: u64) -> Option<Vec<u64>> {
+        let mut logs = self.logs();
+        let log = logs.native.as_mut()?;
+        let first = iova - iova % LOG_PAGE_SIZE;
+        let end = iova.saturating_add(length);
+        let taken: Vec<u64> = log.pages.range(first..end).copied().collect();
+        for p in &taken {
+            log.pages.remove(p);
+        }
+        Some(taken)
+    }
+
     /// Records that `len` bytes at `addr` were written (len > 0).
     fn record(&self, addr: u64, len: usize) {
-        if let Some(set) = self.log().as_mut() {
-            let first = addr / LOG_PAGE_SIZE;
-            let last = addr.saturating_add(len as u64 - 1) / LOG_PAGE_SIZE;
-            set.extend((first..=last).map(|p| p * LOG_PAGE_SIZE));
+        let mut logs = self.logs();
+        if logs.pf.is_none() && logs.native.is_none() {
+            return;
+        }
+        let first = addr / LOG_PAGE_SIZE;
+        let last = addr.saturating_add(len as u64 - 1) / LOG_PAGE_SIZE;
+        let pages = (first..=last).map(|p| p * LOG_PAGE_SIZE);
+        let Logs { pf, native } = &mut *logs;
+        if let Some(set) = pf {
+            set.extend(pages.clone());
+        }
+        if let Some(log) = native {
+            for p in pages {
+                if log.covers(p) {
+                    log.pages.insert(p);
+                }
+            }
         }
     }
 
@@ -343,5 +423,31 @@ mod tests {
         m.clear();
         assert!(m.logging());
         assert!(m.log_stop() && !m.log_stop() && !m.logging());
+    }
+
+    #[test]
+    fn the_native_log_keeps_its_ranges_and_is_independent_of_the_pf_log() {
+        let fd = memfd(c"g", 0x4000).unwrap();
+        let mut m = GuestMemory::new();
+        m.add(0x10000, 0x4000, Some(fd), 0, true).unwrap();
+        assert_eq!(m.native_log_take(0, u64::MAX), None);
+        assert!(m.native_log_start(vec![(0x12000, 0x1000), (0x10000, 0x800)]));
+        assert!(!m.native_log_start(vec![]) && m.native_logging());
+        assert!(m.log_start());
+        m.write(0x10ffe, &[1, 2, 3, 4]).unwrap(); // pages 0x10000 (in range), 0x11000 (not)
+        m.write(0x12345, &[1]).unwrap();
+        m.write(0x13000, &[1]).unwrap(); // outside every range
+        assert_eq!(m.native_log_take(0x12000, 0x1000), Some(vec![0x12000]));
+        assert_eq!(m.native_log_take(0x12000, 0x1000), Some(vec![]));
+        assert_eq!(m.native_log_take(0, u64::MAX), Some(vec![0x10000]));
+        assert_eq!(
+            m.log_take(),
+            Some(vec![0x10000, 0x11000, 0x12000, 0x13000]),
+            "the PF log saw everything"
+        );
+        assert!(m.native_log_stop() && !m.native_log_stop() && m.logging());
+        assert!(m.native_log_start(vec![]));
+        m.write(0x13000, &[1]).unwrap();
+        assert_eq!(m.native_log_take(0x13000, 1), Some(vec![0x13000]));
     }
 }

@@ -13,6 +13,7 @@
 //! - [`poller`]: the thread that owns queue processing and watches the doorbells;
 //! - [`device`]: [`VfSim`], the [`vfio_user::Device`] implementation;
 //! - [`serve`]: binding the socket and serving one client after another;
+//! - [`native_mig`]: vfio-user's own migration messages (`--native-migration`);
 //! - [`pf`]: the PF-side control socket (`--pf-socket`): state save/load, quiesce and
 //!   resume, and a log of the guest pages the device wrote by DMA, for mediators.
 
@@ -26,6 +27,7 @@ pub mod guest_mem;
 pub mod irq;
 pub mod layout;
 pub mod mmap;
+pub mod native_mig;
 pub mod pci_config;
 pub mod pf;
 pub mod poller;

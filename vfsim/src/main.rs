@@ -28,6 +28,11 @@ struct Args {
     /// Largest virtqueue size offered (a power of two).
     #[arg(long, default_value_t = 256)]
     queue_size: u16,
+    /// Implement vfio-user's migration messages: the migration device features (v2
+    /// state machine), MIG_DATA_READ/WRITE carrying the same state as the PF socket's
+    /// get_state/set_state, and DMA dirty-page logging. Without it they are refused.
+    #[arg(long)]
+    native_migration: bool,
     /// Log filter (e.g. `info`, `debug`, `vfsim=trace`).
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -63,6 +68,7 @@ fn run(args: &Args) -> Result<std::convert::Infallible, String> {
     let mut device = VfSim::new(&SimConfig {
         disk: args.disk.clone(),
         queue_size: args.queue_size,
+        native_migration: args.native_migration,
     })
     .map_err(|e| e.to_string())?;
     // The PF socket first: once the vfio-user socket exists, both are ready.

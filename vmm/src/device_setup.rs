@@ -194,12 +194,25 @@ fn open_backend(
     spec: &DeviceSpec,
     ctx: &DeviceContext<'_>,
     container: &mut Option<Arc<vfio_ioctls::VfioContainer>>,
+    native: &mut Option<Arc<dyn devices::vfio::migration::DeviceMigration>>,
 ) -> Result<Arc<dyn VfioBackend>, DeviceSetupError> {
     let device = spec.to_string();
     match &spec.kind {
-        DeviceKind::VfioUser { socket } => VfioUserBackend::connect(socket, ctx.timeout)
-            .map(|b| trap_all_unless(spec.mmap, Arc::new(b)))
-            .map_err(|error| DeviceSetupError::Connect { device, error }),
+        DeviceKind::VfioUser { socket } => {
+            let b = VfioUserBackend::connect(socket, ctx.timeout).map_err(|error| {
+                DeviceSetupError::Connect {
+                    device: device.clone(),
+                    error,
+                }
+            })?;
+            // A plain vfio-user device migrates through its server, if it offers that.
+            if spec.mediation.is_none() {
+                *native = b
+                    .native_migration(ctx.mem)
+                    .map_err(|error| DeviceSetupError::Connect { device, error })?;
+            }
+            Ok(trap_all_unless(spec.mmap, Arc::new(b)))
+        }
         DeviceKind::Vfio { host } => {
             let kernel = |source| DeviceSetupError::Kernel {
                 device: device.clone(),
@@ -237,7 +250,8 @@ pub fn add_devices(
                     error,
                 })?;
         }
-        let mut backend = open_backend(spec, ctx, &mut container)?;
+        let mut native = None;
+        let mut backend = open_backend(spec, ctx, &mut container, &mut native)?;
         let mut mediated = None;
         if let Some(m) = &spec.mediation {
             let options = MediatorOptions {
@@ -316,7 +330,10 @@ pub fn add_devices(
             "{device} at PCI 00:{slot:02x}.0, MSI/MSI-X GSIs {:?}",
             dev.gsis()
         );
-        let migration = mediated.as_ref().and_then(|m| m.migration());
+        let migration = match &mediated {
+            Some(m) => m.migration(),
+            None => native,
+        };
         built.push(PciPassthrough {
             id: spec.id.clone(),
             device: dev,

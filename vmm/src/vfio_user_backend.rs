@@ -20,17 +20,20 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use devices::vfio::backend::{DmaMapping, RegionMmap, Result};
+use devices::vfio::migration::DeviceMigration;
 use devices::vfio::{BackendError, DeviceInfo, IrqInfo, RegionFlags, RegionInfo, VfioBackend};
 use vfio_bindings::bindings::vfio::{
     VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE,
     VFIO_PCI_BAR5_REGION_INDEX,
 };
 use vfio_user::{Client, ClientError};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 /// A device behind a vfio-user socket.
 pub struct VfioUserBackend {
-    client: Client,
+    /// Shared with the device's [`migration::VfioUserMigration`], if it has one.
+    client: Arc<Client>,
     socket: PathBuf,
     /// Logs the server's hang-up when it happens (`None` in tests over socket pairs).
     _watch: Option<HangupWatch>,
@@ -49,7 +52,7 @@ impl VfioUserBackend {
         let client = Client::from_stream(stream, timeout)?;
         let watch = HangupWatch::start(watched, socket).map_err(connect_error)?;
         Ok(VfioUserBackend {
-            client,
+            client: Arc::new(client),
             socket: socket.to_path_buf(),
             _watch: Some(watch),
         })
@@ -60,10 +63,24 @@ impl VfioUserBackend {
     #[cfg(test)]
     pub fn from_client(client: Client, socket: PathBuf) -> Self {
         VfioUserBackend {
-            client,
+            client: Arc::new(client),
             socket,
             _watch: None,
         }
+    }
+
+    /// The device's own migration (vfio-user's migration messages), if its server offers
+    /// it; dirty tracking covers the DMA writes into guest RAM `mem` (DMA-mapped at
+    /// IOVA = GPA). A refusal means no migration; a transport failure is an error.
+    pub fn native_migration(
+        &self,
+        mem: &GuestMemoryMmap,
+    ) -> std::result::Result<Option<Arc<dyn DeviceMigration>>, ClientError> {
+        let ram = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+        Ok(
+            migration::VfioUserMigration::probe(self.client.clone(), &self.socket, ram)?
+                .map(|m| Arc::new(m) as Arc<dyn DeviceMigration>),
+        )
     }
 
     /// Turns a client error into a backend error: a broken connection is
@@ -340,6 +357,9 @@ fn watch_hangup(stream: &UnixStream, stop: &EventFd, socket: &Path) {
         }
     }
 }
+
+#[path = "vfio_user_migration.rs"]
+pub mod migration;
 
 #[cfg(test)]
 #[path = "vfio_user_backend_tests.rs"]

@@ -34,6 +34,8 @@ use super::backend::{
     BackendError, DeviceInfo, DmaMapping, IrqInfo, RegionFlags, RegionInfo, RegionMmap, Result,
     VfioBackend,
 };
+use super::kernel_migration::{DeviceFdIoctls, KernelVfioMigration};
+use super::migration::MigrationError;
 
 ioctl_io_nr!(VFIO_DEVICE_GET_INFO, VFIO_TYPE.into(), VFIO_BASE + 7);
 ioctl_io_nr!(VFIO_DEVICE_RESET, VFIO_TYPE.into(), VFIO_BASE + 11);
@@ -152,6 +154,16 @@ impl KernelVfio {
                 flags: raw.flags,
             },
         })
+    }
+
+    /// The device's VFIO migration v2 interface, or `None` if it has none (see
+    /// [`KernelVfioMigration`]; it issues its ioctls on a duplicate of the device fd).
+    pub fn migration(&self) -> std::result::Result<Option<KernelVfioMigration>, MigrationError> {
+        let fd = self.file.try_clone().map_err(|e| MigrationError::Device {
+            op: "duplicate the device fd for migration".into(),
+            reason: e.to_string(),
+        })?;
+        KernelVfioMigration::probe(Box::new(DeviceFdIoctls::new(fd)))
     }
 
     /// Region `index` if this backend serves it (see the module docs).

@@ -116,6 +116,72 @@ impl FeatureMigration {
     }
 }
 
+/// A state of the v2 device migration state machine (`enum vfio_device_mig_state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum MigState {
+    /// `VFIO_DEVICE_STATE_ERROR`: the device failed; only a reset leaves this state.
+    Error = 0,
+    /// `VFIO_DEVICE_STATE_STOP`: no DMA, no interrupts, no internal state change.
+    Stop = 1,
+    /// `VFIO_DEVICE_STATE_RUNNING`: normal operation.
+    Running = 2,
+    /// `VFIO_DEVICE_STATE_STOP_COPY`: stopped, its final state readable.
+    StopCopy = 3,
+    /// `VFIO_DEVICE_STATE_RESUMING`: stopped, loading a new state.
+    Resuming = 4,
+    /// `VFIO_DEVICE_STATE_RUNNING_P2P`: not used by vfio-user.
+    RunningP2p = 5,
+    /// `VFIO_DEVICE_STATE_PRE_COPY`: running, its state readable (live pre-copy).
+    PreCopy = 6,
+    /// `VFIO_DEVICE_STATE_PRE_COPY_P2P`: not used by vfio-user.
+    PreCopyP2p = 7,
+}
+
+impl MigState {
+    /// Every state, in numeric order.
+    pub const ALL: [MigState; 8] = [
+        MigState::Error,
+        MigState::Stop,
+        MigState::Running,
+        MigState::StopCopy,
+        MigState::Resuming,
+        MigState::RunningP2p,
+        MigState::PreCopy,
+        MigState::PreCopyP2p,
+    ];
+
+    /// The state with wire value `value`, if there is one.
+    pub fn from_u32(value: u32) -> Option<MigState> {
+        MigState::ALL.get(value as usize).copied()
+    }
+
+    /// The specification's name, e.g. `STOP_COPY`.
+    pub fn name(self) -> &'static str {
+        match self {
+            MigState::Error => "ERROR",
+            MigState::Stop => "STOP",
+            MigState::Running => "RUNNING",
+            MigState::StopCopy => "STOP_COPY",
+            MigState::Resuming => "RESUMING",
+            MigState::RunningP2p => "RUNNING_P2P",
+            MigState::PreCopy => "PRE_COPY",
+            MigState::PreCopyP2p => "PRE_COPY_P2P",
+        }
+    }
+
+    /// Whether the device's state can be read in this state (`PRE_COPY`, `STOP_COPY`).
+    pub fn is_saving(self) -> bool {
+        matches!(self, MigState::PreCopy | MigState::StopCopy)
+    }
+}
+
+impl std::fmt::Display for MigState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Data of `VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE` (SET command, GET reply).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FeatureMigDeviceState {
@@ -519,6 +585,21 @@ mod tests {
         assert!(DmaLoggingReport::parse(&[b, vec![0; 8]].concat()).is_err());
         assert_eq!(DmaLoggingReport::bitmap_words(130 * 4096, 4096), Some(3));
         assert_eq!(DmaLoggingReport::bitmap_words(1, 0), None);
+    }
+
+    #[test]
+    fn mig_states_match_the_kernel_values() {
+        for (i, st) in MigState::ALL.iter().enumerate() {
+            assert_eq!(*st as u32, i as u32);
+            assert_eq!(MigState::from_u32(i as u32), Some(*st));
+        }
+        assert_eq!(MigState::from_u32(8), None);
+        assert_eq!(
+            MigState::StopCopy as u32,
+            vfio_device_mig_state_VFIO_DEVICE_STATE_STOP_COPY
+        );
+        assert_eq!(MigState::PreCopy.to_string(), "PRE_COPY");
+        assert!(MigState::PreCopy.is_saving() && !MigState::Stop.is_saving());
     }
 
     #[test]

@@ -26,7 +26,7 @@ pub use header::{
 };
 pub use migration::{
     DeviceFeature, DmaLoggingRange, DmaLoggingReport, DmaLoggingStart, FeatureMigDeviceState,
-    FeatureMigration, MigData, MigDataReadRequest,
+    FeatureMigration, MigData, MigDataReadRequest, MigState,
 };
 pub use region::{
     RegionAccess, RegionAccessData, RegionInfoReply, RegionInfoRequest, RegionIoFdsRequest,

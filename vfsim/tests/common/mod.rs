@@ -66,6 +66,7 @@ pub fn start_server() -> Server {
     let mut device = VfSim::new(&SimConfig {
         disk: disk.clone(),
         queue_size: 256,
+        native_migration: false,
     })
     .unwrap();
     let listener = serve::bind(&socket).unwrap();

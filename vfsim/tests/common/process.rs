@@ -48,6 +48,11 @@ impl Vfsim {
     /// Starts `vfsim` over `disk` with sockets `<name>.sock` and `<name>.pf` in `dir`
     /// and waits until both accept connections.
     pub fn start(dir: &Path, name: &str, disk: &Path) -> Vfsim {
+        Self::start_with(dir, name, disk, &[])
+    }
+
+    /// [`Vfsim::start`] with extra arguments (e.g. `--native-migration`).
+    pub fn start_with(dir: &Path, name: &str, disk: &Path, extra: &[&str]) -> Vfsim {
         let socket = dir.join(format!("{name}.sock"));
         let pf_socket = dir.join(format!("{name}.pf"));
         let child = Command::new(env!("CARGO_BIN_EXE_vfsim"))
@@ -58,6 +63,7 @@ impl Vfsim {
             .arg("--disk")
             .arg(disk)
             .args(["--log-level", "warn"])
+            .args(extra)
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
