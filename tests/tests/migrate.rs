@@ -19,6 +19,8 @@ struct Hosts {
     dir: TestDir,
     disk: std::path::PathBuf,
     n: u32,
+    /// vfsim's own vfio-user migration instead of the virtio-blk-vf mediator.
+    native: bool,
 }
 
 impl Hosts {
@@ -31,18 +33,21 @@ impl Hosts {
             dir,
             disk,
             n: 0,
+            native: false,
         }
     }
 
     /// A vfsim on `side` over the shared image, and its --device option.
     fn vf(&mut self, side: Side) -> (Vfsim, String) {
         self.n += 1;
-        let v = Vfsim::start_in(
-            &self.dir,
-            &self.disk,
-            &format!("vf{}", self.n),
-            self.pair.name(side),
-        );
+        let name = format!("vf{}", self.n);
+        let ns = self.pair.name(side);
+        if self.native {
+            let v = Vfsim::start_native_in(&self.dir, &self.disk, &name, ns);
+            let dev = format!("vfio-user,socket={},id=vf0", v.socket.display());
+            return (v, dev);
+        }
+        let v = Vfsim::start_in(&self.dir, &self.disk, &name, ns);
         let dev = v.mediated("virtio-blk-vf", "vf0");
         (v, dev)
     }
@@ -147,7 +152,19 @@ fn settle_workload(agent: &mut vmm_tests::harness::Agent) {
 /// every checksum and every acknowledged block verifies, and I/O goes on.
 #[test]
 fn live_migration_between_two_hosts() {
-    let mut h = Hosts::new("mig");
+    live_migration(Hosts::new("mig"));
+}
+
+/// The same with the native vfio-user path: no mediator, vfsim migrates itself over
+/// vfio-user's migration messages (state and DMA dirty logging).
+#[test]
+fn live_migration_between_two_hosts_native_vfio_user() {
+    let mut h = Hosts::new("mignat");
+    h.native = true;
+    live_migration(h);
+}
+
+fn live_migration(mut h: Hosts) {
     let (src, _vf_a, mut api, mut agent) = h.source();
     agent.workload_start(&workload()).expect("workload");
     settle_workload(&mut agent);

@@ -20,7 +20,7 @@ use kvm_ioctls::VmFd;
 use resources::alloc::{AddressAllocError, AddressAllocator, Policy};
 use resources::layout::{high_mmio_start, HIGH_MMIO_SIZE, PCI_MMIO32_END, PCI_MMIO32_START};
 use resources::memslots::MemSlots;
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use mediate::{AttachContext, MediatedBackend, MediatorOptions, Registry, TrapHandle};
 
@@ -224,9 +224,30 @@ fn open_backend(
                     .insert(KernelVfio::container(ctx.vm).map_err(kernel)?)
                     .clone(),
             };
-            KernelVfio::open(&host.sysfs_path(), c)
-                .map(|b| trap_all_unless(spec.mmap, Arc::new(b)))
-                .map_err(kernel)
+            let b = KernelVfio::open(&host.sysfs_path(), c).map_err(kernel)?;
+            // A plain host function migrates through the kernel's migration v2 uAPI, if its
+            // driver offers it (untested against hardware here: no VFIO device).
+            if spec.mediation.is_none() {
+                match b.migration() {
+                    Ok(Some(m)) => {
+                        let ranges: Vec<_> = ctx
+                            .mem
+                            .iter()
+                            .map(|r| devices::vfio::kernel_migration::IovaRange {
+                                iova: r.start_addr().0,
+                                length: r.len(),
+                            })
+                            .collect();
+                        if let Err(e) = m.set_dma_ranges(&ranges) {
+                            tracing::warn!("{device}: DMA dirty logging unavailable: {e}");
+                        }
+                        *native = Some(Arc::new(m));
+                    }
+                    Ok(None) => tracing::info!("{device}: its driver offers no migration"),
+                    Err(e) => tracing::warn!("{device}: cannot use its migration: {e}"),
+                }
+            }
+            Ok(trap_all_unless(spec.mmap, Arc::new(b)))
         }
     }
 }

@@ -20,21 +20,34 @@ impl Vfsim {
     /// Starts `vfsim` (built beside `vmm`) on `disk`, with socket and log `NAME.sock` /
     /// `NAME.log` in `dir`, and waits for its socket. Panics when it cannot start.
     pub fn start(dir: &TestDir, disk: &Path, name: &str) -> Vfsim {
-        Self::spawn(dir, disk, name, false, None)
+        Self::spawn(dir, disk, name, false, None, &[])
     }
 
     /// As [`start`](Self::start), with a PF-side control socket `NAME.pf` in `dir`.
     pub fn start_with_pf(dir: &TestDir, disk: &Path, name: &str) -> Vfsim {
-        Self::spawn(dir, disk, name, true, None)
+        Self::spawn(dir, disk, name, true, None, &[])
     }
 
     /// As [`start_with_pf`](Self::start_with_pf), inside network namespace `netns` (a
     /// device of another "host"; its Unix sockets are still files in `dir`).
     pub fn start_in(dir: &TestDir, disk: &Path, name: &str, netns: &str) -> Vfsim {
-        Self::spawn(dir, disk, name, true, Some(netns))
+        Self::spawn(dir, disk, name, true, Some(netns), &[])
     }
 
-    fn spawn(dir: &TestDir, disk: &Path, name: &str, with_pf: bool, netns: Option<&str>) -> Vfsim {
+    /// As [`start_in`](Self::start_in), with vfsim's own vfio-user migration
+    /// (`--native-migration`).
+    pub fn start_native_in(dir: &TestDir, disk: &Path, name: &str, netns: &str) -> Vfsim {
+        Self::spawn(dir, disk, name, true, Some(netns), &["--native-migration"])
+    }
+
+    fn spawn(
+        dir: &TestDir,
+        disk: &Path,
+        name: &str,
+        with_pf: bool,
+        netns: Option<&str>,
+        extra: &[&str],
+    ) -> Vfsim {
         let bin = vmm_binary().expect("vmm binary").with_file_name("vfsim");
         assert!(
             bin.is_file(),
@@ -56,6 +69,7 @@ impl Vfsim {
         if let Some(pf) = &pf {
             cmd.arg("--pf-socket").arg(pf);
         }
+        cmd.args(extra);
         let child = cmd
             .stdin(Stdio::null())
             .stderr(log)

@@ -1,0 +1,673 @@
+//! The measurement behind `benches/migrate.sh` (ignored in the normal test run: a benchmark,
+//! not a test). Live migration on this machine over TCP on loopback, with this VMM (the
+//! guest has a `vfsim` VF with the `virtio-blk-vf` mediator, and the destination its own
+//! `vfsim` over the same disk image) and with QEMU (same kernel, initramfs, command line and
+//! memory; no VF), for each guest size: first idle (right after boot), then under the agent's
+//! workload (this VMM: memory writer with a rate cap and disk writer; QEMU: the memory writer
+//! only, having no disk). The idle migration's destination is the workload migration's source,
+//! so each size boots once per VMM. After each migration the guest must answer on the
+//! destination, and after the workload migration `workload_verify` must find no mismatch.
+//!
+//! Prints `migrate: <vmm|qemu> <size> <idle|workload> downtime X ms total Y ms bytes Z
+//! iterations N` per migration as it completes, then the table again and the ours/QEMU
+//! ratios.
+//!
+//! Env: `MIGRATE_BENCH_SIZES` (default `512M,1G`), `MIGRATE_BENCH_DOWNTIME_MS` (the downtime
+//! budget given to both VMMs, default 50), `MIGRATE_BENCH_QEMU_MAX_BW` (QEMU's
+//! `max-bandwidth` in bytes/s, default 0 = leave QEMU's default cap; this VMM has no cap).
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use vmm_tests::agent::protocol::{WorkloadDisk, WorkloadStartRequest};
+use vmm_tests::harness::workload::WorkloadClient;
+use vmm_tests::harness::{
+    Agent, AgentError, ApiClient, GuestImage, TestDir, Vfsim, Vm, DEFAULT_BOOT_TIMEOUT,
+};
+
+const DISK_SIZE: u64 = 64 << 20;
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(600);
+
+fn env_str(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_string())
+}
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A free TCP port on loopback (bound and released).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The figures of one migration.
+#[derive(Clone, Debug)]
+struct Figures {
+    vmm: &'static str,
+    size: String,
+    case: &'static str,
+    downtime_ms: f64,
+    total_ms: f64,
+    bytes: u64,
+    iterations: u64,
+    note: String,
+}
+
+impl Figures {
+    fn line(&self) -> String {
+        format!(
+            "migrate: {:<4} {:<4} {:<8} downtime {:>8.1} ms total {:>9.1} ms bytes {:>11} iterations {:>3}{}",
+            self.vmm,
+            self.size,
+            self.case,
+            self.downtime_ms,
+            self.total_ms,
+            self.bytes,
+            self.iterations,
+            if self.note.is_empty() {
+                String::new()
+            } else {
+                format!("  ({})", self.note)
+            }
+        )
+    }
+}
+
+fn workload(with_disk: bool) -> WorkloadStartRequest {
+    WorkloadStartRequest {
+        mem_mib: 64,
+        mem_mib_per_s: Some(16),
+        disk: with_disk.then(|| WorkloadDisk {
+            path: "/dev/vda".into(),
+            offset: 0,
+            block_size: 4096,
+            blocks: 32,
+            direct: Some(true),
+            readback: Some(true),
+        }),
+        seed: 0x1234,
+    }
+}
+
+/// Waits until the memory writer has made a full pass (and the disk writer, if any, reads
+/// blocks back), so the migration sees the workload in its steady state.
+fn settle_workload(agent: &mut Agent) {
+    let t = Instant::now();
+    loop {
+        let s = agent.workload_status().expect("workload status");
+        let mem_ok = s.mem.as_ref().map_or(true, |m| m.passes >= 1);
+        let disk_ok = s.disk.as_ref().map_or(true, |d| d.readbacks > 64);
+        if (mem_ok && disk_ok) || t.elapsed() > Duration::from_secs(120) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn check_verify(agent: &mut Agent, with_disk: bool, what: &str) {
+    let v = agent.workload_verify().expect("workload_verify");
+    eprintln!("{what}: verify on the destination: {v:?}");
+    assert_eq!(
+        v.mem_mismatches + v.block_mismatches + v.readback_mismatches,
+        0,
+        "{what}: {v:?}"
+    );
+    assert!(v.mem_regions_checked > 0, "{what}: {v:?}");
+    if with_disk {
+        assert!(v.blocks_checked > 0, "{what}: {v:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// This VMM.
+
+struct Ours {
+    dir: TestDir,
+    disk: PathBuf,
+    n: u32,
+}
+
+impl Ours {
+    fn new() -> Ours {
+        let dir = TestDir::new("migbench").expect("test dir");
+        let disk = dir.join("disk.img");
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(DISK_SIZE)
+            .unwrap();
+        Ours { dir, disk, n: 0 }
+    }
+
+    /// A vfsim with a PF socket over the shared image, its --device option, and a fresh API
+    /// socket path.
+    fn vf(&mut self) -> (Vfsim, String, PathBuf) {
+        self.n += 1;
+        let v = Vfsim::start_with_pf(&self.dir, &self.disk, &format!("vf{}", self.n));
+        let dev = format!(
+            "vfio-mediated,socket={},mediator=virtio-blk-vf,pf={},id=vf0",
+            v.socket.display(),
+            v.pf.as_ref().unwrap().display()
+        );
+        let api = self.dir.join(format!("api{}.sock", self.n));
+        (v, dev, api)
+    }
+
+    fn source(&mut self, memory: &str) -> (Vm, Vfsim, ApiClient, Agent) {
+        let (vf, dev, api) = self.vf();
+        let vm = Vm::builder()
+            .memory(memory)
+            .vmm_args(&[
+                "--device",
+                dev.as_str(),
+                "--api-socket",
+                api.to_str().unwrap(),
+            ])
+            .boot()
+            .expect("start the source");
+        let agent = vm
+            .agent(DEFAULT_BOOT_TIMEOUT)
+            .unwrap_or_else(|e| panic!("guest did not come up: {e}\n{}", vm.describe()));
+        let api = ApiClient::connect(&api, Duration::from_secs(10)).unwrap();
+        (vm, vf, api, agent)
+    }
+
+    /// A destination waiting on `port`, with its own vfsim and API socket.
+    fn destination(&mut self, port: u16) -> (Vm, Vfsim, PathBuf) {
+        let (vf, dev, api) = self.vf();
+        let vm = Vm::builder()
+            .incoming(&format!("tcp:127.0.0.1:{port}"))
+            .vmm_args(&[
+                "--device",
+                dev.as_str(),
+                "--api-socket",
+                api.to_str().unwrap(),
+            ])
+            .boot()
+            .expect("start the destination");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !vm.vmm_stderr().contains("waiting for a migration") {
+            assert!(
+                Instant::now() < deadline,
+                "destination not listening\n{}",
+                vm.describe()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (vm, vf, api)
+    }
+}
+
+/// Migrates `src` (driven through `api`) to `port`; the figures from the API's final status,
+/// else from the source's summary line.
+fn migrate_ours(
+    src: &Vm,
+    api: &mut ApiClient,
+    port: u16,
+    downtime_ms: u64,
+    size: &str,
+    case: &'static str,
+) -> Figures {
+    let url = format!("tcp:127.0.0.1:{port}");
+    api.request(&json!({"request": "migrate", "url": url, "downtime_ms": downtime_ms}))
+        .expect("migrate");
+    let deadline = Instant::now() + MIGRATION_TIMEOUT;
+    let mut final_status = None;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "migration did not end\n{}",
+            src.describe()
+        );
+        match api.request(&json!({"request": "migration-status"})) {
+            Ok(s) if s["phase"] == "completed" => {
+                final_status = Some(s);
+                break;
+            }
+            Ok(s) if s["phase"] == "failed" => {
+                panic!("migration failed: {s}\n{}", src.describe())
+            }
+            Ok(_) => {}
+            // The source exits right after completing.
+            Err(_) => break,
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let st = src
+        .wait_exit(Duration::from_secs(60))
+        .expect("source exits");
+    assert_eq!(st.code(), Some(0), "{}", src.describe());
+    let log = src.vmm_stderr();
+    for line in log.lines().filter(|l| l.contains("migration to")) {
+        eprintln!("source ({size} {case}): {line}");
+    }
+    let summary = log
+        .lines()
+        .find(|l| l.contains("guest resumed there; downtime"))
+        .unwrap_or_else(|| panic!("no summary in the source's log\n{log}"));
+    // "... downtime X ms, total Y ms, Z MB sent in N iterations"
+    let after = |key: &str| -> f64 {
+        summary
+            .split(key)
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|v| v.trim_end_matches(',').parse().ok())
+            .unwrap_or_else(|| panic!("cannot read {key:?} in {summary:?}"))
+    };
+    let mb = summary
+        .split("ms, ")
+        .last()
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(f64::NAN);
+    let mut f = Figures {
+        vmm: "vmm",
+        size: size.to_string(),
+        case,
+        downtime_ms: after("downtime "),
+        total_ms: after("total "),
+        bytes: (mb * 1e6) as u64,
+        iterations: after("sent in ") as u64,
+        note: String::new(),
+    };
+    if let Some(s) = final_status {
+        f.downtime_ms = s["downtime_ms"].as_f64().unwrap_or(f.downtime_ms);
+        f.total_ms = s["total_ms"].as_f64().unwrap_or(f.total_ms);
+        f.bytes = s["bytes"].as_u64().unwrap_or(f.bytes);
+    }
+    f
+}
+
+fn bench_ours(size: &str, downtime_ms: u64, out: &mut Vec<Figures>) {
+    let mut h = Ours::new();
+    let (src, _vf_a, mut api, agent) = h.source(size);
+    drop(agent);
+
+    // Idle, right after boot.
+    let port = free_port();
+    let (mid, _vf_b, mid_api) = h.destination(port);
+    let f = migrate_ours(&src, &mut api, port, downtime_ms, size, "idle");
+    println!("{}", f.line());
+    out.push(f);
+    drop(api);
+    let mut agent = mid.agent(Duration::from_secs(60)).unwrap_or_else(|e| {
+        panic!(
+            "guest does not answer after the idle migration: {e}\n{}",
+            mid.describe()
+        )
+    });
+    agent.ping().expect("ping");
+
+    // Under the workload, from the idle migration's destination.
+    let mut api = ApiClient::connect(&mid_api, Duration::from_secs(10)).unwrap();
+    agent.workload_start(&workload(true)).expect("workload");
+    settle_workload(&mut agent);
+    let port = free_port();
+    let (dst, _vf_c, _) = h.destination(port);
+    let f = migrate_ours(&mid, &mut api, port, downtime_ms, size, "workload");
+    println!("{}", f.line());
+    out.push(f);
+    drop(agent);
+    let mut agent = dst.agent(Duration::from_secs(60)).unwrap_or_else(|e| {
+        panic!(
+            "guest does not answer after the workload migration: {e}\n{}",
+            dst.describe()
+        )
+    });
+    check_verify(&mut agent, true, &format!("vmm {size} workload"));
+    let _ = agent.workload_stop();
+    let _ = agent.reboot();
+    let _ = dst.wait_exit(Duration::from_secs(60));
+}
+
+// ---------------------------------------------------------------------------------------
+// QEMU.
+
+/// A QEMU process with its agent socket (COM2) and QMP socket; killed on drop.
+struct Qemu {
+    child: Child,
+    name: String,
+    dir: PathBuf,
+    agent: PathBuf,
+    qmp: PathBuf,
+}
+
+impl Qemu {
+    fn start(dir: &TestDir, name: &str, memory: &str, incoming: Option<u16>) -> Qemu {
+        let image = GuestImage::get().expect("guest image");
+        let cmdline = Vm::builder().cmdline();
+        let agent = dir.join(format!("{name}-agent.sock"));
+        let qmp = dir.join(format!("{name}-qmp.sock"));
+        let console = dir.join(format!("{name}-console.log"));
+        let stderr = std::fs::File::create(dir.join(format!("{name}.stderr"))).unwrap();
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-enable-kvm", "-M", "pc"])
+            .args([
+                "-cpu",
+                "host,-arch-capabilities,-xsave,-avx,-cx16,-kvm-pv-ipi,-kvm-pv-unhalt,-kvm-pv-sched-yield",
+            ])
+            .args(["-m", memory, "-smp", "1", "-nodefaults", "-no-user-config"])
+            .args(["-display", "none", "-no-reboot"])
+            .arg("-serial")
+            .arg(format!("file:{}", console.display()))
+            .arg("-serial")
+            .arg(format!("unix:{},server=on,wait=off", agent.display()))
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+            .arg("-kernel")
+            .arg(&image.vmlinux)
+            .arg("-initrd")
+            .arg(&image.initramfs)
+            .arg("-append")
+            .arg(&cmdline);
+        if let Some(port) = incoming {
+            cmd.arg("-incoming").arg(format!("tcp:127.0.0.1:{port}"));
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("start qemu-system-x86_64");
+        eprintln!(
+            "migrate-bench: started qemu {name} (pid {}), logs in {}",
+            child.id(),
+            dir.path().display()
+        );
+        Qemu {
+            child,
+            name: name.to_string(),
+            dir: dir.path().to_path_buf(),
+            agent,
+            qmp,
+        }
+    }
+
+    fn describe(&mut self) -> String {
+        let state = match self.child.try_wait() {
+            Ok(Some(s)) => format!("qemu exited: {s}"),
+            _ => "qemu still running".into(),
+        };
+        let stderr = std::fs::read_to_string(self.dir.join(format!("{}.stderr", self.name)))
+            .unwrap_or_default();
+        format!("\n{state}\nstderr:\n{stderr}")
+    }
+
+    /// Connects to the agent and waits for a ping answer, reconnecting after 12 s of silence
+    /// (QEMU 7.2's socket backend can stall input that arrives while the guest opens the
+    /// port; see the harness's `Vm::agent`).
+    fn agent(&mut self, timeout: Duration) -> Agent {
+        let deadline = Instant::now() + timeout;
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not answer within {timeout:?}{}",
+                self.describe()
+            );
+            if let Ok(Some(s)) = self.child.try_wait() {
+                panic!(
+                    "qemu exited ({s}) while waiting for the agent{}",
+                    self.describe()
+                );
+            }
+            let stream = match UnixStream::connect(&self.agent) {
+                Ok(s) => s,
+                Err(_) => {
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            };
+            let mut agent = Agent::from_unix_stream(stream).expect("agent");
+            let connected = Instant::now();
+            while connected.elapsed() < Duration::from_secs(12) && Instant::now() < deadline {
+                match agent.ping_timeout(Duration::from_secs(3)) {
+                    Ok(_) => return agent,
+                    Err(AgentError::Timeout { .. } | AgentError::Remote { .. }) => {}
+                    Err(e) => panic!("agent: {e}{}", self.describe()),
+                }
+            }
+        }
+    }
+
+    fn qmp(&mut self) -> Qmp {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match UnixStream::connect(&self.qmp) {
+                Ok(s) => return Qmp::new(s),
+                Err(e) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "cannot connect to QMP: {e}{}",
+                        self.describe()
+                    );
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A QMP connection, capabilities negotiated.
+struct Qmp {
+    r: BufReader<UnixStream>,
+    w: UnixStream,
+}
+
+impl Qmp {
+    fn new(s: UnixStream) -> Qmp {
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let w = s.try_clone().unwrap();
+        let mut q = Qmp {
+            r: BufReader::new(s),
+            w,
+        };
+        let greeting = q.read();
+        assert!(greeting.get("QMP").is_some(), "QMP greeting: {greeting}");
+        q.execute("qmp_capabilities", json!({}));
+        q
+    }
+
+    fn read(&mut self) -> Value {
+        let mut line = String::new();
+        self.r.read_line(&mut line).expect("reading QMP");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("QMP sent {line:?}: {e}"))
+    }
+
+    /// Runs `cmd`; its `return` value (events in between are skipped).
+    fn execute(&mut self, cmd: &str, args: Value) -> Value {
+        let msg = json!({"execute": cmd, "arguments": args});
+        writeln!(self.w, "{msg}").expect("writing QMP");
+        loop {
+            let v = self.read();
+            if let Some(r) = v.get("return") {
+                return r.clone();
+            }
+            if let Some(e) = v.get("error") {
+                panic!("QMP {cmd}: {e}");
+            }
+        }
+    }
+}
+
+/// Migrates the QEMU behind `qmp` to `port`; the figures from `query-migrate`.
+fn migrate_qemu(
+    qmp: &mut Qmp,
+    port: u16,
+    downtime_ms: u64,
+    max_bw: u64,
+    size: &str,
+    case: &'static str,
+) -> Figures {
+    let mut params = json!({"downtime-limit": downtime_ms});
+    if max_bw > 0 {
+        params["max-bandwidth"] = json!(max_bw);
+    }
+    qmp.execute("migrate-set-parameters", params);
+    let p = qmp.execute("query-migrate-parameters", json!({}));
+    eprintln!(
+        "qemu ({size} {case}): downtime-limit {} ms, max-bandwidth {} B/s",
+        p["downtime-limit"], p["max-bandwidth"]
+    );
+    qmp.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
+    let deadline = Instant::now() + MIGRATION_TIMEOUT;
+    let s = loop {
+        assert!(Instant::now() < deadline, "QEMU migration did not end");
+        let s = qmp.execute("query-migrate", json!({}));
+        match s["status"].as_str() {
+            Some("completed") => break s,
+            Some("failed") | Some("cancelled") => panic!("QEMU migration failed: {s}"),
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!("qemu ({size} {case}): query-migrate: {s}");
+    let ram = &s["ram"];
+    Figures {
+        vmm: "qemu",
+        size: size.to_string(),
+        case,
+        downtime_ms: s["downtime"].as_f64().unwrap_or(f64::NAN),
+        total_ms: s["total-time"].as_f64().unwrap_or(f64::NAN),
+        bytes: ram["total-transferred"]
+            .as_u64()
+            .or(ram["transferred"].as_u64())
+            .unwrap_or(0),
+        iterations: ram["dirty-sync-count"].as_u64().unwrap_or(0),
+        note: format!(
+            "ram.total {} normal pages {} zero pages {}",
+            ram["total"], ram["normal"], ram["duplicate"]
+        ),
+    }
+}
+
+fn bench_qemu(size: &str, downtime_ms: u64, max_bw: u64, out: &mut Vec<Figures>) {
+    let dir = TestDir::new("migbench-qemu").expect("test dir");
+    let mut src = Qemu::start(&dir, "q1", size, None);
+    let mut qmp = src.qmp();
+    let agent = src.agent(DEFAULT_BOOT_TIMEOUT);
+    drop(agent);
+
+    // Idle, right after boot.
+    let port = free_port();
+    let mut mid = Qemu::start(&dir, "q2", size, Some(port));
+    let mut mid_qmp = mid.qmp();
+    let f = migrate_qemu(&mut qmp, port, downtime_ms, max_bw, size, "idle");
+    println!("{}", f.line());
+    out.push(f);
+    drop(qmp);
+    drop(src);
+    let st = mid_qmp.execute("query-status", json!({}));
+    assert_eq!(
+        st["status"], "running",
+        "destination after the idle migration: {st}"
+    );
+    let mut agent = mid.agent(Duration::from_secs(60));
+    agent.ping().expect("ping");
+
+    // Under the workload (memory writer only), from the idle migration's destination.
+    agent.workload_start(&workload(false)).expect("workload");
+    settle_workload(&mut agent);
+    let port = free_port();
+    let mut dst = Qemu::start(&dir, "q3", size, Some(port));
+    let mut dst_qmp = dst.qmp();
+    let f = migrate_qemu(&mut mid_qmp, port, downtime_ms, max_bw, size, "workload");
+    println!("{}", f.line());
+    out.push(f);
+    drop(agent);
+    drop(mid_qmp);
+    drop(mid);
+    let st = dst_qmp.execute("query-status", json!({}));
+    assert_eq!(
+        st["status"], "running",
+        "destination after the workload migration: {st}"
+    );
+    let mut agent = dst.agent(Duration::from_secs(60));
+    check_verify(&mut agent, false, &format!("qemu {size} workload"));
+    let _ = agent.workload_stop();
+}
+
+#[test]
+#[ignore = "benchmark: run by benches/migrate.sh"]
+fn migration_vmm_vs_qemu() {
+    let sizes = env_str("MIGRATE_BENCH_SIZES", "512M,1G");
+    let downtime_ms = env_u64("MIGRATE_BENCH_DOWNTIME_MS", 50);
+    let max_bw = env_u64("MIGRATE_BENCH_QEMU_MAX_BW", 0);
+    let only = env_str("MIGRATE_BENCH_ONLY", "");
+    let mut out = Vec::new();
+    for size in sizes.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        if only != "qemu" {
+            bench_ours(size, downtime_ms, &mut out);
+        }
+        if only != "vmm" {
+            bench_qemu(size, downtime_ms, max_bw, &mut out);
+        }
+    }
+
+    println!("migrate: downtime budget {downtime_ms} ms for both; loopback TCP; 1 vCPU; QEMU without a VF and with the memory writer only");
+    for f in &out {
+        println!("{}", f.line());
+    }
+    for f in out.iter().filter(|f| f.vmm == "vmm") {
+        let Some(q) = out
+            .iter()
+            .find(|q| q.vmm == "qemu" && q.size == f.size && q.case == f.case)
+        else {
+            continue;
+        };
+        println!(
+            "migrate: ratio vmm/qemu {:<4} {:<8} downtime {:.2} total {:.2} bytes {:.2} iterations {:.2}",
+            f.size,
+            f.case,
+            f.downtime_ms / q.downtime_ms,
+            f.total_ms / q.total_ms,
+            f.bytes as f64 / q.bytes as f64,
+            f.iterations as f64 / q.iterations as f64
+        );
+    }
+    for f in out.iter().filter(|f| f.vmm == "vmm") {
+        let q = out
+            .iter()
+            .find(|q| q.vmm == "qemu" && q.size == f.size && q.case == f.case);
+        let under_50 = f.case != "idle" || f.downtime_ms < 50.0;
+        let under_qemu = q.map_or(true, |q| f.downtime_ms < q.downtime_ms);
+        println!(
+            "migrate: aim {:<4} {:<8} {}{}",
+            f.size,
+            f.case,
+            if f.case == "idle" {
+                format!(
+                    "downtime < 50 ms: {} ",
+                    if under_50 { "met" } else { "NOT met" }
+                )
+            } else {
+                String::new()
+            },
+            match q {
+                Some(_) => format!(
+                    "downtime < QEMU's: {}",
+                    if under_qemu { "met" } else { "NOT met" }
+                ),
+                None => String::new(),
+            }
+        );
+    }
+}
