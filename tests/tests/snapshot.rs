@@ -31,6 +31,17 @@ fn snapshot_kill_and_restore_with_a_new_vf() {
     let filled = agent.mem_fill(32, 0x5eed).expect("mem fill");
     eprintln!("guest filled 32 MiB: {filled:?}");
 
+    // Pause stops the guest (its agent does not answer) until resume.
+    api.request(&json!({"request": "pause"})).expect("pause");
+    let info = api.request(&json!({"request": "info"})).unwrap();
+    assert_eq!(info["paused"], true, "{info}");
+    let e = api.request(&json!({"request": "pause"})).unwrap_err();
+    assert!(e.contains("already paused"), "{e}");
+    let silent = agent.ping_timeout(Duration::from_secs(3));
+    assert!(silent.is_err(), "a paused guest answered: {silent:?}");
+    api.request(&json!({"request": "resume"})).expect("resume");
+    agent.ping().expect("guest answers after resume");
+
     let snap = dir.join("vm.snap");
     let r = api
         .request(&json!({"request": "snapshot", "path": snap}))

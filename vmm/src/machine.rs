@@ -125,6 +125,16 @@ impl Machine {
         self.paused.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether the VM is paused by request; `None` while a snapshot or migration holds the
+    /// pause lock (answering must not wait for it).
+    pub fn paused_now(&self) -> Option<bool> {
+        match self.paused.try_lock() {
+            Ok(p) => Some(*p),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(*p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
     /// Pauses every vCPU (all or none: on failure the paused ones are resumed).
     pub fn pause_vcpus(&self) -> Result<(), MachineError> {
         for (n, v) in self.vcpus.iter().enumerate() {

@@ -184,11 +184,22 @@ fn device<'a>(state: &'a ApiState, id: &str) -> Result<&'a PciPassthrough, Strin
 
 /// Answers one request.
 pub fn handle(request: Request, state: &ApiState) -> Response {
+    let stops_the_vm = matches!(
+        request,
+        Request::Pause {} | Request::Resume {} | Request::Snapshot { .. }
+    );
+    if stops_the_vm && state.machine.migration.busy() {
+        return Response::error(format!(
+            "a migration to {} is running; wait for it to end (migration-status)",
+            state.machine.migration.get().url
+        ));
+    }
     match request {
         Request::Info {} => Response::ok(json!({
             "cpus": state.machine.cpus,
             "memory": state.machine.mem_size,
-            "paused": *state.machine.lock(),
+            "paused": state.machine.paused_now(),
+            "migration": state.machine.migration.get().phase,
             "devices": state.machine.devices.iter().map(|d| json!({
                 "id": d.id,
                 "mediator": d.mediated.as_ref().map(|m| m.mediator_name().to_string()),
