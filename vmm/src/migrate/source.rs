@@ -14,7 +14,7 @@ use super::progress::Phase;
 use crate::exit::ExitReason;
 use crate::machine::Machine;
 use crate::snapshot::save::{
-    all_pages, config, restart_devices, stop_devices, write_device_chunks, write_final_state,
+    config, restart_devices, stop_devices, write_all_ram, write_device_chunks, write_final_state,
     write_pages,
 };
 
@@ -248,15 +248,23 @@ fn precopy_and_stop(
     }
     m.migration.lock().phase = Phase::PreCopy;
 
-    let mut pages: Vec<u64> = all_pages(m);
+    let mut pages: Vec<u64> = Vec::new();
     let mut iteration = 0u32;
     loop {
         let pass_start = Instant::now();
+        let bytes_before = link.w.bytes_written();
         io(
             "sending",
             link.w.write_control(&Control::IterationBegin { iteration }),
         )?;
-        let n = write_pages(m, &mut link.w, pages.iter().copied()).map_err(describe)?;
+        // The first pass sends all RAM (never-written memory as zero runs), later ones
+        // what was dirtied meanwhile.
+        let n = if iteration == 0 {
+            write_all_ram(m, &mut link.w)
+        } else {
+            write_pages(m, &mut link.w, pages.iter().copied())
+        }
+        .map_err(describe)?;
         for d in m.devices.iter() {
             if let Some(mig) = &d.migration {
                 write_device_chunks(&d.id, &**mig, DevicePhase::PreCopy, &mut link.w)
@@ -270,9 +278,10 @@ fn precopy_and_stop(
         io("sending", link.w.flush())?;
         let elapsed = started.elapsed().as_secs_f64();
         let bytes = link.w.bytes_written();
-        let bandwidth = bytes as f64 / elapsed.max(1e-3);
-        let (dirty, from_devices) = dirty_pages(m)?;
         let pass_secs = pass_start.elapsed().as_secs_f64().max(1e-3);
+        // The rate of this pass: what the link and the page copy achieve now.
+        let bandwidth = (bytes - bytes_before) as f64 / pass_secs;
+        let (dirty, from_devices) = dirty_pages(m)?;
         let expected_ms = dirty.len() as f64 * 4096.0 / bandwidth * 1e3;
         {
             let mut s = m.migration.lock();

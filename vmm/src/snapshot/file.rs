@@ -5,9 +5,7 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use super::save::{
-    all_pages, config, restart_devices, stop_devices, write_final_state, write_pages,
-};
+use super::save::{config, restart_devices, stop_devices, write_all_ram, write_final_state};
 use super::SnapshotError;
 use crate::machine::Machine;
 
@@ -32,7 +30,7 @@ pub fn snapshot(m: &Machine, path: &Path, stay_paused: bool) -> Result<Value, Sn
         w.write_vm_config(&config(m))?;
         // Devices are stopped, so RAM is final: no more DMA.
         write_final_state(m, w)?;
-        let pages = write_pages(m, w, all_pages(m))?;
+        let pages = write_all_ram(m, w)?;
         let bytes = w.bytes_written();
         snap.commit()?;
         Ok::<_, SnapshotError>((pages, bytes))

@@ -126,6 +126,27 @@ pub fn check_devices(config: &VmConfig, devices: &[PciPassthrough]) -> Result<()
     Ok(())
 }
 
+/// Which guest pages a stream has written (grows as needed).
+#[derive(Default)]
+struct PageBits(Vec<u64>);
+
+impl PageBits {
+    fn set(&mut self, gpa: u64) {
+        let page = (gpa / 4096) as usize;
+        if self.0.len() <= page / 64 {
+            self.0.resize(page / 64 + 1, 0);
+        }
+        self.0[page / 64] |= 1 << (page % 64);
+    }
+
+    fn get(&self, gpa: u64) -> bool {
+        let page = (gpa / 4096) as usize;
+        self.0
+            .get(page / 64)
+            .is_some_and(|w| w & (1 << (page % 64)) != 0)
+    }
+}
+
 /// What [`apply`] loaded.
 #[derive(Debug, Default)]
 pub struct Loaded {
@@ -148,6 +169,7 @@ pub fn apply<R: Read>(
     let mut vm_state = None;
     let mut resuming: Vec<&PciPassthrough> = Vec::new();
     let mut configs = Configs::default();
+    let mut written = PageBits::default();
     loop {
         match reader.next_section()? {
             Section::End => break,
@@ -159,16 +181,26 @@ pub fn apply<R: Read>(
                         reason: e,
                     };
                     match run.data {
-                        Some(data) => t
-                            .mem
-                            .write_slice(data, GuestAddress(run.gpa))
-                            .map_err(|e| ram(e.to_string()))?,
+                        Some(data) => {
+                            t.mem
+                                .write_slice(data, GuestAddress(run.gpa))
+                                .map_err(|e| ram(e.to_string()))?;
+                            for i in 0..u64::from(run.pages) {
+                                written.set(run.gpa + i * 4096);
+                            }
+                        }
                         None => {
+                            // Fresh guest RAM is zero already: only pages this stream
+                            // wrote before need zeroing (writing the others would make
+                            // the kernel allocate every page of the memfd).
                             let zeros = vec![0u8; migration::PAGE_SIZE];
                             for i in 0..u64::from(run.pages) {
-                                t.mem
-                                    .write_slice(&zeros, GuestAddress(run.gpa + i * 4096))
-                                    .map_err(|e| ram(e.to_string()))?;
+                                let gpa = run.gpa + i * 4096;
+                                if written.get(gpa) {
+                                    t.mem
+                                        .write_slice(&zeros, GuestAddress(gpa))
+                                        .map_err(|e| ram(e.to_string()))?;
+                                }
                             }
                         }
                     }

@@ -56,16 +56,96 @@ pub fn write_pages<W: Write>(
     Ok(n)
 }
 
-/// Every page of guest RAM.
-pub fn all_pages(m: &Machine) -> Vec<u64> {
+/// The parts of `[start, start + len)` of `file` that hold data (`SEEK_DATA` /
+/// `SEEK_HOLE`): the rest of a memfd was never written and reads as zeros.
+fn data_ranges(file: &std::fs::File, start: u64, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    let end = start + len;
+    let mut out = Vec::new();
+    let mut pos = start;
+    while pos < end {
+        let off = libc::off_t::try_from(pos).map_err(std::io::Error::other)?;
+        // SAFETY: lseek on an fd this process owns; it only moves the file offset, which
+        // nothing else in this process relies on (guest RAM is accessed through mmap).
+        let data = unsafe { libc::lseek(fd, off, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // no data after pos
+            }
+            return Err(e);
+        }
+        let data = data as u64;
+        if data >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let hole = (hole as u64).min(end);
+        out.push((data, hole - data));
+        pos = hole;
+    }
+    Ok(out)
+}
+
+/// Writes all of guest RAM: pages the memfd holds data for are read and sent (all-zero
+/// ones as zero runs), the never-written rest is sent as zero runs without touching it
+/// (reading it would make the kernel allocate every page of the memfd).
+pub fn write_all_ram<W: Write>(m: &Machine, w: &mut StreamWriter<W>) -> Result<u64, SnapshotError> {
     let page = PAGE_SIZE as u64;
-    m.mem
-        .iter()
-        .flat_map(|r| {
-            let start = r.start_addr().0;
-            (0..r.len() / page).map(move |i| start + i * page)
-        })
-        .collect()
+    let mut n = 0;
+    for r in m.mem.iter() {
+        let gpa = r.start_addr().0;
+        let len = r.len();
+        let data = match r.file_offset() {
+            Some(f) => data_ranges(f.file(), f.start(), len)
+                .map(|v| v.into_iter().map(|(o, l)| (o - f.start(), l)).collect())
+                .unwrap_or_else(|e| {
+                    tracing::debug!("SEEK_DATA on guest RAM failed ({e}); reading it all");
+                    vec![(0, len)]
+                }),
+            None => vec![(0, len)],
+        };
+        let mut b = RamPagesBuilder::new();
+        let mut cursor = 0u64;
+        let flush = |b: &mut RamPagesBuilder, w: &mut StreamWriter<W>, force: bool| {
+            if !b.is_empty() && (force || b.payload_len() >= RAM_CHUNK) {
+                w.write_ram_pages(b)?;
+                b.clear();
+            }
+            Ok::<_, SnapshotError>(())
+        };
+        for (off, dlen) in data.into_iter().chain(std::iter::once((len, 0))) {
+            // Round the data range out to whole pages.
+            let (dstart, dend) = (off / page * page, (off + dlen).div_ceil(page) * page);
+            let dstart = dstart.max(cursor);
+            if dstart > cursor {
+                let pages = (dstart - cursor) / page;
+                let count = u32::try_from(pages).map_err(|_| SnapshotError::Ram {
+                    gpa: gpa + cursor,
+                    reason: format!("{pages} pages in one hole"),
+                })?;
+                b.push_zero_pages(gpa + cursor, count)?;
+                n += pages;
+                flush(&mut b, w, false)?;
+            }
+            let pages: Vec<u64> = (dstart.max(cursor)..dend.min(len))
+                .step_by(PAGE_SIZE)
+                .map(|o| gpa + o)
+                .collect();
+            if !pages.is_empty() {
+                flush(&mut b, w, true)?;
+                n += write_pages(m, w, pages)?;
+            }
+            cursor = cursor.max(dend.min(len));
+        }
+        flush(&mut b, w, true)?;
+    }
+    Ok(n)
 }
 
 /// Saves what `dev` has pending in its current phase as device sections of `id`.
@@ -173,4 +253,26 @@ pub fn write_final_state<W: Write>(
         w.write_device(&id, DevicePhase::Final, &bytes)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn data_ranges_skip_the_never_written_holes() {
+        let f = crate::memory::create(16 << 20).map(|(_, f)| f).expect("memfd");
+        assert!(super::data_ranges(&f, 0, 16 << 20).unwrap().is_empty());
+        f.write_all_at(&[1], 0x5000).unwrap();
+        f.write_all_at(&[2; 0x3000], 0x20_0000).unwrap();
+        let r = super::data_ranges(&f, 0, 16 << 20).unwrap();
+        // Data is reported at least page by page around what was written.
+        assert!(r.iter().any(|&(o, l)| o <= 0x5000 && 0x5000 < o + l), "{r:x?}");
+        assert!(r.iter().any(|&(o, l)| o <= 0x20_2fff && 0x20_2fff < o + l), "{r:x?}");
+        let covered: u64 = r.iter().map(|&(_, l)| l).sum();
+        assert!(covered < 1 << 20, "holes stay holes: {r:x?}");
+        // A window in the middle sees only its part.
+        let r = super::data_ranges(&f, 0x10_0000, 0x10_0000).unwrap();
+        assert!(r.is_empty(), "{r:x?}");
+    }
 }
