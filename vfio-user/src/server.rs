@@ -8,6 +8,11 @@
 //! ends it early: a malformed header, a message over the size limit (answered with
 //! `E2BIG` first), a message not completed within [`ServerConfig::message_timeout`], or a
 //! client proposing another major version (answered with `ENOTSUP` first).
+//!
+//! Between commands the loop polls adaptively: for [`ServerConfig::spin_window`] after
+//! each command it keeps checking the socket without sleeping, and only then blocks in
+//! `poll()`. A client sending a burst (a guest's trapped register writes, posted one
+//! after another) then finds the server awake and does not pay for waking it.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -52,7 +57,24 @@ pub struct ServerConfig {
     /// Once a message has begun to arrive, the time it has to complete; also the
     /// deadline of each reply sent.
     pub message_timeout: Duration,
+    /// After each command, how long to keep checking the socket for the next one without
+    /// sleeping ([`DEFAULT_SPIN_WINDOW`]; zero: block at once).
+    pub spin_window: Duration,
 }
+
+/// Default [`ServerConfig::spin_window`].
+///
+/// The trade-off: a server thread asleep in `poll()` must be woken by the kernel when a
+/// message arrives, and the *sender* pays for that inside its `sendmsg` (an
+/// inter-processor interrupt, itself a VM exit when running nested): about 5 µs instead
+/// of 1 µs for a posted write, taken from the VMM's vCPU thread, i.e. from the guest. A
+/// server that is still spinning when the message arrives costs the sender nothing
+/// extra. Spinning costs CPU time of the device process, but only within this window
+/// after a command, so only while the guest is actively accessing the device; an idle
+/// device blocks. 100 µs covers the gap between two trapped accesses of a guest loop
+/// (one MMIO exit and re-entry, a few to a few tens of µs under nested virtualisation)
+/// while keeping the spin after the last access of a burst short.
+pub const DEFAULT_SPIN_WINDOW: Duration = Duration::from_micros(100);
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -63,6 +85,7 @@ impl Default for ServerConfig {
             max_dma_maps: DEFAULT_MAX_DMA_MAPS,
             migration: None,
             message_timeout: Duration::from_secs(5),
+            spin_window: DEFAULT_SPIN_WINDOW,
         }
     }
 }
@@ -118,9 +141,14 @@ enum Outcome {
 
 impl Session<'_> {
     fn run<D: Device + ?Sized>(&mut self, device: &mut D) -> Result<(), ServerError> {
+        // No spinning for the first message: the client sends it when it likes.
+        let mut spin = false;
         loop {
             // Waiting for the next command has no deadline: an idle client is fine.
-            self.channel.wait_readable(None)?;
+            self.wait_for_command(spin)?;
+            // Every way round the loop handled (or refused) a message: spin before the
+            // next one.
+            spin = true;
             let deadline = Instant::now() + self.config.message_timeout;
             let msg = match self.channel.recv(self.limits(), deadline) {
                 Ok(msg) => msg,
@@ -180,6 +208,31 @@ impl Session<'_> {
                 return Err(ServerError::Negotiation(reason));
             }
         }
+    }
+
+    /// Waits until the next message (or end of file) can be read: first, if `spin`, by
+    /// checking without sleeping for up to [`ServerConfig::spin_window`], then by
+    /// blocking. Only readiness is checked, nothing is read, so the message (with any
+    /// descriptors) is received as usual by the caller.
+    fn wait_for_command(&self, spin: bool) -> Result<(), SocketError> {
+        if spin && !self.config.spin_window.is_zero() {
+            let until = Instant::now() + self.config.spin_window;
+            loop {
+                if self.channel.readable_now()? {
+                    return Ok(());
+                }
+                if Instant::now() >= until {
+                    break;
+                }
+                std::hint::spin_loop();
+                // Hand the CPU over if another thread wants it: with as many runnable
+                // threads as CPUs (the sender's among them), a spin that does not yield
+                // delays the very sender it waits for (measured: 15-33 µs per posted
+                // write instead of 5-7 µs with a blocking server, or 1 µs yielding).
+                std::thread::yield_now();
+            }
+        }
+        self.channel.wait_readable(None)
     }
 
     fn limits(&self) -> RecvLimits {

@@ -205,6 +205,19 @@ impl Channel {
         self.poll(libc::POLLIN, deadline)
     }
 
+    /// Whether data (or end of file, or an error) can be read right now: one `poll()`
+    /// with a zero timeout. Nothing is read, so descriptors sent with the next message
+    /// stay queued for [`Channel::recv`].
+    pub fn readable_now(&self) -> Result<bool, SocketError> {
+        loop {
+            match self.poll_once(libc::POLLIN, 0) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(source) => return Err(SocketError::Io { op: "poll", source }),
+                Ok(ready) => return Ok(ready),
+            }
+        }
+    }
+
     /// Receives one complete message before `deadline`. Descriptors beyond
     /// `limits.max_fds` are closed and reported as [`SocketError::TooManyFds`] once the
     /// message has been read; a message over `limits.max_size` is refused after its
@@ -296,37 +309,38 @@ impl Channel {
                     i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
                 }
             };
-            let mut pfd = libc::pollfd {
-                fd: self.stream.as_raw_fd(),
-                events,
-                revents: 0,
-            };
-            // SAFETY: `pfd` is a valid, initialised pollfd and we pass a count of 1; poll
-            // only writes `revents` within it.
-            let r = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(SocketError::Io {
-                    op: "poll",
-                    source: e,
-                });
-            }
-            if r == 0 {
+            match self.poll_once(events, timeout_ms) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(source) => return Err(SocketError::Io { op: "poll", source }),
                 // Timed out (or woke early): the loop re-checks the deadline.
-                continue;
+                Ok(false) => continue,
+                // Readable, writable, hung up or in error: the next call reports which.
+                Ok(true) => return Ok(()),
             }
-            if pfd.revents & libc::POLLNVAL != 0 {
-                return Err(SocketError::Io {
-                    op: "poll",
-                    source: io::Error::from_raw_os_error(libc::EBADF),
-                });
-            }
-            // Readable, writable, hung up or in error: the next call reports which.
-            return Ok(());
         }
+    }
+
+    /// One `poll()` for `events` with `timeout_ms` (-1: forever): whether the socket is
+    /// ready (or hung up, or in error). `EBADF` if the descriptor is not open.
+    fn poll_once(&self, events: libc::c_short, timeout_ms: i32) -> io::Result<bool> {
+        let mut pfd = libc::pollfd {
+            fd: self.stream.as_raw_fd(),
+            events,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is a valid, initialised pollfd and we pass a count of 1; poll
+        // only writes `revents` within it.
+        let r = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if r == 0 {
+            return Ok(false);
+        }
+        if pfd.revents & libc::POLLNVAL != 0 {
+            return Err(io::Error::from_raw_os_error(libc::EBADF));
+        }
+        Ok(true)
     }
 
     /// One `sendmsg` of `first` then `second`, with `fds` attached if not empty.

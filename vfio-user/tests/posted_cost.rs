@@ -1,7 +1,9 @@
 //! What a posted region write costs the caller (ignored: a measurement, run by hand with
 //! `cargo test --release -p vfio-user --test posted_cost -- --ignored --nocapture`).
 //! It separates the client's own work from the kernel's cost of waking the server
-//! thread that sleeps in `poll()` on the other end of the socket.
+//! thread that sleeps in `poll()` on the other end of the socket, and compares a burst
+//! of writes to a server that blocks at once with one to a server that polls for a while
+//! after each command ([`ServerConfig::spin_window`]).
 
 mod common;
 
@@ -24,6 +26,57 @@ fn per_call(f: impl FnMut(u32)) -> f64 {
     start.elapsed().as_nanos() as f64 / f64::from(N)
 }
 
+/// Per-write cost of `count` posted writes separated by a busy-waited `gap` (the client
+/// never sleeps, as a vCPU thread running a guest loop of trapped writes), to a server
+/// with `spin_window`.
+fn burst(spin_window: Duration, gap: Duration, count: u32) -> f64 {
+    let (a, b) = UnixStream::pair().unwrap();
+    let server = thread::spawn(move || {
+        let mut dev = TestDevice::new(Arc::new(Stats::default()));
+        let config = ServerConfig {
+            spin_window,
+            ..ServerConfig::default()
+        };
+        serve(b, &mut dev, &config)
+    });
+    let client = Client::from_stream(a, Duration::from_secs(5)).unwrap();
+    let data = 1u32.to_ne_bytes();
+    let mut total = Duration::ZERO;
+    for _ in 0..count {
+        let until = Instant::now() + gap;
+        while Instant::now() < until {
+            std::hint::spin_loop();
+        }
+        let t = Instant::now();
+        client
+            .region_write_posted(REG_REGION, REG_SCRATCH, &data)
+            .unwrap();
+        total += t.elapsed();
+    }
+    // All handled (a synchronous call after them), then disconnect.
+    let mut b4 = [0u8; 4];
+    client.region_read(REG_REGION, 0, &mut b4).unwrap();
+    drop(client);
+    server.join().unwrap().unwrap();
+    total.as_nanos() as f64 / f64::from(count)
+}
+
+#[test]
+#[ignore = "measurement, not a test"]
+fn posted_burst_cost() {
+    let window = vfio_user::server::DEFAULT_SPIN_WINDOW;
+    for gap_us in [0u64, 5, 20, 50] {
+        let gap = Duration::from_micros(gap_us);
+        let blocking = burst(Duration::ZERO, gap, 5000);
+        let polling = burst(window, gap, 5000);
+        println!(
+            "posted-burst: writes {gap_us:>2} us apart: server blocking {blocking:>7.0} ns, \
+             polling ({} us window) {polling:>7.0} ns",
+            window.as_micros()
+        );
+    }
+}
+
 #[test]
 #[ignore = "measurement, not a test"]
 fn posted_write_cost() {
@@ -41,8 +94,8 @@ fn posted_write_cost() {
             .region_write_posted(REG_REGION, REG_SCRATCH, &data)
             .unwrap()
     });
-    // One at a time with a pause: the server has gone back to sleep in poll() before each
-    // write, as between a guest's trapped writes.
+    // One at a time with a pause longer than the server's spin window: the server has
+    // gone back to sleep in poll() before each write.
     let mut total = Duration::ZERO;
     for _ in 0..2000 {
         thread::sleep(Duration::from_micros(200));
