@@ -108,8 +108,8 @@ fn settle_workload(agent: &mut Agent) {
     let t = Instant::now();
     loop {
         let s = agent.workload_status().expect("workload status");
-        let mem_ok = s.mem.as_ref().map_or(true, |m| m.passes >= 1);
-        let disk_ok = s.disk.as_ref().map_or(true, |d| d.readbacks > 64);
+        let mem_ok = s.mem.as_ref().is_none_or(|m| m.passes >= 1);
+        let disk_ok = s.disk.as_ref().is_none_or(|d| d.readbacks > 64);
         if (mem_ok && disk_ok) || t.elapsed() > Duration::from_secs(120) {
             return;
         }
@@ -648,7 +648,7 @@ fn migration_vmm_vs_qemu() {
             .iter()
             .find(|q| q.vmm == "qemu" && q.size == f.size && q.case == f.case);
         let under_50 = f.case != "idle" || f.downtime_ms < 50.0;
-        let under_qemu = q.map_or(true, |q| f.downtime_ms < q.downtime_ms);
+        let under_qemu = q.is_none_or(|q| f.downtime_ms < q.downtime_ms);
         println!(
             "migrate: aim {:<4} {:<8} {}{}",
             f.size,

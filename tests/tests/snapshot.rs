@@ -31,6 +31,9 @@ fn snapshot_kill_and_restore_with_a_new_vf() {
     let filled = agent.mem_fill(32, 0x5eed).expect("mem fill");
     eprintln!("guest filled 32 MiB: {filled:?}");
 
+    let timing = "cat /proc/uptime; sleep 1; cat /proc/uptime; grep -c tsc_deadline_timer /proc/cpuinfo; cat /sys/devices/system/clockevents/clockevent0/current_device";
+    let before = vmm_tests::harness::run(&mut agent, &["sh", "-c", timing]);
+    eprintln!("source guest, sleep 1 timed inside:\n{}", before.stdout);
     // Pause stops the guest (its agent does not answer) until resume.
     api.request(&json!({"request": "pause"})).expect("pause");
     let info = api.request(&json!({"request": "info"})).unwrap();
@@ -65,6 +68,18 @@ fn snapshot_kill_and_restore_with_a_new_vf() {
     let mut agent = vm2
         .agent(Duration::from_secs(60))
         .unwrap_or_else(|e| panic!("restored guest does not answer: {e}\n{}", vm2.describe()));
+    // Time runs in the restored guest: a 1 s sleep takes about 1 s.
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        let out = vmm_tests::harness::run(&mut agent, &["sleep", "1"]);
+        eprintln!("restored guest: `sleep 1` took {:?}", t.elapsed());
+        assert!(out.success(), "{out:?}");
+    }
+    let after = vmm_tests::harness::run(
+        &mut agent,
+        &["sh", "-c", "cat /proc/uptime; sleep 1; cat /proc/uptime"],
+    );
+    eprintln!("restored guest, sleep 1 timed inside:\n{}", after.stdout);
     let check = agent.mem_check().expect("mem check");
     assert!(check.intact, "guest memory after restore: {check:?}");
     let v = agent.blk_verify(&req(0xa, 0)).expect("verify");

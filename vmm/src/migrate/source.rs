@@ -114,8 +114,8 @@ fn describe(e: crate::snapshot::SnapshotError) -> String {
     }
 }
 
-/// RAM pages written since the last call (KVM's log) plus the devices' dirty pages.
-fn dirty_pages(m: &Machine) -> Result<(BTreeSet<u64>, u64), String> {
+/// RAM pages the vCPUs wrote since the last call (KVM's log).
+fn ram_dirty_pages(m: &Machine) -> Result<BTreeSet<u64>, String> {
     let mut pages = BTreeSet::new();
     for r in m.mem.iter() {
         let gpa = r.start_addr().0;
@@ -125,6 +125,12 @@ fn dirty_pages(m: &Machine) -> Result<(BTreeSet<u64>, u64), String> {
                 .map_err(|e| format!("reading KVM's dirty log: {e}"))?,
         );
     }
+    Ok(pages)
+}
+
+/// RAM pages written since the last call (KVM's log) plus the devices' dirty pages.
+fn dirty_pages(m: &Machine) -> Result<(BTreeSet<u64>, u64), String> {
+    let mut pages = ram_dirty_pages(m)?;
     let mut from_devices = 0;
     for d in m.devices.iter() {
         if let Some(mig) = &d.migration {
@@ -237,7 +243,8 @@ fn precopy_and_stop(
 ) -> Result<(), String> {
     let url = &req.url;
     set_ram_logging(m, true)?;
-    dirty_pages(m)?; // clear what KVM logged before
+    // Clear what KVM logged before (the devices' tracking starts just below).
+    ram_dirty_pages(m)?;
     for d in m.devices.iter() {
         if let Some(mig) = &d.migration {
             let derr =

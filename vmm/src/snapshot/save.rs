@@ -261,14 +261,22 @@ mod tests {
 
     #[test]
     fn data_ranges_skip_the_never_written_holes() {
-        let f = crate::memory::create(16 << 20).map(|(_, f)| f).expect("memfd");
+        let f = crate::memory::create(16 << 20)
+            .map(|(_, f)| f)
+            .expect("memfd");
         assert!(super::data_ranges(&f, 0, 16 << 20).unwrap().is_empty());
         f.write_all_at(&[1], 0x5000).unwrap();
         f.write_all_at(&[2; 0x3000], 0x20_0000).unwrap();
         let r = super::data_ranges(&f, 0, 16 << 20).unwrap();
         // Data is reported at least page by page around what was written.
-        assert!(r.iter().any(|&(o, l)| o <= 0x5000 && 0x5000 < o + l), "{r:x?}");
-        assert!(r.iter().any(|&(o, l)| o <= 0x20_2fff && 0x20_2fff < o + l), "{r:x?}");
+        assert!(
+            r.iter().any(|&(o, l)| o <= 0x5000 && 0x5000 < o + l),
+            "{r:x?}"
+        );
+        assert!(
+            r.iter().any(|&(o, l)| o <= 0x20_2fff && 0x20_2fff < o + l),
+            "{r:x?}"
+        );
         let covered: u64 = r.iter().map(|&(_, l)| l).sum();
         assert!(covered < 1 << 20, "holes stay holes: {r:x?}");
         // A window in the middle sees only its part.
