@@ -114,7 +114,12 @@ fn workload() -> WorkloadStartRequest {
 
 /// Starts a migration and follows it to the end; returns the last status.
 fn migrate(api: &mut ApiClient, url: &str) -> Value {
-    api.request(&json!({"request": "migrate", "url": url, "downtime_ms": 300}))
+    migrate_with(api, url, 300)
+}
+
+/// As [`migrate`], with a downtime budget.
+fn migrate_with(api: &mut ApiClient, url: &str, downtime_ms: u64) -> Value {
+    api.request(&json!({"request": "migrate", "url": url, "downtime_ms": downtime_ms}))
         .expect("migrate");
     let deadline = Instant::now() + Duration::from_secs(300);
     let mut last = Value::Null;
@@ -240,18 +245,41 @@ fn live_migration(mut h: Hosts) {
 /// With the mediator's ring walk switched off (a test-only switch), pages the device wrote
 /// by DMA during the migration are not sent again, and the guest's check finds them stale:
 /// the verification above can fail.
+///
+/// Ignored in the normal run: it is probabilistic. A migration here takes under half a
+/// second, and the guest must have the device write a page by DMA after that page's last
+/// copy for anything to go stale; it was detected in one of three runs. The deterministic
+/// version of "the check can fail" is in tests/tests/mediated.rs (the mediator's dirty set
+/// against vfsim's DMA log, with the same switch). Run with `--ignored` to try it.
 #[test]
+#[ignore = "probabilistic: see the doc comment"]
 fn migration_without_device_dirty_tracking_is_detected() {
     let mut h = Hosts::new("mignd");
     let (src, _vf_a, mut api, mut agent) = h.source();
-    agent.workload_start(&workload()).expect("workload");
+    // Larger blocks: each read-back is 16 pages written by DMA, so more of them land after
+    // their page's last copy.
+    let mut w = workload();
+    if let Some(d) = w.disk.as_mut() {
+        d.block_size = 64 << 10;
+    }
+    agent.workload_start(&w).expect("workload");
     settle_workload(&mut agent);
     api.mediator("vf0", "skip-ring-walk", json!({"on": true}))
         .unwrap();
     let (dst, _vf_b) = h.destination(PORT);
     let url = format!("tcp:{}:{PORT}", h.pair.addr(Side::B));
-    let status = migrate(&mut api, &url);
+    // A 1 ms budget keeps pre-copy iterating (up to its cap) while the device goes on
+    // writing read-back buffers by DMA: pages it writes after their last copy arrive
+    // stale on B, unless the device reports them.
+    let status = migrate_with(&mut api, &url, 1);
     assert_eq!(status["phase"], "completed", "{status}\n{}", src.describe());
+    for line in src
+        .vmm_stderr()
+        .lines()
+        .filter(|l| l.contains("migration to"))
+    {
+        eprintln!("source: {line}");
+    }
     drop(agent);
     let mut agent = dst.agent(Duration::from_secs(60)).expect("agent on B");
     let v = agent.workload_verify().expect("verify on B");
@@ -467,7 +495,8 @@ fn migration_faults_leave_the_source_running() {
         .wait_exit(Duration::from_secs(120))
         .expect("destination exits");
     assert_ne!(st.code(), Some(0), "{}", dst.describe());
-    agent.workload_stop().unwrap();
+    // (No workload_stop: with both writers saturating the guest's one vCPU the agent's
+    // 30 s stop timeout is sometimes exceeded; the reboot ends them anyway.)
     agent.reboot().expect("reboot");
     assert_eq!(
         src.wait_exit(Duration::from_secs(120)).unwrap().code(),
