@@ -27,7 +27,11 @@ fn rig() -> Rig {
 }
 
 fn rig_over(slots: Arc<FakeSlots>, memslots: Arc<MemSlots>) -> Rig {
-    let fake = FakeBackend::standard().unwrap();
+    rig_on(FakeBackend::standard().unwrap(), slots, memslots)
+}
+
+/// A device over `fake`, with its own bus and routes (GSIs from 32).
+fn rig_on(fake: Arc<FakeBackend>, slots: Arc<FakeSlots>, memslots: Arc<MemSlots>) -> Rig {
     let bus = Arc::new(Bus::new());
     let routes = RecordingRoutes::new(32);
     let dev = VfioPciDevice::new(VfioPciParams {

@@ -6,33 +6,13 @@ use std::sync::Arc;
 use resources::memslots::MemSlots;
 
 use super::{bus_line, msix_entry, place, r16, r32, w16, w32, Rig};
-use crate::bus::Bus;
-use crate::pci::msix::testing::RecordingRoutes;
 use crate::vfio::testing::{Call, FakeBackend, FakeSlots};
-use crate::vfio::{VfioPciDevice, VfioPciParams, VfioPciState, VfioPersistError};
+use crate::vfio::{VfioPciDevice, VfioPciState, VfioPersistError};
 
 /// A device over `fake`, with its own bus, memory slots and routes (GSIs from 32).
 fn rig_with(fake: Arc<FakeBackend>) -> Rig {
     let slots = Arc::new(FakeSlots::default());
-    let memslots = Arc::new(MemSlots::new(slots.clone()));
-    let bus = Arc::new(Bus::new());
-    let routes = RecordingRoutes::new(32);
-    let dev = VfioPciDevice::new(VfioPciParams {
-        name: "vf0".into(),
-        backend: fake.clone(),
-        bus: bus.clone(),
-        memslots: memslots.clone(),
-        routes: routes.clone(),
-    })
-    .unwrap();
-    Rig {
-        dev,
-        fake,
-        bus,
-        slots,
-        memslots,
-        routes,
-    }
+    super::rig_on(fake, slots.clone(), Arc::new(MemSlots::new(slots)))
 }
 
 fn json(s: &VfioPciState) -> VfioPciState {
