@@ -59,6 +59,10 @@ enum CtlRequest {
         /// Downtime budget in ms.
         #[arg(long, default_value_t = 300)]
         downtime_ms: u64,
+        /// Cap pre-copy's bandwidth at this many MB/s, so the migration leaves room on the
+        /// link for the guests' traffic (stop-and-copy is not capped: it is downtime).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        max_bandwidth_mb_s: Option<u64>,
         /// Return at once instead of following the progress.
         #[arg(long)]
         no_wait: bool,
@@ -121,8 +125,12 @@ fn request_of(r: &CtlRequest) -> Result<Value, String> {
         CtlRequest::DeviceStats => json!({"request": "device-stats"}),
         CtlRequest::Pause => json!({"request": "pause"}),
         CtlRequest::Migrate {
-            url, downtime_ms, ..
-        } => json!({"request": "migrate", "url": url, "downtime_ms": downtime_ms}),
+            url,
+            downtime_ms,
+            max_bandwidth_mb_s,
+            ..
+        } => json!({"request": "migrate", "url": url, "downtime_ms": downtime_ms,
+                    "max_bandwidth_mb_s": max_bandwidth_mb_s}),
         CtlRequest::MigrationStatus => json!({"request": "migration-status"}),
         CtlRequest::Resume => json!({"request": "resume"}),
         CtlRequest::Snapshot { path, paused } => {

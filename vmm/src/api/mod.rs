@@ -214,10 +214,15 @@ pub fn handle(request: Request, state: &ApiState) -> Response {
             Ok(()) => Response::ok(json!({"paused": false})),
             Err(e) => Response::error(format!("cannot resume: {e}")),
         },
-        Request::Migrate { url, downtime_ms } => {
+        Request::Migrate {
+            url,
+            downtime_ms,
+            max_bandwidth_mb_s,
+        } => {
             let req = crate::migrate::source::Request {
                 url: url.clone(),
                 downtime_ms: downtime_ms.unwrap_or(300),
+                max_bandwidth_mb_s,
             };
             match crate::migrate::source::start(state.machine.clone(), req) {
                 Ok(()) => Response::ok(json!({"started": url})),

@@ -40,6 +40,9 @@ pub enum Request {
         /// Downtime budget in ms (default 300).
         #[serde(default)]
         downtime_ms: Option<u64>,
+        /// Pre-copy's bandwidth cap in MB/s (default: none); stop-and-copy is uncapped.
+        #[serde(default)]
+        max_bandwidth_mb_s: Option<u64>,
     },
     /// Progress of the current or last migration.
     MigrationStatus {},

@@ -6,7 +6,8 @@
 //!   the destination says it runs the guest leaves the source running;
 //! - [`incoming`]: `vmm --incoming tcp:ADDR:PORT`: accepts one migration, checks it,
 //!   builds the VM, loads the stream and resumes the guest;
-//! - [`progress`]: what the source reports while it migrates.
+//! - [`progress`]: what the source reports while it migrates;
+//! - [`throttle`]: pre-copy's bandwidth cap.
 //!
 //! The protocol (sections of the `migration` stream):
 //! ```text
@@ -23,6 +24,7 @@
 pub mod incoming;
 pub mod progress;
 pub mod source;
+pub mod throttle;
 
 /// Parses `tcp:HOST:PORT`.
 pub fn parse_tcp(url: &str) -> Result<std::net::SocketAddr, String> {

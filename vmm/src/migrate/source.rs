@@ -11,6 +11,7 @@ use migration::{Control, DevicePhase, Section, StreamReader, StreamWriter, FLAG_
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::progress::Phase;
+use super::throttle::{Cap, Throttled};
 use crate::exit::ExitReason;
 use crate::machine::Machine;
 use crate::snapshot::save::{
@@ -31,12 +32,17 @@ pub struct Request {
     pub url: String,
     /// Downtime budget.
     pub downtime_ms: u64,
+    /// Pre-copy's bandwidth cap in MB/s (10^6 bytes); stop-and-copy runs uncapped.
+    pub max_bandwidth_mb_s: Option<u64>,
 }
 
 /// Starts the migration on a thread; the status is in `m.migration`. Fails at once if one
 /// is already running or the URL is bad.
 pub fn start(m: Arc<Machine>, req: Request) -> Result<(), String> {
     let addr = super::parse_tcp(&req.url)?;
+    if req.max_bandwidth_mb_s == Some(0) {
+        return Err("max_bandwidth_mb_s must be at least 1 (leave it out for no cap)".into());
+    }
     if m.caps.is_none() {
         return Err("KVM state cannot be saved on this host".into());
     }
@@ -82,7 +88,9 @@ pub fn start(m: Arc<Machine>, req: Request) -> Result<(), String> {
 
 /// Sends on the socket; fails with what was being sent.
 struct Link {
-    w: StreamWriter<BufWriter<TcpStream>>,
+    w: StreamWriter<BufWriter<Throttled<TcpStream>>>,
+    /// Pre-copy's bandwidth cap, lifted for stop-and-copy.
+    cap: Cap,
     reply: Option<StreamReader<TcpStream>>,
 }
 
@@ -172,8 +180,13 @@ fn migrate(
         .set_write_timeout(Some(IO_TIMEOUT))
         .and_then(|()| stream.set_read_timeout(Some(IO_TIMEOUT)))
         .map_err(|e| e.to_string())?;
-    let writer = BufWriter::with_capacity(1 << 20, stream.try_clone().map_err(|e| e.to_string())?);
+    let cap = Cap::new(req.max_bandwidth_mb_s.map(|mb| mb * 1_000_000));
+    let writer = BufWriter::with_capacity(
+        1 << 20,
+        Throttled::new(stream.try_clone().map_err(|e| e.to_string())?, cap.clone()),
+    );
     let mut link = Link {
+        cap,
         w: io(
             "sending the header",
             StreamWriter::write_header(writer, FLAG_LIVE),
@@ -316,8 +329,9 @@ fn precopy_and_stop(
         }
     }
 
-    // Stop-and-copy.
+    // Stop-and-copy: uncapped, every millisecond is downtime.
     let stop_start = Instant::now();
+    link.cap.lift();
     m.migration.lock().phase = Phase::StopAndCopy;
     if !was_paused {
         m.pause_vcpus().map_err(|e| e.to_string())?;
