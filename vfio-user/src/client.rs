@@ -153,6 +153,7 @@ impl Client {
             channel: Channel::new(stream),
             next_id: 0,
             broken: None,
+            scratch: Vec::new(),
         };
         let limits = RecvLimits::for_version(CLIENT_MAX_MSG_FDS);
         let proposal = negotiate::proposal().to_bytes();
@@ -327,14 +328,20 @@ impl Client {
         let command = Command::RegionWrite;
         let step = self.negotiated.max_data_xfer_size as usize;
         check_span(command, offset, data.len())?;
+        let mut session = self.lock();
         for (i, chunk) in data.chunks(step).enumerate() {
-            let request = RegionAccessData {
-                offset: offset + (i * step) as u64,
-                region: index,
-                data: chunk.to_vec(),
-            };
-            let bytes = request.to_bytes().map_err(|e| invalid(command, e))?;
-            self.lock().post(command, &bytes, self.timeout)?;
+            // Encoded into the session's buffer: no allocation per guest access.
+            let mut payload = std::mem::take(&mut session.scratch);
+            let r = RegionAccessData::encode_write(
+                offset + (i * step) as u64,
+                index,
+                chunk,
+                &mut payload,
+            )
+            .map_err(|e| invalid(command, e))
+            .and_then(|()| session.post(command, &payload, self.timeout));
+            session.scratch = payload;
+            r?;
         }
         Ok(())
     }

@@ -357,7 +357,12 @@ impl Channel {
         ];
         let fd_bytes = std::mem::size_of_val(fds);
         let space = cmsg_space(fd_bytes);
-        let mut control = vec![0u64; space.div_ceil(size_of::<u64>())];
+        // No allocation without descriptors: posted writes take this path per guest access.
+        let mut control = if fds.is_empty() {
+            Vec::new()
+        } else {
+            vec![0u64; space.div_ceil(size_of::<u64>())]
+        };
         // SAFETY: msghdr is a plain C struct for which all-zero bytes are a valid value.
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
         msg.msg_iov = iov.as_mut_ptr();

@@ -14,6 +14,8 @@ pub(super) struct Session {
     pub(super) channel: Channel,
     pub(super) next_id: u16,
     pub(super) broken: Option<String>,
+    /// Reused payload buffer of posted writes.
+    pub(super) scratch: Vec<u8>,
 }
 
 impl Session {

@@ -2,7 +2,7 @@
 
 use super::command::Command;
 use super::error::{invalid, ProtoError};
-use super::wire::{len_u32, Reader, Writer};
+use super::wire::{len_u32, Reader};
 
 /// Size of the message header in bytes.
 pub const HEADER_SIZE: usize = 16;
@@ -95,17 +95,12 @@ impl Header {
 
     /// Serialises the header.
     pub fn to_bytes(&self) -> [u8; HEADER_SIZE] {
-        let v = Writer::with_capacity(HEADER_SIZE)
-            .u16(self.msg_id)
-            .u16(self.command)
-            .u32(self.msg_size)
-            .u32(self.flags)
-            .u32(self.error)
-            .finish();
         let mut out = [0u8; HEADER_SIZE];
-        for (o, b) in out.iter_mut().zip(v) {
-            *o = b;
-        }
+        out[0..2].copy_from_slice(&self.msg_id.to_ne_bytes());
+        out[2..4].copy_from_slice(&self.command.to_ne_bytes());
+        out[4..8].copy_from_slice(&self.msg_size.to_ne_bytes());
+        out[8..12].copy_from_slice(&self.flags.to_ne_bytes());
+        out[12..16].copy_from_slice(&self.error.to_ne_bytes());
         out
     }
 

@@ -384,6 +384,23 @@ impl RegionAccessData {
             .finish())
     }
 
+    /// Serialises a write of `data` at `offset` of `region` into `out` (cleared first)
+    /// without building the structure: the posted-write path reuses one buffer.
+    pub fn encode_write(
+        offset: u64,
+        region: u32,
+        data: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), ProtoError> {
+        let count = len_u32(Self::WHAT, data.len())?;
+        out.clear();
+        out.extend_from_slice(&offset.to_ne_bytes());
+        out.extend_from_slice(&region.to_ne_bytes());
+        out.extend_from_slice(&count.to_ne_bytes());
+        out.extend_from_slice(data);
+        Ok(())
+    }
+
     /// Parses the structure; `count` must equal the number of data bytes present.
     pub fn parse(bytes: &[u8]) -> Result<Self, ProtoError> {
         let mut r = Reader::new(Self::WHAT, bytes);
