@@ -16,11 +16,13 @@ use vmm_tests::harness::{boot_with_api, ApiClient, TestDir, Vfsim};
 /// of queue 8, which the device does not have.
 const TRAPPED_OFFSET: u64 = 0x0;
 const MAPPED_OFFSET: u64 = 0x1020;
+/// Rounds of mapped and RAM writes (alternating).
+const ROUNDS: usize = 5;
 
 #[test]
 #[ignore = "benchmark: run by benches/bar-access.sh"]
 fn bar_access_costs() {
-    let mapped_count: u64 = env_u64("BAR_MAPPED_WRITES", 10_000_000);
+    let mapped_count: u64 = env_u64("BAR_MAPPED_WRITES", 50_000_000);
     let trapped_count: u64 = env_u64("BAR_TRAPPED_WRITES", 2_000);
     let dir = TestDir::new("bar-access").expect("test dir");
     let disk = dir.disk("disk.img", 1 << 20);
@@ -28,9 +30,16 @@ fn bar_access_costs() {
     let device = format!("vfio-user,socket={},id=vf0", vfsim.socket.display());
     let (vm, mut agent, mut api) = boot_with_api(&dir, &device);
     let resource = "/sys/bus/pci/devices/0000:00:01.0/resource0";
-    let mapped = agent
-        .bar_time(resource, &[MAPPED_OFFSET], mapped_count)
-        .expect("mapped writes");
+    // Sub-nanosecond writes are timed over milliseconds, where one host interrupt shows:
+    // the best of several rounds is the cost.
+    let (mut m, mut r) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..ROUNDS {
+        let round = agent
+            .bar_time(resource, &[MAPPED_OFFSET], mapped_count)
+            .expect("mapped writes");
+        m = m.min(round.mapped_ns[0]);
+        r = r.min(round.ram_ns);
+    }
     let (writes0, ns0) = mmio_writes(&mut api);
     let trapped = agent
         .bar_time(resource, &[TRAPPED_OFFSET], trapped_count)
@@ -45,9 +54,9 @@ fn bar_access_costs() {
         "{window_writes} MMIO-write exits for {trapped_count} trapped writes: the page is not trapped"
     );
     let vmm_share_us = (ns1 - ns0) as f64 / window_writes as f64 / 1000.0;
-    let (m, t, r) = (mapped.mapped_ns[0], trapped.mapped_ns[0], mapped.ram_ns);
-    println!("bar-access: guest RAM write          {r:>12.2} ns  ({mapped_count} writes)");
-    println!("bar-access: mapped BAR page write    {m:>12.2} ns  ({mapped_count} writes)  mapped/RAM {:.2}", m / r);
+    let t = trapped.mapped_ns[0];
+    println!("bar-access: guest RAM write          {r:>12.2} ns  (best of {ROUNDS} x {mapped_count} writes)");
+    println!("bar-access: mapped BAR page write    {m:>12.2} ns  (best of {ROUNDS} x {mapped_count} writes)  mapped/RAM {:.2}", m / r);
     println!("bar-access: trapped BAR page write   {t:>12.2} ns  ({trapped_count} writes)  trapped/mapped {:.0}", t / m);
     println!("bar-access: VMM's share of a trapped MMIO write (KVM_RUN return to KVM_RUN): {vmm_share_us:.2} us  ({window_writes} MMIO-write exits in the window)");
 }
