@@ -6,7 +6,7 @@ use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use vmm_tests::agent::protocol::{WorkloadDisk, WorkloadStartRequest};
+use vmm_tests::agent::protocol::{WorkloadDisk, WorkloadStartRequest, WorkloadVerifyReply};
 use vmm_tests::harness::netns::{NetnsPair, Side};
 use vmm_tests::harness::workload::WorkloadClient;
 use vmm_tests::harness::{ApiClient, TestDir, Vfsim, Vm, DEFAULT_BOOT_TIMEOUT};
@@ -114,13 +114,13 @@ fn workload() -> WorkloadStartRequest {
 
 /// Starts a migration and follows it to the end; returns the last status.
 fn migrate(api: &mut ApiClient, url: &str) -> Value {
-    migrate_with(api, url, 300)
+    api.request(&json!({"request": "migrate", "url": url}))
+        .expect("migrate");
+    follow(api)
 }
 
-/// As [`migrate`], with a downtime budget.
-fn migrate_with(api: &mut ApiClient, url: &str, downtime_ms: u64) -> Value {
-    api.request(&json!({"request": "migrate", "url": url, "downtime_ms": downtime_ms}))
-        .expect("migrate");
+/// Follows a started migration to its end; returns the last status.
+fn follow(api: &mut ApiClient) -> Value {
     let deadline = Instant::now() + Duration::from_secs(300);
     let mut last = Value::Null;
     while Instant::now() < deadline {
@@ -177,40 +177,15 @@ fn live_migration_between_two_hosts_native_vfio_user() {
     live_migration(h);
 }
 
-fn live_migration(mut h: Hosts) {
-    let (src, _vf_a, mut api, mut agent) = h.source();
-    agent.workload_start(&workload()).expect("workload");
-    settle_workload(&mut agent);
-    let before = (agent.ping().expect("ping").uptime_ms, Instant::now());
-    let (dst, _vf_b) = h.destination(PORT);
-    let url = format!("tcp:{}:{PORT}", h.pair.addr(Side::B));
-    let t = Instant::now();
-    let status = migrate(&mut api, &url);
-    let total = t.elapsed();
-    assert_eq!(status["phase"], "completed", "{status}\n{}", src.describe());
-    let st = src
-        .wait_exit(Duration::from_secs(30))
-        .expect("source exits");
-    assert_eq!(st.code(), Some(0), "{}", src.describe());
-    let log = src.vmm_stderr();
-    for line in log.lines().filter(|l| l.contains("migration to")) {
-        eprintln!("source: {line}");
-    }
-    let summary = log
-        .lines()
-        .find(|l| l.contains("guest resumed there; downtime"))
-        .unwrap_or_else(|| panic!("no summary in the source's log\n{log}"));
-    eprintln!("migration A -> B took {total:?} as seen by the API client: {summary}");
-    drop(agent);
-    let mut agent = dst
-        .agent(Duration::from_secs(60))
-        .unwrap_or_else(|e| panic!("guest does not answer on B: {e}\n{}", dst.describe()));
-    let after = (agent.ping().expect("ping on B").uptime_ms, Instant::now());
-    let guest_ms = after.0 as f64 - before.0 as f64;
-    let host_ms = after.1.duration_since(before.1).as_secs_f64() * 1e3;
-    eprintln!("guest time across the migration: {guest_ms:.0} ms, host time {host_ms:.0} ms");
-    let v = agent.workload_verify().expect("verify on B");
-    eprintln!("verify on B: {v:?}");
+/// Pre-copy's bandwidth cap in the migration tests: the first pass then takes seconds, so
+/// the guest's disk writer reads blocks back (writes by DMA, which KVM's dirty log does not
+/// see) into pages already sent, and only the device's dirty tracking brings them over again.
+/// Without the cap a migration here takes under half a second and whether any page goes
+/// stale is luck.
+const TEST_BANDWIDTH_MB_S: u64 = 40;
+
+fn live_migration(h: Hosts) {
+    let (dst, _vf_b, mut agent, v) = migrate_under_workload(h, true);
     assert_eq!(v.mem_mismatches, 0, "{v:?}");
     assert_eq!(v.block_mismatches, 0, "{v:?}");
     assert_eq!(v.readback_mismatches, 0, "{v:?}");
@@ -242,48 +217,79 @@ fn live_migration(mut h: Hosts) {
     assert_eq!(st.code(), Some(0), "{}", dst.describe());
 }
 
-/// With the mediator's ring walk switched off (a test-only switch), pages the device wrote
-/// by DMA during the migration are not sent again, and the guest's check finds them stale:
-/// the verification above can fail.
-///
-/// Ignored in the normal run: it is probabilistic. A migration here takes under half a
-/// second, and the guest must have the device write a page by DMA after that page's last
-/// copy for anything to go stale; it was detected in one of three runs. The deterministic
-/// version of "the check can fail" is in tests/tests/mediated.rs (the mediator's dirty set
-/// against vfsim's DMA log, with the same switch). Run with `--ignored` to try it.
-#[test]
-#[ignore = "probabilistic: see the doc comment"]
-fn migration_without_device_dirty_tracking_is_detected() {
-    let mut h = Hosts::new("mignd");
+/// The migration of [`live_migration`]: workload on A, migrate to B (pre-copy capped at
+/// [`TEST_BANDWIDTH_MB_S`], iterated to its cap of passes), the source exits 0; returns B,
+/// B's vfsim (which must outlive the guest's I/O), an agent on B and the guest's
+/// verification there. `device_tracking: false` switches the mediator's ring walk off (a
+/// test-only switch), so the device's DMA writes are not reported.
+fn migrate_under_workload(
+    mut h: Hosts,
+    device_tracking: bool,
+) -> (Vm, Vfsim, vmm_tests::harness::Agent, WorkloadVerifyReply) {
     let (src, _vf_a, mut api, mut agent) = h.source();
-    // Larger blocks: each read-back is 16 pages written by DMA, so more of them land after
-    // their page's last copy.
-    let mut w = workload();
-    if let Some(d) = w.disk.as_mut() {
-        d.block_size = 64 << 10;
-    }
-    agent.workload_start(&w).expect("workload");
+    agent.workload_start(&workload()).expect("workload");
     settle_workload(&mut agent);
-    api.mediator("vf0", "skip-ring-walk", json!({"on": true}))
-        .unwrap();
-    let (dst, _vf_b) = h.destination(PORT);
+    if !device_tracking {
+        api.mediator("vf0", "skip-ring-walk", json!({"on": true}))
+            .unwrap();
+    }
+    let before = (agent.ping().expect("ping").uptime_ms, Instant::now());
+    let (dst, vf_b) = h.destination(PORT);
     let url = format!("tcp:{}:{PORT}", h.pair.addr(Side::B));
-    // A 1 ms budget keeps pre-copy iterating (up to its cap) while the device goes on
-    // writing read-back buffers by DMA: pages it writes after their last copy arrive
-    // stale on B, unless the device reports them.
-    let status = migrate_with(&mut api, &url, 1);
+    let t = Instant::now();
+    // A 1 ms budget keeps pre-copy iterating (to its cap of passes) after the first pass,
+    // while the device keeps writing read-back buffers by DMA into pages already sent: the
+    // case device dirty tracking exists for.
+    api.request(&json!({"request": "migrate", "url": url, "downtime_ms": 1,
+                        "max_bandwidth_mb_s": TEST_BANDWIDTH_MB_S}))
+        .expect("migrate");
+    let status = follow(&mut api);
+    let total = t.elapsed();
     assert_eq!(status["phase"], "completed", "{status}\n{}", src.describe());
-    for line in src
-        .vmm_stderr()
-        .lines()
-        .filter(|l| l.contains("migration to"))
-    {
+    let st = src
+        .wait_exit(Duration::from_secs(30))
+        .expect("source exits");
+    assert_eq!(st.code(), Some(0), "{}", src.describe());
+    let log = src.vmm_stderr();
+    for line in log.lines().filter(|l| l.contains("migration to")) {
         eprintln!("source: {line}");
     }
+    let summary = log
+        .lines()
+        .find(|l| l.contains("guest resumed there; downtime"))
+        .unwrap_or_else(|| panic!("no summary in the source's log\n{log}"));
+    eprintln!("migration A -> B took {total:?} as seen by the API client: {summary}");
+    // The cap holds: the first pass (all of RAM) went no faster than asked.
+    let first_pass = log
+        .lines()
+        .find(|l| l.contains("iteration 0: sent"))
+        .and_then(|l| l.split(" MB total at ").nth(1))
+        .and_then(|r| r.split(' ').next())
+        .and_then(|r| r.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no first pass in the source's log\n{log}"));
+    assert!(
+        first_pass <= TEST_BANDWIDTH_MB_S as f64 * 1.05,
+        "first pass at {first_pass} MB/s, capped at {TEST_BANDWIDTH_MB_S}"
+    );
     drop(agent);
-    let mut agent = dst.agent(Duration::from_secs(60)).expect("agent on B");
+    let mut agent = dst
+        .agent(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("guest does not answer on B: {e}\n{}", dst.describe()));
+    let after = (agent.ping().expect("ping on B").uptime_ms, Instant::now());
+    let guest_ms = after.0 as f64 - before.0 as f64;
+    let host_ms = after.1.duration_since(before.1).as_secs_f64() * 1e3;
+    eprintln!("guest time across the migration: {guest_ms:.0} ms, host time {host_ms:.0} ms");
     let v = agent.workload_verify().expect("verify on B");
-    eprintln!("verify on B without device dirty tracking: {v:?}");
+    eprintln!("verify on B (device dirty tracking {device_tracking}): {v:?}");
+    (dst, vf_b, agent, v)
+}
+
+/// "The check can fail": the migration of [`live_migration`] with the mediator's ring walk
+/// switched off. Blocks the device read back into guest pages by DMA after those pages were
+/// sent are then not sent again, and the guest's verification on B finds them stale.
+#[test]
+fn migration_without_device_dirty_tracking_is_detected() {
+    let (dst, _vf_b, mut agent, v) = migrate_under_workload(Hosts::new("mignd"), false);
     assert!(
         v.readback_mismatches + v.block_mismatches + v.mem_mismatches > 0,
         "stale DMA pages must be detected: {v:?}"

@@ -688,13 +688,14 @@ impl DiskWriter {
             data,
             found_by,
             format!(
-                "read-back buffer {slot} no longer holds block {} write {seq} as read from the disk",
+                "read-back buffer {slot} does not hold block {} write {seq}: the disk returned other data, or the buffer lost what the device wrote there by DMA",
                 self.first + b
             ),
         ))
     }
 
-    /// Reads block `b` (which has a record) into the next ring slot and checks it.
+    /// Reads block `b` (which has a record) into the next ring slot, checking first what the
+    /// slot held.
     fn read_back(&mut self, b: u64) {
         let slot = self.next_slot;
         self.next_slot = (slot + 1) % self.slots.len();
@@ -714,21 +715,12 @@ impl DiskWriter {
             return;
         }
         self.shared.readbacks.fetch_add(1, Ordering::Relaxed);
-        let seq = self.record[b as usize];
-        fill(self.seed, self.first + b, seq, &mut self.expected);
-        if buf == self.expected.as_slice() {
-            self.slots[slot] = Some((b, seq));
-        } else {
-            self.shared.block_mismatches.fetch_add(1, Ordering::Relaxed);
-            let m = mismatch(
-                self.first + b,
-                seq,
-                buf,
-                "writer",
-                format!("block read back before overwrite does not hold acknowledged write {seq}"),
-            );
-            self.pending_blocks.add(m);
-        }
+        // Not checked now but when the slot comes round again (or at verify): the CPU must
+        // not touch a page the device wrote by DMA. Under shadow paging (this platform's
+        // nested KVM) a guest read of a page whose PTE is writable and dirty installs a
+        // writable mapping, which KVM logs as a dirty page: the read itself would get the
+        // page migrated again and hide a device that does not report its DMA writes.
+        self.slots[slot] = Some((b, self.record[b as usize]));
     }
 
     /// Reads back (if asked to), then writes, the next block; false after an I/O error.
@@ -1316,16 +1308,17 @@ mod tests {
         let r = w.verify();
         assert_eq!((r.blocks_checked, r.blocks.count, r.slots.count), (7, 0, 0));
 
-        // Damage found by the writer's read-back before an overwrite: block 4 (absolute 6) is
-        // next.
+        // Damage the writer read back before an overwrite (block 4, absolute 6, is next): the
+        // read-back buffer is checked later, here by verify (the writer does not touch a
+        // buffer the device just wrote).
         f.write_all_at(&[0xee], 8192 + 4 * 4096 + 100).unwrap();
         assert!(w.step());
         let r = w.verify();
-        assert_eq!(r.blocks.count, 1);
-        let m = r.blocks.first.unwrap();
-        assert_eq!((m.index, m.found_by.as_str()), (6, "writer"));
-        assert_eq!(shared.block_mismatches.load(Ordering::Relaxed), 2);
-        assert_eq!(shared.readback_mismatches.load(Ordering::Relaxed), 1);
+        assert_eq!((r.blocks.count, r.slots.count), (0, 1));
+        let m = r.slots.first.unwrap();
+        assert_eq!((m.index, m.found_by.as_str()), (12, "verify"));
+        assert_eq!(shared.block_mismatches.load(Ordering::Relaxed), 1);
+        assert_eq!(shared.readback_mismatches.load(Ordering::Relaxed), 2);
     }
 
     #[test]
