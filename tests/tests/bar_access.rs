@@ -22,7 +22,7 @@ const ROUNDS: usize = 5;
 #[test]
 #[ignore = "benchmark: run by benches/bar-access.sh"]
 fn bar_access_costs() {
-    let mapped_count: u64 = env_u64("BAR_MAPPED_WRITES", 50_000_000);
+    let mapped_count: u64 = env_u64("BAR_MAPPED_WRITES", 10_000_000);
     let trapped_count: u64 = env_u64("BAR_TRAPPED_WRITES", 2_000);
     let dir = TestDir::new("bar-access").expect("test dir");
     let disk = dir.disk("disk.img", 1 << 20);
