@@ -4,7 +4,9 @@
 # virtio-blk-vf mediator, goes along; workload: memory writer capped at 16 MiB/s over 64 MiB,
 # and a disk writer on the VF) and with QEMU (Debian qemu-system-x86; same kernel, initramfs,
 # command line and memory, no VF, so the memory writer only), in one run. Both get the same
-# downtime budget. Prints per migration: downtime, total time, bytes sent, iterations (ours:
+# downtime budget. Prints per migration: downtime (on the source until the last byte is sent,
+# QEMU's definition, and for ours also until the guest runs there), total time, bytes sent,
+# iterations (ours:
 # pre-copy passes; QEMU: ram.dirty-sync-count), then the ours/QEMU ratios and whether the aims
 # (idle downtime under 50 ms, and under QEMU's in every case) are met. Every migration is
 # checked: the guest answers on the destination, and after the workload migration the

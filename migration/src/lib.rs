@@ -77,6 +77,7 @@
 //! device sections, [`Control::Complete`] and the end section. The destination answers on
 //! the same connection with a stream of its own in this format (flags
 //! `FLAG_LIVE | FLAG_REPLY`): [`Control::Ready`] once the config matches its own,
+//! [`Control::Synced`] once it has applied each pre-copy pass (version 2),
 //! [`Control::Resumed`] once the VM runs there, or [`Control::Abort`] with a reason at any
 //! point; either side may send `Abort`. The source keeps the guest until it reads
 //! `Resumed`.
@@ -100,7 +101,7 @@ pub const MAGIC: [u8; 8] = *b"VMMSTRM\0";
 
 /// The format version this code writes and the only one it reads. Bump it on any change to
 /// the layout of the header, a section or a payload this crate defines.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Header flag: the stream is a live migration (control sections are expected), not a
 /// snapshot.

@@ -417,6 +417,13 @@ pub enum Control {
         /// Why, for the other side's log and exit message.
         reason: String,
     },
+    /// (8) Destination: everything up to [`Control::IterationEnd`] `iteration` is applied.
+    /// The source waits for it before the next pass, so the guest is never stopped while
+    /// the destination still works through a backlog of earlier passes.
+    Synced {
+        /// Iteration number.
+        iteration: u32,
+    },
 }
 
 impl Control {
@@ -431,6 +438,7 @@ impl Control {
             Control::Ready => (5, None),
             Control::Resumed => (6, None),
             Control::Abort { .. } => (7, None),
+            Control::Synced { iteration } => (8, Some(*iteration)),
         };
         out.extend_from_slice(&kind.to_le_bytes());
         if let Some(i) = iteration {
@@ -464,6 +472,9 @@ impl Control {
             6 => Control::Resumed,
             7 => Control::Abort {
                 reason: c.string(MAX_REASON_LEN, "abort reason")?,
+            },
+            8 => Control::Synced {
+                iteration: c.u32("iteration")?,
             },
             k => return Err(format!("unknown control kind {k}")),
         };

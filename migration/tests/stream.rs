@@ -141,6 +141,7 @@ fn every_control_message_round_trips() {
         Control::Complete,
         Control::Ready,
         Control::Resumed,
+        Control::Synced { iteration: 3 },
         Control::Abort {
             reason: "destination: device vf0 rejected its state".into(),
         },

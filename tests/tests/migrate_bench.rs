@@ -8,13 +8,17 @@
 //! so each size boots once per VMM. After each migration the guest must answer on the
 //! destination, and after the workload migration `workload_verify` must find no mismatch.
 //!
-//! Prints `migrate: <vmm|qemu> <size> <idle|workload> downtime X ms total Y ms bytes Z
-//! iterations N` per migration as it completes, then the table again and the ours/QEMU
-//! ratios.
+//! Prints `migrate: <vmm|qemu> <size> <idle|workload> downtime (source) X ms (until running
+//! there) W ms total Y ms bytes Z iterations N` per migration as it completes, then the table
+//! again and the ours/QEMU ratios. Two downtimes, because QEMU measures its `downtime` on
+//! the source, from the stop until its last byte is sent; ours is also measured to the
+//! destination's "Resumed" (guest running there), which QEMU does not report. The ratio and
+//! the "under QEMU's" aim compare like with like (source side); the 50 ms aim uses ours in
+//! full.
 //!
 //! Env: `MIGRATE_BENCH_SIZES` (default `512M,1G`), `MIGRATE_BENCH_DOWNTIME_MS` (the downtime
 //! budget given to both VMMs, default 50), `MIGRATE_BENCH_QEMU_MAX_BW` (QEMU's
-//! `max-bandwidth` in bytes/s, default 0 = leave QEMU's default cap; this VMM has no cap).
+//! `max-bandwidth` in bytes/s, default 0 = leave QEMU's default cap; this VMM gets no cap).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
@@ -59,7 +63,11 @@ struct Figures {
     vmm: &'static str,
     size: String,
     case: &'static str,
+    /// Guest stopped until it runs on the destination (ours: until the destination's
+    /// Resumed arrives; QEMU does not measure this).
     downtime_ms: f64,
+    /// Guest stopped until the source has sent its last byte: QEMU's `downtime`.
+    source_downtime_ms: f64,
     total_ms: f64,
     bytes: u64,
     iterations: u64,
@@ -69,11 +77,16 @@ struct Figures {
 impl Figures {
     fn line(&self) -> String {
         format!(
-            "migrate: {:<4} {:<4} {:<8} downtime {:>8.1} ms total {:>9.1} ms bytes {:>11} iterations {:>3}{}",
+            "migrate: {:<4} {:<4} {:<8} downtime (source) {:>6.1} ms (until running there) {:>6} total {:>9.1} ms bytes {:>11} iterations {:>3}{}",
             self.vmm,
             self.size,
             self.case,
-            self.downtime_ms,
+            self.source_downtime_ms,
+            if self.downtime_ms.is_nan() {
+                "-".to_string()
+            } else {
+                format!("{:.1} ms", self.downtime_ms)
+            },
             self.total_ms,
             self.bytes,
             self.iterations,
@@ -277,6 +290,7 @@ fn migrate_ours(
         size: size.to_string(),
         case,
         downtime_ms: after("downtime "),
+        source_downtime_ms: f64::NAN,
         total_ms: after("total "),
         bytes: (mb * 1e6) as u64,
         iterations: after("sent in ") as u64,
@@ -284,6 +298,7 @@ fn migrate_ours(
     };
     if let Some(s) = final_status {
         f.downtime_ms = s["downtime_ms"].as_f64().unwrap_or(f.downtime_ms);
+        f.source_downtime_ms = s["stop_and_copy"]["sent_ms"].as_f64().unwrap_or(f64::NAN);
         f.total_ms = s["total_ms"].as_f64().unwrap_or(f.total_ms);
         f.bytes = s["bytes"].as_u64().unwrap_or(f.bytes);
     }
@@ -545,7 +560,8 @@ fn migrate_qemu(
         vmm: "qemu",
         size: size.to_string(),
         case,
-        downtime_ms: s["downtime"].as_f64().unwrap_or(f64::NAN),
+        downtime_ms: f64::NAN,
+        source_downtime_ms: s["downtime"].as_f64().unwrap_or(f64::NAN),
         total_ms: s["total-time"].as_f64().unwrap_or(f64::NAN),
         bytes: ram["total-transferred"]
             .as_u64()
@@ -634,10 +650,10 @@ fn migration_vmm_vs_qemu() {
             continue;
         };
         println!(
-            "migrate: ratio vmm/qemu {:<4} {:<8} downtime {:.2} total {:.2} bytes {:.2} iterations {:.2}",
+            "migrate: ratio vmm/qemu {:<4} {:<8} downtime (source, like for like) {:.2} total {:.2} bytes {:.2} iterations {:.2}",
             f.size,
             f.case,
-            f.downtime_ms / q.downtime_ms,
+            f.source_downtime_ms / q.source_downtime_ms,
             f.total_ms / q.total_ms,
             f.bytes as f64 / q.bytes as f64,
             f.iterations as f64 / q.iterations as f64
@@ -647,8 +663,10 @@ fn migration_vmm_vs_qemu() {
         let q = out
             .iter()
             .find(|q| q.vmm == "qemu" && q.size == f.size && q.case == f.case);
+        // The 50 ms aim holds for the whole downtime (until the guest runs there); the
+        // comparison with QEMU uses its definition (until the source has sent everything).
         let under_50 = f.case != "idle" || f.downtime_ms < 50.0;
-        let under_qemu = q.is_none_or(|q| f.downtime_ms < q.downtime_ms);
+        let under_qemu = q.is_none_or(|q| f.source_downtime_ms < q.source_downtime_ms);
         println!(
             "migrate: aim {:<4} {:<8} {}{}",
             f.size,
@@ -663,7 +681,7 @@ fn migration_vmm_vs_qemu() {
             },
             match q {
                 Some(_) => format!(
-                    "downtime < QEMU's: {}",
+                    "downtime (source) < QEMU's: {}",
                     if under_qemu { "met" } else { "NOT met" }
                 ),
                 None => String::new(),

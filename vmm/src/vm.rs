@@ -339,6 +339,7 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, RunStats), VmError> {
         vcpu_fds.push(fd);
     }
 
+    let mut restored = None;
     if let Some((reader, config)) = &mut incoming {
         let result = (|| {
             crate::snapshot::restore::check_devices(config, &passthrough)?;
@@ -360,14 +361,23 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, RunStats), VmError> {
                     serials: &serials,
                     i8042: &i8042,
                 },
+                |iteration| match &mut reply {
+                    Some(r) => r
+                        .synced(iteration)
+                        .map_err(crate::snapshot::SnapshotError::Mismatch),
+                    None => Ok(()),
+                },
             )
         })();
         match result {
-            Ok(loaded) => tracing::info!(
-                "restored {} pages of RAM and {} bytes of device state",
-                loaded.pages,
-                loaded.device_bytes
-            ),
+            Ok(loaded) => {
+                tracing::info!(
+                    "restored {} pages of RAM and {} bytes of device state",
+                    loaded.pages,
+                    loaded.device_bytes
+                );
+                restored = Some(loaded);
+            }
             Err(e) => {
                 if let Some(r) = &mut reply {
                     r.abort(&e.to_string());
@@ -461,6 +471,20 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, RunStats), VmError> {
             tracing::warn!("{e}");
         }
         tracing::info!("migration complete: the guest runs here");
+        if let Some(l) = &restored {
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+            tracing::info!(
+                "resumed {:.1} ms after the source's last section: KVM state {:.1} ms, device PCI config {:.1} ms, devices running {:.1} ms, threads and API {:.1} ms",
+                l.read_at.map_or(f64::NAN, |t| ms(t.elapsed())),
+                ms(l.kvm_state),
+                ms(l.device_config),
+                ms(l.devices_running),
+                l.read_at.map_or(f64::NAN, |t| ms(t.elapsed())
+                    - ms(l.kvm_state)
+                    - ms(l.device_config)
+                    - ms(l.devices_running)),
+            );
+        }
     }
 
     let mut next_sample = std::time::Instant::now();

@@ -36,6 +36,11 @@ impl Reply {
         self.send(Control::Ready)
     }
 
+    /// Pre-copy pass `iteration` is applied.
+    pub fn synced(&mut self, iteration: u32) -> Result<(), String> {
+        self.send(Control::Synced { iteration })
+    }
+
     /// The guest runs here now.
     pub fn resumed(&mut self) -> Result<(), String> {
         self.send(Control::Resumed)

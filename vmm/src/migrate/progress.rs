@@ -50,10 +50,26 @@ pub struct Status {
     pub downtime_budget_ms: u64,
     /// Downtime of the completed migration (guest stopped here until it ran there), ms.
     pub downtime_ms: Option<f64>,
+    /// Where the downtime went, once completed.
+    pub stop_and_copy: Option<StopAndCopyTimes>,
     /// Total time so far, ms.
     pub total_ms: f64,
     /// Why it failed.
     pub error: Option<String>,
+}
+
+/// The steps of stop-and-copy, in ms from the guest's stop.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StopAndCopyTimes {
+    /// The vCPUs are parked.
+    pub vcpus_paused_ms: f64,
+    /// The devices are stopped.
+    pub devices_stopped_ms: f64,
+    /// The last dirty pages and the final state are sent: the source's part of the
+    /// downtime (what QEMU reports as `downtime`).
+    pub sent_ms: f64,
+    /// The destination answered that the guest runs there ([`Status::downtime_ms`]).
+    pub resumed_ms: f64,
 }
 
 /// The status, behind a lock.

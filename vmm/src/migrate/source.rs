@@ -10,7 +10,7 @@ use devices::vfio::migration::MigrationState;
 use migration::{Control, DevicePhase, Section, StreamReader, StreamWriter, FLAG_LIVE};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use super::progress::Phase;
+use super::progress::{Phase, StopAndCopyTimes};
 use super::throttle::{Cap, Throttled};
 use crate::exit::ExitReason;
 use crate::machine::Machine;
@@ -246,6 +246,26 @@ fn migrate(
     }
 }
 
+/// Reads the destination's [`Control::Synced`] for pass `iteration`.
+fn wait_synced(link: &mut Link, iteration: u32) -> Result<(), String> {
+    let reply = link
+        .reply
+        .as_mut()
+        .ok_or("no answer channel from the destination")?;
+    match io(
+        "waiting for the destination to apply the pass",
+        reply.next_section(),
+    )? {
+        Section::Control(Control::Synced { iteration: i }) if i == iteration => Ok(()),
+        Section::Control(Control::Abort { reason }) => {
+            Err(format!("the destination gave up: {reason}"))
+        }
+        other => Err(format!(
+            "the destination answered {other:?} instead of Synced {{ iteration: {iteration} }}"
+        )),
+    }
+}
+
 fn precopy_and_stop(
     m: &Arc<Machine>,
     link: &mut Link,
@@ -296,6 +316,9 @@ fn precopy_and_stop(
             link.w.write_control(&Control::IterationEnd { iteration }),
         )?;
         io("sending", link.w.flush())?;
+        // Until the destination has applied the pass: its backlog is not left for the
+        // downtime, and the pass's rate is what the destination takes in.
+        wait_synced(link, iteration)?;
         let elapsed = started.elapsed().as_secs_f64();
         let bytes = link.w.bytes_written();
         let pass_secs = pass_start.elapsed().as_secs_f64().max(1e-3);
@@ -337,7 +360,10 @@ fn precopy_and_stop(
         m.pause_vcpus().map_err(|e| e.to_string())?;
         *paused_here = true;
     }
+    let ms = |t: Instant| t.duration_since(stop_start).as_secs_f64() * 1e3;
+    let vcpus_paused = Instant::now();
     stop_devices(m).map_err(|e| e.to_string())?;
+    let devices_stopped = Instant::now();
     io("sending", link.w.write_control(&Control::StopAndCopy))?;
     let (dirty, _) = dirty_pages(m)?;
     pages.extend(dirty);
@@ -347,6 +373,7 @@ fn precopy_and_stop(
     write_final_state(m, &mut link.w).map_err(describe)?;
     io("sending", link.w.write_control(&Control::Complete))?;
     io("sending", link.w.flush())?;
+    let sent = Instant::now();
     let reply = link
         .reply
         .as_mut()
@@ -368,6 +395,12 @@ fn precopy_and_stop(
         }
     }
     let downtime = stop_start.elapsed().as_secs_f64() * 1e3;
+    let times = StopAndCopyTimes {
+        vcpus_paused_ms: ms(vcpus_paused),
+        devices_stopped_ms: ms(devices_stopped),
+        sent_ms: ms(sent),
+        resumed_ms: downtime,
+    };
     let mut s = m.migration.lock();
     s.phase = Phase::Completed;
     s.pages += n;
@@ -380,6 +413,13 @@ fn precopy_and_stop(
         s.bytes as f64 / 1e6,
         iteration
     );
+    tracing::info!(
+        "migration to {url}: stop-and-copy: vCPUs paused at {:.1} ms, devices stopped at {:.1} ms, {n} pages and the final state sent at {:.1} ms, guest running there at {downtime:.1} ms",
+        times.vcpus_paused_ms,
+        times.devices_stopped_ms,
+        times.sent_ms
+    );
+    s.stop_and_copy = Some(times);
     let _ = link.w.flush();
     Ok(())
 }

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeSet;
 use std::io::Read;
+use std::time::{Duration, Instant};
 
 use devices::vfio::migration::MigrationState;
 use kvm_ioctls::{VcpuFd, VmFd};
@@ -154,15 +155,26 @@ pub struct Loaded {
     pub pages: u64,
     /// Device state bytes.
     pub device_bytes: u64,
+    /// When the last section was read (the source's Complete, or the end of the file).
+    pub read_at: Option<Instant>,
+    /// Time to restore the VM-wide KVM state and the vCPUs, then the devices' PCI
+    /// configuration, then to set the devices running (where the downtime goes here).
+    pub kvm_state: Duration,
+    pub device_config: Duration,
+    pub devices_running: Duration,
 }
 
 /// Applies every section after the config until the end of the stream (or a live
 /// migration's Complete): RAM, device state
 /// (each device resuming from its first chunk, running at the end), then the VM-wide KVM
 /// state and the vCPUs (VM first, as the state module requires).
+///
+/// `synced` is called with each pre-copy pass's number once the pass is applied (a live
+/// migration answers the source with it).
 pub fn apply<R: Read>(
     reader: &mut StreamReader<R>,
     t: &Target<'_>,
+    mut synced: impl FnMut(u32) -> Result<(), SnapshotError>,
 ) -> Result<Loaded, SnapshotError> {
     let mut loaded = Loaded::default();
     let mut vcpus: Vec<Option<VcpuState>> = (0..t.vcpus.len()).map(|_| None).collect();
@@ -247,9 +259,8 @@ pub fn apply<R: Read>(
                 return Err(SnapshotError::Mismatch("a second VM config section".into()))
             }
             Section::Control(c) => match c {
-                Control::IterationBegin { .. }
-                | Control::IterationEnd { .. }
-                | Control::StopAndCopy => {}
+                Control::IterationEnd { iteration } => synced(iteration)?,
+                Control::IterationBegin { .. } | Control::StopAndCopy => {}
                 Control::Complete => break,
                 Control::Abort { reason } => {
                     return Err(SnapshotError::Mismatch(format!(
@@ -264,6 +275,7 @@ pub fn apply<R: Read>(
             },
         }
     }
+    loaded.read_at = Some(Instant::now());
     let vm_state = vm_state.ok_or_else(|| {
         SnapshotError::Mismatch("the stream has no irqchip/PIT/clock state".into())
     })?;
@@ -274,7 +286,11 @@ pub fn apply<R: Read>(
         })?;
         s.restore(fd, t.caps)?;
     }
+    let step = Instant::now();
+    loaded.kvm_state = step.duration_since(loaded.read_at.unwrap_or(step));
     configs.apply(t)?;
+    loaded.device_config = step.elapsed();
+    let step = Instant::now();
     for dev in resuming {
         if let Some(mig) = &dev.migration {
             mig.set_state(MigrationState::Running)
@@ -284,5 +300,6 @@ pub fn apply<R: Read>(
                 })?;
         }
     }
+    loaded.devices_running = step.elapsed();
     Ok(loaded)
 }
