@@ -15,7 +15,9 @@
 //! header(LIVE), VmConfig        ------>
 //!                               <------    header(LIVE|REPLY), Ready   (or Abort)
 //! IterationBegin(0), RAM..., device pre-copy chunks, IterationEnd(0)
+//!                               <------    Synced(0)  (pass applied; the source waits)
 //! IterationBegin(n), dirty RAM..., IterationEnd(n)      (n = 1, 2, ...)
+//!                               <------    Synced(n)
 //! StopAndCopy, dirty RAM, device final state, vCPUs, irqchip/PIT/clock, Complete
 //!                               <------    Resumed                     (or Abort)
 //! source exits 0                           guest runs here
