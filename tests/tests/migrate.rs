@@ -76,10 +76,16 @@ impl Hosts {
     fn destination(&mut self, port: u16) -> (Vm, Vfsim) {
         let (vf, dev) = self.vf(Side::B);
         let url = format!("tcp:{}:{port}", self.pair.addr(Side::B));
+        let api = self.dir.join(format!("api-dst-{port}.sock"));
         let vm = Vm::builder()
             .netns(self.pair.name(Side::B))
             .incoming(&url)
-            .vmm_args(&["--device", dev.as_str()])
+            .vmm_args(&[
+                "--device",
+                dev.as_str(),
+                "--api-socket",
+                api.to_str().unwrap(),
+            ])
             .boot()
             .expect("start the destination");
         // Wait until it listens.
@@ -184,8 +190,8 @@ fn live_migration_between_two_hosts_native_vfio_user() {
 /// stale is luck.
 const TEST_BANDWIDTH_MB_S: u64 = 40;
 
-fn live_migration(h: Hosts) {
-    let (dst, _vf_b, mut agent, v) = migrate_under_workload(h, true);
+fn live_migration(mut h: Hosts) {
+    let (dst, _vf_b, mut agent, v) = migrate_under_workload(&mut h, true);
     assert_eq!(v.mem_mismatches, 0, "{v:?}");
     assert_eq!(v.block_mismatches, 0, "{v:?}");
     assert_eq!(v.readback_mismatches, 0, "{v:?}");
@@ -193,6 +199,17 @@ fn live_migration(h: Hosts) {
         v.mem_regions_checked > 0 && v.blocks_checked > 0 && v.readback_slots_checked > 0,
         "{v:?}"
     );
+    if !h.native {
+        // The source's tracking trapped the doorbells; on B they are mapped again.
+        let api_b = h.dir.join(format!("api-dst-{PORT}.sock"));
+        let mut api = ApiClient::connect(&api_b, Duration::from_secs(10)).expect("B's API");
+        let stats = api.device_stats("vf0").expect("device stats on B");
+        assert_eq!(
+            stats["bars"][0]["trapped"],
+            json!([]),
+            "doorbells still trapped on B: {stats}"
+        );
+    }
     // I/O continues on B (the writers keep going; checked through their counters).
     let acked = |agent: &mut vmm_tests::harness::Agent| {
         agent
@@ -223,7 +240,7 @@ fn live_migration(h: Hosts) {
 /// verification there. `device_tracking: false` switches the mediator's ring walk off (a
 /// test-only switch), so the device's DMA writes are not reported.
 fn migrate_under_workload(
-    mut h: Hosts,
+    h: &mut Hosts,
     device_tracking: bool,
 ) -> (Vm, Vfsim, vmm_tests::harness::Agent, WorkloadVerifyReply) {
     let (src, _vf_a, mut api, mut agent) = h.source();
@@ -289,7 +306,8 @@ fn migrate_under_workload(
 /// sent are then not sent again, and the guest's verification on B finds them stale.
 #[test]
 fn migration_without_device_dirty_tracking_is_detected() {
-    let (dst, _vf_b, mut agent, v) = migrate_under_workload(Hosts::new("mignd"), false);
+    let mut h = Hosts::new("mignd");
+    let (dst, _vf_b, mut agent, v) = migrate_under_workload(&mut h, false);
     assert!(
         v.readback_mismatches + v.block_mismatches + v.mem_mismatches > 0,
         "stale DMA pages must be detected: {v:?}"

@@ -166,6 +166,34 @@ impl Shared {
         Ok(())
     }
 
+    /// After a restore: the saved PCI state brings the source's traps along, and the
+    /// source was tracking (doorbells trapped) when it was saved. Tracking is off here, so
+    /// map the doorbells again; left trapped, every doorbell would exit for good.
+    fn drop_tracking_traps(&self) -> OpsResult<()> {
+        // Not attached (a device without BARs placed yet): nothing can be trapped.
+        let Some(traps) = self.traps.get() else {
+            return Ok(());
+        };
+        if self.tracker.is_on() {
+            return Ok(());
+        }
+        let (offset, size) = NOTIFY;
+        let trapped = traps
+            .trapped(NOTIFY_BAR)
+            .iter()
+            .any(|&(o, s)| o < offset + size && offset < o + s);
+        if trapped {
+            traps
+                .untrap(NOTIFY_BAR, offset, size)
+                .map_err(|e| OpsError::new(format!("mapping the doorbells again: {e}")))?;
+            tracing::info!(
+                "virtio-blk-vf {}: doorbells trapped by the source's dirty tracking mapped again",
+                self.name
+            );
+        }
+        Ok(())
+    }
+
     fn take_dirty(&self) -> Vec<u64> {
         match self.memory.get() {
             Some(m) => self.tracker.take(&**m),
