@@ -6,7 +6,7 @@
 mod common;
 
 use std::io::Write;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::Ordering;
@@ -15,7 +15,6 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use common::*;
-use vfio_bindings::bindings::vfio::{VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD};
 use vfio_user::server::DEFAULT_SPIN_WINDOW;
 use vfio_user::socket::SocketError;
 use vfio_user::{serve, Client, ServerConfig, ServerError, DEFAULT_TIMEOUT};
@@ -107,17 +106,7 @@ fn a_burst_in_the_window_keeps_order_and_descriptors() {
                     .region_write_posted(REG_REGION, REG_SCRATCH, &(round * 100 + i).to_ne_bytes())
                     .unwrap();
             }
-            let fds: Vec<_> = (0..MSIX_COUNT).map(|_| eventfd()).collect();
-            let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
-            client
-                .set_irqs(
-                    2,
-                    VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
-                    0,
-                    MSIX_COUNT,
-                    &borrowed,
-                )
-                .unwrap();
+            let fds = msix_eventfds(&client);
             let vector = round % MSIX_COUNT;
             client
                 .region_write_posted(REG_REGION, REG_IRQ, &[vector as u8])

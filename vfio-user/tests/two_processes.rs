@@ -11,7 +11,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
-use vfio_bindings::bindings::vfio::{VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD};
 use vfio_user::{accept_and_serve, Client, ClientError, ServerConfig};
 
 /// Set in the child: the socket path to serve on.
@@ -109,17 +108,7 @@ fn client_and_server_in_two_processes() {
     assert_eq!(dma, [0x42; 4]);
 
     // And an eventfd signalled by the other process.
-    let fds: Vec<_> = (0..MSIX_COUNT).map(|_| eventfd()).collect();
-    let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
-    client
-        .set_irqs(
-            2,
-            VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
-            0,
-            MSIX_COUNT,
-            &borrowed,
-        )
-        .unwrap();
+    let fds = msix_eventfds(&client);
     client.region_write(REG_REGION, REG_IRQ, &[2]).unwrap();
     assert_eq!(wait_event(fds[2].as_fd(), TIMEOUT), Some(1));
     client.reset().unwrap();

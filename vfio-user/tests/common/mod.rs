@@ -152,6 +152,23 @@ pub fn eventfd() -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
+/// Gives the test device's MSI-X (IRQ index 2) one fresh eventfd per vector through
+/// `SET_IRQS`; returns them, vector by vector.
+pub fn msix_eventfds(client: &vfio_user::Client) -> Vec<OwnedFd> {
+    let fds: Vec<_> = (0..MSIX_COUNT).map(|_| eventfd()).collect();
+    let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+    client
+        .set_irqs(
+            2,
+            VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+            0,
+            MSIX_COUNT,
+            &borrowed,
+        )
+        .unwrap();
+    fds
+}
+
 /// Adds 1 to an eventfd.
 pub fn signal(fd: BorrowedFd<'_>) {
     let one = 1u64.to_ne_bytes();
