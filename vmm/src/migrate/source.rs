@@ -199,17 +199,12 @@ fn migrate(
         "reading the destination's answer",
         StreamReader::read_header(stream),
     )?;
-    match io("reading the destination's answer", reply.next_section())? {
-        Section::Control(Control::Ready) => {}
-        Section::Control(Control::Abort { reason }) => {
-            return Err(format!("the destination refused the migration: {reason}"))
-        }
-        other => {
-            return Err(format!(
-                "the destination answered {other:?} instead of Ready"
-            ))
-        }
-    }
+    expect_answer(
+        &mut reply,
+        Control::Ready,
+        "reading the destination's answer",
+        "the destination refused the migration",
+    )?;
     link.reply = Some(reply);
     tracing::info!("migration to {url}: destination ready");
 
@@ -246,23 +241,29 @@ fn migrate(
     }
 }
 
-/// Reads the destination's [`Control::Synced`] for pass `iteration`.
-fn wait_synced(link: &mut Link, iteration: u32) -> Result<(), String> {
-    let reply = link
-        .reply
-        .as_mut()
-        .ok_or("no answer channel from the destination")?;
-    match io(
-        "waiting for the destination to apply the pass",
-        reply.next_section(),
-    )? {
-        Section::Control(Control::Synced { iteration: i }) if i == iteration => Ok(()),
-        Section::Control(Control::Abort { reason }) => {
-            Err(format!("the destination gave up: {reason}"))
-        }
+/// Reads the destination's next answer, which must be `expected`: `waiting` says what for
+/// (in I/O errors), `aborted` what an Abort from it means.
+fn expect_answer(
+    reply: &mut StreamReader<TcpStream>,
+    expected: Control,
+    waiting: &str,
+    aborted: &str,
+) -> Result<(), String> {
+    match io(waiting, reply.next_section())? {
+        Section::Control(c) if c == expected => Ok(()),
+        Section::Control(Control::Abort { reason }) => Err(format!("{aborted}: {reason}")),
         other => Err(format!(
-            "the destination answered {other:?} instead of Synced {{ iteration: {iteration} }}"
+            "the destination answered {other:?} instead of {expected:?}"
         )),
+    }
+}
+
+impl Link {
+    /// The destination's answer stream (there once it said Ready).
+    fn reply(&mut self) -> Result<&mut StreamReader<TcpStream>, String> {
+        self.reply
+            .as_mut()
+            .ok_or_else(|| "no answer channel from the destination".to_string())
     }
 }
 
@@ -318,7 +319,12 @@ fn precopy_and_stop(
         io("sending", link.w.flush())?;
         // Until the destination has applied the pass: its backlog is not left for the
         // downtime, and the pass's rate is what the destination takes in.
-        wait_synced(link, iteration)?;
+        expect_answer(
+            link.reply()?,
+            Control::Synced { iteration },
+            "waiting for the destination to apply the pass",
+            "the destination gave up",
+        )?;
         let elapsed = started.elapsed().as_secs_f64();
         let bytes = link.w.bytes_written();
         let pass_secs = pass_start.elapsed().as_secs_f64().max(1e-3);
@@ -374,26 +380,12 @@ fn precopy_and_stop(
     io("sending", link.w.write_control(&Control::Complete))?;
     io("sending", link.w.flush())?;
     let sent = Instant::now();
-    let reply = link
-        .reply
-        .as_mut()
-        .ok_or("no answer channel from the destination")?;
-    match io(
+    expect_answer(
+        link.reply()?,
+        Control::Resumed,
         "waiting for the destination to resume the guest",
-        reply.next_section(),
-    )? {
-        Section::Control(Control::Resumed) => {}
-        Section::Control(Control::Abort { reason }) => {
-            return Err(format!(
-                "the destination could not resume the guest: {reason}"
-            ))
-        }
-        other => {
-            return Err(format!(
-                "the destination answered {other:?} instead of Resumed"
-            ))
-        }
-    }
+        "the destination could not resume the guest",
+    )?;
     let downtime = stop_start.elapsed().as_secs_f64() * 1e3;
     let times = StopAndCopyTimes {
         vcpus_paused_ms: ms(vcpus_paused),
