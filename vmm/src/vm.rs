@@ -471,18 +471,17 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, RunStats), VmError> {
             tracing::warn!("{e}");
         }
         tracing::info!("migration complete: the guest runs here");
-        if let Some(l) = &restored {
+        if let Some((l, read_at)) = restored.as_ref().and_then(|l| Some((l, l.read_at?))) {
             let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+            let total = read_at.elapsed();
+            let restoring = l.kvm_state + l.device_config + l.devices_running;
             tracing::info!(
                 "resumed {:.1} ms after the source's last section: KVM state {:.1} ms, device PCI config {:.1} ms, devices running {:.1} ms, threads and API {:.1} ms",
-                l.read_at.map_or(f64::NAN, |t| ms(t.elapsed())),
+                ms(total),
                 ms(l.kvm_state),
                 ms(l.device_config),
                 ms(l.devices_running),
-                l.read_at.map_or(f64::NAN, |t| ms(t.elapsed())
-                    - ms(l.kvm_state)
-                    - ms(l.device_config)
-                    - ms(l.devices_running)),
+                ms(total.saturating_sub(restoring)),
             );
         }
     }

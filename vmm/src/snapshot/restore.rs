@@ -157,10 +157,12 @@ pub struct Loaded {
     pub device_bytes: u64,
     /// When the last section was read (the source's Complete, or the end of the file).
     pub read_at: Option<Instant>,
-    /// Time to restore the VM-wide KVM state and the vCPUs, then the devices' PCI
-    /// configuration, then to set the devices running (where the downtime goes here).
+    /// Time to restore the VM-wide KVM state and the vCPUs (where a migration's downtime
+    /// goes on this side, with the next two).
     pub kvm_state: Duration,
+    /// Time to apply the devices' PCI configuration.
     pub device_config: Duration,
+    /// Time to set the devices running.
     pub devices_running: Duration,
 }
 
@@ -275,7 +277,8 @@ pub fn apply<R: Read>(
             },
         }
     }
-    loaded.read_at = Some(Instant::now());
+    let read_at = Instant::now();
+    loaded.read_at = Some(read_at);
     let vm_state = vm_state.ok_or_else(|| {
         SnapshotError::Mismatch("the stream has no irqchip/PIT/clock state".into())
     })?;
@@ -286,8 +289,8 @@ pub fn apply<R: Read>(
         })?;
         s.restore(fd, t.caps)?;
     }
+    loaded.kvm_state = read_at.elapsed();
     let step = Instant::now();
-    loaded.kvm_state = step.duration_since(loaded.read_at.unwrap_or(step));
     configs.apply(t)?;
     loaded.device_config = step.elapsed();
     let step = Instant::now();
