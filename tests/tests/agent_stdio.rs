@@ -398,6 +398,11 @@ fn workload_catches_memory_corruption() {
             ..Default::default()
         })
         .unwrap();
+    // Damage only after a first full pass, so the writer meets it on a later one (on a
+    // loaded machine the corruption could otherwise land ahead of the first pass).
+    wait_status(&mut l, "a first pass", |s| {
+        s.mem.as_ref().unwrap().passes >= 1
+    });
     l.agent.workload_corrupt_mem(17, Some(4095)).unwrap();
     let s = wait_status(&mut l, "the writer to find the damage", |s| {
         s.mem.as_ref().unwrap().mismatches == 1
