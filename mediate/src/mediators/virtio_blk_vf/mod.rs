@@ -5,8 +5,10 @@
 //! - When dirty tracking starts (saving begins) it reads the queues' addresses from the
 //!   PF socket, traps the notify (doorbell) page so every doorbell reaches it, and walks
 //!   the rings: every device-writable buffer of every published request (read data,
-//!   status bytes) and the used ring are dirty. It walks again when the pages are
-//!   collected, so requests the device picked up without a doorbell are not missed.
+//!   status bytes) and the used ring are dirty, and a request's buffers stay dirty at
+//!   every collection until the device has completed it (see `tracker`). It walks again
+//!   when the pages are collected, so requests published without a doorbell are not
+//!   missed.
 //! - Device state comes from the PF socket (quiesce, get state; set state on restore)
 //!   and travels through the mediator's migration region.
 //! - It untraps when tracking stops, saving ends (migration completed or failed), or the
@@ -14,6 +16,8 @@
 
 mod ops;
 pub mod rings;
+#[cfg(test)]
+mod test_mem;
 mod tracker;
 
 use std::sync::atomic::Ordering;
@@ -123,7 +127,7 @@ impl Shared {
     /// Traps the doorbells and starts walking the rings of the ready queues in `state`.
     fn start_tracking(&self, state: &VfState) -> OpsResult<()> {
         let (traps, mem) = self.attached()?;
-        let rings: Vec<(Ring, u16)> = state
+        let rings: Vec<(Ring, u16, u16)> = state
             .queues
             .iter()
             .filter(|q| q.ready && q.size > 0)
@@ -135,7 +139,7 @@ impl Shared {
                     used: q.used,
                 };
                 // Every chain the device has not completed may still be written.
-                (ring, q.used_idx.min(q.last_avail_idx))
+                (ring, q.used_idx.min(q.last_avail_idx), q.used_idx)
             })
             .collect();
         traps

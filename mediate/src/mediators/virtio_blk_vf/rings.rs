@@ -11,8 +11,8 @@ use std::collections::BTreeSet;
 
 use crate::attach::GuestMemory;
 
-const DESC_F_NEXT: u16 = 1;
-const DESC_F_WRITE: u16 = 2;
+pub(super) const DESC_F_NEXT: u16 = 1;
+pub(super) const DESC_F_WRITE: u16 = 2;
 const DESC_F_INDIRECT: u16 = 4;
 const PAGE: u64 = 4096;
 /// Largest indirect table walked (the virtio limit for a split ring is the queue size; a
@@ -84,14 +84,33 @@ impl Ring {
         add_range(mem, pages, self.used, 6 + 8 * u64::from(self.size));
     }
 
-    /// Adds the device-writable pages of the chains published at available-ring positions
-    /// `from..to` (wrapping u16 indices). Returns how many chains were walked.
+    /// The used ring's `idx` (how many requests the device has completed).
+    pub fn used_idx(&self, mem: &dyn GuestMemory) -> Option<u16> {
+        read_u16(mem, self.used.checked_add(2)?)
+    }
+
+    /// The head of the chain completed at used-ring position `pos` (wrapping).
+    pub fn used_head(&self, mem: &dyn GuestMemory, pos: u16) -> Option<u16> {
+        if self.size == 0 {
+            return None;
+        }
+        let slot = u64::from(pos % self.size);
+        let mut b = [0u8; 4];
+        mem.read(self.used.checked_add(4 + 8 * slot)?, &mut b)
+            .ok()?;
+        // A head beyond the ring is garbage: no chain of ours has it.
+        u16::try_from(u32::from_le_bytes(b)).ok()
+    }
+
+    /// Calls `chain(head, pages)` with the device-writable pages of each chain published
+    /// at available-ring positions `from..to` (wrapping u16 indices), oldest first. At
+    /// most one ring's worth is walked. Returns how many chains were walked.
     pub fn walk(
         &self,
         mem: &dyn GuestMemory,
         from: u16,
         to: u16,
-        pages: &mut BTreeSet<u64>,
+        mut chain: impl FnMut(u16, BTreeSet<u64>),
     ) -> u32 {
         if self.size == 0 {
             return 0;
@@ -107,7 +126,9 @@ impl Ring {
             else {
                 continue;
             };
-            self.walk_chain(mem, head, pages);
+            let mut pages = BTreeSet::new();
+            self.walk_chain(mem, head, &mut pages);
+            chain(head, pages);
         }
         u32::from(count)
     }
@@ -156,37 +177,8 @@ fn walk_indirect(mem: &dyn GuestMemory, table: u64, n: u64, pages: &mut BTreeSet
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_mem::Mem;
     use super::*;
-    use std::sync::Mutex;
-
-    struct Mem(Mutex<Vec<u8>>);
-    impl GuestMemory for Mem {
-        fn read(&self, gpa: u64, buf: &mut [u8]) -> std::io::Result<()> {
-            let m = self.0.lock().unwrap();
-            let s = usize::try_from(gpa).map_err(std::io::Error::other)?;
-            let end = s
-                .checked_add(buf.len())
-                .ok_or_else(|| std::io::Error::other("outside"))?;
-            let src = m
-                .get(s..end)
-                .ok_or_else(|| std::io::Error::other("outside"))?;
-            buf.copy_from_slice(src);
-            Ok(())
-        }
-    }
-    impl Mem {
-        fn put(&self, gpa: u64, b: &[u8]) {
-            self.0.lock().unwrap()[gpa as usize..gpa as usize + b.len()].copy_from_slice(b);
-        }
-        fn desc(&self, table: u64, i: u64, addr: u64, len: u32, flags: u16, next: u16) {
-            let mut b = Vec::new();
-            b.extend_from_slice(&addr.to_le_bytes());
-            b.extend_from_slice(&len.to_le_bytes());
-            b.extend_from_slice(&flags.to_le_bytes());
-            b.extend_from_slice(&next.to_le_bytes());
-            self.put(table + 16 * i, &b);
-        }
-    }
 
     const RING: Ring = Ring {
         size: 8,
@@ -197,7 +189,7 @@ mod tests {
 
     #[test]
     fn writable_buffers_of_published_chains_are_found() {
-        let mem = Mem(Mutex::new(vec![0; 0x40000]));
+        let mem = Mem::new(0x40000);
         // Chain 0: header (read-only), data 0x10000+0x2000 (device writes), status.
         mem.desc(0x1000, 0, 0x8000, 16, DESC_F_NEXT, 1);
         mem.desc(0x1000, 1, 0x10000, 0x2000, DESC_F_NEXT | DESC_F_WRITE, 2);
@@ -212,7 +204,7 @@ mod tests {
         mem.put(0x2002, &2u16.to_le_bytes());
         assert_eq!(RING.avail_idx(&mem), Some(2));
         let mut pages = BTreeSet::new();
-        assert_eq!(RING.walk(&mem, 0, 2, &mut pages), 2);
+        assert_eq!(RING.walk(&mem, 0, 2, |_, p| pages.extend(p)), 2);
         let got: Vec<u64> = pages.into_iter().collect();
         assert_eq!(got, vec![0x10000, 0x11000, 0x20000, 0x33000]);
         let mut used = BTreeSet::new();
@@ -222,7 +214,7 @@ mod tests {
 
     #[test]
     fn garbage_rings_end_the_walk_without_hanging() {
-        let mem = Mem(Mutex::new(vec![0; 0x40000]));
+        let mem = Mem::new(0x40000);
         // A loop: 0 -> 1 -> 0 ... ; heads out of range; addresses outside memory.
         mem.desc(0x1000, 0, 0x10000, 0x1000, DESC_F_NEXT | DESC_F_WRITE, 1);
         mem.desc(0x1000, 1, 0x11000, 0x1000, DESC_F_NEXT | DESC_F_WRITE, 0);
@@ -231,14 +223,14 @@ mod tests {
             mem.put(0x2004 + 2 * i as u64, &head.to_le_bytes());
         }
         let mut pages = BTreeSet::new();
-        RING.walk(&mem, 0, 4, &mut pages);
+        RING.walk(&mem, 0, 4, |_, p| pages.extend(p));
         assert_eq!(
             pages.into_iter().collect::<Vec<_>>(),
             vec![0x10000, 0x11000]
         );
         // A huge index jump walks at most one ring's worth.
         let mut pages = BTreeSet::new();
-        assert_eq!(RING.walk(&mem, 0, 60000, &mut pages), 8);
+        assert_eq!(RING.walk(&mem, 0, 60000, |_, p| pages.extend(p)), 8);
         // Unreadable rings: nothing, no panic.
         let far = Ring {
             size: 8,
@@ -247,7 +239,7 @@ mod tests {
             used: u64::MAX - 2,
         };
         let mut pages = BTreeSet::new();
-        far.walk(&mem, 0, 8, &mut pages);
+        far.walk(&mem, 0, 8, |_, p| pages.extend(p));
         assert!(far.avail_idx(&mem).is_none());
         far.used_pages(&mem, &mut pages);
         add_range(&mem, &mut pages, u64::MAX, 1);
