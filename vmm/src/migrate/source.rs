@@ -24,6 +24,9 @@ pub const MAX_ITERATIONS: u32 = 30;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A destination that says nothing for this long is gone.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the Abort after a failure may take: the stream may be the thing that failed
+/// (a cut link), and the guest's resumption here waits for it.
+const ABORT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What the caller asked for.
 #[derive(Clone, Debug)]
@@ -89,6 +92,8 @@ pub fn start(m: Arc<Machine>, req: Request) -> Result<(), String> {
 /// Sends on the socket; fails with what was being sent.
 struct Link {
     w: StreamWriter<BufWriter<Throttled<TcpStream>>>,
+    /// The socket itself, for its timeouts.
+    socket: TcpStream,
     /// Pre-copy's bandwidth cap, lifted for stop-and-copy.
     cap: Cap,
     reply: Option<StreamReader<TcpStream>>,
@@ -186,6 +191,7 @@ fn migrate(
         Throttled::new(stream.try_clone().map_err(|e| e.to_string())?, cap.clone()),
     );
     let mut link = Link {
+        socket: stream.try_clone().map_err(|e| e.to_string())?,
         cap,
         w: io(
             "sending the header",
@@ -220,6 +226,10 @@ fn migrate(
             Ok(())
         }
         Err(e) => {
+            // Tell the destination why, if the link still carries it; a cut link must not
+            // hold the guest here for more I/O timeouts (the buffered rest of the stream
+            // goes first and would wait the full timeout on each write).
+            let _ = link.socket.set_write_timeout(Some(ABORT_TIMEOUT));
             let _ = link.w.write_control(&Control::Abort { reason: e.clone() });
             let _ = link.w.flush();
             for d in m.devices.iter() {
