@@ -7,7 +7,8 @@
 //! - [`incoming`]: `vmm --incoming tcp:ADDR:PORT`: accepts one migration, checks it,
 //!   builds the VM, loads the stream and resumes the guest;
 //! - [`progress`]: what the source reports while it migrates;
-//! - [`throttle`]: pre-copy's bandwidth cap.
+//! - [`throttle`]: pre-copy's bandwidth cap;
+//! - [`stall`]: a cut link fails the stream after one I/O timeout.
 //!
 //! The protocol (sections of the `migration` stream):
 //! ```text
@@ -26,6 +27,7 @@
 pub mod incoming;
 pub mod progress;
 pub mod source;
+pub mod stall;
 pub mod throttle;
 
 /// Parses `tcp:HOST:PORT`.

@@ -11,6 +11,7 @@ use migration::{Control, DevicePhase, Section, StreamReader, StreamWriter, FLAG_
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::progress::{Phase, StopAndCopyTimes};
+use super::stall::StallGuard;
 use super::throttle::{Cap, Throttled};
 use crate::exit::ExitReason;
 use crate::machine::Machine;
@@ -91,7 +92,7 @@ pub fn start(m: Arc<Machine>, req: Request) -> Result<(), String> {
 
 /// Sends on the socket; fails with what was being sent.
 struct Link {
-    w: StreamWriter<BufWriter<Throttled<TcpStream>>>,
+    w: StreamWriter<BufWriter<Throttled<StallGuard<TcpStream>>>>,
     /// The socket itself, for its timeouts.
     socket: TcpStream,
     /// Pre-copy's bandwidth cap, lifted for stop-and-copy.
@@ -188,7 +189,10 @@ fn migrate(
     let cap = Cap::new(req.max_bandwidth_mb_s.map(|mb| mb * 1_000_000));
     let writer = BufWriter::with_capacity(
         1 << 20,
-        Throttled::new(stream.try_clone().map_err(|e| e.to_string())?, cap.clone()),
+        Throttled::new(
+            StallGuard::new(stream.try_clone().map_err(|e| e.to_string())?, IO_TIMEOUT),
+            cap.clone(),
+        ),
     );
     let mut link = Link {
         socket: stream.try_clone().map_err(|e| e.to_string())?,
