@@ -479,7 +479,7 @@ fn migration_faults_leave_the_source_running() {
         );
         assert_eq!(stats["migration_state"], "running", "{what}: {stats}");
     }
-    // The link cut during pre-copy: the source gives up after its I/O timeout.
+    // The link cut during pre-copy: the source gives up after its I/O timeout (30 s).
     let (dst, _vf_b) = h.destination(PORT);
     api.request(&json!({"request": "migrate", "url": format!("tcp:{b}:{PORT}")}))
         .unwrap();
@@ -496,6 +496,7 @@ fn migration_faults_leave_the_source_running() {
         std::thread::sleep(Duration::from_millis(5));
     }
     h.pair.link_down().unwrap();
+    let cut = Instant::now();
     let status = loop {
         let s = api
             .request(&json!({"request": "migration-status"}))
@@ -507,8 +508,18 @@ fn migration_faults_leave_the_source_running() {
         std::thread::sleep(Duration::from_millis(500));
     };
     h.pair.link_up().unwrap();
-    eprintln!("link cut: source status {status}");
+    eprintln!(
+        "link cut: source gave up {:?} after the cut: {status}",
+        cut.elapsed()
+    );
     assert_eq!(status["phase"], "failed", "{status}");
+    // One 30 s I/O timeout, not one per write that found a little room, nor more for
+    // the Abort (the poll above adds up to 0.5 s).
+    assert!(
+        cut.elapsed() < Duration::from_secs(45),
+        "the source gave up {:?} after the cut: {status}",
+        cut.elapsed()
+    );
     let v = agent.workload_verify().expect("verify on the source");
     assert_eq!(
         v.mem_mismatches + v.block_mismatches + v.readback_mismatches,
