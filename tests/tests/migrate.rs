@@ -6,13 +6,18 @@ use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use vmm_tests::agent::protocol::{WorkloadDisk, WorkloadStartRequest, WorkloadVerifyReply};
+use vmm_tests::agent::protocol::WorkloadVerifyReply;
+use vmm_tests::harness::migration::{
+    follow, settle_workload, start_destination, start_source, workload,
+};
 use vmm_tests::harness::netns::{NetnsPair, Side};
 use vmm_tests::harness::workload::WorkloadClient;
-use vmm_tests::harness::{ApiClient, TestDir, Vfsim, Vm, DEFAULT_BOOT_TIMEOUT};
+use vmm_tests::harness::{ApiClient, TestDir, Vfsim, Vm};
 
 const DISK_SIZE: u64 = 64 << 20;
 const PORT: u16 = 4444;
+/// The longest a migration here may take (a debug build, capped at 40 MB/s: about 4 s).
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
 
 struct Hosts {
     pair: NetnsPair,
@@ -54,21 +59,8 @@ impl Hosts {
 
     fn source(&mut self) -> (Vm, Vfsim, ApiClient, vmm_tests::harness::Agent) {
         let (vf, dev) = self.vf(Side::A);
-        let api = self.dir.join("api-src.sock");
-        let vm = Vm::builder()
-            .netns(self.pair.name(Side::A))
-            .vmm_args(&[
-                "--device",
-                dev.as_str(),
-                "--api-socket",
-                api.to_str().unwrap(),
-            ])
-            .boot()
-            .expect("start the source");
-        let agent = vm
-            .agent(DEFAULT_BOOT_TIMEOUT)
-            .unwrap_or_else(|e| panic!("guest did not come up: {e}\n{}", vm.describe()));
-        let api = ApiClient::connect(&api, Duration::from_secs(10)).unwrap();
+        let builder = Vm::builder().netns(self.pair.name(Side::A));
+        let (vm, api, agent) = start_source(builder, &dev, &self.dir.join("api-src.sock"));
         (vm, vf, api, agent)
     }
 
@@ -77,44 +69,8 @@ impl Hosts {
         let (vf, dev) = self.vf(Side::B);
         let url = format!("tcp:{}:{port}", self.pair.addr(Side::B));
         let api = self.dir.join(format!("api-dst-{port}.sock"));
-        let vm = Vm::builder()
-            .netns(self.pair.name(Side::B))
-            .incoming(&url)
-            .vmm_args(&[
-                "--device",
-                dev.as_str(),
-                "--api-socket",
-                api.to_str().unwrap(),
-            ])
-            .boot()
-            .expect("start the destination");
-        // Wait until it listens.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !vm.vmm_stderr().contains("waiting for a migration") {
-            assert!(
-                Instant::now() < deadline,
-                "destination not listening\n{}",
-                vm.describe()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        (vm, vf)
-    }
-}
-
-fn workload() -> WorkloadStartRequest {
-    WorkloadStartRequest {
-        mem_mib: 64,
-        mem_mib_per_s: Some(16),
-        disk: Some(WorkloadDisk {
-            path: "/dev/vda".into(),
-            offset: 0,
-            block_size: 4096,
-            blocks: 32,
-            direct: Some(true),
-            readback: Some(true),
-        }),
-        seed: 0x1234,
+        let builder = Vm::builder().netns(self.pair.name(Side::B));
+        (start_destination(builder, &url, &dev, &api), vf)
     }
 }
 
@@ -122,27 +78,7 @@ fn workload() -> WorkloadStartRequest {
 fn migrate(api: &mut ApiClient, url: &str) -> Value {
     api.request(&json!({"request": "migrate", "url": url}))
         .expect("migrate");
-    follow(api)
-}
-
-/// Follows a started migration to its end; returns the last status.
-fn follow(api: &mut ApiClient) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let mut last = Value::Null;
-    while Instant::now() < deadline {
-        match api.request(&json!({"request": "migration-status"})) {
-            Ok(s) => {
-                if s["phase"] == "completed" || s["phase"] == "failed" {
-                    return s;
-                }
-                last = s;
-            }
-            // The source exits right after completing.
-            Err(_) => return json!({"phase": "completed", "last": last}),
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!("migration did not end: {last}");
+    follow(api, MIGRATION_TIMEOUT)
 }
 
 /// What the guest's threads are doing, its clock and interrupts (for failure reports).
@@ -151,20 +87,6 @@ fn guest_diag(agent: &mut vmm_tests::harness::Agent) -> String {
                   grep -H . /proc/1/task/*/comm /proc/1/task/*/wchan; \
                   grep -H State /proc/1/task/*/status; dmesg | tail -8";
     vmm_tests::harness::run(agent, &["sh", "-c", script]).stdout
-}
-
-fn settle_workload(agent: &mut vmm_tests::harness::Agent) {
-    let t = Instant::now();
-    loop {
-        let s = agent.workload_status().expect("status");
-        // Past the first lap the disk writer reads each block back before rewriting it
-        // (into buffers only the device writes, by DMA).
-        let readbacks = s.disk.as_ref().map_or(0, |d| d.readbacks);
-        if readbacks > 64 || t.elapsed() > Duration::from_secs(120) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
 }
 
 /// The mediated path: the guest moves from A to B while it writes memory and disk; on B
@@ -244,7 +166,7 @@ fn migrate_under_workload(
     device_tracking: bool,
 ) -> (Vm, Vfsim, vmm_tests::harness::Agent, WorkloadVerifyReply) {
     let (src, _vf_a, mut api, mut agent) = h.source();
-    agent.workload_start(&workload()).expect("workload");
+    agent.workload_start(&workload(true)).expect("workload");
     settle_workload(&mut agent);
     if !device_tracking {
         api.mediator("vf0", "skip-ring-walk", json!({"on": true}))
@@ -260,7 +182,7 @@ fn migrate_under_workload(
     api.request(&json!({"request": "migrate", "url": url, "downtime_ms": 1,
                         "max_bandwidth_mb_s": TEST_BANDWIDTH_MB_S}))
         .expect("migrate");
-    let status = follow(&mut api);
+    let status = follow(&mut api, MIGRATION_TIMEOUT);
     let total = t.elapsed();
     assert_eq!(status["phase"], "completed", "{status}\n{}", src.describe());
     let st = src
@@ -419,7 +341,7 @@ fn forward(mut from: TcpStream, mut to: TcpStream, fault: Fault) {
 fn migration_faults_leave_the_source_running() {
     let mut h = Hosts::new("migf");
     let (src, _vf_a, mut api, mut agent) = h.source();
-    agent.workload_start(&workload()).expect("workload");
+    agent.workload_start(&workload(true)).expect("workload");
     settle_workload(&mut agent);
     let b = h.pair.addr(Side::B);
     type MakeFault = Box<dyn Fn(u32) -> Fault>;

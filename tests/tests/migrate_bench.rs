@@ -28,7 +28,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use vmm_tests::agent::protocol::{WorkloadDisk, WorkloadStartRequest};
+use vmm_tests::harness::migration::{
+    follow, settle_workload, start_destination, start_source, workload,
+};
 use vmm_tests::harness::workload::WorkloadClient;
 use vmm_tests::harness::{
     Agent, AgentError, ApiClient, GuestImage, TestDir, Vfsim, Vm, DEFAULT_BOOT_TIMEOUT,
@@ -99,37 +101,6 @@ impl Figures {
     }
 }
 
-fn workload(with_disk: bool) -> WorkloadStartRequest {
-    WorkloadStartRequest {
-        mem_mib: 64,
-        mem_mib_per_s: Some(16),
-        disk: with_disk.then(|| WorkloadDisk {
-            path: "/dev/vda".into(),
-            offset: 0,
-            block_size: 4096,
-            blocks: 32,
-            direct: Some(true),
-            readback: Some(true),
-        }),
-        seed: 0x1234,
-    }
-}
-
-/// Waits until the memory writer has made a full pass (and the disk writer, if any, reads
-/// blocks back), so the migration sees the workload in its steady state.
-fn settle_workload(agent: &mut Agent) {
-    let t = Instant::now();
-    loop {
-        let s = agent.workload_status().expect("workload status");
-        let mem_ok = s.mem.as_ref().is_none_or(|m| m.passes >= 1);
-        let disk_ok = s.disk.as_ref().is_none_or(|d| d.readbacks > 64);
-        if (mem_ok && disk_ok) || t.elapsed() > Duration::from_secs(120) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
 fn check_verify(agent: &mut Agent, with_disk: bool, what: &str) {
     let v = agent.workload_verify().expect("workload_verify");
     eprintln!("{what}: verify on the destination: {v:?}");
@@ -180,45 +151,15 @@ impl Ours {
 
     fn source(&mut self, memory: &str) -> (Vm, Vfsim, ApiClient, Agent) {
         let (vf, dev, api) = self.vf();
-        let vm = Vm::builder()
-            .memory(memory)
-            .vmm_args(&[
-                "--device",
-                dev.as_str(),
-                "--api-socket",
-                api.to_str().unwrap(),
-            ])
-            .boot()
-            .expect("start the source");
-        let agent = vm
-            .agent(DEFAULT_BOOT_TIMEOUT)
-            .unwrap_or_else(|e| panic!("guest did not come up: {e}\n{}", vm.describe()));
-        let api = ApiClient::connect(&api, Duration::from_secs(10)).unwrap();
+        let (vm, api, agent) = start_source(Vm::builder().memory(memory), &dev, &api);
         (vm, vf, api, agent)
     }
 
     /// A destination waiting on `port`, with its own vfsim and API socket.
     fn destination(&mut self, port: u16) -> (Vm, Vfsim, PathBuf) {
         let (vf, dev, api) = self.vf();
-        let vm = Vm::builder()
-            .incoming(&format!("tcp:127.0.0.1:{port}"))
-            .vmm_args(&[
-                "--device",
-                dev.as_str(),
-                "--api-socket",
-                api.to_str().unwrap(),
-            ])
-            .boot()
-            .expect("start the destination");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !vm.vmm_stderr().contains("waiting for a migration") {
-            assert!(
-                Instant::now() < deadline,
-                "destination not listening\n{}",
-                vm.describe()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let url = format!("tcp:127.0.0.1:{port}");
+        let vm = start_destination(Vm::builder(), &url, &dev, &api);
         (vm, vf, api)
     }
 }
@@ -236,28 +177,10 @@ fn migrate_ours(
     let url = format!("tcp:127.0.0.1:{port}");
     api.request(&json!({"request": "migrate", "url": url, "downtime_ms": downtime_ms}))
         .expect("migrate");
-    let deadline = Instant::now() + MIGRATION_TIMEOUT;
-    let mut final_status = None;
-    loop {
-        assert!(
-            Instant::now() < deadline,
-            "migration did not end\n{}",
-            src.describe()
-        );
-        match api.request(&json!({"request": "migration-status"})) {
-            Ok(s) if s["phase"] == "completed" => {
-                final_status = Some(s);
-                break;
-            }
-            Ok(s) if s["phase"] == "failed" => {
-                panic!("migration failed: {s}\n{}", src.describe())
-            }
-            Ok(_) => {}
-            // The source exits right after completing.
-            Err(_) => break,
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let status = follow(api, MIGRATION_TIMEOUT);
+    assert_eq!(status["phase"], "completed", "{status}\n{}", src.describe());
+    // Seen completed through the API (not only by the source's exit): the exact figures.
+    let final_status = status.get("last").is_none().then_some(status);
     let st = src
         .wait_exit(Duration::from_secs(60))
         .expect("source exits");

@@ -19,6 +19,7 @@ pub mod client;
 pub mod diag;
 pub mod guest_run;
 pub mod image;
+pub mod migration;
 pub mod netns;
 pub mod paths;
 pub mod testdir;
