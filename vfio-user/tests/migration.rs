@@ -19,8 +19,8 @@ use vfio_bindings::bindings::vfio::{
     VFIO_DEVICE_FEATURE_SET, VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY,
 };
 use vfio_user::proto::{
-    Command, DeviceFeature, DmaLoggingReport, FeatureMigDeviceState, FeatureMigration, Header,
-    MigData,
+    dirty_bitmap, Command, DeviceFeature, DmaLoggingReport, FeatureMigDeviceState,
+    FeatureMigration, Header, MigData,
 };
 use vfio_user::{
     Client, ClientError, Device, DeviceInfo, DeviceResult, DmaLoggingRange, DmaMapping, Errno,
@@ -148,14 +148,11 @@ impl Device for MigDevice {
         let mut m = self.0.lock().unwrap();
         m.last_report = Some((iova, length, page_size));
         let dirty = m.dirty.as_mut().ok_or(Errno(libc::EINVAL))?;
-        let mut map = vec![0u64; length.div_ceil(page_size).div_ceil(64) as usize];
         let pages: Vec<u64> = dirty.range(iova..iova + length).copied().collect();
-        for p in pages {
-            dirty.remove(&p);
-            let n = (p - iova) / page_size;
-            map[(n / 64) as usize] |= 1 << (n % 64);
+        for p in &pages {
+            dirty.remove(p);
         }
-        Ok(map)
+        Ok(dirty_bitmap::encode(&pages, iova, length, page_size))
     }
 }
 

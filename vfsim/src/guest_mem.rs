@@ -86,8 +86,8 @@ pub enum GuestMemError {
 
 /// Most mappings kept at once.
 pub const MAX_DMA_MAPS: usize = 256;
-/// Granularity of the DMA write log.
-pub const LOG_PAGE_SIZE: u64 = 4096;
+/// Granularity of the DMA write log: the unit the reports' bitmaps are built from.
+pub use vfio_user::proto::dirty_bitmap::LOG_PAGE_SIZE;
 
 #[derive(Debug)]
 struct DmaRegion {

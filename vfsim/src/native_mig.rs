@@ -26,6 +26,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vfio_bindings::bindings::vfio::{VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY};
+use vfio_user::proto::dirty_bitmap;
 use vfio_user::{DeviceResult, DmaLoggingRange, Errno, MigState};
 
 use crate::engine::Engine;
@@ -256,29 +257,8 @@ impl NativeMigration {
             tracing::warn!("DMA_LOGGING_REPORT refused: logging is off");
             return Err(Errno(libc::EINVAL));
         };
-        Ok(bitmap(&pages, iova, length, page_size))
+        Ok(dirty_bitmap::encode(&pages, iova, length, page_size))
     }
-}
-
-/// The specification's bitmap of `iova..iova + length` at `page_size` (bit `n % 64` of
-/// word `n / 64` for the page at `iova + n * page_size`) marking every page that
-/// overlaps one of the 4 KiB `pages`. The caller checked that the range does not wrap
-/// and that `page_size` is a power of two.
-pub fn bitmap(pages: &[u64], iova: u64, length: u64, page_size: u64) -> Vec<u64> {
-    let bits = length.div_ceil(page_size);
-    let mut map = vec![0u64; bits.div_ceil(64) as usize];
-    let end = iova + length;
-    for &p in pages {
-        let lo = p.max(iova);
-        let hi = p.saturating_add(LOG_PAGE_SIZE).min(end);
-        if lo >= hi {
-            continue;
-        }
-        for bit in (lo - iova) / page_size..=(hi - 1 - iova) / page_size {
-            map[(bit / 64) as usize] |= 1 << (bit % 64);
-        }
-    }
-    map
 }
 
 #[cfg(test)]
@@ -316,19 +296,5 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn bitmaps_follow_the_specification() {
-        // Bit n of the whole map: word n / 64, bit n % 64.
-        let b = bitmap(&[0x1000, 0x41000], 0, 0x80000, 0x1000);
-        assert_eq!(b, vec![1 << 1, 1 << 1]);
-        // Coarser pages, and a range starting inside the log.
-        assert_eq!(bitmap(&[0x3000], 0x2000, 0x4000, 0x2000), vec![0b1]);
-        // Finer pages: every sub-page of a written page.
-        assert_eq!(bitmap(&[0x1000], 0x1000, 0x1000, 0x400), vec![0b1111]);
-        // Pages outside the range are not marked.
-        assert_eq!(bitmap(&[0x0, 0x9000], 0x1000, 0x2000, 0x1000), vec![0]);
-        assert_eq!(bitmap(&[], 0, 1, 4096), vec![0]);
     }
 }

@@ -27,7 +27,11 @@ use devices::vfio::migration::{
 };
 use devices::vfio::BackendError;
 use vfio_bindings::bindings::vfio::VFIO_MIGRATION_PRE_COPY;
+use vfio_user::proto::dirty_bitmap;
 use vfio_user::{Client, ClientError, DmaLoggingRange, MigState};
+
+// The report's bitmaps decode to the pages the migration copies.
+const _: () = assert!(dirty_bitmap::LOG_PAGE_SIZE == DIRTY_PAGE_SIZE);
 
 /// Largest `MIG_DATA_READ` asked for (the negotiated transfer size may be smaller).
 const READ_CHUNK: u32 = 1 << 20;
@@ -331,33 +335,10 @@ impl DeviceMigration for VfioUserMigration {
                 .map_err(|e| {
                     self.error(&format!("reading the DMA log of {iova:#x}+{length:#x}"), e)
                 })?;
-            pages.extend(dirty_pages(&bitmap, iova, length, page_size));
+            pages.extend(dirty_bitmap::decode(&bitmap, iova, length, page_size));
         }
         Ok(pages.into_iter().collect())
     }
-}
-
-/// The [`DIRTY_PAGE_SIZE`] pages of `iova..iova + length` marked in `bitmap` (bit `n % 64`
-/// of word `n / 64` for the page at `iova + n * page_size`), page-aligned.
-pub fn dirty_pages(bitmap: &[u64], iova: u64, length: u64, page_size: u64) -> Vec<u64> {
-    let end = iova.saturating_add(length);
-    let mut out = Vec::new();
-    for (w, word) in bitmap.iter().enumerate() {
-        let mut bits = *word;
-        while bits != 0 {
-            let b = bits.trailing_zeros() as u64;
-            bits &= bits - 1;
-            let start = iova.saturating_add((w as u64 * 64 + b).saturating_mul(page_size));
-            let stop = start.saturating_add(page_size).min(end);
-            let mut page = start - start % DIRTY_PAGE_SIZE;
-            while page < stop {
-                out.push(page);
-                page += DIRTY_PAGE_SIZE;
-            }
-        }
-    }
-    out.dedup();
-    out
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use vfio_bindings::bindings::vfio::{VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY};
+use vfio_user::proto::dirty_bitmap;
 use vfio_user::{
     Device, DeviceInfo, DeviceResult, DmaLoggingRange, DmaMapping, Errno, IrqData, IrqInfo,
     MigState, RegionInfo, ServerConfig,
@@ -143,15 +144,11 @@ impl Device for MigDevice {
     ) -> DeviceResult<Vec<u64>> {
         let mut s = self.s.lock().unwrap();
         let dirty = s.dirty.as_mut().ok_or(Errno(libc::EINVAL))?;
-        let bits = length.div_ceil(page_size);
-        let mut map = vec![0u64; bits.div_ceil(64) as usize];
         let taken: Vec<u64> = dirty.range(iova..iova + length).copied().collect();
-        for p in taken {
-            dirty.remove(&p);
-            let n = (p - iova) / page_size;
-            map[(n / 64) as usize] |= 1 << (n % 64);
+        for p in &taken {
+            dirty.remove(p);
         }
-        Ok(map)
+        Ok(dirty_bitmap::encode(&taken, iova, length, page_size))
     }
 }
 
@@ -337,16 +334,4 @@ fn dirty_pages_come_from_the_dma_log_of_each_ram_range() {
     assert_eq!(m.take_dirty_pages().unwrap(), Vec::<u64>::new());
     m.stop_dirty_tracking().unwrap();
     assert!(s.lock().unwrap().dirty.is_none());
-}
-
-#[test]
-fn bitmaps_become_page_addresses() {
-    assert_eq!(
-        dirty_pages(&[0b101, 1 << 63], 0x10000, 128 * 4096, 4096),
-        vec![0x10000, 0x12000, 0x10000 + 127 * 4096]
-    );
-    // Larger pages cover several 4 KiB pages, clipped to the range.
-    assert_eq!(dirty_pages(&[0b10], 0, 0x3000, 0x2000), vec![0x2000]);
-    assert_eq!(dirty_pages(&[0b1], 0, 0x2000, 0x2000), vec![0, 0x1000]);
-    assert_eq!(dirty_pages(&[0], 0, 0x1000, 0x1000), Vec::<u64>::new());
 }

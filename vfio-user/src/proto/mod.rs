@@ -8,6 +8,7 @@
 
 mod command;
 mod device;
+pub mod dirty_bitmap;
 mod dma;
 mod error;
 mod header;
