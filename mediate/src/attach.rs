@@ -3,6 +3,7 @@
 
 use std::sync::{Arc, Weak};
 
+pub use devices::vfio::TrapOwner;
 use devices::vfio::VfioPciDevice;
 
 use crate::error::{MediateError, Result};
@@ -32,21 +33,24 @@ impl TrapHandle {
 
     /// Guest accesses to `[offset, offset + size)` of BAR `bar` exit and reach the
     /// mediator from when this returns. The range must be whole pages inside the BAR.
-    pub fn trap(&self, bar: usize, offset: u64, size: u64) -> Result<()> {
+    /// `owner`: [`TrapOwner::Device`] for a trap that is part of how the device is
+    /// mediated (saved with it, trapped again where it is restored),
+    /// [`TrapOwner::Local`] for one this VMM needs for a while (e.g. dirty tracking).
+    pub fn trap(&self, bar: usize, offset: u64, size: u64, owner: TrapOwner) -> Result<()> {
         self.dev()?
-            .trap(bar, offset, size)
+            .trap(bar, offset, size, owner)
             .map_err(|e| MediateError::Trap(Box::new(e)))
     }
 
-    /// The guest reaches the mappable pages of the range directly again from when this
-    /// returns.
-    pub fn untrap(&self, bar: usize, offset: u64, size: u64) -> Result<()> {
+    /// Lifts `owner`'s trap of the range: the guest reaches its mappable pages directly
+    /// again from when this returns, unless the other owner traps them too.
+    pub fn untrap(&self, bar: usize, offset: u64, size: u64, owner: TrapOwner) -> Result<()> {
         self.dev()?
-            .untrap(bar, offset, size)
+            .untrap(bar, offset, size, owner)
             .map_err(|e| MediateError::Trap(Box::new(e)))
     }
 
-    /// The ranges of BAR `bar` trapped now, as `(offset, size)`.
+    /// The ranges of BAR `bar` trapped now by either owner, as `(offset, size)`.
     pub fn trapped(&self, bar: usize) -> Vec<(u64, u64)> {
         self.dev().map(|d| d.trapped(bar)).unwrap_or_default()
     }

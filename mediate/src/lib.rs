@@ -23,7 +23,7 @@ pub mod mediators;
 pub mod migration;
 pub mod registry;
 
-pub use attach::{AttachContext, GuestMemory, TrapHandle};
+pub use attach::{AttachContext, GuestMemory, TrapHandle, TrapOwner};
 pub use backend::MediatedBackend;
 pub use error::{MediateError, Result};
 pub use identity::{BarRange, DeviceIdentity, MediatorOptions};

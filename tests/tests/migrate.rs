@@ -122,7 +122,8 @@ fn live_migration(mut h: Hosts) {
         "{v:?}"
     );
     if !h.native {
-        // The source's tracking trapped the doorbells; on B they are mapped again.
+        // The source's tracking trapped the doorbells (a local trap, not in the saved
+        // state): on B they are mapped.
         let api_b = h.dir.join(format!("api-dst-{PORT}.sock"));
         let mut api = ApiClient::connect(&api_b, Duration::from_secs(10)).expect("B's API");
         let stats = api.device_stats("vf0").expect("device stats on B");

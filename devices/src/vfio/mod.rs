@@ -39,5 +39,5 @@ pub use pci::{
     BarLayout, BarStats, BarTraps, CapLayout, MsiCapLayout, MsixCapLayout, VfioPciDevice,
     VfioPciError, VfioPciLayout, VfioPciParams, VfioPciState, VfioPersistError,
 };
-pub use placement::PlacementError;
+pub use placement::{PlacementError, TrapOwner};
 pub use trap_all::TrapAll;

@@ -36,7 +36,7 @@ use super::config::{
 use super::errlog::ErrorLog;
 use super::irq::Irqs;
 use super::mmap::{align_inwards, DeviceMmap};
-use super::placement::{BarHandler, BarSetup, Placement, PlacementError};
+use super::placement::{BarHandler, BarSetup, Placement, PlacementError, TrapOwner};
 use crate::bus::Bus;
 use crate::pci::msi::MsiCap;
 use crate::pci::msix::{InterruptRoutes, MsiVectors, Msix, RouteError, MSIX_CAP_LEN};
@@ -473,20 +473,40 @@ impl VfioPciDevice {
     ///
     /// Must not be called from within this device's own configuration-space access path
     /// (a backend's config-region hook), which holds the device's state lock.
-    pub fn trap(&self, index: usize, offset: u64, size: u64) -> Result<(), VfioPciError> {
-        let r = self.lock_state().placement.trap(index, offset, size);
+    ///
+    /// `owner` says whether the trap belongs to the device's set-up (saved with its state)
+    /// or to this VMM only (not saved); each owner's traps are its own to lift.
+    pub fn trap(
+        &self,
+        index: usize,
+        offset: u64,
+        size: u64,
+        owner: TrapOwner,
+    ) -> Result<(), VfioPciError> {
+        let r = self.lock_state().placement.trap(index, offset, size, owner);
         r.map_err(|source| self.trap_error("trap", index, offset, size, source))
     }
 
     /// Undoes [`trap`](Self::trap) for `[offset, offset + size)` of BAR `index`: the
     /// mappable pages of the range go back into memory slots (the MSI-X table and PBA stay
-    /// trapped). Returns once the guest reaches them directly.
-    pub fn untrap(&self, index: usize, offset: u64, size: u64) -> Result<(), VfioPciError> {
-        let r = self.lock_state().placement.untrap(index, offset, size);
+    /// trapped, and so do pages the other owner traps). Returns once the guest reaches
+    /// them directly.
+    pub fn untrap(
+        &self,
+        index: usize,
+        offset: u64,
+        size: u64,
+        owner: TrapOwner,
+    ) -> Result<(), VfioPciError> {
+        let r = self
+            .lock_state()
+            .placement
+            .untrap(index, offset, size, owner);
         r.map_err(|source| self.trap_error("untrap", index, offset, size, source))
     }
 
-    /// The ranges of BAR `index` trapped with [`trap`](Self::trap), as `(offset, size)`.
+    /// The ranges of BAR `index` trapped with [`trap`](Self::trap) by either owner, as
+    /// `(offset, size)`.
     pub fn trapped(&self, index: usize) -> Vec<(u64, u64)> {
         self.lock_state().placement.trapped(index)
     }

@@ -72,15 +72,37 @@ pub struct BarSetup {
     pub trapped: Vec<(u64, u64)>,
 }
 
+/// Whose a run-time trap is, which decides whether the device's saved state carries it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrapOwner {
+    /// The device's mediated set-up (e.g. a mediator's `trap=` ranges): saved with the
+    /// device's PCI state and trapped again where it is restored.
+    Device,
+    /// This VMM's own passing need (e.g. dirty tracking while the device is saved): not
+    /// saved, so a restored device starts without it.
+    Local,
+}
+
 /// One memory BAR: its host mappings, trapped ranges and where it is.
 struct Bar {
     desc: BarDesc,
     mmaps: Vec<DeviceMmap>,
     /// Ranges `(offset, size)` of the BAR that always exit to the VMM (MSI-X).
     trapped: Vec<(u64, u64)>,
-    /// Page ranges a mediator trapped at run time.
+    /// Page ranges trapped at run time for the device ([`TrapOwner::Device`]).
     mediated: RangeSet,
+    /// Page ranges trapped at run time for this VMM only ([`TrapOwner::Local`]).
+    local: RangeSet,
     base: Option<u64>,
+}
+
+impl Bar {
+    fn run_time_traps(&mut self, owner: TrapOwner) -> &mut RangeSet {
+        match owner {
+            TrapOwner::Device => &mut self.mediated,
+            TrapOwner::Local => &mut self.local,
+        }
+    }
 }
 
 /// The placement of every memory BAR of one device.
@@ -103,6 +125,7 @@ impl Placement {
                 mmaps: b.mmaps,
                 trapped: b.trapped,
                 mediated: RangeSet::default(),
+                local: RangeSet::default(),
                 base: None,
             })
             .collect();
@@ -160,13 +183,29 @@ impl Placement {
             .map(|b| {
                 let mut trapped = b.trapped.clone();
                 trapped.extend(b.mediated.as_offset_size());
+                trapped.extend(b.local.as_offset_size());
                 mappable_pieces(&b.mmaps, &trapped)
             })
             .unwrap_or_default()
     }
 
-    /// The ranges of BAR `index` a mediator trapped, as `(offset, size)`.
+    /// The ranges of BAR `index` trapped at run time, whoever trapped them, as
+    /// `(offset, size)`.
     pub fn trapped(&self, index: usize) -> Vec<(u64, u64)> {
+        self.bar(index)
+            .map(|b| {
+                let mut all = b.mediated.clone();
+                for (offset, size) in b.local.as_offset_size() {
+                    all.insert(offset, offset + size);
+                }
+                all.as_offset_size()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The ranges of BAR `index` trapped for the device ([`TrapOwner::Device`]): what its
+    /// saved state carries.
+    pub fn device_traps(&self, index: usize) -> Vec<(u64, u64)> {
         self.bar(index)
             .map(|b| b.mediated.as_offset_size())
             .unwrap_or_default()
@@ -194,10 +233,16 @@ impl Placement {
     /// now on: the pages are punched out of the memory slots that map them. Returns when the
     /// change is in effect (KVM has stopped every vCPU from using the old slot). On an
     /// error the range stays recorded as trapped, and any page still mapped is logged.
-    pub fn trap(&mut self, index: usize, offset: u64, size: u64) -> Result<(), PlacementError> {
+    pub fn trap(
+        &mut self,
+        index: usize,
+        offset: u64,
+        size: u64,
+        owner: TrapOwner,
+    ) -> Result<(), PlacementError> {
         let end = self.check_range(index, offset, size)?;
         if let Some(b) = self.bar_mut(index) {
-            b.mediated.insert(offset, end);
+            b.run_time_traps(owner).insert(offset, end);
         }
         let Some(base) = self.base(index) else {
             return Ok(());
@@ -214,12 +259,18 @@ impl Placement {
 
     /// Lets guest accesses to `[offset, offset + size)` of BAR `index` go straight to the
     /// device again where the BAR is mappable (not the MSI-X table or PBA): the pages are
-    /// filled back into memory slots, merged with their neighbours. Returns when the change
-    /// is in effect.
-    pub fn untrap(&mut self, index: usize, offset: u64, size: u64) -> Result<(), PlacementError> {
+    /// filled back into memory slots, merged with their neighbours, except where `owner`'s
+    /// counterpart still traps them. Returns when the change is in effect.
+    pub fn untrap(
+        &mut self,
+        index: usize,
+        offset: u64,
+        size: u64,
+        owner: TrapOwner,
+    ) -> Result<(), PlacementError> {
         let end = self.check_range(index, offset, size)?;
         if let Some(b) = self.bar_mut(index) {
-            b.mediated.remove(offset, end);
+            b.run_time_traps(owner).remove(offset, end);
         }
         let Some(base) = self.base(index) else {
             return Ok(());

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use resources::memslots::{MappingKind, MemSlots};
 
 use super::testing::{Call, FakeBackend, FakeSlots};
-use super::{VfioPciDevice, VfioPciParams};
+use super::{TrapOwner, VfioPciDevice, VfioPciParams};
 use crate::bus::Bus;
 use crate::pci::msix::testing::RecordingRoutes;
 use crate::pci::PciRoot;
@@ -588,6 +588,36 @@ fn bar_programming_through_the_bus() {
     assert_eq!(dev.mapped_areas(2), vec![(0xc000_0000, 0x2000)]);
 }
 
+/// Each owner lifts only its own traps: a page trapped by both stays trapped until both
+/// have untrapped it, and the device's state carries only the device's traps.
+#[test]
+fn device_and_local_traps_are_lifted_by_their_owner_and_only_device_traps_are_saved() {
+    let Rig { dev, .. } = rig();
+    let b = 0x1_0000_0000;
+    place(&dev, b, 0xc000_0000);
+    dev.trap(0, 0x6000, 0x2000, TrapOwner::Device).unwrap();
+    dev.trap(0, 0x7000, 0x2000, TrapOwner::Local).unwrap();
+    assert_eq!(dev.trapped(0), vec![(0x6000, 0x3000)]);
+    assert_eq!(
+        dev.mapped_areas(0),
+        vec![(b + 0x4000, 0x2000), (b + 0x9000, 0x3000)]
+    );
+    let saved = dev.state();
+    assert_eq!(saved.traps.len(), 1);
+    assert_eq!(saved.traps[0].ranges, vec![(0x6000, 0x2000)]);
+    // The device's untrap leaves the local trap's pages trapped.
+    dev.untrap(0, 0x6000, 0x2000, TrapOwner::Device).unwrap();
+    assert_eq!(dev.trapped(0), vec![(0x7000, 0x2000)]);
+    assert_eq!(
+        dev.mapped_areas(0),
+        vec![(b + 0x4000, 0x3000), (b + 0x9000, 0x3000)]
+    );
+    assert!(dev.state().traps.is_empty(), "a local trap is not saved");
+    dev.untrap(0, 0x7000, 0x2000, TrapOwner::Local).unwrap();
+    assert!(dev.trapped(0).is_empty());
+    assert_eq!(dev.mapped_areas(0), vec![(b + 0x4000, 0x8000)]);
+}
+
 /// Run-time trap and untrap change only the slots covering the range, and the trapped pages
 /// reach the backend.
 #[test]
@@ -598,7 +628,7 @@ fn trap_punches_and_untrap_merges_slots() {
     let b = 0x1_0000_0000;
     place(&dev, b, 0xc000_0000);
     assert_eq!(dev.mapped_areas(0), vec![(b + 0x4000, 0x8000)]);
-    dev.trap(0, 0x6000, 0x1000).unwrap();
+    dev.trap(0, 0x6000, 0x1000, TrapOwner::Device).unwrap();
     assert_eq!(
         dev.mapped_areas(0),
         vec![(b + 0x4000, 0x2000), (b + 0x7000, 0x5000)]
@@ -611,26 +641,29 @@ fn trap_punches_and_untrap_merges_slots() {
         vec![Call::Write(0, 0x6008, vec![1, 2, 3, 4])]
     );
     // Trapping pages that are not mappable (or already trapped) changes no slot.
-    dev.trap(0, 0, 0x2000).unwrap();
-    dev.trap(0, 0x6000, 0x1000).unwrap();
+    dev.trap(0, 0, 0x2000, TrapOwner::Device).unwrap();
+    dev.trap(0, 0x6000, 0x1000, TrapOwner::Device).unwrap();
     assert_eq!(dev.mapped_areas(0).len(), 2);
     // Untrapping merges back into one slot; BAR2's slots were never touched.
-    dev.untrap(0, 0, 0x10000).unwrap();
+    dev.untrap(0, 0, 0x10000, TrapOwner::Device).unwrap();
     assert_eq!(dev.mapped_areas(0), vec![(b + 0x4000, 0x8000)]);
     assert!(dev.trapped(0).is_empty());
     assert_eq!(dev.mapped_areas(2), vec![(0xc000_0000, 0x2000)]);
     // The MSI-X pages stay trapped whatever a mediator untraps.
-    dev.untrap(2, 0, 0x4000).unwrap();
+    dev.untrap(2, 0, 0x4000, TrapOwner::Device).unwrap();
     assert_eq!(dev.mapped_areas(2), vec![(0xc000_0000, 0x2000)]);
     // Bad ranges are refused with the reason.
     for (bar, off, size) in [(0, 0x10, 0x1000), (0, 0x1000, 0x10), (0, 0xf000, 0x2000)] {
-        let e = dev.trap(bar, off, size).unwrap_err().to_string();
+        let e = dev
+            .trap(bar, off, size, TrapOwner::Device)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not page-aligned inside BAR 0"), "{e}");
     }
-    assert!(dev.trap(1, 0, 0x1000).is_err());
-    assert!(dev.trap(0, 0, 0).is_err());
+    assert!(dev.trap(1, 0, 0x1000, TrapOwner::Device).is_err());
+    assert!(dev.trap(0, 0, 0, TrapOwner::Device).is_err());
     // Traps survive relocation and decoding off/on.
-    dev.trap(0, 0x5000, 0x1000).unwrap();
+    dev.trap(0, 0x5000, 0x1000, TrapOwner::Device).unwrap();
     w32(&dev, 0x14, 0x2);
     let b2 = 0x2_0000_0000;
     assert_eq!(
@@ -660,10 +693,10 @@ fn random_trap_untrap_keeps_slots_exact() {
         let n = 1 + (rng.next() % (16 - first as u64)) as usize;
         let (off, size) = (first as u64 * 0x1000, n as u64 * 0x1000);
         if rng.next().is_multiple_of(2) {
-            dev.trap(0, off, size).unwrap();
+            dev.trap(0, off, size, TrapOwner::Device).unwrap();
             trapped[first..first + n].fill(true);
         } else {
-            dev.untrap(0, off, size).unwrap();
+            dev.untrap(0, off, size, TrapOwner::Device).unwrap();
             trapped[first..first + n].fill(false);
         }
         // Mappable: pages 4..12 (the fake's sparse area).
@@ -697,12 +730,12 @@ fn real_kvm_trap_untrap() {
     place(&dev, b, 0xc000_0000);
     let host = memslots.lookup(b + 0x4000).unwrap().1.host_addr;
     for _ in 0..100 {
-        dev.trap(0, 0x8000, 0x1000).unwrap();
+        dev.trap(0, 0x8000, 0x1000, TrapOwner::Device).unwrap();
         assert_eq!(
             dev.mapped_areas(0),
             vec![(b + 0x4000, 0x4000), (b + 0x9000, 0x3000)]
         );
-        dev.untrap(0, 0x8000, 0x1000).unwrap();
+        dev.untrap(0, 0x8000, 0x1000, TrapOwner::Device).unwrap();
         assert_eq!(dev.mapped_areas(0), vec![(b + 0x4000, 0x8000)]);
     }
     // The merged slot maps the same device memory as before.

@@ -12,7 +12,7 @@ use std::sync::{Arc, OnceLock};
 use devices::vfio::{BackendError, VfioBackend};
 use serde_json::{json, Value};
 
-use crate::attach::{AttachContext, TrapHandle};
+use crate::attach::{AttachContext, TrapHandle, TrapOwner};
 use crate::error::{MediateError, Result};
 use crate::identity::{BarRange, DeviceIdentity, MediatorOptions};
 use crate::mediator::{Access, MediatedDevice, Mediator, Probe};
@@ -112,7 +112,7 @@ impl TraceDevice {
 impl MediatedDevice for TraceDevice {
     fn attach(&self, ctx: AttachContext) {
         for r in &self.initial {
-            match ctx.traps.trap(r.bar, r.offset, r.size) {
+            match ctx.traps.trap(r.bar, r.offset, r.size, TrapOwner::Device) {
                 Ok(()) => tracing::info!(
                     "trace {}: trapping BAR {} {:#x}+{:#x}",
                     self.name,
@@ -166,9 +166,9 @@ impl MediatedDevice for TraceDevice {
                 let t = self.traps()?;
                 let started = std::time::Instant::now();
                 if command == "trap" {
-                    t.trap(r.bar, r.offset, r.size)?;
+                    t.trap(r.bar, r.offset, r.size, TrapOwner::Device)?;
                 } else {
-                    t.untrap(r.bar, r.offset, r.size)?;
+                    t.untrap(r.bar, r.offset, r.size, TrapOwner::Device)?;
                 }
                 let us = started.elapsed().as_secs_f64() * 1e6;
                 tracing::info!(

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::{Irqs, MsiCap, Msix, State, VfioPciDevice, VfioPciError, COMMAND_MEMORY, NUM_BARS};
 use crate::pci::persist::{MsiState, MsixState};
 use crate::vfio::bars::BarKind;
+use crate::vfio::placement::TrapOwner;
 
 /// One implemented BAR as the guest sees it.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
@@ -337,7 +338,7 @@ impl VfioPciDevice {
                 .filter(|b| b.kind.is_memory())
                 .map(|b| BarTraps {
                     index: b.index,
-                    ranges: st.placement.trapped(b.index),
+                    ranges: st.placement.device_traps(b.index),
                 })
                 .filter(|t| !t.ranges.is_empty())
                 .collect(),
@@ -429,7 +430,7 @@ impl VfioPciDevice {
         }
         for t in &s.traps {
             for &(offset, size) in &t.ranges {
-                self.trap(t.index, offset, size)
+                self.trap(t.index, offset, size, TrapOwner::Device)
                     .map_err(|e| VfioPersistError::Trap(Box::new(e)))?;
             }
         }

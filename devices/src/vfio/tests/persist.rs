@@ -7,6 +7,7 @@ use resources::memslots::MemSlots;
 
 use super::{bus_line, msix_entry, place, r16, r32, w16, w32, Rig};
 use crate::vfio::testing::{Call, FakeBackend, FakeSlots};
+use crate::vfio::TrapOwner;
 use crate::vfio::{VfioPciDevice, VfioPciState, VfioPersistError};
 
 /// A device over `fake`, with its own bus, memory slots and routes (GSIs from 32).
@@ -60,7 +61,7 @@ fn programmed_source() -> Rig {
         calls => panic!("expected one MSI-X enable: {calls:?}"),
     };
     signal(fds[1]);
-    a.dev.trap(0, 0x6000, 0x1000).unwrap();
+    a.dev.trap(0, 0x6000, 0x1000, TrapOwner::Device).unwrap();
     a
 }
 

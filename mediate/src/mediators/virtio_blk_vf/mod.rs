@@ -12,7 +12,8 @@
 //! - Device state comes from the PF socket (quiesce, get state; set state on restore)
 //!   and travels through the mediator's migration region.
 //! - It untraps when tracking stops, saving ends (migration completed or failed), or the
-//!   device closes.
+//!   device closes. The doorbell trap is a local one (`TrapOwner::Local`): the device's
+//!   saved PCI state does not carry it, so the destination maps its doorbells.
 
 mod ops;
 pub mod rings;
@@ -30,7 +31,7 @@ use serde_json::{json, Value};
 use vfsim::pf::proto::VfState;
 use vfsim::pf::PfClient;
 
-use crate::attach::{AttachContext, GuestMemory, TrapHandle};
+use crate::attach::{AttachContext, GuestMemory, TrapHandle, TrapOwner};
 use crate::error::{MediateError, Result};
 use crate::identity::{DeviceIdentity, MediatorOptions};
 use crate::mediator::{Access, MediatedDevice, Mediator, Probe};
@@ -142,8 +143,10 @@ impl Shared {
                 (ring, q.used_idx.min(q.last_avail_idx), q.used_idx)
             })
             .collect();
+        // Local: the trap serves this VMM's saving only, so the saved state does not carry
+        // it and the device is restored with its doorbells mapped.
         traps
-            .trap(NOTIFY_BAR, NOTIFY.0, NOTIFY.1)
+            .trap(NOTIFY_BAR, NOTIFY.0, NOTIFY.1, TrapOwner::Local)
             .map_err(|e| OpsError::new(format!("trapping the doorbells: {e}")))?;
         tracing::info!(
             "virtio-blk-vf {}: dirty tracking on, doorbells trapped, {} queue(s)",
@@ -161,40 +164,12 @@ impl Shared {
         self.tracker.stop();
         let (traps, _) = self.attached()?;
         traps
-            .untrap(NOTIFY_BAR, NOTIFY.0, NOTIFY.1)
+            .untrap(NOTIFY_BAR, NOTIFY.0, NOTIFY.1, TrapOwner::Local)
             .map_err(|e| OpsError::new(format!("untrapping the doorbells: {e}")))?;
         tracing::info!(
             "virtio-blk-vf {}: dirty tracking off, doorbells mapped again",
             self.name
         );
-        Ok(())
-    }
-
-    /// After a restore: the saved PCI state brings the source's traps along, and the
-    /// source was tracking (doorbells trapped) when it was saved. Tracking is off here, so
-    /// map the doorbells again; left trapped, every doorbell would exit for good.
-    fn drop_tracking_traps(&self) -> OpsResult<()> {
-        // Not attached (a device without BARs placed yet): nothing can be trapped.
-        let Some(traps) = self.traps.get() else {
-            return Ok(());
-        };
-        if self.tracker.is_on() {
-            return Ok(());
-        }
-        let (offset, size) = NOTIFY;
-        let trapped = traps
-            .trapped(NOTIFY_BAR)
-            .iter()
-            .any(|&(o, s)| o < offset + size && offset < o + s);
-        if trapped {
-            traps
-                .untrap(NOTIFY_BAR, offset, size)
-                .map_err(|e| OpsError::new(format!("mapping the doorbells again: {e}")))?;
-            tracing::info!(
-                "virtio-blk-vf {}: doorbells trapped by the source's dirty tracking mapped again",
-                self.name
-            );
-        }
         Ok(())
     }
 

@@ -124,7 +124,7 @@ impl MigrationOps for BlkOps {
             .map_err(pf_err("loading the VF state"))?;
         self.restoring.clear();
         tracing::info!("virtio-blk-vf {}: VF state restored", self.shared.name);
-        self.shared.drop_tracking_traps()
+        Ok(())
     }
 
     fn start_dirty_tracking(&mut self) -> OpsResult<()> {
