@@ -38,7 +38,7 @@ use crate::mediator::{Access, MediatedDevice, Mediator, Probe};
 use crate::migration::{MigrationRegion, OpsError, OpsResult, RegionMigration};
 use ops::BlkOps;
 use rings::Ring;
-use tracker::Tracker;
+use tracker::{QueueStart, Tracker};
 
 /// vfsim's identity.
 const VENDOR: u16 = 0x1af4;
@@ -128,19 +128,20 @@ impl Shared {
     /// Traps the doorbells and starts walking the rings of the ready queues in `state`.
     fn start_tracking(&self, state: &VfState) -> OpsResult<()> {
         let (traps, mem) = self.attached()?;
-        let rings: Vec<(Ring, u16, u16)> = state
+        let rings: Vec<QueueStart> = state
             .queues
             .iter()
             .filter(|q| q.ready && q.size > 0)
-            .map(|q| {
-                let ring = Ring {
+            .map(|q| QueueStart {
+                ring: Ring {
                     size: q.size,
                     desc: q.desc,
                     avail: q.avail,
                     used: q.used,
-                };
+                },
                 // Every chain the device has not completed may still be written.
-                (ring, q.used_idx.min(q.last_avail_idx), q.used_idx)
+                walk_from: q.used_idx.min(q.last_avail_idx),
+                used_idx: q.used_idx,
             })
             .collect();
         // Local: the trap serves this VMM's saving only, so the saved state does not carry

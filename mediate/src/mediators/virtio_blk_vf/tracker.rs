@@ -40,6 +40,17 @@ struct Inner {
     dirty: BTreeSet<u64>,
 }
 
+/// Where tracking of one queue starts.
+pub struct QueueStart {
+    /// Its rings.
+    pub ring: Ring,
+    /// The available-ring position to walk from: every chain from there on may still be
+    /// written.
+    pub walk_from: u16,
+    /// The device's used index: completions from there on are matched to chains.
+    pub used_idx: u16,
+}
+
 /// One queue being tracked.
 struct Queue {
     ring: Ring,
@@ -62,18 +73,16 @@ impl Tracker {
         self.lock().on
     }
 
-    /// Starts tracking the queues `rings`: each with the available-ring position to walk
-    /// from (every chain from there on may still be written) and the device's used index.
-    /// Walks what is outstanding now.
-    pub fn start(&self, mem: &dyn GuestMemory, rings: Vec<(Ring, u16, u16)>) {
+    /// Starts tracking `queues`. Walks what is outstanding now.
+    pub fn start(&self, mem: &dyn GuestMemory, queues: Vec<QueueStart>) {
         let mut inner = self.lock();
         inner.on = true;
-        inner.queues = rings
+        inner.queues = queues
             .into_iter()
-            .map(|(ring, walked, used_seen)| Queue {
-                ring,
-                walked,
-                used_seen,
+            .map(|q| Queue {
+                ring: q.ring,
+                walked: q.walk_from,
+                used_seen: q.used_idx,
                 in_flight: VecDeque::new(),
             })
             .collect();
@@ -215,6 +224,15 @@ mod tests {
         mem.put(RING.used + 2, &(pos + 1).to_le_bytes());
     }
 
+    /// Tracking from position 0 of an idle queue.
+    fn start() -> QueueStart {
+        QueueStart {
+            ring: RING,
+            walk_from: 0,
+            used_idx: 0,
+        }
+    }
+
     fn has(pages: &[u64], page: u64) -> bool {
         pages.contains(&page)
     }
@@ -225,7 +243,7 @@ mod tests {
     fn a_request_in_flight_stays_dirty_until_collected_after_its_completion() {
         let mem = Mem::new(0x40000);
         let t = Tracker::default();
-        t.start(&mem, vec![(RING, 0, 0)]);
+        t.start(&mem, vec![start()]);
         publish(&mem, 0, 0, DATA);
         t.doorbell(&mem);
         assert!(has(&t.take(&mem), DATA), "published: dirty");
@@ -244,7 +262,7 @@ mod tests {
     fn completions_are_matched_by_head_even_out_of_order_and_with_heads_reused() {
         let mem = Mem::new(0x40000);
         let t = Tracker::default();
-        t.start(&mem, vec![(RING, 0, 0)]);
+        t.start(&mem, vec![start()]);
         publish(&mem, 0, 0, DATA);
         publish(&mem, 1, 3, DATA + 0x1000);
         t.doorbell(&mem);
@@ -271,7 +289,7 @@ mod tests {
         // The device picked up position 0 (last_avail 1) and completed nothing yet.
         publish(&mem, 0, 0, DATA);
         let t = Tracker::default();
-        t.start(&mem, vec![(RING, 0, 0)]);
+        t.start(&mem, vec![start()]);
         assert!(has(&t.take(&mem), DATA));
         assert!(has(&t.take(&mem), DATA));
     }
@@ -280,7 +298,7 @@ mod tests {
     fn garbage_completions_neither_panic_nor_grow_without_bound() {
         let mem = Mem::new(0x40000);
         let t = Tracker::default();
-        t.start(&mem, vec![(RING, 0, 0)]);
+        t.start(&mem, vec![start()]);
         // The guest publishes far more than a ring's worth, the "device" completes heads
         // that were never published.
         for pos in 0..40u16 {
@@ -299,7 +317,7 @@ mod tests {
         let mem = Mem::new(0x40000);
         let t = Tracker::default();
         t.skip_ring_walk.store(true, Ordering::Relaxed);
-        t.start(&mem, vec![(RING, 0, 0)]);
+        t.start(&mem, vec![start()]);
         publish(&mem, 0, 0, DATA);
         t.doorbell(&mem);
         complete(&mem, 0, 0);
