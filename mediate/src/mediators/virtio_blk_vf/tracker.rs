@@ -130,7 +130,7 @@ impl Tracker {
         let skip = self.skip_ring_walk.load(Ordering::Relaxed);
         let Inner { queues, dirty, .. } = inner;
         for q in queues.iter_mut() {
-            q.ring.used_pages(mem, dirty);
+            // (The used ring's own pages are added at each collection, in `take`.)
             // The used index first: every chain completed by then was published before,
             // so the walk below has it in flight when its completion is matched.
             let used_now = q.ring.used_idx(mem);
