@@ -68,9 +68,16 @@ impl Hosts {
     fn destination(&mut self, port: u16) -> (Vm, Vfsim) {
         let (vf, dev) = self.vf(Side::B);
         let url = format!("tcp:{}:{port}", self.pair.addr(Side::B));
-        let api = self.dir.join(format!("api-dst-{port}.sock"));
         let builder = Vm::builder().netns(self.pair.name(Side::B));
-        (start_destination(builder, &url, &dev, &api), vf)
+        (
+            start_destination(builder, &url, &dev, &self.dst_api(port)),
+            vf,
+        )
+    }
+
+    /// The API socket of the destination waiting on `port`.
+    fn dst_api(&self, port: u16) -> std::path::PathBuf {
+        self.dir.join(format!("api-dst-{port}.sock"))
     }
 }
 
@@ -124,8 +131,8 @@ fn live_migration(mut h: Hosts) {
     if !h.native {
         // The source's tracking trapped the doorbells (a local trap, not in the saved
         // state): on B they are mapped.
-        let api_b = h.dir.join(format!("api-dst-{PORT}.sock"));
-        let mut api = ApiClient::connect(&api_b, Duration::from_secs(10)).expect("B's API");
+        let mut api =
+            ApiClient::connect(&h.dst_api(PORT), Duration::from_secs(10)).expect("B's API");
         let stats = api.device_stats("vf0").expect("device stats on B");
         assert_eq!(
             stats["bars"][0]["trapped"],
