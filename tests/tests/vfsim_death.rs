@@ -28,10 +28,13 @@ const SYSFS_DEVICE: &str = "/sys/bus/pci/devices/0000:00:01.0";
 
 /// The guest's write loop: single-block O_DIRECT writes over the first MiB, counting the
 /// ones that succeed in /tmp/dd.ok and logging failures to /tmp/dd.err. Started in the
-/// background (its output goes to files, so `sh -c` returns at once).
+/// background (its output goes to files, so `sh -c` returns at once). The count is
+/// replaced by a rename: `echo > file` truncates first, and a reader in between saw an
+/// empty file (it failed a clean-clone CI run once).
 const WRITE_LOOP: &str = "i=0; while :; do \
      if dd if=/dev/urandom of=/dev/vda bs=4096 count=1 seek=$((i % 256)) oflag=direct \
-        2>>/tmp/dd.err; then i=$((i+1)); echo $i > /tmp/dd.ok; fi; done";
+        2>>/tmp/dd.err; then i=$((i+1)); echo $i > /tmp/dd.ok.new; \
+        mv /tmp/dd.ok.new /tmp/dd.ok; fi; done";
 
 #[test]
 fn vmm_survives_vfsim_killed_during_guest_io() {
