@@ -48,6 +48,11 @@
 //! | 8 | [`SectionType::Device`] | [`DeviceState`]: u16 length + UTF-8 device id, u8 phase ([`DevicePhase`]), then the device's own bytes (opaque) |
 //! | 9 | [`SectionType::Control`] | [`Control`]: u32 kind, then kind-specific fields |
 //!
+//! A device's state ends with an empty [`DevicePhase::Final`] section of its id, the
+//! end-of-state marker (format 3): a device may have no bytes of state at all, so only the
+//! marker tells a receiver the state is whole. A receiver refuses a stream in which a
+//! device of its config has no marker, rather than run that device reset.
+//!
 //! "Opaque" payloads are produced and consumed by their owners (the vmm's KVM state code,
 //! each device's save/restore); [`encode_state`] / [`decode_state`] give them one compact
 //! serde encoding (postcard). This crate owns the layouts of RAM, device and config
@@ -100,8 +105,9 @@ pub use stream::{StreamReader, StreamWriter};
 pub const MAGIC: [u8; 8] = *b"VMMSTRM\0";
 
 /// The format version this code writes and the only one it reads. Bump it on any change to
-/// the layout of the header, a section or a payload this crate defines.
-pub const FORMAT_VERSION: u32 = 2;
+/// the layout of the header, a section or a payload this crate defines, or to what a
+/// section means (3: the device end-of-state marker).
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Header flag: the stream is a live migration (control sections are expected), not a
 /// snapshot.

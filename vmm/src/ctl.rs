@@ -165,10 +165,10 @@ fn run(cli: &CtlCli) -> Result<Value, String> {
     }
 }
 
-/// Polls the migration status and prints progress lines on stderr until it ends. The
-/// source exits right after a completed migration, so a status that said the guest is
-/// stopping followed by a closed socket counts as done only if the last status was
-/// "completed".
+/// Polls the migration status and prints progress lines on stderr until it ends. A
+/// completed source waits (a few seconds at most) until a client that follows the
+/// migration has been told "completed" before it exits, so this normally sees the end; a
+/// closed socket counts as done only if the last status was "completed".
 fn follow_migration(cli: &CtlCli) -> Result<Value, String> {
     let mut last = Value::Null;
     let mut last_line = String::new();
@@ -179,6 +179,13 @@ fn follow_migration(cli: &CtlCli) -> Result<Value, String> {
             Err(e) if last["phase"] == "completed" => {
                 eprintln!("migrate: the source VMM exited after completing ({e})");
                 return Ok(last);
+            }
+            Err(e) if last["phase"] == "stop-and-copy" => {
+                return Err(format!(
+                    "lost the source VMM during stop-and-copy ({e}): the migration may have \
+                     completed; check the destination before restarting the source (two \
+                     guests on one disk lose data); last status {last}"
+                ))
             }
             Err(e) => {
                 return Err(format!(

@@ -139,6 +139,9 @@ pub struct PciPassthrough {
     pub mediated: Option<Arc<MediatedBackend>>,
     /// How its state is saved and restored, if it can be.
     pub migration: Option<Arc<dyn devices::vfio::migration::DeviceMigration>>,
+    /// Why it cannot migrate: `Some` exactly when `migration` is `None`. A VM holding such a
+    /// device refuses snapshots and live migration (its state would be lost silently).
+    pub migration_blocker: Option<String>,
 }
 
 /// Per-device access statistics, for `--exit-stats`.
@@ -194,7 +197,7 @@ fn open_backend(
     spec: &DeviceSpec,
     ctx: &DeviceContext<'_>,
     container: &mut Option<Arc<vfio_ioctls::VfioContainer>>,
-    native: &mut Option<Arc<dyn devices::vfio::migration::DeviceMigration>>,
+    native: &mut Result<Arc<dyn devices::vfio::migration::DeviceMigration>, String>,
 ) -> Result<Arc<dyn VfioBackend>, DeviceSetupError> {
     let device = spec.to_string();
     match &spec.kind {
@@ -209,7 +212,12 @@ fn open_backend(
             if spec.mediation.is_none() {
                 *native = b
                     .native_migration(ctx.mem)
-                    .map_err(|error| DeviceSetupError::Connect { device, error })?;
+                    .map_err(|error| DeviceSetupError::Connect { device, error })?
+                    .ok_or_else(|| {
+                        "its vfio-user server offers no migration (no migration device \
+                         feature, no migration region)"
+                            .to_string()
+                    });
             }
             Ok(trap_all_unless(spec.mmap, Arc::new(b)))
         }
@@ -241,10 +249,16 @@ fn open_backend(
                         if let Err(e) = m.set_dma_ranges(&ranges) {
                             tracing::warn!("{device}: DMA dirty logging unavailable: {e}");
                         }
-                        *native = Some(Arc::new(m));
+                        *native = Ok(Arc::new(m));
                     }
-                    Ok(None) => tracing::info!("{device}: its driver offers no migration"),
-                    Err(e) => tracing::warn!("{device}: cannot use its migration: {e}"),
+                    Ok(None) => {
+                        tracing::info!("{device}: its driver offers no migration");
+                        *native = Err("its kernel VFIO driver offers no migration".into());
+                    }
+                    Err(e) => {
+                        tracing::warn!("{device}: cannot use its migration: {e}");
+                        *native = Err(format!("its kernel VFIO migration is unusable: {e}"));
+                    }
                 }
             }
             Ok(trap_all_unless(spec.mmap, Arc::new(b)))
@@ -271,7 +285,8 @@ pub fn add_devices(
                     error,
                 })?;
         }
-        let mut native = None;
+        // Set by open_backend for plain devices; a mediated one migrates through its mediator.
+        let mut native = Err("its migration was not probed".to_string());
         let mut backend = open_backend(spec, ctx, &mut container, &mut native)?;
         let mut mediated = None;
         if let Some(m) = &spec.mediation {
@@ -352,14 +367,27 @@ pub fn add_devices(
             dev.gsis()
         );
         let migration = match &mediated {
-            Some(m) => m.migration(),
+            Some(m) => m.migration().ok_or_else(|| {
+                format!(
+                    "its mediator {} has no migration region",
+                    m.mediator_name()
+                )
+            }),
             None => native,
+        };
+        if let Err(why) = &migration {
+            tracing::info!("{device} cannot migrate: {why}; snapshots and live migration of this VM will be refused");
+        }
+        let (migration, migration_blocker) = match migration {
+            Ok(m) => (Some(m), None),
+            Err(why) => (None, Some(why)),
         };
         built.push(PciPassthrough {
             id: spec.id.clone(),
             device: dev,
             mediated,
             migration,
+            migration_blocker,
         });
     }
     Ok(built)

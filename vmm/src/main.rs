@@ -57,10 +57,28 @@ fn main() -> ExitCode {
     match run(&cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("vmm: error: {e:#}");
+            eprintln!("vmm: error: {}", error_text(&e));
             ExitCode::from(1)
         }
     }
+}
+
+/// The error and its causes on one line, each cause once: many of the project's error
+/// messages already include their source's text, so a cause whose text the line holds
+/// already is not repeated (plain `{:#}` printed `X: X: X`).
+fn error_text(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 fn init_logging(filter: Option<&str>) {
@@ -168,5 +186,29 @@ fn print_stats(stats: &vm::RunStats, secs: f64) {
         if d.errors > 0 {
             eprintln!("exit-stats: pci {:<12} backend errors {}", d.id, d.errors);
         }
+    }
+}
+
+#[cfg(test)]
+mod error_text_tests {
+    use super::error_text;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("connecting to the device: {source}")]
+    struct Embeds {
+        #[source]
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn each_cause_is_printed_once() {
+        let io = std::io::Error::other("connection refused");
+        let e = anyhow::Error::new(Embeds { source: io }).context("starting the VM");
+        assert_eq!(
+            error_text(&e),
+            "starting the VM: connecting to the device: connection refused"
+        );
+        let plain = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(error_text(&plain), "outer: inner");
     }
 }

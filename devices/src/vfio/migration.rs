@@ -122,7 +122,7 @@ pub enum MigrationError {
         state: MigrationState,
     },
     /// The device (or whatever serves its state) reported a failure.
-    #[error("the device failed to {op}: {reason}")]
+    #[error("{op}: the device failed: {reason}")]
     Device {
         /// What was attempted.
         op: String,

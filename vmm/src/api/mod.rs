@@ -230,7 +230,7 @@ pub fn handle(request: Request, state: &ApiState) -> Response {
             }
         }
         Request::MigrationStatus {} => {
-            Response::ok(serde_json::to_value(state.machine.migration.get()).unwrap_or(Value::Null))
+            Response::ok(serde_json::to_value(state.machine.migration.report()).unwrap_or(Value::Null))
         }
         Request::Snapshot { path, paused } => {
             match crate::snapshot::file::snapshot(&state.machine, &path, paused) {
@@ -252,7 +252,8 @@ pub fn handle(request: Request, state: &ApiState) -> Response {
             };
             let Some(m) = &d.migration else {
                 return Response::error(format!(
-                    "device {id} cannot migrate: it has no mediator with a migration region"
+                    "device {id} cannot migrate: {}",
+                    d.migration_blocker.as_deref().unwrap_or("it has no migration interface")
                 ));
             };
             match migration::run(&**m, op, path.as_deref()) {

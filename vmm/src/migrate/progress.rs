@@ -1,6 +1,9 @@
 //! The source's migration status, shared with the API.
 
-use std::sync::{Mutex, MutexGuard};
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -76,12 +79,68 @@ pub struct StopAndCopyTimes {
 #[derive(Default)]
 pub struct Tracker {
     status: Mutex<Status>,
+    /// Bytes on the wire so far, counted as they leave (so progress shows during a pass).
+    sent: Arc<AtomicU64>,
+    /// Someone asked for the status during this migration (a `vmm ctl migrate` following it).
+    followed: AtomicBool,
+    /// A client has been told the migration completed.
+    completion_told: Mutex<bool>,
+    told: Condvar,
 }
 
 impl Tracker {
-    /// The status now.
+    /// The status now (the byte count live while a migration runs).
     pub fn get(&self) -> Status {
-        self.lock().clone()
+        let mut s = self.lock().clone();
+        if matches!(s.phase, Phase::PreCopy | Phase::StopAndCopy) {
+            s.bytes = s.bytes.max(self.sent.load(Ordering::Relaxed));
+        }
+        s
+    }
+
+    /// The status as a client is told it: a client told "completed" is remembered, so
+    /// the source can wait for it before exiting ([`Self::wait_completion_told`]).
+    pub fn report(&self) -> Status {
+        let s = self.get();
+        if s.phase != Phase::None {
+            self.followed.store(true, Ordering::Relaxed);
+        }
+        if s.phase == Phase::Completed {
+            *self.completion_told.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            self.told.notify_all();
+        }
+        s
+    }
+
+    /// Starts a new migration's status (counters and followers reset).
+    pub fn begin(&self, status: Status) {
+        *self.lock() = status;
+        self.sent.store(0, Ordering::Relaxed);
+        self.followed.store(false, Ordering::Relaxed);
+        *self.completion_told.lock().unwrap_or_else(|e| e.into_inner()) = false;
+    }
+
+    /// After a completed migration, before this VMM exits: if a client follows the
+    /// migration, waits (at most `limit`) until it has been told the migration completed,
+    /// so that it does not mistake the source's exit for a failure. Returns whether it was.
+    pub fn wait_completion_told(&self, limit: Duration) -> bool {
+        if !self.followed.load(Ordering::Relaxed) {
+            return true;
+        }
+        let told = self.completion_told.lock().unwrap_or_else(|e| e.into_inner());
+        let (told, _) = self
+            .told
+            .wait_timeout_while(told, limit, |t| !*t)
+            .unwrap_or_else(|e| e.into_inner());
+        *told
+    }
+
+    /// A writer that counts the bytes `inner` takes into this migration's progress.
+    pub fn counted<W: Write>(&self, inner: W) -> Counted<W> {
+        Counted {
+            inner,
+            sent: self.sent.clone(),
+        }
     }
 
     /// Changes it.
@@ -95,5 +154,63 @@ impl Tracker {
             self.lock().phase,
             Phase::Setup | Phase::PreCopy | Phase::StopAndCopy
         )
+    }
+}
+
+/// Counts the bytes written through it into a migration's progress.
+pub struct Counted<W> {
+    inner: W,
+    sent: Arc<AtomicU64>,
+}
+
+impl<W: Write> Write for Counted<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.sent.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_show_while_a_pass_runs() {
+        let t = Tracker::default();
+        t.begin(Status {
+            phase: Phase::PreCopy,
+            ..Default::default()
+        });
+        let mut w = t.counted(Vec::new());
+        w.write_all(&[0u8; 5000]).unwrap();
+        assert_eq!(t.get().bytes, 5000);
+    }
+
+    #[test]
+    fn the_exit_waits_for_a_follower_to_be_told() {
+        let t = Arc::new(Tracker::default());
+        // Nobody follows: no wait.
+        t.begin(Status::default());
+        assert!(t.wait_completion_told(Duration::from_secs(5)));
+        // A follower asked during the migration: the exit waits until it is told.
+        t.begin(Status {
+            phase: Phase::PreCopy,
+            ..Default::default()
+        });
+        t.report();
+        t.lock().phase = Phase::Completed;
+        assert!(!t.wait_completion_told(Duration::from_millis(50)));
+        let t2 = t.clone();
+        let follower = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            t2.report()
+        });
+        assert!(t.wait_completion_told(Duration::from_secs(5)));
+        assert_eq!(follower.join().unwrap().phase, Phase::Completed);
     }
 }

@@ -10,13 +10,13 @@ use devices::vfio::migration::MigrationState;
 use migration::{Control, DevicePhase, Section, StreamReader, StreamWriter, FLAG_LIVE};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use super::progress::{Phase, StopAndCopyTimes};
+use super::progress::{Counted, Phase, StopAndCopyTimes};
 use super::stall::StallGuard;
 use super::throttle::{Cap, Throttled};
 use crate::exit::ExitReason;
 use crate::machine::Machine;
 use crate::snapshot::save::{
-    config, restart_devices, stop_devices, write_all_ram, write_device_chunks, write_final_state,
+    check_migratable, config, restart_devices, stop_devices, write_all_ram, write_device_chunks, write_final_state,
     write_pages,
 };
 
@@ -28,6 +28,8 @@ const IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the Abort after a failure may take: the stream may be the thing that failed
 /// (a cut link), and the guest's resumption here waits for it.
 const ABORT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a completed source waits for a following client to read the final status.
+const FOLLOWER_GRACE: Duration = Duration::from_secs(3);
 
 /// What the caller asked for.
 #[derive(Clone, Debug)]
@@ -50,6 +52,7 @@ pub fn start(m: Arc<Machine>, req: Request) -> Result<(), String> {
     if m.caps.is_none() {
         return Err("KVM state cannot be saved on this host".into());
     }
+    check_migratable(&m).map_err(|e| e.to_string())?;
     {
         if m.migration.busy() {
             return Err(format!(
@@ -57,13 +60,12 @@ pub fn start(m: Arc<Machine>, req: Request) -> Result<(), String> {
                 m.migration.get().url
             ));
         }
-        let mut s = m.migration.lock();
-        *s = super::progress::Status {
+        m.migration.begin(super::progress::Status {
             phase: Phase::Setup,
             url: req.url.clone(),
             downtime_budget_ms: req.downtime_ms,
             ..Default::default()
-        };
+        });
     }
     std::thread::Builder::new()
         .name("migrate".into())
@@ -71,6 +73,14 @@ pub fn start(m: Arc<Machine>, req: Request) -> Result<(), String> {
             let started = Instant::now();
             match migrate(&m, addr, &req, started) {
                 Ok(()) => {
+                    // A `vmm ctl migrate` following the migration must hear that it
+                    // completed before this VMM goes, or it reports a lost source.
+                    if !m.migration.wait_completion_told(FOLLOWER_GRACE) {
+                        tracing::warn!(
+                            "the client following the migration did not ask for the final status within {} s",
+                            FOLLOWER_GRACE.as_secs()
+                        );
+                    }
                     tracing::info!("migration to {} complete; exiting", req.url);
                     m.exit.trigger(ExitReason::Migrated(req.url.clone()));
                 }
@@ -92,7 +102,7 @@ pub fn start(m: Arc<Machine>, req: Request) -> Result<(), String> {
 
 /// Sends on the socket; fails with what was being sent.
 struct Link {
-    w: StreamWriter<BufWriter<Throttled<StallGuard<TcpStream>>>>,
+    w: StreamWriter<BufWriter<Throttled<Counted<StallGuard<TcpStream>>>>>,
     /// The socket itself, for its timeouts.
     socket: TcpStream,
     /// Pre-copy's bandwidth cap, lifted for stop-and-copy.
@@ -190,7 +200,10 @@ fn migrate(
     let writer = BufWriter::with_capacity(
         1 << 20,
         Throttled::new(
-            StallGuard::new(stream.try_clone().map_err(|e| e.to_string())?, IO_TIMEOUT),
+            m.migration.counted(StallGuard::new(
+                stream.try_clone().map_err(|e| e.to_string())?,
+                IO_TIMEOUT,
+            )),
             cap.clone(),
         ),
     );

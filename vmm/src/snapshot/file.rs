@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use super::save::{config, restart_devices, stop_devices, write_all_ram, write_final_state};
+use super::save::{check_migratable, config, restart_devices, stop_devices, write_all_ram, write_final_state};
 use super::SnapshotError;
 use crate::machine::Machine;
 
@@ -17,6 +17,7 @@ pub fn snapshot(m: &Machine, path: &Path, stay_paused: bool) -> Result<Value, Sn
             "probing KVM's capabilities failed at start".into(),
         ));
     }
+    check_migratable(m)?;
     let started = Instant::now();
     let mut paused = m.lock();
     let was_paused = *paused;

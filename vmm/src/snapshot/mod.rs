@@ -10,6 +10,8 @@
 //! [`DeviceMigration`](devices::vfio::migration::DeviceMigration)); `ID/pci` its
 //! virtualized PCI configuration; `serial0`, `serial1` and `i8042` the legacy devices.
 
+use std::fmt::Write as _;
+
 pub mod file;
 pub mod restore;
 pub mod save;
@@ -45,7 +47,29 @@ pub enum SnapshotError {
     /// The stream does not fit this VM, or lacks something.
     #[error("{0}")]
     Mismatch(String),
+    /// The VM holds devices that cannot migrate: saving it would lose their state.
+    #[error("{}", blocked_text(.0))]
+    NotMigratable(Vec<Blocked>),
     /// KVM capabilities were not probed, so nothing can be saved.
     #[error("KVM state cannot be saved on this host: {0}")]
     NoCaps(String),
+}
+
+/// A device that cannot migrate, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blocked {
+    /// The device id.
+    pub id: String,
+    /// Why it cannot migrate.
+    pub reason: String,
+}
+
+fn blocked_text(devices: &[Blocked]) -> String {
+    let mut out = String::new();
+    for (n, b) in devices.iter().enumerate() {
+        let sep = if n == 0 { "" } else { "; " };
+        let _ = write!(out, "{sep}device {} cannot migrate: {}", b.id, b.reason);
+    }
+    out.push_str(" (its state would be lost; remove the device or give it a migration path)");
+    out
 }

@@ -106,7 +106,8 @@ pub fn open<R: Read>(r: R) -> Result<(StreamReader<R>, VmConfig), SnapshotError>
     }
 }
 
-/// Checks that the devices of this VMM are exactly those the stream carries.
+/// Checks that the devices of this VMM are exactly those the stream carries, and that each
+/// can take its saved state here (a device that cannot migrate would run reset).
 pub fn check_devices(config: &VmConfig, devices: &[PciPassthrough]) -> Result<(), SnapshotError> {
     let theirs: BTreeSet<&str> = config.devices.iter().map(String::as_str).collect();
     let ours: BTreeSet<&str> = devices.iter().map(|d| d.id.as_str()).collect();
@@ -123,6 +124,44 @@ pub fn check_devices(config: &VmConfig, devices: &[PciPassthrough]) -> Result<()
             list(&theirs),
             list(&ours)
         )));
+    }
+    let blocked: Vec<super::Blocked> = devices
+        .iter()
+        .filter(|d| d.migration.is_none())
+        .map(|d| super::Blocked {
+            id: d.id.clone(),
+            reason: format!(
+                "{}, so its saved state cannot be loaded here",
+                d.migration_blocker.as_deref().unwrap_or("it has no migration interface")
+            ),
+        })
+        .collect();
+    if !blocked.is_empty() {
+        return Err(SnapshotError::NotMigratable(blocked));
+    }
+    Ok(())
+}
+
+/// Refuses a stream that does not carry the whole state of every device: running the
+/// guest with a device reset would lose the device's data without a word.
+fn check_complete(t: &Target<'_>, done: &[&str], configs: &Configs) -> Result<(), SnapshotError> {
+    for d in t.devices {
+        if !done.contains(&d.id.as_str()) {
+            return Err(SnapshotError::Device {
+                id: d.id.clone(),
+                reason: "the stream ends without the end of its state (the source never \
+                         saved it whole); refusing to run the guest with the device reset"
+                    .into(),
+            });
+        }
+        if !configs.pci.iter().any(|(id, _)| id == &d.id) {
+            return Err(SnapshotError::Device {
+                id: d.id.clone(),
+                reason: "the stream carries no PCI configuration for it; refusing to run \
+                         the guest with the device unconfigured"
+                    .into(),
+            });
+        }
     }
     Ok(())
 }
@@ -182,6 +221,8 @@ pub fn apply<R: Read>(
     let mut vcpus: Vec<Option<VcpuState>> = (0..t.vcpus.len()).map(|_| None).collect();
     let mut vm_state = None;
     let mut resuming: Vec<&PciPassthrough> = Vec::new();
+    // Devices whose end-of-state marker (an empty final section) arrived.
+    let mut done: Vec<&str> = Vec::new();
     let mut configs = Configs::default();
     let mut written = PageBits::default();
     loop {
@@ -231,15 +272,28 @@ pub fn apply<R: Read>(
                 })?;
                 let mig = dev.migration.as_ref().ok_or_else(|| SnapshotError::Device {
                     id: d.id.clone(),
-                    reason: "the stream has its state but it cannot migrate here (no mediator with a migration region)".into(),
+                    reason: format!(
+                        "the stream has its state but it cannot take it here: {}",
+                        dev.migration_blocker.as_deref().unwrap_or("no migration interface")
+                    ),
                 })?;
                 let derr = |e: devices::vfio::migration::MigrationError| SnapshotError::Device {
                     id: d.id.clone(),
                     reason: e.to_string(),
                 };
+                if done.contains(&dev.id.as_str()) {
+                    return Err(SnapshotError::Device {
+                        id: d.id.clone(),
+                        reason: "the stream has more of its state after its end".into(),
+                    });
+                }
                 if !resuming.iter().any(|r| r.id == d.id) {
                     mig.set_state(MigrationState::Resuming).map_err(derr)?;
                     resuming.push(dev);
+                }
+                if d.data.is_empty() && d.phase == migration::DevicePhase::Final {
+                    done.push(dev.id.as_str());
+                    continue;
                 }
                 mig.restore_chunk(&d.data).map_err(derr)?;
                 loaded.device_bytes += d.data.len() as u64;
@@ -279,6 +333,7 @@ pub fn apply<R: Read>(
     }
     let read_at = Instant::now();
     loaded.read_at = Some(read_at);
+    check_complete(t, &done, &configs)?;
     let vm_state = vm_state.ok_or_else(|| {
         SnapshotError::Mismatch("the stream has no irqchip/PIT/clock state".into())
     })?;

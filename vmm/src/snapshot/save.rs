@@ -6,7 +6,7 @@ use devices::vfio::migration::{DeviceMigration, MigrationState};
 use migration::{DevicePhase, RamPagesBuilder, StreamWriter, VmConfig, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use super::SnapshotError;
+use super::{Blocked, SnapshotError};
 use crate::machine::Machine;
 use crate::state::vm::VmState;
 use crate::state::StateBytes;
@@ -15,6 +15,29 @@ use crate::state::StateBytes;
 const RAM_CHUNK: usize = 4 << 20;
 /// Chunks read from one device before giving up on it.
 const MAX_DEVICE_CHUNKS: usize = 100_000;
+
+/// Refuses a VM holding a device that cannot migrate (a snapshot or migration of it would
+/// carry no device state and the device would come back reset: data lost without a word).
+/// Called before anything is paused or sent.
+pub fn check_migratable(m: &Machine) -> Result<(), SnapshotError> {
+    let blocked: Vec<Blocked> = m
+        .devices
+        .iter()
+        .filter(|d| d.migration.is_none())
+        .map(|d| Blocked {
+            id: d.id.clone(),
+            reason: d
+                .migration_blocker
+                .clone()
+                .unwrap_or_else(|| "it has no migration interface".into()),
+        })
+        .collect();
+    if blocked.is_empty() {
+        Ok(())
+    } else {
+        Err(SnapshotError::NotMigratable(blocked))
+    }
+}
 
 /// The config section of `m`: memory, vCPUs and the devices whose state follows.
 pub fn config(m: &Machine) -> VmConfig {
@@ -166,6 +189,8 @@ pub fn write_device_chunks<W: Write>(
             return Ok(bytes);
         }
         match dev.save_chunk().map_err(derr)? {
+            // An empty section is the end-of-state marker: never send one as a chunk.
+            Some(chunk) if chunk.is_empty() => {}
             Some(chunk) => {
                 bytes += chunk.len() as u64;
                 w.write_device(id, phase, &chunk)?;
@@ -225,9 +250,17 @@ pub fn write_final_state<W: Write>(
     w: &mut StreamWriter<W>,
 ) -> Result<(), SnapshotError> {
     for d in m.devices.iter() {
-        if let Some(mig) = &d.migration {
-            write_device_chunks(&d.id, &**mig, DevicePhase::Final, w)?;
-        }
+        let Some(mig) = &d.migration else {
+            // check_migratable refused this VM before anything was stopped.
+            return Err(SnapshotError::NotMigratable(vec![Blocked {
+                id: d.id.clone(),
+                reason: d.migration_blocker.clone().unwrap_or_default(),
+            }]));
+        };
+        write_device_chunks(&d.id, &**mig, DevicePhase::Final, w)?;
+        // The end of its state: the receiver refuses a stream without it rather than run
+        // the device reset (a device may have zero bytes of state, so chunks cannot tell).
+        w.write_device(&d.id, DevicePhase::Final, &[])?;
     }
     for (i, s) in m.capture_vcpus()?.iter().enumerate() {
         w.write_vcpu(i as u32, &s.to_bytes()?)?;
