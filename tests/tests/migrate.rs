@@ -7,9 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use vmm_tests::agent::protocol::WorkloadVerifyReply;
-use vmm_tests::harness::migration::{
-    follow, settle_workload, start_destination, start_source, workload,
-};
+use vmm_tests::harness::migration::{settle_workload, start_destination, start_source, workload};
 use vmm_tests::harness::netns::{NetnsPair, Side};
 use vmm_tests::harness::workload::WorkloadClient;
 use vmm_tests::harness::{ApiClient, TestDir, Vfsim, Vm};
@@ -17,7 +15,6 @@ use vmm_tests::harness::{ApiClient, TestDir, Vfsim, Vm};
 const DISK_SIZE: u64 = 64 << 20;
 const PORT: u16 = 4444;
 /// The longest a migration here may take (a debug build, capped at 40 MB/s: about 4 s).
-const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
 
 struct Hosts {
     pair: NetnsPair,
@@ -81,11 +78,21 @@ impl Hosts {
     }
 }
 
-/// Starts a migration and follows it to the end; returns the last status.
-fn migrate(api: &mut ApiClient, url: &str) -> Value {
-    api.request(&json!({"request": "migrate", "url": url}))
-        .expect("migrate");
-    follow(api, MIGRATION_TIMEOUT)
+/// Migrates with `vmm ctl migrate`, as an operator does, and returns the final status. Its
+/// exit code must tell the truth: 0 exactly when the migration completed.
+fn migrate(api: &mut ApiClient, url: &str, args: &[&str]) -> Value {
+    let out = api.ctl_migrate(url, args);
+    eprintln!("vmm ctl migrate: exit {:?}\n{}", out.code, out.stderr);
+    if out.code == Some(0) {
+        assert_eq!(out.status["phase"], "completed", "{out:?}");
+        return out.status;
+    }
+    assert_eq!(out.code, Some(1), "{out:?}");
+    let status = api
+        .request(&json!({"request": "migration-status"}))
+        .unwrap_or_else(|e| panic!("ctl said it failed but the source is gone ({e}): {out:?}"));
+    assert_eq!(status["phase"], "failed", "ctl exited 1: {out:?}\n{status}");
+    status
 }
 
 /// What the guest's threads are doing, its clock and interrupts (for failure reports).
@@ -187,10 +194,16 @@ fn migrate_under_workload(
     // A 1 ms budget keeps pre-copy iterating (to its cap of passes) after the first pass,
     // while the device keeps writing read-back buffers by DMA into pages already sent: the
     // case device dirty tracking exists for.
-    api.request(&json!({"request": "migrate", "url": url, "downtime_ms": 1,
-                        "max_bandwidth_mb_s": TEST_BANDWIDTH_MB_S}))
-        .expect("migrate");
-    let status = follow(&mut api, MIGRATION_TIMEOUT);
+    let status = migrate(
+        &mut api,
+        &url,
+        &[
+            "--downtime-ms",
+            "1",
+            "--max-bandwidth-mb-s",
+            &TEST_BANDWIDTH_MB_S.to_string(),
+        ],
+    );
     let total = t.elapsed();
     assert_eq!(status["phase"], "completed", "{status}\n{}", src.describe());
     let st = src
@@ -376,7 +389,7 @@ fn migration_faults_leave_the_source_running() {
     for (what, port, fault, cause) in cases {
         let (dst, _vf_b) = h.destination(port);
         let _p = proxy(&h, port + 100, port, fault(dst.pid()));
-        let status = migrate(&mut api, &format!("tcp:{b}:{}", port + 100));
+        let status = migrate(&mut api, &format!("tcp:{b}:{}", port + 100), &[]);
         eprintln!("{what}: source status {status}");
         assert_eq!(status["phase"], "failed", "{what}: {status}");
         let st = dst

@@ -17,7 +17,12 @@ use vmm_tests::harness::{ApiClient, TestDir, Vfsim, Vm};
 fn start_with_api(dir: &TestDir, device: &str) -> (Vm, ApiClient) {
     let api_path = dir.join("api.sock");
     let vm = Vm::builder()
-        .vmm_args(&["--device", device, "--api-socket", &api_path.display().to_string()])
+        .vmm_args(&[
+            "--device",
+            device,
+            "--api-socket",
+            &api_path.display().to_string(),
+        ])
         .boot()
         .expect("start vmm");
     let api = ApiClient::connect(&api_path, Duration::from_secs(10))
@@ -139,9 +144,11 @@ fn restore_refuses_a_stream_without_a_devices_state() {
 
     // The device's own state (chunks and end marker) removed, its PCI state kept.
     let stripped = dir.join("stripped.snap");
-    rewrite_without(&snap, &stripped, |s| {
-        matches!(s, Section::Device(d) if d.id == "vf0")
-    });
+    rewrite_without(
+        &snap,
+        &stripped,
+        |s| matches!(s, Section::Device(d) if d.id == "vf0"),
+    );
     let vfsim2 = Vfsim::start_with_pf(&dir, &disk, "vf1");
     let e = restore_fails(&stripped, &vfsim2.mediated("virtio-blk-vf", "vf0"));
     assert!(e.contains("device vf0"), "{e}");
@@ -149,17 +156,21 @@ fn restore_refuses_a_stream_without_a_devices_state() {
 
     // Only the end marker removed: the state may be cut short, so it is refused too.
     let unmarked = dir.join("unmarked.snap");
-    rewrite_without(&snap, &unmarked, |s| {
-        matches!(s, Section::Device(d) if d.id == "vf0" && d.data.is_empty())
-    });
+    rewrite_without(
+        &snap,
+        &unmarked,
+        |s| matches!(s, Section::Device(d) if d.id == "vf0" && d.data.is_empty()),
+    );
     let e = restore_fails(&unmarked, &vfsim2.mediated("virtio-blk-vf", "vf0"));
     assert!(e.contains("without the end of its state"), "{e}");
 
     // Its PCI state removed.
     let no_pci = dir.join("no-pci.snap");
-    rewrite_without(&snap, &no_pci, |s| {
-        matches!(s, Section::Device(d) if d.id == "vf0/pci")
-    });
+    rewrite_without(
+        &snap,
+        &no_pci,
+        |s| matches!(s, Section::Device(d) if d.id == "vf0/pci"),
+    );
     let e = restore_fails(&no_pci, &vfsim2.mediated("virtio-blk-vf", "vf0"));
     assert!(e.contains("no PCI configuration"), "{e}");
 

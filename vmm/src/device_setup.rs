@@ -368,10 +368,7 @@ pub fn add_devices(
         );
         let migration = match &mediated {
             Some(m) => m.migration().ok_or_else(|| {
-                format!(
-                    "its mediator {} has no migration region",
-                    m.mediator_name()
-                )
+                format!("its mediator {} has no migration region", m.mediator_name())
             }),
             None => native,
         };

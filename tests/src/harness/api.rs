@@ -11,6 +11,7 @@ use serde_json::Value;
 pub struct ApiClient {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
+    path: std::path::PathBuf,
 }
 
 impl ApiClient {
@@ -33,7 +34,57 @@ impl ApiClient {
         Ok(ApiClient {
             reader: BufReader::new(stream),
             writer,
+            path: path.to_path_buf(),
         })
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `vmm ctl --api-socket PATH migrate URL ARGS...` to its end, as an operator
+    /// would. The API serves one client at a time, so this client's connection is closed
+    /// meanwhile and opened again afterwards if the VMM still listens.
+    pub fn ctl_migrate(&mut self, url: &str, args: &[&str]) -> CtlOutcome {
+        let _ = self.writer.shutdown(std::net::Shutdown::Both);
+        let bin = super::vmm_binary().expect("vmm binary");
+        let child = std::process::Command::new(bin)
+            .arg("ctl")
+            .arg("--api-socket")
+            .arg(&self.path)
+            .arg("migrate")
+            .arg(url)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run vmm ctl");
+        // Bounded: a ctl that never ends fails the test instead of hanging it.
+        let pid = child.id();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let watchdog = std::thread::spawn(move || {
+            if done_rx.recv_timeout(CTL_MIGRATE_LIMIT).is_err() {
+                // SAFETY: kill(2) only sends a signal. The pid is our child's; it is reaped
+                // by wait_with_output, which can race with this only if ctl ends exactly at
+                // the limit (then the signal may hit nothing or, unlikely, a reused pid).
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        });
+        let out = child.wait_with_output().expect("wait for vmm ctl");
+        let _ = done_tx.send(());
+        let _ = watchdog.join();
+        if let Ok(again) = ApiClient::connect(&self.path, Duration::from_millis(300)) {
+            *self = again;
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        CtlOutcome {
+            code: out.status.code(),
+            status: serde_json::from_str(&stdout).unwrap_or(Value::Null),
+            stdout,
+            stderr: String::from_utf8_lossy(&out.stderr).to_string(),
+        }
     }
 
     /// Sends `request` and returns the whole response object.
@@ -77,6 +128,22 @@ impl ApiClient {
             .cloned()
             .ok_or_else(|| format!("no device {id} in {all}"))
     }
+}
+
+/// The longest a `vmm ctl migrate` may take in a test before it is killed.
+const CTL_MIGRATE_LIMIT: Duration = Duration::from_secs(300);
+
+/// What `vmm ctl migrate` did.
+#[derive(Debug)]
+pub struct CtlOutcome {
+    /// Its exit code.
+    pub code: Option<i32>,
+    /// The final status it printed (JSON), or null.
+    pub status: Value,
+    /// Its standard output.
+    pub stdout: String,
+    /// Its standard error (progress lines, the error).
+    pub stderr: String,
 }
 
 /// Boots a VM with `device` (a `--device` option) and a control API socket in `dir`;

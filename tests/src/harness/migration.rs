@@ -79,9 +79,9 @@ pub fn start_destination(builder: VmBuilder, url: &str, device: &str, api: &Path
     vm
 }
 
-/// Follows a started migration until it completes or fails; its last status. A source
-/// that exits right after completing (before this saw it) gives `{"phase": "completed",
-/// "last": <the status seen before>}`. Panics after `timeout`.
+/// Follows a started migration until it completes or fails; its last status. A completed
+/// source waits for the client following it to be told before it exits, so losing the
+/// source before "completed" is a failure. Panics after `timeout`.
 pub fn follow(api: &mut ApiClient, timeout: Duration) -> Value {
     let deadline = Instant::now() + timeout;
     let mut last = Value::Null;
@@ -93,7 +93,9 @@ pub fn follow(api: &mut ApiClient, timeout: Duration) -> Value {
                 }
                 last = s;
             }
-            Err(_) => return json!({"phase": "completed", "last": last}),
+            Err(e) => panic!(
+                "lost the source before it said the migration ended ({e}); last status {last}"
+            ),
         }
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -31,7 +31,7 @@ pub use crate::agent::protocol::{
     BlkRequest, BlkVerifyReply, BlkWriteReply, ChecksumReply, MemCheckReply, MemFillReply,
     PingReply, PokeReply, Reply, RunOutput, RunRequest,
 };
-pub use api::{boot_with_api, ApiClient};
+pub use api::{boot_with_api, ApiClient, CtlOutcome};
 pub use client::{Agent, AgentError, DEFAULT_TIMEOUT};
 pub use guest_run::run;
 pub use image::{GuestImage, ImageError};

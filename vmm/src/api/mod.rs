@@ -229,9 +229,9 @@ pub fn handle(request: Request, state: &ApiState) -> Response {
                 Err(e) => Response::error(format!("cannot migrate: {e}")),
             }
         }
-        Request::MigrationStatus {} => {
-            Response::ok(serde_json::to_value(state.machine.migration.report()).unwrap_or(Value::Null))
-        }
+        Request::MigrationStatus {} => Response::ok(
+            serde_json::to_value(state.machine.migration.report()).unwrap_or(Value::Null),
+        ),
         Request::Snapshot { path, paused } => {
             match crate::snapshot::file::snapshot(&state.machine, &path, paused) {
                 Ok(v) => Response::ok(v),
@@ -253,7 +253,9 @@ pub fn handle(request: Request, state: &ApiState) -> Response {
             let Some(m) = &d.migration else {
                 return Response::error(format!(
                     "device {id} cannot migrate: {}",
-                    d.migration_blocker.as_deref().unwrap_or("it has no migration interface")
+                    d.migration_blocker
+                        .as_deref()
+                        .unwrap_or("it has no migration interface")
                 ));
             };
             match migration::run(&**m, op, path.as_deref()) {

@@ -106,7 +106,10 @@ impl Tracker {
             self.followed.store(true, Ordering::Relaxed);
         }
         if s.phase == Phase::Completed {
-            *self.completion_told.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            *self
+                .completion_told
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = true;
             self.told.notify_all();
         }
         s
@@ -117,7 +120,10 @@ impl Tracker {
         *self.lock() = status;
         self.sent.store(0, Ordering::Relaxed);
         self.followed.store(false, Ordering::Relaxed);
-        *self.completion_told.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        *self
+            .completion_told
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = false;
     }
 
     /// After a completed migration, before this VMM exits: if a client follows the
@@ -127,7 +133,10 @@ impl Tracker {
         if !self.followed.load(Ordering::Relaxed) {
             return true;
         }
-        let told = self.completion_told.lock().unwrap_or_else(|e| e.into_inner());
+        let told = self
+            .completion_told
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let (told, _) = self
             .told
             .wait_timeout_while(told, limit, |t| !*t)

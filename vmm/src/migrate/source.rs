@@ -16,8 +16,8 @@ use super::throttle::{Cap, Throttled};
 use crate::exit::ExitReason;
 use crate::machine::Machine;
 use crate::snapshot::save::{
-    check_migratable, config, restart_devices, stop_devices, write_all_ram, write_device_chunks, write_final_state,
-    write_pages,
+    check_migratable, config, restart_devices, stop_devices, write_all_ram, write_device_chunks,
+    write_final_state, write_pages,
 };
 
 /// Pre-copy passes after the first before stopping the guest anyway.

@@ -5,7 +5,9 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use super::save::{check_migratable, config, restart_devices, stop_devices, write_all_ram, write_final_state};
+use super::save::{
+    check_migratable, config, restart_devices, stop_devices, write_all_ram, write_final_state,
+};
 use super::SnapshotError;
 use crate::machine::Machine;
 

@@ -132,7 +132,9 @@ pub fn check_devices(config: &VmConfig, devices: &[PciPassthrough]) -> Result<()
             id: d.id.clone(),
             reason: format!(
                 "{}, so its saved state cannot be loaded here",
-                d.migration_blocker.as_deref().unwrap_or("it has no migration interface")
+                d.migration_blocker
+                    .as_deref()
+                    .unwrap_or("it has no migration interface")
             ),
         })
         .collect();
@@ -270,13 +272,18 @@ pub fn apply<R: Read>(
                         d.id
                     ))
                 })?;
-                let mig = dev.migration.as_ref().ok_or_else(|| SnapshotError::Device {
-                    id: d.id.clone(),
-                    reason: format!(
-                        "the stream has its state but it cannot take it here: {}",
-                        dev.migration_blocker.as_deref().unwrap_or("no migration interface")
-                    ),
-                })?;
+                let mig = dev
+                    .migration
+                    .as_ref()
+                    .ok_or_else(|| SnapshotError::Device {
+                        id: d.id.clone(),
+                        reason: format!(
+                            "the stream has its state but it cannot take it here: {}",
+                            dev.migration_blocker
+                                .as_deref()
+                                .unwrap_or("no migration interface")
+                        ),
+                    })?;
                 let derr = |e: devices::vfio::migration::MigrationError| SnapshotError::Device {
                     id: d.id.clone(),
                     reason: e.to_string(),
