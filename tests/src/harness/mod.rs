@@ -22,6 +22,7 @@ pub mod image;
 pub mod migration;
 pub mod netns;
 pub mod paths;
+pub mod peers;
 pub mod testdir;
 pub mod vfsim;
 pub mod vm;

@@ -1,0 +1,173 @@
+//! Third-party vfio-user servers for the interop tests: libvfio-user's samples (`server`,
+//! `gpio-pci-idio-16`) and QEMU's `x-vfio-user-server`, built from Debian's QEMU source
+//! package by `tests/peers/build.sh` (which `scripts/test.sh` runs and whose paths it
+//! exports). A test that needs a peer fails with a clear message when it is not built:
+//! the interop tests never pass by skipping.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::testdir::TestDir;
+
+/// Environment variables naming the peers' binaries (set by `scripts/test.sh` from the
+/// output of `tests/peers/build.sh`).
+pub const LVU_SERVER_ENV: &str = "VMM_PEER_LIBVFIO_USER_SERVER";
+/// See [`LVU_SERVER_ENV`].
+pub const LVU_GPIO_ENV: &str = "VMM_PEER_LIBVFIO_USER_GPIO";
+/// See [`LVU_SERVER_ENV`].
+pub const QEMU_ENV: &str = "VMM_PEER_QEMU_VFIO_USER";
+
+fn peer_binary(var: &str) -> PathBuf {
+    let path = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
+        panic!(
+            "{var} is not set: build the third-party vfio-user servers with \
+             `bash tests/peers/build.sh` and export its KEY=path lines as {var} \
+             (scripts/test.sh does both)"
+        )
+    });
+    assert!(path.is_file(), "{var}={} is not a file", path.display());
+    path
+}
+
+/// A running third-party device server, killed on drop.
+pub struct Peer {
+    child: Child,
+    /// Its vfio-user socket.
+    pub socket: PathBuf,
+    /// Its log (stdout and stderr).
+    pub log: PathBuf,
+}
+
+impl Peer {
+    /// libvfio-user's `server` sample (`-v`, socket `NAME.sock` in `dir`), in `netns` if
+    /// given.
+    pub fn lvu_server(dir: &TestDir, name: &str, netns: Option<&str>) -> Peer {
+        let socket = dir.join(format!("{name}.sock"));
+        let bin = peer_binary(LVU_SERVER_ENV);
+        Self::spawn(dir, name, netns, &bin, &["-v".as_ref(), socket.as_os_str()], socket.clone())
+    }
+
+    /// libvfio-user's `gpio-pci-idio-16` sample (`-v`, socket `NAME.sock` in `dir`).
+    pub fn lvu_gpio(dir: &TestDir, name: &str, netns: Option<&str>) -> Peer {
+        let socket = dir.join(format!("{name}.sock"));
+        let bin = peer_binary(LVU_GPIO_ENV);
+        Self::spawn(dir, name, netns, &bin, &["-v".as_ref(), socket.as_os_str()], socket.clone())
+    }
+
+    /// QEMU's `x-vfio-user-server` exporting a modern-only virtio-blk-pci over `disk` (raw).
+    pub fn qemu_blk(dir: &TestDir, name: &str, disk: &Path) -> Peer {
+        let socket = dir.join(format!("{name}.sock"));
+        let bin = peer_binary(QEMU_ENV);
+        let drive = format!(
+            "driver=file,filename={},node-name=disk0,cache.direct=off",
+            disk.display()
+        );
+        let server = format!(
+            "x-vfio-user-server,id=vfu0,type=unix,path={},device=blk0",
+            socket.display()
+        );
+        let args: Vec<std::ffi::OsString> = [
+            "-machine",
+            "x-remote,vfio-user=on",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-serial",
+            "none",
+            "-blockdev",
+            &drive,
+            "-device",
+            "virtio-blk-pci,drive=disk0,id=blk0,disable-legacy=on,iommu_platform=on",
+            "-object",
+            &server,
+        ]
+        .iter()
+        .map(Into::into)
+        .collect();
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        Self::spawn(dir, name, None, &bin, &args, socket)
+    }
+
+    fn spawn(
+        dir: &TestDir,
+        name: &str,
+        netns: Option<&str>,
+        bin: &Path,
+        args: &[&std::ffi::OsStr],
+        socket: PathBuf,
+    ) -> Peer {
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let err = out.try_clone().unwrap();
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let mut child = cmd
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "{} exited ({status}) before creating {}:\n{}",
+                    bin.display(),
+                    socket.display(),
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not create {}",
+                bin.display(),
+                socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Peer { child, socket, log }
+    }
+
+    /// The `--device` option passing this server's function through as `id`, plus
+    /// `extra` options (e.g. `mmap=off`).
+    pub fn device(&self, id: &str, extra: &str) -> String {
+        let extra = if extra.is_empty() {
+            String::new()
+        } else {
+            format!(",{extra}")
+        };
+        format!("vfio-user,socket={},id={id}{extra}", self.socket.display())
+    }
+
+    /// Whether it still runs.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Its log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Kills it (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
