@@ -124,7 +124,9 @@ impl Client {
 
     /// Up to `size` bytes of migration data (`MIG_DATA_READ`, `size` at most
     /// [`Negotiated::max_data_xfer_size`](super::Negotiated::max_data_xfer_size)); fewer
-    /// means the server has no more for now (in `STOP_COPY`: the end).
+    /// means the server has no more for now (in `STOP_COPY`: the end). The reply's `size`
+    /// field says how much was read; padding after it (libvfio-user pads every reply to
+    /// the size asked) is dropped.
     pub fn mig_data_read(&self, size: u32) -> Result<Vec<u8>, ClientError> {
         let command = Command::MigDataRead;
         let max = self.negotiated.max_data_xfer_size;
@@ -136,14 +138,9 @@ impl Client {
         }
         let request = MigDataReadRequest { size };
         self.call(command, &request.to_bytes(), &[], |msg| {
-            let reply = MigData::parse(&msg.payload).map_err(|e| e.to_string())?;
-            if reply.data.len() > size as usize {
-                return Err(format!(
-                    "reply has {} bytes of migration data, {size} were asked",
-                    reply.data.len()
-                ));
-            }
-            Ok(reply.data)
+            MigData::parse_read_reply(&msg.payload, size)
+                .map(|reply| reply.data)
+                .map_err(|e| e.to_string())
         })
     }
 
