@@ -290,9 +290,7 @@ impl Session<'_> {
             Some(p) => p & self.config.pgsizes,
             None => self.config.pgsizes,
         };
-        // The reply's minor version is at most the proposed one (PROTOCOL_MINOR is 0
-        // today, which makes the `min` look useless to clippy).
-        #[allow(clippy::unnecessary_min_or_max)]
+        // The highest minor version both sides implement.
         let minor = proposal.minor.min(PROTOCOL_MINOR);
         let reply = Version {
             major: PROTOCOL_MAJOR,
@@ -303,6 +301,8 @@ impl Session<'_> {
                 max_dma_maps: Some(self.config.max_dma_maps),
                 pgsizes: Some(pgsizes),
                 migration: theirs.migration.as_ref().and(self.config.migration.clone()),
+                // Not offered: this server sends no commands to the client.
+                twin_socket: None,
             }),
         };
         self.peer = Some(Peer {

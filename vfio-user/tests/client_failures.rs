@@ -336,6 +336,80 @@ fn server_commands_are_refused_without_losing_the_reply() {
     server.join().unwrap();
 }
 
+/// Runs a handshake against a server that answers the proposal with `major.minor` and the
+/// capability text `json` (passing `fds` along); returns the proposal and the outcome.
+fn handshake_with(
+    major: u16,
+    minor: u16,
+    json: &str,
+    fds: Vec<std::os::fd::OwnedFd>,
+) -> (Version, Result<Client, ClientError>) {
+    let (a, b) = UnixStream::pair().unwrap();
+    let json = json.to_string();
+    let server = thread::spawn(move || {
+        let ch = vfio_user::socket::Channel::new(b);
+        let req = ch.recv(LIMITS, deadline(5)).unwrap();
+        let mut v = Vec::new();
+        v.extend_from_slice(&major.to_ne_bytes());
+        v.extend_from_slice(&minor.to_ne_bytes());
+        v.extend_from_slice(json.as_bytes());
+        v.push(0);
+        let h = Header::reply(&req.header, v.len()).unwrap();
+        let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+        ch.send(&h, &v, &borrowed, deadline(5)).unwrap();
+        // Serve one reset, if the client survived the handshake.
+        if let Ok(req) = ch.recv(LIMITS, deadline(5)) {
+            let h = Header::reply(&req.header, 0).unwrap();
+            ch.send(&h, &[], &[], deadline(5)).unwrap();
+        }
+        Version::parse(&req.payload).unwrap()
+    });
+    let client = Client::from_stream(a, TIMEOUT);
+    if let Ok(c) = &client {
+        c.reset().unwrap();
+    }
+    (server.join().unwrap(), client)
+}
+
+#[test]
+fn the_client_proposes_minor_1_and_takes_a_lower_minor() {
+    // libvfio-user's reply to a 0.0 client, with members this client does not know.
+    let json = r#"{"capabilities":{"max_msg_fds":8,"max_data_xfer_size":1048576,
+        "migration":{"pgsize":4096,"future":{"a":[1]}},"write_multiple":true,
+        "twin_socket":{"supported":false},"vendor_thing":{"x":{"y":null}}}}"#;
+    let (proposal, client) = handshake_with(0, 0, json, Vec::new());
+    assert_eq!((proposal.major, proposal.minor), (0, 1));
+    let caps = proposal.capabilities.unwrap();
+    assert_eq!(
+        caps.twin_socket, None,
+        "twin-socket mode must not be offered"
+    );
+    let client = client.expect("a lower minor and unknown members are accepted");
+    assert_eq!(client.negotiated().minor, 0);
+    assert_eq!(client.negotiated().max_msg_fds, 8);
+
+    let (_, client) = handshake_with(0, 1, r#"{"capabilities":{}}"#, Vec::new());
+    assert_eq!(client.unwrap().negotiated().minor, 1);
+}
+
+#[test]
+fn a_higher_minor_or_an_unoffered_twin_socket_fails_negotiation() {
+    let (_, client) = handshake_with(0, 2, "{}", Vec::new());
+    match client {
+        Err(ClientError::Negotiation(reason)) => assert!(reason.contains("minor"), "{reason}"),
+        other => panic!("unexpected {other:?}"),
+    }
+    let json = r#"{"capabilities":{"twin_socket":{"supported":true,"fd_index":0}}}"#;
+    let (theirs, _ours) = UnixStream::pair().unwrap();
+    let (_, client) = handshake_with(0, 1, json, vec![theirs.into()]);
+    match client {
+        Err(ClientError::Negotiation(reason)) => {
+            assert!(reason.contains("twin-socket"), "{reason}")
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
 #[test]
 fn negotiation_failures() {
     // Another major version.

@@ -47,6 +47,7 @@ fn seeds() -> Vec<Vec<u8>> {
                     pgsize: Some(4096),
                     max_bitmap_size: Some(1 << 20),
                 }),
+                twin_socket: None,
             }),
         }
         .to_bytes(),
