@@ -16,20 +16,26 @@
 //! [`Client::migration_flags`], [`Client::set_mig_state`], [`Client::mig_data_read`],
 //! [`Client::dma_logging_report`] and their siblings.
 //!
-//! Commands the server sends to the client (`DMA_READ`/`DMA_WRITE`, used only when guest
-//! memory is not shared through a file descriptor) are not supported: the client answers
-//! them with an `ENOTSUP` error reply, keeping the stream in step, and goes on waiting for
-//! its own reply.
+//! Commands the server sends to the client (`DMA_READ`/`DMA_WRITE`: the server reaches
+//! guest memory through the client, for memory mapped without a file descriptor or
+//! because it chooses to) are served by the [`ServerRequests`] handler set with
+//! [`Client::set_server_requests`], or refused with an `ENOTSUP` error reply without one;
+//! either way the stream stays in step. A caller waiting for its reply serves those that
+//! arrive first; while no request is in flight the reader thread started by
+//! [`Client::spawn_reader`] serves them (see `requests.rs` for how it stays off the
+//! callers' path). The reader also notices at once when the server hangs up. It stops
+//! when the client is dropped.
 
 mod migration;
 mod negotiate;
+mod requests;
 mod session;
 
 use std::io;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use vfio_bindings::bindings::vfio::{
@@ -47,6 +53,8 @@ use crate::types::{DeviceInfo, IrqInfo, RegionInfo};
 pub use migration::FeatureOp;
 pub use negotiate::Negotiated;
 use negotiate::{CLIENT_MAX_DATA_XFER_SIZE, CLIENT_MAX_MSG_FDS};
+use requests::Reader;
+pub use requests::ServerRequests;
 use session::Session;
 
 /// Default deadline of a request.
@@ -114,6 +122,23 @@ pub enum ClientError {
         /// What is wrong.
         reason: String,
     },
+    /// The server closed the connection while no request was in flight (seen by the
+    /// reader thread).
+    #[error("the server closed the connection (it died or hung up)")]
+    Hangup,
+    /// The server sent something invalid while no request was in flight: a reply to
+    /// nothing, a malformed message (seen by the reader thread).
+    #[error("invalid message from the server while no request was in flight: {reason}")]
+    Unsolicited {
+        /// What was wrong.
+        reason: String,
+    },
+    /// The reader thread could not be started.
+    #[error("cannot start the vfio-user reader thread: {error}")]
+    Reader {
+        /// The error of the thread or eventfd creation.
+        error: io::Error,
+    },
     /// A local socket operation failed.
     #[error("{command} failed on the socket: {source}")]
     Socket {
@@ -129,9 +154,25 @@ pub enum ClientError {
 /// several threads; one request is in flight at a time.
 #[derive(Debug)]
 pub struct Client {
+    /// Stopped and joined first on drop: it holds a reference to `shared`.
+    reader: Mutex<Option<Reader>>,
+    shared: Arc<Shared>,
+}
+
+/// What the client's callers and its reader thread share.
+#[derive(Debug)]
+struct Shared {
     session: Mutex<Session>,
     timeout: Duration,
     negotiated: Negotiated,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Session> {
+        // A panic elsewhere while holding the lock cannot leave the state inconsistent
+        // (every failure path marks it broken first), so poisoning is ignored.
+        self.session.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 impl Client {
@@ -143,17 +184,25 @@ impl Client {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::from_stream(stream, timeout)
+        Self::negotiate(stream, timeout, path.display().to_string())
     }
 
     /// Negotiates the version over an already connected stream (e.g. one end of a
     /// socket pair).
     pub fn from_stream(stream: UnixStream, timeout: Duration) -> Result<Self, ClientError> {
+        let name = format!("vfio-user server on socket {}", stream.as_raw_fd());
+        Self::negotiate(stream, timeout, name)
+    }
+
+    /// Negotiates the version; `name` names the server in logs.
+    fn negotiate(stream: UnixStream, timeout: Duration, name: String) -> Result<Self, ClientError> {
         let mut session = Session {
             channel: Channel::new(stream),
             next_id: 0,
             broken: None,
             scratch: Vec::new(),
+            handler: None,
+            name,
         };
         let limits = RecvLimits::for_version(CLIENT_MAX_MSG_FDS);
         let proposal = negotiate::proposal().to_bytes();
@@ -162,15 +211,41 @@ impl Client {
             .map_err(|reason| session.break_with(ClientError::Negotiation(reason)))?;
         tracing::debug!(?negotiated, "vfio-user version negotiated");
         Ok(Client {
-            session: Mutex::new(session),
-            timeout,
-            negotiated,
+            reader: Mutex::new(None),
+            shared: Arc::new(Shared {
+                session: Mutex::new(session),
+                timeout,
+                negotiated,
+            }),
         })
     }
 
     /// What version negotiation settled.
     pub fn negotiated(&self) -> &Negotiated {
-        &self.negotiated
+        &self.shared.negotiated
+    }
+
+    /// Sets what serves the server's `DMA_READ` and `DMA_WRITE` commands from now on
+    /// (replacing any earlier handler). Without one they get an `ENOTSUP` error reply.
+    pub fn set_server_requests(&self, handler: Arc<dyn ServerRequests>) {
+        self.lock().handler = Some(handler);
+    }
+
+    /// Starts the reader thread, which serves the server's commands while no request is
+    /// in flight and breaks the connection at once when the server hangs up or sends a
+    /// reply to nothing. Calling it again does nothing; the thread stops when the client
+    /// is dropped. Without it, commands from the server are served only while a call
+    /// waits for its reply.
+    pub fn spawn_reader(&self) -> Result<(), ClientError> {
+        let mut reader = self.reader.lock().unwrap_or_else(PoisonError::into_inner);
+        if reader.is_some() {
+            return Ok(());
+        }
+        let fd = self.lock().channel.as_fd().as_raw_fd();
+        let started = Reader::spawn(self.shared.clone(), fd)
+            .map_err(|error| ClientError::Reader { error })?;
+        *reader = Some(started);
+        Ok(())
     }
 
     /// Whether an earlier failure made the connection unusable.
@@ -245,7 +320,7 @@ impl Client {
     /// split into transfers of at most [`Negotiated::max_data_xfer_size`]).
     pub fn region_read(&self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), ClientError> {
         let command = Command::RegionRead;
-        let step = self.negotiated.max_data_xfer_size as usize;
+        let step = self.shared.negotiated.max_data_xfer_size as usize;
         check_span(command, offset, data.len())?;
         for (i, chunk) in data.chunks_mut(step).enumerate() {
             let at = offset + (i * step) as u64;
@@ -277,7 +352,7 @@ impl Client {
     /// transfers of at most [`Negotiated::max_data_xfer_size`]).
     pub fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<(), ClientError> {
         let command = Command::RegionWrite;
-        let step = self.negotiated.max_data_xfer_size as usize;
+        let step = self.shared.negotiated.max_data_xfer_size as usize;
         check_span(command, offset, data.len())?;
         for (i, chunk) in data.chunks(step).enumerate() {
             let at = offset + (i * step) as u64;
@@ -326,7 +401,7 @@ impl Client {
         data: &[u8],
     ) -> Result<(), ClientError> {
         let command = Command::RegionWrite;
-        let step = self.negotiated.max_data_xfer_size as usize;
+        let step = self.shared.negotiated.max_data_xfer_size as usize;
         check_span(command, offset, data.len())?;
         let mut session = self.lock();
         for (i, chunk) in data.chunks(step).enumerate() {
@@ -339,7 +414,7 @@ impl Client {
                 &mut payload,
             )
             .map_err(|e| invalid(command, e))
-            .and_then(|()| session.post(command, &payload, self.timeout));
+            .and_then(|()| session.post(command, &payload, self.shared.timeout));
             session.scratch = payload;
             r?;
         }
@@ -359,13 +434,13 @@ impl Client {
         writable: bool,
     ) -> Result<(), ClientError> {
         let command = Command::DmaMap;
-        if self.negotiated.max_msg_fds == 0 {
+        if self.shared.negotiated.max_msg_fds == 0 {
             return Err(invalid(command, "the server accepts no file descriptors"));
         }
         if size == 0 || iova.checked_add(size).is_none() {
             return Err(invalid(command, "empty or wrapping range"));
         }
-        let page = 1u64 << self.negotiated.pgsizes.trailing_zeros().min(63);
+        let page = 1u64 << self.shared.negotiated.pgsizes.trailing_zeros().min(63);
         if !iova.is_multiple_of(page)
             || !size.is_multiple_of(page)
             || !file_offset.is_multiple_of(page)
@@ -476,7 +551,7 @@ impl Client {
                         format!("{} descriptors for {count} sub-indexes", eventfds.len()),
                     ));
                 }
-                let per_message = self.negotiated.max_msg_fds as usize;
+                let per_message = self.shared.negotiated.max_msg_fds as usize;
                 if per_message == 0 {
                     return Err(invalid(command, "the server accepts no file descriptors"));
                 }
@@ -534,7 +609,7 @@ impl Client {
     ) -> Result<T, ClientError> {
         let limits = RecvLimits::for_transfers(CLIENT_MAX_DATA_XFER_SIZE, CLIENT_MAX_MSG_FDS);
         let mut session = self.lock();
-        let reply = session.transact(command, payload, fds, self.timeout, limits)?;
+        let reply = session.transact(command, payload, fds, self.shared.timeout, limits)?;
         decode(reply)
             .map_err(|reason| session.break_with(ClientError::Protocol { command, reason }))
     }
@@ -546,9 +621,7 @@ impl Client {
     }
 
     fn lock(&self) -> MutexGuard<'_, Session> {
-        // A panic elsewhere while holding the lock cannot leave the state inconsistent
-        // (every failure path marks it broken first), so poisoning is ignored.
-        self.session.lock().unwrap_or_else(PoisonError::into_inner)
+        self.shared.lock()
     }
 }
 

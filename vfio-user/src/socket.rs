@@ -8,7 +8,7 @@
 
 use std::io;
 use std::mem::size_of;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
@@ -79,6 +79,12 @@ pub enum SocketError {
         /// How many were given.
         count: usize,
     },
+}
+
+impl AsFd for Channel {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.stream.as_fd()
+    }
 }
 
 /// Limits applied to a received message.
@@ -211,6 +217,25 @@ impl Channel {
                     })
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Reads and drops the `len` payload bytes that follow a header refused with
+    /// [`SocketError::MessageTooLarge`], without allocating them, so that the stream is in
+    /// step again; descriptors that come with them are closed.
+    pub fn discard(&self, mut len: usize, deadline: Instant) -> Result<(), SocketError> {
+        let mut sink = [0u8; 4096];
+        let mut fds = Vec::new();
+        let mut truncated = false;
+        while len > 0 {
+            let n = len.min(sink.len());
+            let Some(chunk) = sink.get_mut(..n) else {
+                break;
+            };
+            self.recv_exact(chunk, &mut fds, &mut truncated, 0, deadline)?;
+            fds.clear();
+            len -= n;
         }
         Ok(())
     }
@@ -639,6 +664,30 @@ mod tests {
             a.send(&h, &[], &[], soon()),
             Err(SocketError::Disconnected)
         ));
+    }
+
+    #[test]
+    fn a_message_too_large_can_be_discarded_and_the_next_one_read() {
+        let (a, b) = pair();
+        let b = Channel::new(b);
+        let big = vec![0x5a; 10_000];
+        let h = Header::command(1, Command::DmaWrite, big.len()).unwrap();
+        let (r, w) = pipe();
+        a.send(&h, &big, &[w.as_fd()], soon()).unwrap();
+        let h2 = Header::command(2, Command::DeviceReset, 0).unwrap();
+        a.send(&h2, &[], &[], soon()).unwrap();
+        let header = match b.recv(LIMITS, soon()) {
+            Err(SocketError::MessageTooLarge { header, .. }) => header,
+            other => panic!("unexpected {other:?}"),
+        };
+        b.discard(header.payload_len(), soon()).unwrap();
+        assert_eq!(b.recv(LIMITS, soon()).unwrap().header, h2);
+        drop(w);
+        // The descriptor that came with the big message was closed: the pipe reads EOF.
+        let mut byte = [0u8];
+        // SAFETY: reading one byte into a one-byte buffer from an open descriptor.
+        let n = unsafe { libc::read(r.as_raw_fd(), byte.as_mut_ptr().cast(), 1) };
+        assert_eq!(n, 0);
     }
 
     #[test]

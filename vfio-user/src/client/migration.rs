@@ -129,7 +129,7 @@ impl Client {
     /// the size asked) is dropped.
     pub fn mig_data_read(&self, size: u32) -> Result<Vec<u8>, ClientError> {
         let command = Command::MigDataRead;
-        let max = self.negotiated.max_data_xfer_size;
+        let max = self.negotiated().max_data_xfer_size;
         if size == 0 || size > max {
             return Err(invalid(
                 command,
@@ -149,7 +149,7 @@ impl Client {
     /// [`Negotiated::max_data_xfer_size`](super::Negotiated::max_data_xfer_size)).
     pub fn mig_data_write(&self, data: &[u8]) -> Result<(), ClientError> {
         let command = Command::MigDataWrite;
-        let step = self.negotiated.max_data_xfer_size as usize;
+        let step = self.negotiated().max_data_xfer_size as usize;
         for chunk in data.chunks(step) {
             let request = MigData {
                 data: chunk.to_vec(),
@@ -245,7 +245,7 @@ impl Client {
                 )
             })?;
         // Whole words per request, within one transfer with the structure's header.
-        let room = (self.negotiated.max_data_xfer_size as usize)
+        let room = (self.negotiated().max_data_xfer_size as usize)
             .saturating_sub(DmaLoggingReport::HEADER_SIZE)
             / 8;
         if room == 0 {
