@@ -45,7 +45,7 @@ use vfio_bindings::bindings::vfio::{
 
 use crate::proto::{
     Command, DeviceInfo as DeviceInfoMsg, DmaMap, DmaUnmap, IrqInfo as IrqInfoMsg, IrqSet,
-    NoPayload, RegionAccess, RegionAccessData, RegionInfoReply, RegionInfoRequest,
+    NoPayload, RegionAccess, RegionAccessData, RegionInfoReply, RegionInfoRequest, RegionType,
     REGION_INFO_SIZE,
 };
 use crate::socket::{Channel, Message, RecvLimits, SocketError};
@@ -276,6 +276,16 @@ impl Client {
     /// for the same file; the first is kept). A reply truncated for lack of room is asked for
     /// again once, with the size the server said it needs.
     pub fn region_info(&self, index: u32) -> Result<RegionInfo, ClientError> {
+        self.region_info_with_type(index).map(|(info, _)| info)
+    }
+
+    /// [`Self::region_info`] with the region's type capability (`VFIO_REGION_INFO_CAP_TYPE`),
+    /// if it has one: how a device's v1 migration region is found (type 3
+    /// `VFIO_REGION_TYPE_MIGRATION_DEPRECATED`, subtype 1).
+    pub fn region_info_with_type(
+        &self,
+        index: u32,
+    ) -> Result<(RegionInfo, Option<RegionType>), ClientError> {
         let command = Command::DeviceGetRegionInfo;
         let mut argsz = REGION_INFO_ARGSZ;
         let mut retried = false;
@@ -292,14 +302,15 @@ impl Client {
                 Ok((reply, fd, msg.payload.len()))
             })?;
             if !reply.is_truncated(received) {
-                return Ok(RegionInfo {
+                let info = RegionInfo {
                     index,
                     flags: reply.flags,
                     size: reply.size,
                     offset: reply.offset,
                     sparse_areas: reply.sparse_areas,
                     fd,
-                });
+                };
+                return Ok((info, reply.region_type));
             }
             let limit = CLIENT_MAX_DATA_XFER_SIZE;
             if retried || reply.argsz <= argsz || reply.argsz > limit {

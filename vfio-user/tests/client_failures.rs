@@ -11,9 +11,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
+use vfio_bindings::bindings::vfio::{
+    VFIO_REGION_SUBTYPE_MIGRATION_DEPRECATED, VFIO_REGION_TYPE_MIGRATION_DEPRECATED,
+};
 use vfio_user::proto::{
     Capabilities, Command, DeviceInfo as DeviceInfoMsg, DmaAccess, Header, RegionInfoReply,
-    RegionInfoRequest, Version, FLAGS_NO_REPLY,
+    RegionInfoRequest, RegionType, Version, FLAGS_NO_REPLY,
 };
 use vfio_user::{Client, ClientError, SparseArea};
 
@@ -209,6 +212,7 @@ fn region_info_with_two_fds_is_a_protocol_error() {
             size: 0x1000,
             offset: 0,
             sparse_areas: vec![],
+            region_type: None,
         }
         .to_bytes()
         .unwrap();
@@ -246,6 +250,7 @@ fn region_info_with_one_fd_per_sparse_area_is_accepted() {
                     size: 0x1000,
                 },
             ],
+            region_type: None,
         }
         .to_bytes()
         .unwrap();
@@ -270,6 +275,60 @@ fn region_info_with_one_fd_per_sparse_area_is_accepted() {
 }
 
 #[test]
+fn a_v1_migration_region_is_found_by_its_type_capability() {
+    // libvfio-user 0.1's migration region: the type capability, then the sparse areas,
+    // one descriptor per area.
+    let (client, server) = with_fake(TIMEOUT, |s| {
+        let req = s.recv();
+        let reply = RegionInfoReply {
+            argsz: 0,
+            flags: 7,
+            index: 9,
+            size: 0x3000,
+            offset: 0,
+            sparse_areas: vec![SparseArea {
+                offset: 0x1000,
+                size: 0x2000,
+            }],
+            region_type: Some(RegionType {
+                type_: VFIO_REGION_TYPE_MIGRATION_DEPRECATED,
+                subtype: VFIO_REGION_SUBTYPE_MIGRATION_DEPRECATED,
+            }),
+        }
+        .to_bytes()
+        .unwrap();
+        let file = memfd(0x3000);
+        let h = Header::reply(&req.header, reply.len()).unwrap();
+        s.channel
+            .send(&h, &reply, &[file.as_fd()], deadline(5))
+            .unwrap();
+        let req = s.recv();
+        let plain = RegionInfoReply {
+            argsz: 0,
+            flags: 3,
+            index: 0,
+            size: 0x100,
+            offset: 0,
+            sparse_areas: vec![],
+            region_type: None,
+        };
+        s.reply(&req.header, &plain.to_bytes().unwrap());
+    });
+    let (info, kind) = client.region_info_with_type(9).unwrap();
+    assert_eq!(
+        kind,
+        Some(RegionType {
+            type_: 3,
+            subtype: 1
+        })
+    );
+    assert_eq!(info.sparse_areas.len(), 1);
+    assert!(info.fd.is_some());
+    assert_eq!(client.region_info_with_type(0).unwrap().1, None);
+    server.join().unwrap();
+}
+
+#[test]
 fn truncated_region_info_is_asked_again_with_the_size_needed() {
     let areas: Vec<SparseArea> = (0..40)
         .map(|i| SparseArea {
@@ -286,6 +345,7 @@ fn truncated_region_info_is_asked_again_with_the_size_needed() {
             size: 0x40000,
             offset: 0x1000,
             sparse_areas: areas,
+            region_type: None,
         };
         for _ in 0..2 {
             let req = s.recv();

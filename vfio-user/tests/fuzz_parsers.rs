@@ -120,6 +120,10 @@ fn seeds() -> Vec<Vec<u8>> {
                     size: 0x1000,
                 },
             ],
+            region_type: Some(RegionType {
+                type_: 3,
+                subtype: 1,
+            }),
         }
         .to_bytes()
         .unwrap(),

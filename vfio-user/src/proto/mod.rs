@@ -31,7 +31,8 @@ pub use migration::{
 };
 pub use region::{
     RegionAccess, RegionAccessData, RegionInfoReply, RegionInfoRequest, RegionIoFdsRequest,
-    SparseArea, MAX_REGION_CAPS, REGION_INFO_SIZE, SPARSE_MMAP_CAP_VERSION,
+    RegionType, SparseArea, MAX_REGION_CAPS, REGION_INFO_SIZE, SPARSE_MMAP_CAP_VERSION,
+    TYPE_CAP_VERSION,
 };
 pub use version::{
     Capabilities, MigrationCapability, TwinSocketCapability, Version, DEFAULT_MAX_DATA_XFER_SIZE,
