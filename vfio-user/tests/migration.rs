@@ -748,3 +748,78 @@ fn random_migration_requests_never_break_the_server() {
     drop(channel);
     server.join().unwrap().unwrap();
 }
+
+#[test]
+fn dirty_pages_start_get_and_stop_against_a_libvfio_user_style_server() {
+    use vfio_user::proto::dirty_pages::{self, BitmapRange, DirtyPages};
+    let c = with_fake(|s| {
+        for flags in [1u32, 4, 2] {
+            let r = s.recv();
+            assert_eq!(r.header.command, Command::DirtyPages as u16);
+            assert_eq!(r.header.command, 14);
+            let head = DirtyPages::parse_prefix(&r.payload).unwrap();
+            assert_eq!(head.flags, flags);
+            if flags != 4 {
+                assert_eq!(r.payload, [8, 0, 0, 0, flags as u8, 0, 0, 0]);
+                s.reply(&r.header, &[]);
+                continue;
+            }
+            let range = BitmapRange::parse(&r.payload[8..]).unwrap();
+            assert_eq!(
+                (range.iova, range.size, range.pgsize),
+                (0x10_0000, 0x8_2000, 4096)
+            );
+            assert_eq!(range.bitmap_size, 24);
+            assert_eq!(head.argsz, 8 + 32 + 24);
+            // Pages 0, 2, 64 and 129 (the last) are dirty.
+            let bitmap = [0b101, 1, 1 << 1];
+            s.reply(&r.header, &dirty_pages::bitmap_reply(&range, &bitmap));
+        }
+    });
+    c.dirty_pages_start().unwrap();
+    assert_eq!(
+        c.dirty_pages_get(0x10_0000, 0x8_2000, 4096).unwrap(),
+        vec![0x10_0000, 0x10_2000, 0x14_0000, 0x18_1000]
+    );
+    c.dirty_pages_stop().unwrap();
+    assert!(!c.is_broken());
+}
+
+#[test]
+fn dirty_pages_replies_that_lie_break_the_client_and_bad_requests_send_nothing() {
+    use vfio_user::proto::dirty_pages::{self, BitmapRange};
+    // Another range in the reply.
+    let c = with_fake(|s| {
+        let r = s.recv();
+        let other = BitmapRange::new(0, 0x1000 * 64, 4096).unwrap();
+        s.reply(&r.header, &dirty_pages::bitmap_reply(&other, &[1]));
+    });
+    assert_protocol(c.dirty_pages_get(0x1000, 0x1000 * 64, 4096), "range", &c);
+    // A bit past the last page.
+    let c = with_fake(|s| {
+        let r = s.recv();
+        let range = BitmapRange::parse(&r.payload[8..]).unwrap();
+        s.reply(&r.header, &dirty_pages::bitmap_reply(&range, &[1 << 3]));
+    });
+    assert_protocol(c.dirty_pages_get(0, 3 * 4096, 4096), "beyond", &c);
+    // A reply to START with a payload.
+    let c = with_fake(|s| {
+        let r = s.recv();
+        s.reply(&r.header, &[0; 4]);
+    });
+    assert_protocol(c.dirty_pages_start(), "expected", &c);
+    // Refused before sending: a bitmap over the transfer size (4096 here), a bad page
+    // size, an empty range. The server sees only the reset after them.
+    let c = with_fake(|s| {
+        let r = s.recv();
+        assert_eq!(r.header.command, Command::DeviceReset as u16);
+        s.reply(&r.header, &[]);
+    });
+    for (iova, size, pgsize) in [(0, 4096 * 8 * 4097, 4096), (0, 4096, 3000), (0, 0, 4096)] {
+        assert!(matches!(
+            c.dirty_pages_get(iova, size, pgsize),
+            Err(ClientError::InvalidArgument { .. })
+        ));
+    }
+    c.reset().unwrap();
+}

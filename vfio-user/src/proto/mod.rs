@@ -9,6 +9,7 @@
 mod command;
 mod device;
 pub mod dirty_bitmap;
+pub mod dirty_pages;
 mod dma;
 mod error;
 mod header;
