@@ -64,27 +64,33 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 const REGION_INFO_ARGSZ: u32 = REGION_INFO_SIZE as u32 + 16 + 16 * 16;
 
 /// Why a client call failed.
+///
+/// Each message is whole: it includes the message of the error beneath it, which is
+/// therefore not a `source()`, so that printing the chain (`{:#}` with anyhow, as the
+/// vmm does) says each cause once.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The socket could not be connected.
-    #[error("cannot connect to the vfio-user server at {}: {source}", path.display())]
+    #[error("cannot connect to the vfio-user server at {}: {error}", path.display())]
     Connect {
         /// The socket path.
         path: PathBuf,
         /// The error of `connect()`.
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     /// The server's version reply is unacceptable.
     #[error("version negotiation failed: {0}")]
     Negotiation(String),
-    /// No complete reply arrived before the deadline.
-    #[error("{command} got no reply within {timeout:?}")]
+    /// The deadline passed: the server did not take the request in (its socket stayed
+    /// full), or did not answer it completely.
+    #[error("{command} timed out after {timeout:?} waiting for {waiting_for}")]
     Timeout {
         /// The command sent.
         command: Command,
         /// The deadline it had.
         timeout: Duration,
+        /// What was still awaited: "the server to take the request" or "the reply".
+        waiting_for: &'static str,
     },
     /// The server closed the connection (end of file, `EPIPE`, `ECONNRESET`).
     #[error("the server closed the connection during {command}")]
@@ -101,15 +107,15 @@ pub enum ClientError {
         errno: i32,
     },
     /// The reply violates the protocol (malformed, wrong size, wrong ID or command).
-    #[error("invalid reply to {command}: {reason}")]
+    #[error("invalid reply to {command}, closing the connection: {reason}")]
     Protocol {
         /// The command sent.
         command: Command,
         /// What was wrong.
         reason: String,
     },
-    /// An earlier failure left the connection unusable.
-    #[error("the vfio-user connection is broken by an earlier failure: {reason}")]
+    /// An earlier failure closed the connection.
+    #[error("the vfio-user connection was closed after an earlier failure: {reason}")]
     Broken {
         /// The earlier failure.
         reason: String,
@@ -140,13 +146,12 @@ pub enum ClientError {
         error: io::Error,
     },
     /// A local socket operation failed.
-    #[error("{command} failed on the socket: {source}")]
+    #[error("{command} failed on the socket: {error}")]
     Socket {
         /// The command sent.
         command: Command,
         /// The socket error.
-        #[source]
-        source: SocketError,
+        error: SocketError,
     },
 }
 
@@ -180,9 +185,9 @@ impl Client {
     /// is the deadline of every request, negotiation included.
     pub fn connect(path: impl AsRef<Path>, timeout: Duration) -> Result<Self, ClientError> {
         let path = path.as_ref();
-        let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
+        let stream = UnixStream::connect(path).map_err(|error| ClientError::Connect {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         Self::negotiate(stream, timeout, path.display().to_string())
     }

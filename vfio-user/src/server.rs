@@ -27,18 +27,25 @@ use crate::proto::{
 };
 use crate::socket::{Channel, Message, RecvLimits, SocketError, MAX_FDS_PER_MESSAGE};
 
-/// Why serving a connection ended with an error.
+/// Why serving a connection ended with an error (each message includes its cause, which
+/// is not a `source()`).
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// No client connection could be accepted.
     #[error("accepting a vfio-user connection failed: {0}")]
-    Accept(#[source] io::Error),
+    Accept(io::Error),
     /// The stream broke (see [`SocketError`]); the connection was dropped.
     #[error("the vfio-user connection failed: {0}")]
-    Socket(#[from] SocketError),
+    Socket(SocketError),
     /// The client proposed a protocol version this server does not implement.
     #[error("version negotiation failed: {0}")]
     Negotiation(String),
+}
+
+impl From<SocketError> for ServerError {
+    fn from(e: SocketError) -> Self {
+        ServerError::Socket(e)
+    }
 }
 
 /// What the server advertises, and its per-message deadline.

@@ -17,7 +17,8 @@ use crate::proto::{Header, ProtoError, HEADER_SIZE, MAX_CAPABILITIES_LEN};
 /// Most descriptors Linux accepts in one `SCM_RIGHTS` message (`SCM_MAX_FD`).
 pub const MAX_FDS_PER_MESSAGE: usize = 253;
 
-/// Why a message could not be sent or received.
+/// Why a message could not be sent or received. Messages include their cause (which is
+/// not a `source()`), as [`ClientError`](crate::ClientError)'s do.
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
     /// The deadline passed before the whole message was sent or received.
@@ -27,17 +28,16 @@ pub enum SocketError {
     #[error("the peer closed the connection")]
     Disconnected,
     /// A system call failed for another reason.
-    #[error("{op} failed: {source}")]
+    #[error("{op} failed: {error}")]
     Io {
         /// The failing operation.
         op: &'static str,
         /// The error it returned.
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     /// The received header is malformed; the stream can no longer be trusted.
     #[error("received an invalid message header: {0}")]
-    InvalidHeader(#[source] ProtoError),
+    InvalidHeader(ProtoError),
     /// The received header announces a message bigger than allowed. Its payload was not
     /// read, so the stream is out of step.
     #[error(
@@ -210,10 +210,10 @@ impl Channel {
                     continue;
                 }
                 Err(e) if peer_gone(&e) => return Err(SocketError::Disconnected),
-                Err(source) => {
+                Err(error) => {
                     return Err(SocketError::Io {
                         op: "sendmsg",
-                        source,
+                        error,
                     })
                 }
             }
@@ -252,7 +252,7 @@ impl Channel {
         loop {
             match self.poll_once(libc::POLLIN, 0) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(source) => return Err(SocketError::Io { op: "poll", source }),
+                Err(error) => return Err(SocketError::Io { op: "poll", error }),
                 Ok(ready) => return Ok(ready),
             }
         }
@@ -324,10 +324,10 @@ impl Channel {
                 }
                 Err(e) if retry(&e) => continue,
                 Err(e) if peer_gone(&e) => return Err(SocketError::Disconnected),
-                Err(source) => {
+                Err(error) => {
                     return Err(SocketError::Io {
                         op: "recvmsg",
-                        source,
+                        error,
                     })
                 }
             }
@@ -351,7 +351,7 @@ impl Channel {
             };
             match self.poll_once(events, timeout_ms) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(source) => return Err(SocketError::Io { op: "poll", source }),
+                Err(error) => return Err(SocketError::Io { op: "poll", error }),
                 // Timed out (or woke early): the loop re-checks the deadline.
                 Ok(false) => continue,
                 // Readable, writable, hung up or in error: the next call reports which.

@@ -127,11 +127,18 @@ fn silent_server_times_out_within_the_timeout() {
     });
     let start = Instant::now();
     match client.reset() {
-        Err(ClientError::Timeout {
-            command,
-            timeout: t,
-        }) => {
-            assert_eq!((command, t), (Command::DeviceReset, timeout))
+        Err(
+            e @ ClientError::Timeout {
+                command,
+                timeout: t,
+                waiting_for,
+            },
+        ) => {
+            assert_eq!((command, t), (Command::DeviceReset, timeout));
+            assert_eq!(waiting_for, "the reply");
+            let text = e.to_string();
+            assert!(text.contains("timed out after 300ms"), "{text}");
+            assert!(!text.contains("os error"), "{text}");
         }
         other => panic!("unexpected {other:?}"),
     }
@@ -570,9 +577,77 @@ fn posted_writes_to_a_server_that_stops_reading_time_out() {
         }
         assert!(start.elapsed() < Duration::from_secs(10), "never blocked");
     };
-    assert!(matches!(err, ClientError::Timeout { .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            ClientError::Timeout {
+                waiting_for: "the server to take the request",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    match client.device_info() {
+        Err(ClientError::Broken { reason }) => {
+            assert!(reason.contains("timed out"), "{reason}");
+            assert!(!reason.contains("os error 11"), "{reason}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
     assert!(start.elapsed() < Duration::from_secs(5));
     tx.send(()).unwrap();
     server.join().unwrap();
     assert_broken(&client);
+}
+
+/// Every cause is printed once when the chain is walked (`{:#}` at the binary's edge):
+/// messages embed their cause, so none is also a `source()`.
+#[test]
+fn error_messages_carry_their_cause_once() {
+    use std::error::Error;
+    use vfio_user::socket::SocketError;
+    fn chain(e: &dyn Error) -> String {
+        let mut out = e.to_string();
+        let mut next = e.source();
+        while let Some(cause) = next {
+            out.push_str(": ");
+            out.push_str(&cause.to_string());
+            next = cause.source();
+        }
+        out
+    }
+    let io = || std::io::Error::from_raw_os_error(libc::EBADF);
+    let errors: Vec<Box<dyn Error>> = vec![
+        Box::new(ClientError::Connect {
+            path: "/run/vf.sock".into(),
+            error: io(),
+        }),
+        Box::new(ClientError::Socket {
+            command: Command::RegionRead,
+            error: SocketError::Io {
+                op: "recvmsg",
+                error: io(),
+            },
+        }),
+        Box::new(ClientError::Reader { error: io() }),
+        Box::new(vfio_user::ServerError::Socket(SocketError::Io {
+            op: "poll",
+            error: io(),
+        })),
+        Box::new(vfio_user::ServerError::Accept(io())),
+    ];
+    let cause = io().to_string();
+    for e in errors {
+        let text = chain(e.as_ref());
+        assert_eq!(text.matches(&cause).count(), 1, "{text}");
+    }
+    // The socket failure's own words appear once too.
+    let nested = ClientError::Socket {
+        command: Command::RegionRead,
+        error: SocketError::Io {
+            op: "recvmsg",
+            error: io(),
+        },
+    };
+    assert_eq!(chain(&nested).matches("recvmsg failed").count(), 1);
 }

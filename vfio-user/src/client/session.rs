@@ -11,6 +11,12 @@ use super::{invalid, ClientError};
 use crate::proto::{Command, Header, FLAGS_NO_REPLY};
 use crate::socket::{Channel, Message, RecvLimits, SocketError, MAX_FDS_PER_MESSAGE};
 
+/// What a request timed out waiting for while it was being sent.
+const SENDING: &str = "the server to take the request";
+/// What a request timed out waiting for once sent (a server command served meanwhile
+/// included).
+const REPLY: &str = "the reply";
+
 /// The connection's state, kept under the client's lock.
 pub(super) struct Session {
     pub(super) channel: Channel,
@@ -61,14 +67,14 @@ impl Session {
         let deadline = Instant::now() + timeout;
         tracing::trace!(%command, id, len = payload.len(), fds = fds.len(), "vfio-user request");
         if let Err(e) = self.channel.send(&header, payload, fds, deadline) {
-            return Err(self.fail(command, timeout, e));
+            return Err(self.fail(command, timeout, SENDING, e));
         }
         loop {
             let reply = match self.recv_or_serve(limits, deadline) {
                 Ok(Some(reply)) => reply,
                 // A command from the server, served: the reply is still to come.
                 Ok(None) => continue,
-                Err(e) => return Err(self.fail(command, timeout, e)),
+                Err(e) => return Err(self.fail(command, timeout, REPLY, e)),
             };
             let h = reply.header;
             if h.msg_id != id || h.command != command as u16 {
@@ -112,7 +118,7 @@ impl Session {
         let deadline = Instant::now() + timeout;
         self.channel
             .send(&header, payload, &[], deadline)
-            .map_err(|e| self.fail(command, timeout, e))
+            .map_err(|e| self.fail(command, timeout, SENDING, e))
     }
 
     /// Receives the next message: a reply is returned, a command from the server is
@@ -133,9 +139,21 @@ impl Session {
         }
     }
 
-    fn fail(&mut self, command: Command, timeout: Duration, e: SocketError) -> ClientError {
+    /// Breaks the connection for socket failure `e` of `command`, met while waiting for
+    /// `waiting_for` ([`SENDING`] or [`REPLY`]).
+    fn fail(
+        &mut self,
+        command: Command,
+        timeout: Duration,
+        waiting_for: &'static str,
+        e: SocketError,
+    ) -> ClientError {
         let err = match e {
-            SocketError::Timeout => ClientError::Timeout { command, timeout },
+            SocketError::Timeout => ClientError::Timeout {
+                command,
+                timeout,
+                waiting_for,
+            },
             SocketError::Disconnected => ClientError::Disconnected { command },
             SocketError::InvalidHeader(_)
             | SocketError::MessageTooLarge { .. }
@@ -143,7 +161,7 @@ impl Session {
                 command,
                 reason: e.to_string(),
             },
-            source => ClientError::Socket { command, source },
+            error => ClientError::Socket { command, error },
         };
         self.break_with(err)
     }
