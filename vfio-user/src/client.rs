@@ -16,20 +16,26 @@
 //! [`Client::migration_flags`], [`Client::set_mig_state`], [`Client::mig_data_read`],
 //! [`Client::dma_logging_report`] and their siblings.
 //!
-//! Commands the server sends to the client (`DMA_READ`/`DMA_WRITE`, used only when guest
-//! memory is not shared through a file descriptor) are not supported: the client answers
-//! them with an `ENOTSUP` error reply, keeping the stream in step, and goes on waiting for
-//! its own reply.
+//! Commands the server sends to the client (`DMA_READ`/`DMA_WRITE`: the server reaches
+//! guest memory through the client, for memory mapped without a file descriptor or
+//! because it chooses to) are served by the [`ServerRequests`] handler set with
+//! [`Client::set_server_requests`], or refused with an `ENOTSUP` error reply without one;
+//! either way the stream stays in step. A caller waiting for its reply serves those that
+//! arrive first; while no request is in flight the reader thread started by
+//! [`Client::spawn_reader`] serves them (see `requests.rs` for how it stays off the
+//! callers' path). The reader also notices at once when the server hangs up. It stops
+//! when the client is dropped.
 
 mod migration;
 mod negotiate;
+mod requests;
 mod session;
 
 use std::io;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use vfio_bindings::bindings::vfio::{
@@ -39,7 +45,7 @@ use vfio_bindings::bindings::vfio::{
 
 use crate::proto::{
     Command, DeviceInfo as DeviceInfoMsg, DmaMap, DmaUnmap, IrqInfo as IrqInfoMsg, IrqSet,
-    NoPayload, RegionAccess, RegionAccessData, RegionInfoReply, RegionInfoRequest,
+    NoPayload, RegionAccess, RegionAccessData, RegionInfoReply, RegionInfoRequest, RegionType,
     REGION_INFO_SIZE,
 };
 use crate::socket::{Channel, Message, RecvLimits, SocketError};
@@ -47,6 +53,8 @@ use crate::types::{DeviceInfo, IrqInfo, RegionInfo};
 pub use migration::FeatureOp;
 pub use negotiate::Negotiated;
 use negotiate::{CLIENT_MAX_DATA_XFER_SIZE, CLIENT_MAX_MSG_FDS};
+use requests::Reader;
+pub use requests::ServerRequests;
 use session::Session;
 
 /// Default deadline of a request.
@@ -56,27 +64,33 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 const REGION_INFO_ARGSZ: u32 = REGION_INFO_SIZE as u32 + 16 + 16 * 16;
 
 /// Why a client call failed.
+///
+/// Each message is whole: it includes the message of the error beneath it, which is
+/// therefore not a `source()`, so that printing the chain (`{:#}` with anyhow, as the
+/// vmm does) says each cause once.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The socket could not be connected.
-    #[error("cannot connect to the vfio-user server at {}: {source}", path.display())]
+    #[error("cannot connect to the vfio-user server at {}: {error}", path.display())]
     Connect {
         /// The socket path.
         path: PathBuf,
         /// The error of `connect()`.
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     /// The server's version reply is unacceptable.
     #[error("version negotiation failed: {0}")]
     Negotiation(String),
-    /// No complete reply arrived before the deadline.
-    #[error("{command} got no reply within {timeout:?}")]
+    /// The deadline passed: the server did not take the request in (its socket stayed
+    /// full), or did not answer it completely.
+    #[error("{command} timed out after {timeout:?} waiting for {waiting_for}")]
     Timeout {
         /// The command sent.
         command: Command,
         /// The deadline it had.
         timeout: Duration,
+        /// What was still awaited: "the server to take the request" or "the reply".
+        waiting_for: &'static str,
     },
     /// The server closed the connection (end of file, `EPIPE`, `ECONNRESET`).
     #[error("the server closed the connection during {command}")]
@@ -93,15 +107,15 @@ pub enum ClientError {
         errno: i32,
     },
     /// The reply violates the protocol (malformed, wrong size, wrong ID or command).
-    #[error("invalid reply to {command}: {reason}")]
+    #[error("invalid reply to {command}, closing the connection: {reason}")]
     Protocol {
         /// The command sent.
         command: Command,
         /// What was wrong.
         reason: String,
     },
-    /// An earlier failure left the connection unusable.
-    #[error("the vfio-user connection is broken by an earlier failure: {reason}")]
+    /// An earlier failure closed the connection.
+    #[error("the vfio-user connection was closed after an earlier failure: {reason}")]
     Broken {
         /// The earlier failure.
         reason: String,
@@ -114,14 +128,30 @@ pub enum ClientError {
         /// What is wrong.
         reason: String,
     },
+    /// The server closed the connection while no request was in flight (seen by the
+    /// reader thread).
+    #[error("the server closed the connection (it died or hung up)")]
+    Hangup,
+    /// The server sent something invalid while no request was in flight: a reply to
+    /// nothing, a malformed message (seen by the reader thread).
+    #[error("invalid message from the server while no request was in flight: {reason}")]
+    Unsolicited {
+        /// What was wrong.
+        reason: String,
+    },
+    /// The reader thread could not be started.
+    #[error("cannot start the vfio-user reader thread: {error}")]
+    Reader {
+        /// The error of the thread or eventfd creation.
+        error: io::Error,
+    },
     /// A local socket operation failed.
-    #[error("{command} failed on the socket: {source}")]
+    #[error("{command} failed on the socket: {error}")]
     Socket {
         /// The command sent.
         command: Command,
         /// The socket error.
-        #[source]
-        source: SocketError,
+        error: SocketError,
     },
 }
 
@@ -129,9 +159,25 @@ pub enum ClientError {
 /// several threads; one request is in flight at a time.
 #[derive(Debug)]
 pub struct Client {
+    /// Stopped and joined first on drop: it holds a reference to `shared`.
+    reader: Mutex<Option<Reader>>,
+    shared: Arc<Shared>,
+}
+
+/// What the client's callers and its reader thread share.
+#[derive(Debug)]
+struct Shared {
     session: Mutex<Session>,
     timeout: Duration,
     negotiated: Negotiated,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Session> {
+        // A panic elsewhere while holding the lock cannot leave the state inconsistent
+        // (every failure path marks it broken first), so poisoning is ignored.
+        self.session.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 impl Client {
@@ -139,21 +185,29 @@ impl Client {
     /// is the deadline of every request, negotiation included.
     pub fn connect(path: impl AsRef<Path>, timeout: Duration) -> Result<Self, ClientError> {
         let path = path.as_ref();
-        let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
+        let stream = UnixStream::connect(path).map_err(|error| ClientError::Connect {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
-        Self::from_stream(stream, timeout)
+        Self::negotiate(stream, timeout, path.display().to_string())
     }
 
     /// Negotiates the version over an already connected stream (e.g. one end of a
     /// socket pair).
     pub fn from_stream(stream: UnixStream, timeout: Duration) -> Result<Self, ClientError> {
+        let name = format!("vfio-user server on socket {}", stream.as_raw_fd());
+        Self::negotiate(stream, timeout, name)
+    }
+
+    /// Negotiates the version; `name` names the server in logs.
+    fn negotiate(stream: UnixStream, timeout: Duration, name: String) -> Result<Self, ClientError> {
         let mut session = Session {
             channel: Channel::new(stream),
             next_id: 0,
             broken: None,
             scratch: Vec::new(),
+            handler: None,
+            name,
         };
         let limits = RecvLimits::for_version(CLIENT_MAX_MSG_FDS);
         let proposal = negotiate::proposal().to_bytes();
@@ -162,15 +216,41 @@ impl Client {
             .map_err(|reason| session.break_with(ClientError::Negotiation(reason)))?;
         tracing::debug!(?negotiated, "vfio-user version negotiated");
         Ok(Client {
-            session: Mutex::new(session),
-            timeout,
-            negotiated,
+            reader: Mutex::new(None),
+            shared: Arc::new(Shared {
+                session: Mutex::new(session),
+                timeout,
+                negotiated,
+            }),
         })
     }
 
     /// What version negotiation settled.
     pub fn negotiated(&self) -> &Negotiated {
-        &self.negotiated
+        &self.shared.negotiated
+    }
+
+    /// Sets what serves the server's `DMA_READ` and `DMA_WRITE` commands from now on
+    /// (replacing any earlier handler). Without one they get an `ENOTSUP` error reply.
+    pub fn set_server_requests(&self, handler: Arc<dyn ServerRequests>) {
+        self.lock().handler = Some(handler);
+    }
+
+    /// Starts the reader thread, which serves the server's commands while no request is
+    /// in flight and breaks the connection at once when the server hangs up or sends a
+    /// reply to nothing. Calling it again does nothing; the thread stops when the client
+    /// is dropped. Without it, commands from the server are served only while a call
+    /// waits for its reply.
+    pub fn spawn_reader(&self) -> Result<(), ClientError> {
+        let mut reader = self.reader.lock().unwrap_or_else(PoisonError::into_inner);
+        if reader.is_some() {
+            return Ok(());
+        }
+        let fd = self.lock().channel.as_fd().as_raw_fd();
+        let started = Reader::spawn(self.shared.clone(), fd)
+            .map_err(|error| ClientError::Reader { error })?;
+        *reader = Some(started);
+        Ok(())
     }
 
     /// Whether an earlier failure made the connection unusable.
@@ -201,6 +281,16 @@ impl Client {
     /// for the same file; the first is kept). A reply truncated for lack of room is asked for
     /// again once, with the size the server said it needs.
     pub fn region_info(&self, index: u32) -> Result<RegionInfo, ClientError> {
+        self.region_info_with_type(index).map(|(info, _)| info)
+    }
+
+    /// [`Self::region_info`] with the region's type capability (`VFIO_REGION_INFO_CAP_TYPE`),
+    /// if it has one: how a device's v1 migration region is found (type 3
+    /// `VFIO_REGION_TYPE_MIGRATION_DEPRECATED`, subtype 1).
+    pub fn region_info_with_type(
+        &self,
+        index: u32,
+    ) -> Result<(RegionInfo, Option<RegionType>), ClientError> {
         let command = Command::DeviceGetRegionInfo;
         let mut argsz = REGION_INFO_ARGSZ;
         let mut retried = false;
@@ -217,14 +307,15 @@ impl Client {
                 Ok((reply, fd, msg.payload.len()))
             })?;
             if !reply.is_truncated(received) {
-                return Ok(RegionInfo {
+                let info = RegionInfo {
                     index,
                     flags: reply.flags,
                     size: reply.size,
                     offset: reply.offset,
                     sparse_areas: reply.sparse_areas,
                     fd,
-                });
+                };
+                return Ok((info, reply.region_type));
             }
             let limit = CLIENT_MAX_DATA_XFER_SIZE;
             if retried || reply.argsz <= argsz || reply.argsz > limit {
@@ -245,7 +336,7 @@ impl Client {
     /// split into transfers of at most [`Negotiated::max_data_xfer_size`]).
     pub fn region_read(&self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), ClientError> {
         let command = Command::RegionRead;
-        let step = self.negotiated.max_data_xfer_size as usize;
+        let step = self.shared.negotiated.max_data_xfer_size as usize;
         check_span(command, offset, data.len())?;
         for (i, chunk) in data.chunks_mut(step).enumerate() {
             let at = offset + (i * step) as u64;
@@ -277,7 +368,7 @@ impl Client {
     /// transfers of at most [`Negotiated::max_data_xfer_size`]).
     pub fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<(), ClientError> {
         let command = Command::RegionWrite;
-        let step = self.negotiated.max_data_xfer_size as usize;
+        let step = self.shared.negotiated.max_data_xfer_size as usize;
         check_span(command, offset, data.len())?;
         for (i, chunk) in data.chunks(step).enumerate() {
             let at = offset + (i * step) as u64;
@@ -326,7 +417,7 @@ impl Client {
         data: &[u8],
     ) -> Result<(), ClientError> {
         let command = Command::RegionWrite;
-        let step = self.negotiated.max_data_xfer_size as usize;
+        let step = self.shared.negotiated.max_data_xfer_size as usize;
         check_span(command, offset, data.len())?;
         let mut session = self.lock();
         for (i, chunk) in data.chunks(step).enumerate() {
@@ -339,7 +430,7 @@ impl Client {
                 &mut payload,
             )
             .map_err(|e| invalid(command, e))
-            .and_then(|()| session.post(command, &payload, self.timeout));
+            .and_then(|()| session.post(command, &payload, self.shared.timeout));
             session.scratch = payload;
             r?;
         }
@@ -359,13 +450,13 @@ impl Client {
         writable: bool,
     ) -> Result<(), ClientError> {
         let command = Command::DmaMap;
-        if self.negotiated.max_msg_fds == 0 {
+        if self.shared.negotiated.max_msg_fds == 0 {
             return Err(invalid(command, "the server accepts no file descriptors"));
         }
         if size == 0 || iova.checked_add(size).is_none() {
             return Err(invalid(command, "empty or wrapping range"));
         }
-        let page = 1u64 << self.negotiated.pgsizes.trailing_zeros().min(63);
+        let page = 1u64 << self.shared.negotiated.pgsizes.trailing_zeros().min(63);
         if !iova.is_multiple_of(page)
             || !size.is_multiple_of(page)
             || !file_offset.is_multiple_of(page)
@@ -476,7 +567,7 @@ impl Client {
                         format!("{} descriptors for {count} sub-indexes", eventfds.len()),
                     ));
                 }
-                let per_message = self.negotiated.max_msg_fds as usize;
+                let per_message = self.shared.negotiated.max_msg_fds as usize;
                 if per_message == 0 {
                     return Err(invalid(command, "the server accepts no file descriptors"));
                 }
@@ -534,7 +625,7 @@ impl Client {
     ) -> Result<T, ClientError> {
         let limits = RecvLimits::for_transfers(CLIENT_MAX_DATA_XFER_SIZE, CLIENT_MAX_MSG_FDS);
         let mut session = self.lock();
-        let reply = session.transact(command, payload, fds, self.timeout, limits)?;
+        let reply = session.transact(command, payload, fds, self.shared.timeout, limits)?;
         decode(reply)
             .map_err(|reason| session.break_with(ClientError::Protocol { command, reason }))
     }
@@ -546,9 +637,7 @@ impl Client {
     }
 
     fn lock(&self) -> MutexGuard<'_, Session> {
-        // A panic elsewhere while holding the lock cannot leave the state inconsistent
-        // (every failure path marks it broken first), so poisoning is ignored.
-        self.session.lock().unwrap_or_else(PoisonError::into_inner)
+        self.shared.lock()
     }
 }
 

@@ -86,6 +86,7 @@ pub(crate) fn handle<D: Device + ?Sized>(
                 size: info.size,
                 offset: info.offset,
                 sparse_areas: info.sparse_areas,
+                region_type: None,
             };
             let bytes = reply.to_bytes_within(request.argsz).map_err(einval)?;
             let fds = match info.fd {

@@ -16,7 +16,7 @@ pub mod server;
 pub mod socket;
 mod types;
 
-pub use client::{Client, ClientError, FeatureOp, Negotiated, DEFAULT_TIMEOUT};
+pub use client::{Client, ClientError, FeatureOp, Negotiated, ServerRequests, DEFAULT_TIMEOUT};
 pub use device::{Device, DeviceResult, DmaMapping, Errno, IrqData};
 pub use proto::{DmaLoggingRange, MigState, SparseArea};
 pub use server::{accept_and_serve, serve, ServerConfig, ServerError};

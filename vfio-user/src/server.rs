@@ -27,18 +27,25 @@ use crate::proto::{
 };
 use crate::socket::{Channel, Message, RecvLimits, SocketError, MAX_FDS_PER_MESSAGE};
 
-/// Why serving a connection ended with an error.
+/// Why serving a connection ended with an error (each message includes its cause, which
+/// is not a `source()`).
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// No client connection could be accepted.
     #[error("accepting a vfio-user connection failed: {0}")]
-    Accept(#[source] io::Error),
+    Accept(io::Error),
     /// The stream broke (see [`SocketError`]); the connection was dropped.
     #[error("the vfio-user connection failed: {0}")]
-    Socket(#[from] SocketError),
+    Socket(SocketError),
     /// The client proposed a protocol version this server does not implement.
     #[error("version negotiation failed: {0}")]
     Negotiation(String),
+}
+
+impl From<SocketError> for ServerError {
+    fn from(e: SocketError) -> Self {
+        ServerError::Socket(e)
+    }
 }
 
 /// What the server advertises, and its per-message deadline.
@@ -290,9 +297,7 @@ impl Session<'_> {
             Some(p) => p & self.config.pgsizes,
             None => self.config.pgsizes,
         };
-        // The reply's minor version is at most the proposed one (PROTOCOL_MINOR is 0
-        // today, which makes the `min` look useless to clippy).
-        #[allow(clippy::unnecessary_min_or_max)]
+        // The highest minor version both sides implement.
         let minor = proposal.minor.min(PROTOCOL_MINOR);
         let reply = Version {
             major: PROTOCOL_MAJOR,
@@ -303,6 +308,8 @@ impl Session<'_> {
                 max_dma_maps: Some(self.config.max_dma_maps),
                 pgsizes: Some(pgsizes),
                 migration: theirs.migration.as_ref().and(self.config.migration.clone()),
+                // Not offered: this server sends no commands to the client.
+                twin_socket: None,
             }),
         };
         self.peer = Some(Peer {

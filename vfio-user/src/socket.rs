@@ -8,7 +8,7 @@
 
 use std::io;
 use std::mem::size_of;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
@@ -17,7 +17,8 @@ use crate::proto::{Header, ProtoError, HEADER_SIZE, MAX_CAPABILITIES_LEN};
 /// Most descriptors Linux accepts in one `SCM_RIGHTS` message (`SCM_MAX_FD`).
 pub const MAX_FDS_PER_MESSAGE: usize = 253;
 
-/// Why a message could not be sent or received.
+/// Why a message could not be sent or received. Messages include their cause (which is
+/// not a `source()`), as [`ClientError`](crate::ClientError)'s do.
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
     /// The deadline passed before the whole message was sent or received.
@@ -27,17 +28,16 @@ pub enum SocketError {
     #[error("the peer closed the connection")]
     Disconnected,
     /// A system call failed for another reason.
-    #[error("{op} failed: {source}")]
+    #[error("{op} failed: {error}")]
     Io {
         /// The failing operation.
         op: &'static str,
         /// The error it returned.
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     /// The received header is malformed; the stream can no longer be trusted.
     #[error("received an invalid message header: {0}")]
-    InvalidHeader(#[source] ProtoError),
+    InvalidHeader(ProtoError),
     /// The received header announces a message bigger than allowed. Its payload was not
     /// read, so the stream is out of step.
     #[error(
@@ -79,6 +79,12 @@ pub enum SocketError {
         /// How many were given.
         count: usize,
     },
+}
+
+impl AsFd for Channel {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.stream.as_fd()
+    }
 }
 
 /// Limits applied to a received message.
@@ -204,13 +210,32 @@ impl Channel {
                     continue;
                 }
                 Err(e) if peer_gone(&e) => return Err(SocketError::Disconnected),
-                Err(source) => {
+                Err(error) => {
                     return Err(SocketError::Io {
                         op: "sendmsg",
-                        source,
+                        error,
                     })
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Reads and drops the `len` payload bytes that follow a header refused with
+    /// [`SocketError::MessageTooLarge`], without allocating them, so that the stream is in
+    /// step again; descriptors that come with them are closed.
+    pub fn discard(&self, mut len: usize, deadline: Instant) -> Result<(), SocketError> {
+        let mut sink = [0u8; 4096];
+        let mut fds = Vec::new();
+        let mut truncated = false;
+        while len > 0 {
+            let n = len.min(sink.len());
+            let Some(chunk) = sink.get_mut(..n) else {
+                break;
+            };
+            self.recv_exact(chunk, &mut fds, &mut truncated, 0, deadline)?;
+            fds.clear();
+            len -= n;
         }
         Ok(())
     }
@@ -227,7 +252,7 @@ impl Channel {
         loop {
             match self.poll_once(libc::POLLIN, 0) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(source) => return Err(SocketError::Io { op: "poll", source }),
+                Err(error) => return Err(SocketError::Io { op: "poll", error }),
                 Ok(ready) => return Ok(ready),
             }
         }
@@ -299,10 +324,10 @@ impl Channel {
                 }
                 Err(e) if retry(&e) => continue,
                 Err(e) if peer_gone(&e) => return Err(SocketError::Disconnected),
-                Err(source) => {
+                Err(error) => {
                     return Err(SocketError::Io {
                         op: "recvmsg",
-                        source,
+                        error,
                     })
                 }
             }
@@ -326,7 +351,7 @@ impl Channel {
             };
             match self.poll_once(events, timeout_ms) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(source) => return Err(SocketError::Io { op: "poll", source }),
+                Err(error) => return Err(SocketError::Io { op: "poll", error }),
                 // Timed out (or woke early): the loop re-checks the deadline.
                 Ok(false) => continue,
                 // Readable, writable, hung up or in error: the next call reports which.
@@ -639,6 +664,30 @@ mod tests {
             a.send(&h, &[], &[], soon()),
             Err(SocketError::Disconnected)
         ));
+    }
+
+    #[test]
+    fn a_message_too_large_can_be_discarded_and_the_next_one_read() {
+        let (a, b) = pair();
+        let b = Channel::new(b);
+        let big = vec![0x5a; 10_000];
+        let h = Header::command(1, Command::DmaWrite, big.len()).unwrap();
+        let (r, w) = pipe();
+        a.send(&h, &big, &[w.as_fd()], soon()).unwrap();
+        let h2 = Header::command(2, Command::DeviceReset, 0).unwrap();
+        a.send(&h2, &[], &[], soon()).unwrap();
+        let header = match b.recv(LIMITS, soon()) {
+            Err(SocketError::MessageTooLarge { header, .. }) => header,
+            other => panic!("unexpected {other:?}"),
+        };
+        b.discard(header.payload_len(), soon()).unwrap();
+        assert_eq!(b.recv(LIMITS, soon()).unwrap().header, h2);
+        drop(w);
+        // The descriptor that came with the big message was closed: the pipe reads EOF.
+        let mut byte = [0u8];
+        // SAFETY: reading one byte into a one-byte buffer from an open descriptor.
+        let n = unsafe { libc::read(r.as_raw_fd(), byte.as_mut_ptr().cast(), 1) };
+        assert_eq!(n, 0);
     }
 
     #[test]

@@ -11,9 +11,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
+use vfio_bindings::bindings::vfio::{
+    VFIO_REGION_SUBTYPE_MIGRATION_DEPRECATED, VFIO_REGION_TYPE_MIGRATION_DEPRECATED,
+};
 use vfio_user::proto::{
     Capabilities, Command, DeviceInfo as DeviceInfoMsg, DmaAccess, Header, RegionInfoReply,
-    RegionInfoRequest, Version, FLAGS_NO_REPLY,
+    RegionInfoRequest, RegionType, Version, FLAGS_NO_REPLY,
 };
 use vfio_user::{Client, ClientError, SparseArea};
 
@@ -124,11 +127,18 @@ fn silent_server_times_out_within_the_timeout() {
     });
     let start = Instant::now();
     match client.reset() {
-        Err(ClientError::Timeout {
-            command,
-            timeout: t,
-        }) => {
-            assert_eq!((command, t), (Command::DeviceReset, timeout))
+        Err(
+            e @ ClientError::Timeout {
+                command,
+                timeout: t,
+                waiting_for,
+            },
+        ) => {
+            assert_eq!((command, t), (Command::DeviceReset, timeout));
+            assert_eq!(waiting_for, "the reply");
+            let text = e.to_string();
+            assert!(text.contains("timed out after 300ms"), "{text}");
+            assert!(!text.contains("os error"), "{text}");
         }
         other => panic!("unexpected {other:?}"),
     }
@@ -209,6 +219,7 @@ fn region_info_with_two_fds_is_a_protocol_error() {
             size: 0x1000,
             offset: 0,
             sparse_areas: vec![],
+            region_type: None,
         }
         .to_bytes()
         .unwrap();
@@ -246,6 +257,7 @@ fn region_info_with_one_fd_per_sparse_area_is_accepted() {
                     size: 0x1000,
                 },
             ],
+            region_type: None,
         }
         .to_bytes()
         .unwrap();
@@ -270,6 +282,60 @@ fn region_info_with_one_fd_per_sparse_area_is_accepted() {
 }
 
 #[test]
+fn a_v1_migration_region_is_found_by_its_type_capability() {
+    // libvfio-user 0.1's migration region: the type capability, then the sparse areas,
+    // one descriptor per area.
+    let (client, server) = with_fake(TIMEOUT, |s| {
+        let req = s.recv();
+        let reply = RegionInfoReply {
+            argsz: 0,
+            flags: 7,
+            index: 9,
+            size: 0x3000,
+            offset: 0,
+            sparse_areas: vec![SparseArea {
+                offset: 0x1000,
+                size: 0x2000,
+            }],
+            region_type: Some(RegionType {
+                type_: VFIO_REGION_TYPE_MIGRATION_DEPRECATED,
+                subtype: VFIO_REGION_SUBTYPE_MIGRATION_DEPRECATED,
+            }),
+        }
+        .to_bytes()
+        .unwrap();
+        let file = memfd(0x3000);
+        let h = Header::reply(&req.header, reply.len()).unwrap();
+        s.channel
+            .send(&h, &reply, &[file.as_fd()], deadline(5))
+            .unwrap();
+        let req = s.recv();
+        let plain = RegionInfoReply {
+            argsz: 0,
+            flags: 3,
+            index: 0,
+            size: 0x100,
+            offset: 0,
+            sparse_areas: vec![],
+            region_type: None,
+        };
+        s.reply(&req.header, &plain.to_bytes().unwrap());
+    });
+    let (info, kind) = client.region_info_with_type(9).unwrap();
+    assert_eq!(
+        kind,
+        Some(RegionType {
+            type_: 3,
+            subtype: 1
+        })
+    );
+    assert_eq!(info.sparse_areas.len(), 1);
+    assert!(info.fd.is_some());
+    assert_eq!(client.region_info_with_type(0).unwrap().1, None);
+    server.join().unwrap();
+}
+
+#[test]
 fn truncated_region_info_is_asked_again_with_the_size_needed() {
     let areas: Vec<SparseArea> = (0..40)
         .map(|i| SparseArea {
@@ -286,6 +352,7 @@ fn truncated_region_info_is_asked_again_with_the_size_needed() {
             size: 0x40000,
             offset: 0x1000,
             sparse_areas: areas,
+            region_type: None,
         };
         for _ in 0..2 {
             let req = s.recv();
@@ -334,6 +401,80 @@ fn server_commands_are_refused_without_losing_the_reply() {
     assert_eq!(client.device_info().unwrap().num_regions, 9);
     client.reset().unwrap();
     server.join().unwrap();
+}
+
+/// Runs a handshake against a server that answers the proposal with `major.minor` and the
+/// capability text `json` (passing `fds` along); returns the proposal and the outcome.
+fn handshake_with(
+    major: u16,
+    minor: u16,
+    json: &str,
+    fds: Vec<std::os::fd::OwnedFd>,
+) -> (Version, Result<Client, ClientError>) {
+    let (a, b) = UnixStream::pair().unwrap();
+    let json = json.to_string();
+    let server = thread::spawn(move || {
+        let ch = vfio_user::socket::Channel::new(b);
+        let req = ch.recv(LIMITS, deadline(5)).unwrap();
+        let mut v = Vec::new();
+        v.extend_from_slice(&major.to_ne_bytes());
+        v.extend_from_slice(&minor.to_ne_bytes());
+        v.extend_from_slice(json.as_bytes());
+        v.push(0);
+        let h = Header::reply(&req.header, v.len()).unwrap();
+        let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+        ch.send(&h, &v, &borrowed, deadline(5)).unwrap();
+        // Serve one reset, if the client survived the handshake.
+        if let Ok(req) = ch.recv(LIMITS, deadline(5)) {
+            let h = Header::reply(&req.header, 0).unwrap();
+            ch.send(&h, &[], &[], deadline(5)).unwrap();
+        }
+        Version::parse(&req.payload).unwrap()
+    });
+    let client = Client::from_stream(a, TIMEOUT);
+    if let Ok(c) = &client {
+        c.reset().unwrap();
+    }
+    (server.join().unwrap(), client)
+}
+
+#[test]
+fn the_client_proposes_minor_1_and_takes_a_lower_minor() {
+    // libvfio-user's reply to a 0.0 client, with members this client does not know.
+    let json = r#"{"capabilities":{"max_msg_fds":8,"max_data_xfer_size":1048576,
+        "migration":{"pgsize":4096,"future":{"a":[1]}},"write_multiple":true,
+        "twin_socket":{"supported":false},"vendor_thing":{"x":{"y":null}}}}"#;
+    let (proposal, client) = handshake_with(0, 0, json, Vec::new());
+    assert_eq!((proposal.major, proposal.minor), (0, 1));
+    let caps = proposal.capabilities.unwrap();
+    assert_eq!(
+        caps.twin_socket, None,
+        "twin-socket mode must not be offered"
+    );
+    let client = client.expect("a lower minor and unknown members are accepted");
+    assert_eq!(client.negotiated().minor, 0);
+    assert_eq!(client.negotiated().max_msg_fds, 8);
+
+    let (_, client) = handshake_with(0, 1, r#"{"capabilities":{}}"#, Vec::new());
+    assert_eq!(client.unwrap().negotiated().minor, 1);
+}
+
+#[test]
+fn a_higher_minor_or_an_unoffered_twin_socket_fails_negotiation() {
+    let (_, client) = handshake_with(0, 2, "{}", Vec::new());
+    match client {
+        Err(ClientError::Negotiation(reason)) => assert!(reason.contains("minor"), "{reason}"),
+        other => panic!("unexpected {other:?}"),
+    }
+    let json = r#"{"capabilities":{"twin_socket":{"supported":true,"fd_index":0}}}"#;
+    let (theirs, _ours) = UnixStream::pair().unwrap();
+    let (_, client) = handshake_with(0, 1, json, vec![theirs.into()]);
+    match client {
+        Err(ClientError::Negotiation(reason)) => {
+            assert!(reason.contains("twin-socket"), "{reason}")
+        }
+        other => panic!("unexpected {other:?}"),
+    }
 }
 
 #[test]
@@ -436,9 +577,77 @@ fn posted_writes_to_a_server_that_stops_reading_time_out() {
         }
         assert!(start.elapsed() < Duration::from_secs(10), "never blocked");
     };
-    assert!(matches!(err, ClientError::Timeout { .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            ClientError::Timeout {
+                waiting_for: "the server to take the request",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    match client.device_info() {
+        Err(ClientError::Broken { reason }) => {
+            assert!(reason.contains("timed out"), "{reason}");
+            assert!(!reason.contains("os error 11"), "{reason}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
     assert!(start.elapsed() < Duration::from_secs(5));
     tx.send(()).unwrap();
     server.join().unwrap();
     assert_broken(&client);
+}
+
+/// Every cause is printed once when the chain is walked (`{:#}` at the binary's edge):
+/// messages embed their cause, so none is also a `source()`.
+#[test]
+fn error_messages_carry_their_cause_once() {
+    use std::error::Error;
+    use vfio_user::socket::SocketError;
+    fn chain(e: &dyn Error) -> String {
+        let mut out = e.to_string();
+        let mut next = e.source();
+        while let Some(cause) = next {
+            out.push_str(": ");
+            out.push_str(&cause.to_string());
+            next = cause.source();
+        }
+        out
+    }
+    let io = || std::io::Error::from_raw_os_error(libc::EBADF);
+    let errors: Vec<Box<dyn Error>> = vec![
+        Box::new(ClientError::Connect {
+            path: "/run/vf.sock".into(),
+            error: io(),
+        }),
+        Box::new(ClientError::Socket {
+            command: Command::RegionRead,
+            error: SocketError::Io {
+                op: "recvmsg",
+                error: io(),
+            },
+        }),
+        Box::new(ClientError::Reader { error: io() }),
+        Box::new(vfio_user::ServerError::Socket(SocketError::Io {
+            op: "poll",
+            error: io(),
+        })),
+        Box::new(vfio_user::ServerError::Accept(io())),
+    ];
+    let cause = io().to_string();
+    for e in errors {
+        let text = chain(e.as_ref());
+        assert_eq!(text.matches(&cause).count(), 1, "{text}");
+    }
+    // The socket failure's own words appear once too.
+    let nested = ClientError::Socket {
+        command: Command::RegionRead,
+        error: SocketError::Io {
+            op: "recvmsg",
+            error: io(),
+        },
+    };
+    assert_eq!(chain(&nested).matches("recvmsg failed").count(), 1);
 }

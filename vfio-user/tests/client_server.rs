@@ -60,7 +60,7 @@ fn connect_by_path_negotiates_and_reports_device_info() {
     });
     let client = Client::connect(&path.0, Duration::from_secs(5)).unwrap();
     let n = client.negotiated();
-    assert_eq!((n.major, n.minor), (0, 0));
+    assert_eq!((n.major, n.minor), (0, 1));
     assert_eq!(n.max_msg_fds, 16);
     assert_eq!(n.max_data_xfer_size, 1 << 20);
     assert_eq!(n.pgsizes, 4096);

@@ -47,6 +47,7 @@ fn seeds() -> Vec<Vec<u8>> {
                     pgsize: Some(4096),
                     max_bitmap_size: Some(1 << 20),
                 }),
+                twin_socket: None,
             }),
         }
         .to_bytes(),
@@ -119,6 +120,10 @@ fn seeds() -> Vec<Vec<u8>> {
                     size: 0x1000,
                 },
             ],
+            region_type: Some(RegionType {
+                type_: 3,
+                subtype: 1,
+            }),
         }
         .to_bytes()
         .unwrap(),

@@ -483,6 +483,59 @@ fn an_error_reply_to_a_migration_request_leaves_the_client_usable() {
     assert_eq!(c.migration_flags().unwrap(), 1);
 }
 
+/// A `MIG_DATA_READ` reply as libvfio-user sends it: `argsz` 8 + `got`, `size` `got`, and
+/// the data zero-padded to the `asked` size.
+fn padded_mig_data(got: &[u8], asked: usize) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(&(8 + got.len() as u32).to_ne_bytes());
+    b.extend_from_slice(&(got.len() as u32).to_ne_bytes());
+    b.extend_from_slice(got);
+    b.resize(8 + asked, 0);
+    b
+}
+
+#[test]
+fn padded_mig_data_read_replies_are_accepted() {
+    let c = with_fake(|s| {
+        let r = s.recv();
+        s.reply(&r.header, &padded_mig_data(b"state", 64));
+        // The end of the stream: nothing read, still padded.
+        let r = s.recv();
+        s.reply(&r.header, &padded_mig_data(b"", 64));
+        let r = s.recv();
+        s.reply(&r.header, &[]);
+    });
+    assert_eq!(c.mig_data_read(64).unwrap(), b"state");
+    assert!(c.mig_data_read(64).unwrap().is_empty());
+    c.reset().unwrap();
+}
+
+#[test]
+fn mig_data_read_replies_with_lying_sizes_break_only_the_connection() {
+    // `size` above what was asked.
+    let c = with_fake(|s| {
+        let r = s.recv();
+        let mut b = padded_mig_data(&[1; 16], 16);
+        b[4..8].copy_from_slice(&24u32.to_ne_bytes());
+        s.reply(&r.header, &b);
+    });
+    assert_protocol(c.mig_data_read(16), "larger than the size requested", &c);
+    // `size` beyond the payload.
+    let c = with_fake(|s| {
+        let r = s.recv();
+        let mut b = padded_mig_data(&[1; 4], 4);
+        b[4..8].copy_from_slice(&12u32.to_ne_bytes());
+        s.reply(&r.header, &b);
+    });
+    assert_protocol(c.mig_data_read(16), "larger than the data present", &c);
+    // Padding past the size asked.
+    let c = with_fake(|s| {
+        let r = s.recv();
+        s.reply(&r.header, &padded_mig_data(&[1; 4], 17));
+    });
+    assert_protocol(c.mig_data_read(16), "trailing", &c);
+}
+
 #[test]
 fn malformed_migration_replies_break_the_client() {
     let get_mig = VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_MIGRATION;
@@ -535,7 +588,7 @@ fn malformed_migration_replies_break_the_client() {
             &MigData { data: vec![0; 32] }.to_bytes().unwrap(),
         );
     });
-    assert_protocol(c.mig_data_read(16), "16 were asked", &c);
+    assert_protocol(c.mig_data_read(16), "trailing", &c);
     // A migration data reply whose size field lies.
     let c = with_fake(|s| {
         let r = s.recv();
@@ -694,4 +747,79 @@ fn random_migration_requests_never_break_the_server() {
     }
     drop(channel);
     server.join().unwrap().unwrap();
+}
+
+#[test]
+fn dirty_pages_start_get_and_stop_against_a_libvfio_user_style_server() {
+    use vfio_user::proto::dirty_pages::{self, BitmapRange, DirtyPages};
+    let c = with_fake(|s| {
+        for flags in [1u32, 4, 2] {
+            let r = s.recv();
+            assert_eq!(r.header.command, Command::DirtyPages as u16);
+            assert_eq!(r.header.command, 14);
+            let head = DirtyPages::parse_prefix(&r.payload).unwrap();
+            assert_eq!(head.flags, flags);
+            if flags != 4 {
+                assert_eq!(r.payload, [8, 0, 0, 0, flags as u8, 0, 0, 0]);
+                s.reply(&r.header, &[]);
+                continue;
+            }
+            let range = BitmapRange::parse(&r.payload[8..]).unwrap();
+            assert_eq!(
+                (range.iova, range.size, range.pgsize),
+                (0x10_0000, 0x8_2000, 4096)
+            );
+            assert_eq!(range.bitmap_size, 24);
+            assert_eq!(head.argsz, 8 + 32 + 24);
+            // Pages 0, 2, 64 and 129 (the last) are dirty.
+            let bitmap = [0b101, 1, 1 << 1];
+            s.reply(&r.header, &dirty_pages::bitmap_reply(&range, &bitmap));
+        }
+    });
+    c.dirty_pages_start().unwrap();
+    assert_eq!(
+        c.dirty_pages_get(0x10_0000, 0x8_2000, 4096).unwrap(),
+        vec![0x10_0000, 0x10_2000, 0x14_0000, 0x18_1000]
+    );
+    c.dirty_pages_stop().unwrap();
+    assert!(!c.is_broken());
+}
+
+#[test]
+fn dirty_pages_replies_that_lie_break_the_client_and_bad_requests_send_nothing() {
+    use vfio_user::proto::dirty_pages::{self, BitmapRange};
+    // Another range in the reply.
+    let c = with_fake(|s| {
+        let r = s.recv();
+        let other = BitmapRange::new(0, 0x1000 * 64, 4096).unwrap();
+        s.reply(&r.header, &dirty_pages::bitmap_reply(&other, &[1]));
+    });
+    assert_protocol(c.dirty_pages_get(0x1000, 0x1000 * 64, 4096), "range", &c);
+    // A bit past the last page.
+    let c = with_fake(|s| {
+        let r = s.recv();
+        let range = BitmapRange::parse(&r.payload[8..]).unwrap();
+        s.reply(&r.header, &dirty_pages::bitmap_reply(&range, &[1 << 3]));
+    });
+    assert_protocol(c.dirty_pages_get(0, 3 * 4096, 4096), "beyond", &c);
+    // A reply to START with a payload.
+    let c = with_fake(|s| {
+        let r = s.recv();
+        s.reply(&r.header, &[0; 4]);
+    });
+    assert_protocol(c.dirty_pages_start(), "expected", &c);
+    // Refused before sending: a bitmap over the transfer size (4096 here), a bad page
+    // size, an empty range. The server sees only the reset after them.
+    let c = with_fake(|s| {
+        let r = s.recv();
+        assert_eq!(r.header.command, Command::DeviceReset as u16);
+        s.reply(&r.header, &[]);
+    });
+    for (iova, size, pgsize) in [(0, 4096 * 8 * 4097, 4096), (0, 4096, 3000), (0, 0, 4096)] {
+        assert!(matches!(
+            c.dirty_pages_get(iova, size, pgsize),
+            Err(ClientError::InvalidArgument { .. })
+        ));
+    }
+    c.reset().unwrap();
 }

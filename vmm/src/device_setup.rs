@@ -202,7 +202,7 @@ fn open_backend(
     let device = spec.to_string();
     match &spec.kind {
         DeviceKind::VfioUser { socket } => {
-            let b = VfioUserBackend::connect(socket, ctx.timeout).map_err(|error| {
+            let b = VfioUserBackend::connect(socket, ctx.timeout, ctx.mem).map_err(|error| {
                 DeviceSetupError::Connect {
                     device: device.clone(),
                     error,

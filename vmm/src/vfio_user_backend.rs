@@ -11,12 +11,17 @@
 //!
 //! BAR writes are posted (sent without waiting for the server, see
 //! [`VfioUserBackend::region_write`]); everything else waits for its reply.
+//!
+//! The server may read and write guest memory through the client (`DMA_READ`,
+//! `DMA_WRITE`: libvfio-user does for memory it could not map): [`GuestDma`] serves
+//! those from guest RAM, DMA address = guest physical address, and the client's reader
+//! thread serves them while no request is in flight. The same thread notices at once when
+//! the server hangs up and logs it: a guest waiting on a mapped doorbell page for
+//! completions that will never come makes no access that would reveal it.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use devices::vfio::backend::{DmaMapping, RegionMmap, Result};
@@ -26,8 +31,8 @@ use vfio_bindings::bindings::vfio::{
     VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE,
     VFIO_PCI_BAR5_REGION_INDEX,
 };
-use vfio_user::{Client, ClientError};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vfio_user::{Client, ClientError, Errno, ServerRequests};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 /// A device behind a vfio-user socket.
@@ -35,26 +40,23 @@ pub struct VfioUserBackend {
     /// Shared with the device's [`migration::VfioUserMigration`], if it has one.
     client: Arc<Client>,
     socket: PathBuf,
-    /// Logs the server's hang-up when it happens (`None` in tests over socket pairs).
-    _watch: Option<HangupWatch>,
 }
 
 impl VfioUserBackend {
     /// Connects to the server at `socket`; `timeout` is the deadline of every request.
-    /// A thread watches the connection and logs at once when the server goes away.
-    pub fn connect(socket: &Path, timeout: Duration) -> std::result::Result<Self, ClientError> {
-        let connect_error = |source| ClientError::Connect {
-            path: socket.to_path_buf(),
-            source,
-        };
-        let stream = UnixStream::connect(socket).map_err(connect_error)?;
-        let watched = stream.try_clone().map_err(connect_error)?;
-        let client = Client::from_stream(stream, timeout)?;
-        let watch = HangupWatch::start(watched, socket).map_err(connect_error)?;
+    /// The server's DMA reads and writes reach `mem`; the client's reader thread serves
+    /// them while no request is in flight and logs at once when the server goes away.
+    pub fn connect(
+        socket: &Path,
+        timeout: Duration,
+        mem: &GuestMemoryMmap,
+    ) -> std::result::Result<Self, ClientError> {
+        let client = Client::connect(socket, timeout)?;
+        client.set_server_requests(Arc::new(GuestDma::new(mem)));
+        client.spawn_reader()?;
         Ok(VfioUserBackend {
             client: Arc::new(client),
             socket: socket.to_path_buf(),
-            _watch: Some(watch),
         })
     }
 
@@ -65,7 +67,6 @@ impl VfioUserBackend {
         VfioUserBackend {
             client: Arc::new(client),
             socket,
-            _watch: None,
         }
     }
 
@@ -276,85 +277,42 @@ impl VfioBackend for VfioUserBackend {
     }
 }
 
-/// A thread that waits for the server to hang up (its process died or closed the socket)
-/// and logs it at once. Without it a dead server goes unnoticed until the guest's next
-/// trapped access: a guest whose doorbells go to the mapped notify page, waiting for
-/// completions that will never come, makes none.
-struct HangupWatch {
-    stop: EventFd,
-    thread: Option<JoinHandle<()>>,
+/// Guest RAM as the device server reaches it through `DMA_READ`/`DMA_WRITE`: DMA address
+/// = guest physical address. An access not wholly inside RAM is refused with `EFAULT`.
+///
+/// Pages written this way are not dirty-tracked: the migration collects the device's
+/// writes from its own DMA log, and a server that logs only what it writes through its
+/// own mappings (libvfio-user) leaves these out.
+pub struct GuestDma {
+    mem: GuestMemoryMmap,
 }
 
-impl HangupWatch {
-    /// Watches `stream` (a duplicate of the client's socket, never read from).
-    fn start(stream: UnixStream, socket: &Path) -> std::io::Result<Self> {
-        let stop = EventFd::new(libc::EFD_CLOEXEC)?;
-        let stopped = stop.try_clone()?;
-        let socket = socket.to_path_buf();
-        let thread = std::thread::Builder::new()
-            .name("vfio-user-watch".into())
-            .spawn(move || watch_hangup(&stream, &stopped, &socket))?;
-        Ok(HangupWatch {
-            stop,
-            thread: Some(thread),
+impl GuestDma {
+    /// Serves DMA to `mem` (a handle on the same mappings, not a copy).
+    pub fn new(mem: &GuestMemoryMmap) -> Self {
+        GuestDma { mem: mem.clone() }
+    }
+}
+
+impl ServerRequests for GuestDma {
+    fn dma_read(&self, addr: u64, buf: &mut [u8]) -> std::result::Result<(), Errno> {
+        self.mem.read_slice(buf, GuestAddress(addr)).map_err(|e| {
+            tracing::warn!(
+                "vfio-user DMA read of {} bytes at {addr:#x} refused: {e}",
+                buf.len()
+            );
+            Errno(libc::EFAULT)
         })
     }
-}
 
-impl Drop for HangupWatch {
-    fn drop(&mut self) {
-        // The thread holds a duplicate of the socket: it must end for the server to see
-        // the connection close.
-        let _ = self.stop.write(1);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn watch_hangup(stream: &UnixStream, stop: &EventFd, socket: &Path) {
-    loop {
-        // Only hang-up and error conditions wake the socket's entry (no POLLIN: replies
-        // are the client's to read).
-        let mut fds = [
-            libc::pollfd {
-                fd: stream.as_raw_fd(),
-                events: libc::POLLRDHUP,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: stop.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: `fds` is an array of two initialised pollfds over descriptors that stay
-        // open for the call; poll only writes their `revents`.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
+    fn dma_write(&self, addr: u64, data: &[u8]) -> std::result::Result<(), Errno> {
+        self.mem.write_slice(data, GuestAddress(addr)).map_err(|e| {
             tracing::warn!(
-                "cannot watch the vfio-user connection to {}: poll: {e}",
-                socket.display()
+                "vfio-user DMA write of {} bytes at {addr:#x} refused: {e}",
+                data.len()
             );
-            return;
-        }
-        if fds[1].revents != 0 {
-            return;
-        }
-        if fds[0].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
-            tracing::error!(
-                "the vfio-user connection to the server at {} is closed (the server died or \
-                 hung up, or the connection failed): its device is gone; guest reads of its \
-                 trapped registers return all ones, writes are dropped, and requests in \
-                 flight in the device will not complete",
-                socket.display()
-            );
-            return;
-        }
+            Errno(libc::EFAULT)
+        })
     }
 }
 

@@ -298,3 +298,108 @@ fn a_posted_write_to_a_dead_server_is_a_disconnected_backend() {
     let e = b.region_read(0, 0, &mut buf).unwrap_err();
     assert!(matches!(e, BackendError::Disconnected { .. }), "{e}");
 }
+
+/// 64 KiB of RAM at 0, a hole, 4 KiB at 0x20000.
+fn guest_ram() -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[
+        (GuestAddress(0), 0x1_0000),
+        (GuestAddress(0x2_0000), 0x1000),
+    ])
+    .unwrap()
+}
+
+#[test]
+fn guest_dma_reaches_ram_and_refuses_what_is_outside() {
+    let mem = guest_ram();
+    let dma = GuestDma::new(&mem);
+    dma.dma_write(0x100, b"from the device").unwrap();
+    let mut seen = [0u8; 15];
+    mem.read_slice(&mut seen, GuestAddress(0x100)).unwrap();
+    assert_eq!(&seen, b"from the device");
+    let mut back = [0u8; 15];
+    dma.dma_read(0x100, &mut back).unwrap();
+    assert_eq!(&back, b"from the device");
+    dma.dma_write(0x2_0ff0, &[7; 16]).unwrap();
+
+    let efault = Err(Errno(libc::EFAULT));
+    let mut buf = [0u8; 8];
+    // Across the end of the first region into the hole, in the hole, past the end, and
+    // where address + length wraps around.
+    assert_eq!(dma.dma_read(0xfffc, &mut buf), efault);
+    assert_eq!(dma.dma_write(0x1_8000, &buf), efault);
+    assert_eq!(dma.dma_write(0x2_0ffc, &buf), efault);
+    assert_eq!(dma.dma_read(u64::MAX - 3, &mut buf), efault);
+    // Nothing was written by the refused accesses.
+    let mut edge = [0u8; 4];
+    mem.read_slice(&mut edge, GuestAddress(0xfffc)).unwrap();
+    assert_eq!(edge, [0; 4]);
+}
+
+#[test]
+fn a_server_dma_write_lands_in_guest_ram_while_the_client_is_idle() {
+    use vfio_user::proto::{Capabilities, Command, DmaAccess, DmaAccessData, Header, Version};
+    use vfio_user::socket::{Channel, RecvLimits};
+
+    let dir = std::env::temp_dir().join(format!("vmm-guest-dma-{}", std::process::id()));
+    let _ = std::fs::remove_file(&dir);
+    let listener = std::os::unix::net::UnixListener::bind(&dir).unwrap();
+    let limits = RecvLimits {
+        max_size: 1 << 16,
+        max_fds: 4,
+    };
+    let soon = || std::time::Instant::now() + Duration::from_secs(5);
+    let server = std::thread::spawn(move || {
+        let ch = Channel::new(listener.accept().unwrap().0);
+        let v = ch.recv(limits, soon()).unwrap();
+        let reply = Version {
+            major: 0,
+            minor: 1,
+            capabilities: Some(Capabilities::default()),
+        }
+        .to_bytes();
+        ch.send(
+            &Header::reply(&v.header, reply.len()).unwrap(),
+            &reply,
+            &[],
+            soon(),
+        )
+        .unwrap();
+        let write = DmaAccessData {
+            address: 0x2_0010,
+            data: b"idle DMA".to_vec(),
+        }
+        .to_bytes();
+        let h = Header::command(5, Command::DmaWrite, write.len()).unwrap();
+        ch.send(&h, &write, &[], soon()).unwrap();
+        let answer = ch.recv(limits, soon()).unwrap();
+        assert!(answer.header.is_reply() && !answer.header.is_error());
+        assert_eq!(
+            DmaAccess::parse(&answer.payload).unwrap(),
+            DmaAccess {
+                address: 0x2_0010,
+                count: 8
+            }
+        );
+        // Then a reset from the client, answered.
+        let reset = ch.recv(limits, soon()).unwrap();
+        ch.send(&Header::reply(&reset.header, 0).unwrap(), &[], &[], soon())
+            .unwrap();
+        let _ = ch.recv(limits, soon());
+    });
+    let mem = guest_ram();
+    let b = VfioUserBackend::connect(&dir, Duration::from_secs(5), &mem).unwrap();
+    let start = std::time::Instant::now();
+    let mut seen = [0u8; 8];
+    while &seen != b"idle DMA" {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "DMA write not served"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+        mem.read_slice(&mut seen, GuestAddress(0x2_0010)).unwrap();
+    }
+    b.reset().unwrap();
+    drop(b);
+    server.join().unwrap();
+    let _ = std::fs::remove_file(&dir);
+}

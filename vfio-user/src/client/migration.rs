@@ -10,6 +10,8 @@ use vfio_bindings::bindings::vfio::{
 };
 
 use super::{invalid, Client, ClientError};
+use crate::proto::dirty_bitmap;
+use crate::proto::dirty_pages::{self, BitmapRange, DIRTY_PAGES_FLAG_START, DIRTY_PAGES_FLAG_STOP};
 use crate::proto::{
     Command, DeviceFeature, DmaLoggingRange, DmaLoggingReport, DmaLoggingStart,
     FeatureMigDeviceState, FeatureMigration, MigData, MigDataReadRequest, MigState, NoPayload,
@@ -124,10 +126,12 @@ impl Client {
 
     /// Up to `size` bytes of migration data (`MIG_DATA_READ`, `size` at most
     /// [`Negotiated::max_data_xfer_size`](super::Negotiated::max_data_xfer_size)); fewer
-    /// means the server has no more for now (in `STOP_COPY`: the end).
+    /// means the server has no more for now (in `STOP_COPY`: the end). The reply's `size`
+    /// field says how much was read; padding after it (libvfio-user pads every reply to
+    /// the size asked) is dropped.
     pub fn mig_data_read(&self, size: u32) -> Result<Vec<u8>, ClientError> {
         let command = Command::MigDataRead;
-        let max = self.negotiated.max_data_xfer_size;
+        let max = self.negotiated().max_data_xfer_size;
         if size == 0 || size > max {
             return Err(invalid(
                 command,
@@ -136,14 +140,9 @@ impl Client {
         }
         let request = MigDataReadRequest { size };
         self.call(command, &request.to_bytes(), &[], |msg| {
-            let reply = MigData::parse(&msg.payload).map_err(|e| e.to_string())?;
-            if reply.data.len() > size as usize {
-                return Err(format!(
-                    "reply has {} bytes of migration data, {size} were asked",
-                    reply.data.len()
-                ));
-            }
-            Ok(reply.data)
+            MigData::parse_read_reply(&msg.payload, size)
+                .map(|reply| reply.data)
+                .map_err(|e| e.to_string())
         })
     }
 
@@ -152,7 +151,7 @@ impl Client {
     /// [`Negotiated::max_data_xfer_size`](super::Negotiated::max_data_xfer_size)).
     pub fn mig_data_write(&self, data: &[u8]) -> Result<(), ClientError> {
         let command = Command::MigDataWrite;
-        let step = self.negotiated.max_data_xfer_size as usize;
+        let step = self.negotiated().max_data_xfer_size as usize;
         for chunk in data.chunks(step) {
             let request = MigData {
                 data: chunk.to_vec(),
@@ -248,7 +247,7 @@ impl Client {
                 )
             })?;
         // Whole words per request, within one transfer with the structure's header.
-        let room = (self.negotiated.max_data_xfer_size as usize)
+        let room = (self.negotiated().max_data_xfer_size as usize)
             .saturating_sub(DmaLoggingReport::HEADER_SIZE)
             / 8;
         if room == 0 {
@@ -314,5 +313,77 @@ impl Client {
             }
         }
         Ok(reply.bitmap)
+    }
+    /// Starts dirty page logging (`VFIO_USER_DIRTY_PAGES` with `START`, protocol 0.1's
+    /// tracking, which libvfio-user 0.1 servers implement instead of DMA logging).
+    pub fn dirty_pages_start(&self) -> Result<(), ClientError> {
+        self.dirty_pages_control(DIRTY_PAGES_FLAG_START)
+    }
+
+    /// Stops dirty page logging (`VFIO_USER_DIRTY_PAGES` with `STOP`).
+    pub fn dirty_pages_stop(&self) -> Result<(), ClientError> {
+        self.dirty_pages_control(DIRTY_PAGES_FLAG_STOP)
+    }
+
+    fn dirty_pages_control(&self, flags: u32) -> Result<(), ClientError> {
+        let command = Command::DirtyPages;
+        self.call(command, &dirty_pages::control_command(flags), &[], |msg| {
+            // libvfio-user answers with nothing; an echo of the request is tolerated.
+            if msg.payload.is_empty() || msg.payload == dirty_pages::control_command(flags) {
+                return Ok(());
+            }
+            Err(format!(
+                "reply has {} bytes, none or an echo of the request were expected",
+                msg.payload.len()
+            ))
+        })
+    }
+
+    /// The 4 KiB pages of `iova..iova + size` written since logging started or since they
+    /// were last reported, in order (`VFIO_USER_DIRTY_PAGES` with `GET_BITMAP`, one bit
+    /// per `pgsize`, a power of two). libvfio-user 0.1 answers only for a range that is
+    /// exactly one DMA mapping, at the migration page size (4 KiB), so the range is never
+    /// split: its bitmap must fit one transfer.
+    pub fn dirty_pages_get(
+        &self,
+        iova: u64,
+        size: u64,
+        pgsize: u64,
+    ) -> Result<Vec<u64>, ClientError> {
+        let command = Command::DirtyPages;
+        let range = BitmapRange::new(iova, size, pgsize).ok_or_else(|| {
+            invalid(
+                command,
+                format!(
+                    "range {iova:#x}+{size:#x} at page size {pgsize:#x}: empty, wrapping, or \
+                     not a power-of-two page size"
+                ),
+            )
+        })?;
+        let room = u64::from(self.negotiated().max_data_xfer_size);
+        if range.bitmap_size > room {
+            return Err(invalid(
+                command,
+                format!(
+                    "the bitmap of {size:#x} bytes at page size {pgsize:#x} takes {} bytes, \
+                     over the transfer size of {room}",
+                    range.bitmap_size
+                ),
+            ));
+        }
+        let request = dirty_pages::get_bitmap_command(&range)
+            .ok_or_else(|| invalid(command, "the reply size overflows"))?;
+        self.call(command, &request, &[], |msg| {
+            let bitmap =
+                dirty_pages::parse_bitmap_reply(&msg.payload, &range).map_err(|e| e.to_string())?;
+            let pages = size.div_ceil(pgsize);
+            let tail = pages % 64;
+            if let (Some(last), true) = (bitmap.last(), tail != 0) {
+                if last >> tail != 0 {
+                    return Err(format!("reply marks pages beyond the {pages} of the range"));
+                }
+            }
+            Ok(dirty_bitmap::decode(&bitmap, iova, size, pgsize))
+        })
     }
 }

@@ -1,5 +1,17 @@
 //! Version negotiation from the client's side: what it proposes and how it checks the
 //! server's answer.
+//!
+//! The client proposes [`PROTOCOL_MINOR`] and takes any minor version up to it: the
+//! server answers the highest one both implement, which is recorded in [`Negotiated`].
+//! Capability members it does not know are ignored, at any depth.
+//!
+//! Twin-socket mode (a second socket, passed by the server in its reply, for
+//! server-to-client commands) is not offered. The specification is clear, but no server
+//! this client is used with implements it (libvfio-user 0.1, QEMU's vfio-user server),
+//! commands from the server on the one socket must be served anyway, and a second socket
+//! would need its reader running from the handshake on. A server that enables it
+//! unasked breaks the rule that its capabilities are a subset of the proposal, and the
+//! connection is closed: its commands would arrive where nobody reads.
 
 use crate::proto::{
     Capabilities, MigrationCapability, Version, DEFAULT_MAX_DATA_XFER_SIZE, PROTOCOL_MAJOR,
@@ -19,7 +31,7 @@ const CLIENT_PGSIZES: u64 = 4096;
 pub struct Negotiated {
     /// Major version agreed.
     pub major: u16,
-    /// Minor version agreed.
+    /// Minor version agreed: the server's answer, at most [`PROTOCOL_MINOR`].
     pub minor: u16,
     /// Most descriptors the server accepts in one message (at most 253).
     pub max_msg_fds: u32,
@@ -51,6 +63,13 @@ pub(super) fn negotiate(reply: &Message) -> Result<Negotiated, String> {
         ));
     }
     let caps = version.capabilities.unwrap_or_default();
+    if caps.twin_socket.as_ref().is_some_and(|t| t.is_supported()) {
+        return Err(
+            "server enabled twin-socket mode, which this client did not offer (it does not \
+             implement it)"
+                .into(),
+        );
+    }
     let max_data_xfer_size = caps
         .max_data_xfer_size_or_default()
         .min(CLIENT_MAX_DATA_XFER_SIZE);
@@ -86,6 +105,7 @@ pub(super) fn proposal() -> Version {
             max_dma_maps: None,
             pgsizes: Some(CLIENT_PGSIZES),
             migration: None,
+            twin_socket: None,
         }),
     }
 }

@@ -32,7 +32,8 @@ pub enum Command {
     DmaWrite = 12,
     /// `VFIO_USER_DEVICE_RESET` (client -> server).
     DeviceReset = 13,
-    /// `VFIO_USER_DIRTY_PAGES`: deprecated, reserved; never sent, refused when received.
+    /// `VFIO_USER_DIRTY_PAGES`: protocol 0.1 dirty page tracking (libvfio-user 0.1), since
+    /// dropped from the specification; the client sends it, this crate's server refuses it.
     DirtyPages = 14,
     /// `VFIO_USER_REGION_WRITE_MULTI`: not implemented, refused when received.
     RegionWriteMulti = 15,

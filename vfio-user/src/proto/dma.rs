@@ -202,6 +202,16 @@ impl DmaAccessData {
 
     /// Parses the structure; `count` must equal the number of data bytes present.
     pub fn parse(bytes: &[u8]) -> Result<Self, ProtoError> {
+        let (address, data) = Self::split(bytes)?;
+        Ok(DmaAccessData {
+            address,
+            data: data.to_vec(),
+        })
+    }
+
+    /// Parses the structure like [`Self::parse`] without copying the data: the address
+    /// and the data bytes.
+    pub fn split(bytes: &[u8]) -> Result<(u64, &[u8]), ProtoError> {
         let mut r = Reader::new(Self::WHAT, bytes);
         r.require(Self::HEADER_SIZE)?;
         let address = r.u64()?;
@@ -223,10 +233,7 @@ impl DmaAccessData {
                 "address + count overflows",
             ));
         }
-        Ok(DmaAccessData {
-            address,
-            data: data.to_vec(),
-        })
+        Ok((address, data))
     }
 }
 

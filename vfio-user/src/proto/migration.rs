@@ -454,6 +454,44 @@ impl MigData {
             data: data.to_vec(),
         })
     }
+
+    /// Parses a `MIG_DATA_READ` reply to a request for `requested` bytes. `size` says how
+    /// much was read and `argsz` must be at least 8 + `size`; the data may be followed by
+    /// padding up to the requested size, which is dropped (libvfio-user always sends
+    /// 8 + `requested` bytes, zero-filled past `size`, with `argsz` = 8 + `size`). A
+    /// `size` above the request or beyond the payload, or a payload longer than the
+    /// request allowed, is refused.
+    pub fn parse_read_reply(bytes: &[u8], requested: u32) -> Result<Self, ProtoError> {
+        const WHAT: &str = "migration data read reply";
+        let mut r = Reader::new(WHAT, bytes);
+        r.require(Self::HEADER_SIZE)?;
+        let argsz = r.u32()?;
+        let size = r.u32()?;
+        let data = r.rest();
+        if data.len() > requested as usize {
+            return Err(ProtoError::TrailingBytes {
+                what: WHAT,
+                extra: data.len() - requested as usize,
+            });
+        }
+        if size > requested {
+            return Err(invalid(
+                WHAT,
+                "size",
+                size,
+                "larger than the size requested",
+            ));
+        }
+        let Some(data) = data.get(..size as usize) else {
+            return Err(invalid(WHAT, "size", size, "larger than the data present"));
+        };
+        if u64::from(argsz) < u64::from(size) + Self::HEADER_SIZE as u64 {
+            return Err(invalid(WHAT, "argsz", argsz, "smaller than 8 + size"));
+        }
+        Ok(MigData {
+            data: data.to_vec(),
+        })
+    }
 }
 
 fn check_page_size(what: &'static str, page_size: u64) -> Result<(), ProtoError> {
@@ -620,5 +658,54 @@ mod tests {
         assert_eq!(MigData::parse(&b).unwrap(), d);
         rejects_prefixes(&b, b.len(), |x| MigData::parse(x).is_ok());
         assert!(MigData::parse(&[b, vec![0]].concat()).is_err());
+    }
+
+    /// A reply as libvfio-user builds it: `argsz` and `size` say `got` bytes, the payload
+    /// carries `sent` data bytes (zero padding past `got`).
+    fn read_reply(argsz: u32, size: u32, sent: usize) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&argsz.to_ne_bytes());
+        b.extend_from_slice(&size.to_ne_bytes());
+        b.extend((0..sent).map(|i| if i < size as usize { 0xa5 } else { 0 }));
+        b
+    }
+
+    #[test]
+    fn mig_data_read_reply_padded_to_the_request_is_accepted() {
+        // 10 bytes read of 64 asked, padded to 64.
+        let d = MigData::parse_read_reply(&read_reply(18, 10, 64), 64).unwrap();
+        assert_eq!(d.data, vec![0xa5; 10]);
+        // Unpadded, and the end of the data (size 0, padded).
+        assert_eq!(
+            MigData::parse_read_reply(&read_reply(18, 10, 10), 64)
+                .unwrap()
+                .data
+                .len(),
+            10
+        );
+        assert!(MigData::parse_read_reply(&read_reply(8, 0, 64), 64)
+            .unwrap()
+            .data
+            .is_empty());
+        // argsz may also cover the padding.
+        assert_eq!(
+            MigData::parse_read_reply(&read_reply(72, 10, 64), 64)
+                .unwrap()
+                .data
+                .len(),
+            10
+        );
+    }
+
+    #[test]
+    fn mig_data_read_reply_with_lying_sizes_is_refused() {
+        // size above the request, size beyond the payload, payload above the request,
+        // argsz too small for size, truncated header.
+        assert!(MigData::parse_read_reply(&read_reply(80, 72, 72), 64).is_err());
+        assert!(MigData::parse_read_reply(&read_reply(40, 32, 16), 64).is_err());
+        assert!(MigData::parse_read_reply(&read_reply(18, 10, 65), 64).is_err());
+        assert!(MigData::parse_read_reply(&read_reply(17, 10, 64), 64).is_err());
+        let good = read_reply(18, 10, 64);
+        rejects_prefixes(&good, 18, |x| MigData::parse_read_reply(x, 64).is_ok());
     }
 }

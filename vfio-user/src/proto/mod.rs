@@ -9,6 +9,7 @@
 mod command;
 mod device;
 pub mod dirty_bitmap;
+pub mod dirty_pages;
 mod dma;
 mod error;
 mod header;
@@ -31,9 +32,11 @@ pub use migration::{
 };
 pub use region::{
     RegionAccess, RegionAccessData, RegionInfoReply, RegionInfoRequest, RegionIoFdsRequest,
-    SparseArea, MAX_REGION_CAPS, REGION_INFO_SIZE, SPARSE_MMAP_CAP_VERSION,
+    RegionType, SparseArea, MAX_REGION_CAPS, REGION_INFO_SIZE, SPARSE_MMAP_CAP_VERSION,
+    TYPE_CAP_VERSION,
 };
 pub use version::{
-    Capabilities, MigrationCapability, Version, DEFAULT_MAX_DATA_XFER_SIZE, DEFAULT_MAX_DMA_MAPS,
-    DEFAULT_MAX_MSG_FDS, DEFAULT_PGSIZES, MAX_CAPABILITIES_LEN, PROTOCOL_MAJOR, PROTOCOL_MINOR,
+    Capabilities, MigrationCapability, TwinSocketCapability, Version, DEFAULT_MAX_DATA_XFER_SIZE,
+    DEFAULT_MAX_DMA_MAPS, DEFAULT_MAX_MSG_FDS, DEFAULT_PGSIZES, MAX_CAPABILITIES_LEN,
+    PROTOCOL_MAJOR, PROTOCOL_MINOR,
 };

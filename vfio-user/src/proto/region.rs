@@ -2,8 +2,8 @@
 //! `REGION_READ`, `REGION_WRITE` and the `DEVICE_GET_REGION_IO_FDS` command.
 
 use vfio_bindings::bindings::vfio::{
-    VFIO_REGION_INFO_CAP_SPARSE_MMAP, VFIO_REGION_INFO_FLAG_CAPS, VFIO_REGION_INFO_FLAG_MMAP,
-    VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+    VFIO_REGION_INFO_CAP_SPARSE_MMAP, VFIO_REGION_INFO_CAP_TYPE, VFIO_REGION_INFO_FLAG_CAPS,
+    VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
 };
 
 use super::error::{invalid, ProtoError};
@@ -13,6 +13,9 @@ use super::wire::{len_u32, Reader, Writer};
 pub const REGION_INFO_SIZE: usize = 32;
 /// Version of the sparse-mmap capability.
 pub const SPARSE_MMAP_CAP_VERSION: u16 = 1;
+/// Version of the region type capability.
+pub const TYPE_CAP_VERSION: u16 = 1;
+const TYPE_CAP_SIZE: usize = CAP_HEADER_SIZE + 8;
 /// Most capabilities walked in one chain (guards against loops).
 pub const MAX_REGION_CAPS: usize = 16;
 const CAP_HEADER_SIZE: usize = 8;
@@ -30,6 +33,17 @@ pub struct SparseArea {
     pub offset: u64,
     /// Size in bytes.
     pub size: u64,
+}
+
+/// A region's type and subtype (`VFIO_REGION_INFO_CAP_TYPE`), e.g.
+/// `VFIO_REGION_TYPE_MIGRATION_DEPRECATED` (3) / `VFIO_REGION_SUBTYPE_MIGRATION_DEPRECATED`
+/// (1) for the v1 migration region libvfio-user 0.1 offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegionType {
+    /// `VFIO_REGION_TYPE_*`.
+    pub type_: u32,
+    /// `VFIO_REGION_SUBTYPE_*`, within the type.
+    pub subtype: u32,
 }
 
 /// The `DEVICE_GET_REGION_INFO` command (32 bytes; only `argsz` and `index` are set).
@@ -106,15 +120,24 @@ pub struct RegionInfoReply {
     pub offset: u64,
     /// The mappable parts (the sparse-mmap capability); empty when there is none.
     pub sparse_areas: Vec<SparseArea>,
+    /// The type capability, if present (encoded before the sparse areas, as libvfio-user
+    /// does).
+    pub region_type: Option<RegionType>,
 }
 
 impl RegionInfoReply {
     const WHAT: &'static str = "region info reply";
 
-    /// Serialises the full reply: `argsz` is the encoded size and, when there are sparse
-    /// areas, `VFIO_REGION_INFO_FLAG_CAPS` is set and the capability follows at offset 32.
+    /// Serialises the full reply: `argsz` is the encoded size and, when there are
+    /// capabilities (a type, sparse areas), `VFIO_REGION_INFO_FLAG_CAPS` is set and they
+    /// follow from offset 32, the type first.
     pub fn to_bytes(&self) -> Result<Vec<u8>, ProtoError> {
-        let caps_len = if self.sparse_areas.is_empty() {
+        let type_len = if self.region_type.is_some() {
+            TYPE_CAP_SIZE
+        } else {
+            0
+        };
+        let sparse_len = if self.sparse_areas.is_empty() {
             0
         } else {
             self.sparse_areas
@@ -126,6 +149,7 @@ impl RegionInfoReply {
                     len: usize::MAX,
                 })?
         };
+        let caps_len = type_len.saturating_add(sparse_len);
         let total = REGION_INFO_SIZE.saturating_add(caps_len);
         let argsz = len_u32(Self::WHAT, total)?;
         let nr_areas = len_u32(Self::WHAT, self.sparse_areas.len())?;
@@ -144,7 +168,19 @@ impl RegionInfoReply {
             .u32(cap_offset)
             .u64(self.size)
             .u64(self.offset);
-        if caps_len != 0 {
+        if let Some(t) = self.region_type {
+            let next = if sparse_len == 0 {
+                0
+            } else {
+                (REGION_INFO_SIZE + TYPE_CAP_SIZE) as u32
+            };
+            w.u16(VFIO_REGION_INFO_CAP_TYPE as u16)
+                .u16(TYPE_CAP_VERSION)
+                .u32(next)
+                .u32(t.type_)
+                .u32(t.subtype);
+        }
+        if sparse_len != 0 {
             w.u16(VFIO_REGION_INFO_CAP_SPARSE_MMAP as u16)
                 .u16(SPARSE_MMAP_CAP_VERSION)
                 .u32(0)
@@ -219,7 +255,7 @@ impl RegionInfoReply {
                 "set without capabilities present",
             ));
         }
-        let sparse_areas = parse_caps(bytes, cap_offset as usize)?;
+        let (sparse_areas, region_type) = parse_caps(bytes, cap_offset as usize)?;
         for a in &sparse_areas {
             if a.offset.checked_add(a.size).is_none_or(|end| end > size) {
                 return Err(invalid(
@@ -237,14 +273,20 @@ impl RegionInfoReply {
             size,
             offset,
             sparse_areas,
+            region_type,
         })
     }
 }
 
-/// Walks the capability chain starting at `first` (0: none) and returns the sparse areas.
-fn parse_caps(bytes: &[u8], first: usize) -> Result<Vec<SparseArea>, ProtoError> {
+/// Walks the capability chain starting at `first` (0: none) and returns the sparse areas
+/// and the type; other capabilities are skipped.
+fn parse_caps(
+    bytes: &[u8],
+    first: usize,
+) -> Result<(Vec<SparseArea>, Option<RegionType>), ProtoError> {
     const WHAT: &str = "region capability";
     let mut areas: Option<Vec<SparseArea>> = None;
+    let mut region_type = None;
     let mut at = first;
     let mut seen = 0;
     while at != 0 {
@@ -304,10 +346,26 @@ fn parse_caps(bytes: &[u8], first: usize) -> Result<Vec<SparseArea>, ProtoError>
                 });
             }
             areas = Some(list);
+        } else if u32::from(id) == VFIO_REGION_INFO_CAP_TYPE {
+            if region_type.is_some() {
+                return Err(invalid(WHAT, "id", id, "type capability repeated"));
+            }
+            if version != TYPE_CAP_VERSION {
+                return Err(invalid(
+                    WHAT,
+                    "version",
+                    version,
+                    "unsupported type capability version",
+                ));
+            }
+            region_type = Some(RegionType {
+                type_: r.u32()?,
+                subtype: r.u32()?,
+            });
         }
         at = next as usize;
     }
-    Ok(areas.unwrap_or_default())
+    Ok((areas.unwrap_or_default(), region_type))
 }
 
 /// `REGION_READ` command / `REGION_WRITE` reply: offset, region and count (16 bytes).
@@ -508,6 +566,7 @@ mod tests {
                     size: 0x1000,
                 },
             ],
+            region_type: None,
         }
     }
 
@@ -555,6 +614,55 @@ mod tests {
             assert!(RegionInfoReply::parse(&b[..len]).is_err(), "len {len}");
         }
         assert!(RegionInfoReply::parse(&[b.clone(), vec![0]].concat()).is_err());
+    }
+
+    #[test]
+    fn type_capability_before_the_sparse_areas_as_libvfio_user_sends_it() {
+        let migration = RegionInfoReply {
+            region_type: Some(RegionType {
+                type_: 3,
+                subtype: 1,
+            }),
+            ..reply()
+        };
+        let b = migration.to_bytes().unwrap();
+        assert_eq!(b.len(), 32 + 16 + 16 + 32);
+        // The type capability at 32, pointing at the sparse one at 48.
+        assert_eq!(
+            &b[32..34],
+            &(VFIO_REGION_INFO_CAP_TYPE as u16).to_ne_bytes()
+        );
+        assert_eq!(&b[36..40], &48u32.to_ne_bytes());
+        assert_eq!(&b[40..48], &[3, 0, 0, 0, 1, 0, 0, 0]);
+        let p = RegionInfoReply::parse(&b).unwrap();
+        assert_eq!(p.region_type, migration.region_type);
+        assert_eq!(p.sparse_areas, migration.sparse_areas);
+        // Alone, and absent.
+        let alone = RegionInfoReply {
+            sparse_areas: vec![],
+            ..migration.clone()
+        };
+        let p = RegionInfoReply::parse(&alone.to_bytes().unwrap()).unwrap();
+        assert_eq!(
+            (p.region_type, p.sparse_areas.len()),
+            (alone.region_type, 0)
+        );
+        assert_eq!(
+            RegionInfoReply::parse(&reply().to_bytes().unwrap())
+                .unwrap()
+                .region_type,
+            None
+        );
+        // Repeated, or of another version: refused.
+        let mut twice = alone.to_bytes().unwrap();
+        twice[36..40].copy_from_slice(&32u32.to_ne_bytes());
+        assert!(RegionInfoReply::parse(&twice).is_err());
+        let mut version = b.clone();
+        version[34] = 2;
+        assert!(RegionInfoReply::parse(&version).is_err());
+        for len in 0..b.len() {
+            assert!(RegionInfoReply::parse(&b[..len]).is_err(), "len {len}");
+        }
     }
 
     #[test]

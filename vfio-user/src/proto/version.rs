@@ -7,8 +7,11 @@ use super::wire::{Reader, Writer};
 
 /// Protocol major version implemented here.
 pub const PROTOCOL_MAJOR: u16 = 0;
-/// Highest protocol minor version implemented here (the one QEMU's client proposes).
-pub const PROTOCOL_MINOR: u16 = 0;
+/// Highest protocol minor version implemented here: 1, libvfio-user's
+/// `LIB_VFIO_USER_MINOR`. No message this crate sends or accepts differs between 0.0 and
+/// 0.1 (the specification marks nothing as "added in 0.1"); a peer that answers 0 is
+/// served the same way.
+pub const PROTOCOL_MINOR: u16 = 1;
 
 /// Default of `max_msg_fds` when a peer does not state it.
 pub const DEFAULT_MAX_MSG_FDS: u32 = 1;
@@ -41,6 +44,10 @@ pub struct Capabilities {
     /// Migration (dirty page tracking) parameters; present only if migration is offered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<MigrationCapability>,
+    /// Twin-socket mode (server-to-client commands on a second socket): parsed so that a
+    /// server enabling it can be told apart; neither side of this crate offers it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub twin_socket: Option<TwinSocketCapability>,
 }
 
 impl Capabilities {
@@ -75,6 +82,25 @@ pub struct MigrationCapability {
     /// Largest dirty bitmap, in bytes, that can be transferred.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_bitmap_size: Option<u64>,
+}
+
+/// The `twin_socket` capability object.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TwinSocketCapability {
+    /// Whether the sender supports (in a reply: enabled) twin-socket mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supported: Option<bool>,
+    /// In a reply: the index, among the descriptors sent with it, of the client's end of
+    /// the server-to-client socket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fd_index: Option<u32>,
+}
+
+impl TwinSocketCapability {
+    /// Whether the sender says twin-socket mode is supported (enabled, in a reply).
+    pub fn is_supported(&self) -> bool {
+        self.supported == Some(true)
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -167,10 +193,12 @@ fn check_objects(value: &serde_json::Value) -> Result<(), ProtoError> {
         let caps = caps
             .as_object()
             .ok_or_else(|| not_object("`capabilities`"))?;
-        if let Some(migration) = caps.get("migration") {
-            migration
-                .as_object()
-                .ok_or_else(|| not_object("`migration`"))?;
+        for name in ["migration", "twin_socket"] {
+            if let Some(member) = caps.get(name) {
+                member
+                    .as_object()
+                    .ok_or_else(|| not_object(&format!("`{name}`")))?;
+            }
         }
     }
     Ok(())
@@ -200,6 +228,10 @@ mod tests {
                 migration: Some(MigrationCapability {
                     pgsize: Some(4096),
                     max_bitmap_size: Some(256 << 20),
+                }),
+                twin_socket: Some(TwinSocketCapability {
+                    supported: Some(true),
+                    fd_index: Some(0),
                 }),
             }),
         };
@@ -239,6 +271,28 @@ mod tests {
     }
 
     #[test]
+    fn unknown_members_are_ignored_at_every_level() {
+        let v = Version::parse(&raw(
+            r#"{"capabilities":{"max_msg_fds":8,"write_multiple":true,
+                "twin_socket":{"supported":false,"future":[1,{"x":null}]},
+                "migration":{"pgsize":4096,"dirty":{"modes":["bitmap"]},"v":2.5},
+                "future_cap":{"nested":{"deeper":{"a":"b"}}},"flag":null},
+               "vendor":{"anything":[true]}}"#,
+        ))
+        .unwrap();
+        let caps = v.capabilities.unwrap();
+        assert_eq!(caps.max_msg_fds, Some(8));
+        assert_eq!(caps.migration.unwrap().pgsize, Some(4096));
+        assert!(!caps.twin_socket.unwrap().is_supported());
+        // libvfio-user's reply, as it builds it.
+        let v = Version::parse(&raw(
+            r#"{"capabilities":{"max_msg_fds":8,"max_data_xfer_size":1048576,"migration":{"pgsize":4096}}}"#,
+        ))
+        .unwrap();
+        assert_eq!(v.capabilities.unwrap().twin_socket, None);
+    }
+
+    #[test]
     fn rejects_bad_input() {
         for len in 0..4 {
             assert!(Version::parse(&[0u8; 4][..len]).is_err());
@@ -253,6 +307,8 @@ mod tests {
             r#"{"capabilities":3}"#,
             r#"{"capabilities":[8]}"#,
             r#"{"capabilities":{"migration":[4096]}}"#,
+            r#"{"capabilities":{"twin_socket":[true,0]}}"#,
+            r#"{"capabilities":{"twin_socket":{"supported":"yes"}}}"#,
         ] {
             assert!(Version::parse(&raw(bad)).is_err(), "{bad}");
         }
