@@ -55,8 +55,11 @@ fn qemu_vfio_user_server_drives_the_guest_and_cannot_be_migrated() {
     let rw = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
     for i in 0..host.blocks {
         let index = host.offset / BLOCK + i;
-        rw.write_all_at(&pattern::block(host.seed, index, BLOCK as usize), index * BLOCK)
-            .unwrap();
+        rw.write_all_at(
+            &pattern::block(host.seed, index, BLOCK as usize),
+            index * BLOCK,
+        )
+        .unwrap();
     }
     rw.sync_all().unwrap();
 
@@ -130,7 +133,10 @@ fn qemu_vfio_user_server_drives_the_guest_and_cannot_be_migrated() {
     assert!(!snap.exists());
     let out = api.ctl_migrate("tcp:127.0.0.1:9", &[]);
     assert_eq!(out.code, Some(1), "{out:?}");
-    assert!(out.stderr.contains("device qblk0 cannot migrate"), "{out:?}");
+    assert!(
+        out.stderr.contains("device qblk0 cannot migrate"),
+        "{out:?}"
+    );
     let info = api.request(&json!({"request": "info"})).unwrap();
     assert_eq!(info["paused"], false, "{info}");
 

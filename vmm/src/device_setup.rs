@@ -202,12 +202,14 @@ fn open_backend(
     let device = spec.to_string();
     match &spec.kind {
         DeviceKind::VfioUser { socket } => {
-            let b = VfioUserBackend::connect(socket, ctx.timeout, ctx.mem).map_err(|error| {
-                DeviceSetupError::Connect {
-                    device: device.clone(),
-                    error,
-                }
-            })?;
+            let b = Arc::new(
+                VfioUserBackend::connect(socket, ctx.timeout, ctx.mem).map_err(|error| {
+                    DeviceSetupError::Connect {
+                        device: device.clone(),
+                        error,
+                    }
+                })?,
+            );
             // A plain vfio-user device migrates through its server, if it offers that.
             if spec.mediation.is_none() {
                 *native = b
@@ -219,7 +221,7 @@ fn open_backend(
                             .to_string()
                     });
             }
-            Ok(trap_all_unless(spec.mmap, Arc::new(b)))
+            Ok(trap_all_unless(spec.mmap, b))
         }
         DeviceKind::Vfio { host } => {
             let kernel = |source| DeviceSetupError::Kernel {

@@ -19,13 +19,14 @@
 //! the server hangs up and logs it: a guest waiting on a mapped doorbell page for
 //! completions that will never come makes no access that would reveal it.
 
+use std::collections::BTreeSet;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use devices::vfio::backend::{DmaMapping, RegionMmap, Result};
-use devices::vfio::migration::DeviceMigration;
+use devices::vfio::migration::{DeviceMigration, MigrationState};
 use devices::vfio::{BackendError, DeviceInfo, IrqInfo, RegionFlags, RegionInfo, VfioBackend};
 use vfio_bindings::bindings::vfio::{
     VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE,
@@ -40,6 +41,9 @@ pub struct VfioUserBackend {
     /// Shared with the device's [`migration::VfioUserMigration`], if it has one.
     client: Arc<Client>,
     socket: PathBuf,
+    /// Guest pages the server wrote with `DMA_WRITE` (this process wrote them, so neither
+    /// KVM's log nor the server's own dirty tracking sees them).
+    dma_log: Arc<DmaWriteLog>,
 }
 
 impl VfioUserBackend {
@@ -52,11 +56,13 @@ impl VfioUserBackend {
         mem: &GuestMemoryMmap,
     ) -> std::result::Result<Self, ClientError> {
         let client = Client::connect(socket, timeout)?;
-        client.set_server_requests(Arc::new(GuestDma::new(mem)));
+        let dma_log = Arc::new(DmaWriteLog::default());
+        client.set_server_requests(Arc::new(GuestDma::new(mem, dma_log.clone())));
         client.spawn_reader()?;
         Ok(VfioUserBackend {
             client: Arc::new(client),
             socket: socket.to_path_buf(),
+            dma_log,
         })
     }
 
@@ -67,21 +73,40 @@ impl VfioUserBackend {
         VfioUserBackend {
             client: Arc::new(client),
             socket,
+            dma_log: Arc::default(),
         }
     }
 
-    /// The device's own migration (vfio-user's migration messages), if its server offers
-    /// it; dirty tracking covers the DMA writes into guest RAM `mem` (DMA-mapped at
-    /// IOVA = GPA). A refusal means no migration; a transport failure is an error.
+    /// The device's own migration, if its server offers one: vfio-user's v2 migration
+    /// messages if the server has the migration feature, else its v1 migration region
+    /// (libvfio-user 0.1). Dirty tracking covers the DMA writes into guest RAM `mem`
+    /// (DMA-mapped at IOVA = GPA), those the server reports and those it made through
+    /// `DMA_WRITE` messages. A refusal means no migration; a transport failure is an error.
     pub fn native_migration(
-        &self,
+        self: &Arc<Self>,
         mem: &GuestMemoryMmap,
     ) -> std::result::Result<Option<Arc<dyn DeviceMigration>>, ClientError> {
-        let ram = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
-        Ok(
-            migration::VfioUserMigration::probe(self.client.clone(), &self.socket, ram)?
-                .map(|m| Arc::new(m) as Arc<dyn DeviceMigration>),
-        )
+        let ram: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+        let found: Option<Arc<dyn DeviceMigration>> = match migration::VfioUserMigration::probe(
+            self.client.clone(),
+            &self.socket,
+            ram.clone(),
+        )? {
+            Some(m) => Some(Arc::new(m)),
+            None => crate::vfio_user_v1_migration::probe(
+                self.clone(),
+                self.client.clone(),
+                &self.socket,
+                ram,
+            )?
+            .map(|m| Arc::new(m) as Arc<dyn DeviceMigration>),
+        };
+        Ok(found.map(|inner| {
+            Arc::new(WithDmaWrites {
+                inner,
+                log: self.dma_log.clone(),
+            }) as Arc<dyn DeviceMigration>
+        }))
     }
 
     /// Turns a client error into a backend error: a broken connection is
@@ -285,12 +310,103 @@ impl VfioBackend for VfioUserBackend {
 /// own mappings (libvfio-user) leaves these out.
 pub struct GuestDma {
     mem: GuestMemoryMmap,
+    log: Arc<DmaWriteLog>,
 }
 
 impl GuestDma {
-    /// Serves DMA to `mem` (a handle on the same mappings, not a copy).
-    pub fn new(mem: &GuestMemoryMmap) -> Self {
-        GuestDma { mem: mem.clone() }
+    /// Serves DMA to `mem` (a handle on the same mappings, not a copy); writes are
+    /// recorded in `log` while it tracks.
+    pub fn new(mem: &GuestMemoryMmap, log: Arc<DmaWriteLog>) -> Self {
+        GuestDma {
+            mem: mem.clone(),
+            log,
+        }
+    }
+}
+
+/// The guest pages a server wrote through `DMA_WRITE` messages while tracking is on.
+#[derive(Default)]
+pub struct DmaWriteLog {
+    /// `None` while not tracking.
+    pages: Mutex<Option<BTreeSet<u64>>>,
+}
+
+impl DmaWriteLog {
+    fn lock(&self) -> MutexGuard<'_, Option<BTreeSet<u64>>> {
+        self.pages.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts recording (what was recorded before is dropped).
+    pub fn start(&self) {
+        *self.lock() = Some(BTreeSet::new());
+    }
+
+    /// Stops recording.
+    pub fn stop(&self) {
+        *self.lock() = None;
+    }
+
+    /// Records a write of `len` bytes at `addr`, if tracking.
+    pub fn record(&self, addr: u64, len: usize) {
+        if let Some(pages) = self.lock().as_mut() {
+            let end = addr.saturating_add(len as u64);
+            let mut page = addr & !(DMA_LOG_PAGE - 1);
+            while page < end {
+                pages.insert(page);
+                page = page.saturating_add(DMA_LOG_PAGE);
+            }
+        }
+    }
+
+    /// The pages recorded since the start or the last call.
+    pub fn take(&self) -> Vec<u64> {
+        self.lock()
+            .as_mut()
+            .map(|p| std::mem::take(p).into_iter().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Page size of [`DmaWriteLog`] (that of device dirty tracking).
+const DMA_LOG_PAGE: u64 = devices::vfio::migration::DIRTY_PAGE_SIZE;
+
+/// A vfio-user device's migration with the pages its server wrote through `DMA_WRITE`
+/// added to the pages it reports itself: a decorator, the migration never notices.
+struct WithDmaWrites {
+    inner: Arc<dyn DeviceMigration>,
+    log: Arc<DmaWriteLog>,
+}
+
+impl DeviceMigration for WithDmaWrites {
+    fn state(&self) -> devices::vfio::migration::Result<MigrationState> {
+        self.inner.state()
+    }
+    fn set_state(&self, state: MigrationState) -> devices::vfio::migration::Result<()> {
+        self.inner.set_state(state)
+    }
+    fn pending_bytes(&self) -> devices::vfio::migration::Result<u64> {
+        self.inner.pending_bytes()
+    }
+    fn save_chunk(&self) -> devices::vfio::migration::Result<Option<Vec<u8>>> {
+        self.inner.save_chunk()
+    }
+    fn restore_chunk(&self, data: &[u8]) -> devices::vfio::migration::Result<()> {
+        self.inner.restore_chunk(data)
+    }
+    fn start_dirty_tracking(&self) -> devices::vfio::migration::Result<()> {
+        self.log.start();
+        self.inner.start_dirty_tracking()
+    }
+    fn stop_dirty_tracking(&self) -> devices::vfio::migration::Result<()> {
+        self.log.stop();
+        self.inner.stop_dirty_tracking()
+    }
+    fn take_dirty_pages(&self) -> devices::vfio::migration::Result<Vec<u64>> {
+        let mut pages = self.inner.take_dirty_pages()?;
+        pages.extend(self.log.take());
+        pages.sort_unstable();
+        pages.dedup();
+        Ok(pages)
     }
 }
 
@@ -306,6 +422,8 @@ impl ServerRequests for GuestDma {
     }
 
     fn dma_write(&self, addr: u64, data: &[u8]) -> std::result::Result<(), Errno> {
+        // Recorded first: a page must never be written unrecorded while tracking.
+        self.log.record(addr, data.len());
         self.mem.write_slice(data, GuestAddress(addr)).map_err(|e| {
             tracing::warn!(
                 "vfio-user DMA write of {} bytes at {addr:#x} refused: {e}",

@@ -311,7 +311,7 @@ fn guest_ram() -> GuestMemoryMmap {
 #[test]
 fn guest_dma_reaches_ram_and_refuses_what_is_outside() {
     let mem = guest_ram();
-    let dma = GuestDma::new(&mem);
+    let dma = GuestDma::new(&mem, Arc::default());
     dma.dma_write(0x100, b"from the device").unwrap();
     let mut seen = [0u8; 15];
     mem.read_slice(&mut seen, GuestAddress(0x100)).unwrap();
@@ -402,4 +402,22 @@ fn a_server_dma_write_lands_in_guest_ram_while_the_client_is_idle() {
     drop(b);
     server.join().unwrap();
     let _ = std::fs::remove_file(&dir);
+}
+
+#[test]
+fn server_dma_writes_are_dirty_while_tracking_only() {
+    let mem = guest_ram();
+    let log = Arc::new(DmaWriteLog::default());
+    let dma = GuestDma::new(&mem, log.clone());
+    dma.dma_write(0x100, &[1; 8]).unwrap();
+    assert!(log.take().is_empty(), "not tracking: nothing recorded");
+    log.start();
+    // Across a page boundary: both pages.
+    dma.dma_write(0x1ffc, &[2; 8]).unwrap();
+    dma.dma_write(0x100, &[3; 4]).unwrap();
+    assert_eq!(log.take(), vec![0, 0x1000, 0x2000]);
+    assert!(log.take().is_empty(), "taken once");
+    log.stop();
+    dma.dma_write(0x100, &[4; 4]).unwrap();
+    assert!(log.take().is_empty());
 }

@@ -45,14 +45,28 @@ impl Peer {
     pub fn lvu_server(dir: &TestDir, name: &str, netns: Option<&str>) -> Peer {
         let socket = dir.join(format!("{name}.sock"));
         let bin = peer_binary(LVU_SERVER_ENV);
-        Self::spawn(dir, name, netns, &bin, &["-v".as_ref(), socket.as_os_str()], socket.clone())
+        Self::spawn(
+            dir,
+            name,
+            netns,
+            &bin,
+            &["-v".as_ref(), socket.as_os_str()],
+            socket.clone(),
+        )
     }
 
     /// libvfio-user's `gpio-pci-idio-16` sample (`-v`, socket `NAME.sock` in `dir`).
     pub fn lvu_gpio(dir: &TestDir, name: &str, netns: Option<&str>) -> Peer {
         let socket = dir.join(format!("{name}.sock"));
         let bin = peer_binary(LVU_GPIO_ENV);
-        Self::spawn(dir, name, netns, &bin, &["-v".as_ref(), socket.as_os_str()], socket.clone())
+        Self::spawn(
+            dir,
+            name,
+            netns,
+            &bin,
+            &["-v".as_ref(), socket.as_os_str()],
+            socket.clone(),
+        )
     }
 
     /// QEMU's `x-vfio-user-server` exporting a modern-only virtio-blk-pci over `disk` (raw).
