@@ -11,6 +11,9 @@ ensure_debs iproute2   # ip: network namespaces for the two-host tests (tests/te
 step "guest image"
 guest_image   # exports VMM_TEST_VMLINUX / VMM_TEST_INITRAMFS
 
+step "third-party vfio-user servers"
+peers   # exports VMM_PEER_* (tests/peers/build.sh: libvfio-user samples, QEMU's server)
+
 step "format"
 cargo fmt --all --check
 step "clippy"

@@ -30,3 +30,14 @@ guest_image() {
 }
 
 guest_cmdline() { tr -d '\n' < tests/guest/cmdline; }
+
+# Builds (or finds cached) the third-party vfio-user servers the interop tests run against
+# (tests/peers/build.sh) and exports their paths as the tests expect them.
+peers() {
+    local out
+    out=$(bash tests/peers/build.sh)
+    VMM_PEER_LIBVFIO_USER_SERVER=$(printf '%s\n' "$out" | sed -n 's/^LIBVFIO_USER_SERVER=//p')
+    VMM_PEER_LIBVFIO_USER_GPIO=$(printf '%s\n' "$out" | sed -n 's/^LIBVFIO_USER_GPIO=//p')
+    VMM_PEER_QEMU_VFIO_USER=$(printf '%s\n' "$out" | sed -n 's/^QEMU_VFIO_USER=//p')
+    export VMM_PEER_LIBVFIO_USER_SERVER VMM_PEER_LIBVFIO_USER_GPIO VMM_PEER_QEMU_VFIO_USER
+}

@@ -77,10 +77,14 @@ impl Peer {
             "driver=file,filename={},node-name=disk0,cache.direct=off",
             disk.display()
         );
-        let server = format!(
-            "x-vfio-user-server,id=vfu0,type=unix,path={},device=blk0",
-            socket.display()
-        );
+        // QEMU 10.0 takes this object's nested socket address only in JSON form.
+        let server = serde_json::json!({
+            "qom-type": "x-vfio-user-server",
+            "id": "vfu0",
+            "socket": {"type": "unix", "path": socket},
+            "device": "blk0",
+        })
+        .to_string();
         let args: Vec<std::ffi::OsString> = [
             "-machine",
             "x-remote,vfio-user=on",
