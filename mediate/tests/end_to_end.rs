@@ -71,6 +71,10 @@ impl VfioBackend for Mediated {
         self.inner.disable_irqs(index)
     }
 
+    fn mask_irqs(&self, index: u32, start: u32, count: u32, masked: bool) -> Result<()> {
+        self.inner.mask_irqs(index, start, count, masked)
+    }
+
     unsafe fn dma_map(&self, mapping: &DmaMapping<'_>) -> Result<()> {
         // SAFETY: forwarded unchanged; the caller's guarantees carry over.
         unsafe { self.inner.dma_map(mapping) }

@@ -29,8 +29,8 @@ use devices::vfio::backend::{DmaMapping, RegionMmap, Result};
 use devices::vfio::migration::{DeviceMigration, MigrationState};
 use devices::vfio::{BackendError, DeviceInfo, IrqInfo, RegionFlags, RegionInfo, VfioBackend};
 use vfio_bindings::bindings::vfio::{
-    VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE,
-    VFIO_PCI_BAR5_REGION_INDEX,
+    VFIO_IRQ_SET_ACTION_MASK, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_UNMASK,
+    VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE, VFIO_PCI_BAR5_REGION_INDEX,
 };
 use vfio_user::{Client, ClientError, Errno, ServerRequests};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -273,6 +273,27 @@ impl VfioBackend for VfioUserBackend {
         self.client
             .set_irqs(index, flags, 0, 0, &[])
             .map_err(|e| self.error(format!("disabling interrupt {index}"), e))
+    }
+
+    /// `SET_IRQS` with `ACTION_MASK`/`ACTION_UNMASK` and no data, waiting for the reply
+    /// (the function sends one vector at a time, as QEMU's vfio client does).
+    fn mask_irqs(&self, index: u32, start: u32, count: u32, masked: bool) -> Result<()> {
+        let (action, verb) = if masked {
+            (VFIO_IRQ_SET_ACTION_MASK, "masking")
+        } else {
+            (VFIO_IRQ_SET_ACTION_UNMASK, "unmasking")
+        };
+        self.client
+            .set_irqs(index, VFIO_IRQ_SET_DATA_NONE | action, start, count, &[])
+            .map_err(|e| {
+                self.error(
+                    format!(
+                        "{verb} vectors {start}..{} of interrupt {index}",
+                        start.saturating_add(count)
+                    ),
+                    e,
+                )
+            })
     }
 
     unsafe fn dma_map(&self, m: &DmaMapping<'_>) -> Result<()> {

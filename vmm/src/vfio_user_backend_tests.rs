@@ -202,6 +202,19 @@ fn interrupts_are_set_in_runs_and_deassigned() {
 }
 
 #[test]
+fn vectors_are_masked_and_unmasked_with_set_irqs_and_no_data() {
+    let (b, seen, _server) = connect();
+    b.mask_irqs(2, 1, 1, false).unwrap();
+    b.mask_irqs(2, 3, 1, true).unwrap();
+    let unmask = VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_UNMASK;
+    let mask = VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_MASK;
+    assert_eq!(
+        seen.lock().unwrap().irqs,
+        vec![(2, unmask, 1, 1, 0), (2, mask, 3, 1, 0)]
+    );
+}
+
+#[test]
 fn dma_maps_pass_the_file_and_reset_works() {
     let (b, seen, _server) = connect();
     let file = std::fs::File::open("/dev/null").unwrap();

@@ -15,9 +15,9 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 use vfio_bindings::bindings::vfio::{
-    VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
-    VFIO_PCI_MSI_IRQ_INDEX, VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ,
-    VFIO_REGION_INFO_FLAG_WRITE,
+    VFIO_IRQ_INFO_MASKABLE, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_INTX_IRQ_INDEX,
+    VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_MSI_IRQ_INDEX, VFIO_REGION_INFO_FLAG_MMAP,
+    VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
 };
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::eventfd::EventFd;
@@ -174,6 +174,14 @@ pub struct IrqInfo {
     pub flags: u32,
 }
 
+impl IrqInfo {
+    /// Whether the device masks and unmasks single vectors of this index on request
+    /// (`VFIO_IRQ_INFO_MASKABLE`: [`VfioBackend::mask_irqs`] is honoured).
+    pub fn maskable(&self) -> bool {
+        self.flags & VFIO_IRQ_INFO_MASKABLE != 0
+    }
+}
+
 /// A range of guest memory handed to the device for DMA.
 #[derive(Clone, Copy, Debug)]
 pub struct DmaMapping<'a> {
@@ -214,6 +222,14 @@ pub trait VfioBackend: Send + Sync {
 
     /// Disables every vector of interrupt `index`.
     fn disable_irqs(&self, index: u32) -> Result<()>;
+
+    /// Masks (`masked`) or unmasks vectors `start..start + count` of interrupt `index` in
+    /// the device: `SET_IRQS` with `VFIO_IRQ_SET_ACTION_MASK` or `_UNMASK` and
+    /// `VFIO_IRQ_SET_DATA_NONE`. A masked vector does not signal its eventfd; the device
+    /// keeps it pending and signals it when it is unmasked. Only meaningful for an index
+    /// whose [`IrqInfo::maskable`] is set; other devices may refuse it. Wrappers must
+    /// pass it on (a device that never hears an unmask never interrupts).
+    fn mask_irqs(&self, index: u32, start: u32, count: u32, masked: bool) -> Result<()>;
 
     /// Lets the device access `mapping` by DMA.
     ///

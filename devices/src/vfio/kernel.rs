@@ -11,7 +11,10 @@
 //! - its `reset` returns nothing, so reset is our own `VFIO_DEVICE_RESET` ioctl, as is
 //!   `VFIO_DEVICE_GET_INFO` (the crate keeps the result private);
 //! - `enable_irq` always sets the whole vector range from 0, which is the only form this
-//!   backend accepts (and the only one the PCI function uses).
+//!   backend accepts (and the only one the PCI function uses);
+//! - its `unmask_irq` serves INTx only and it has no mask, so masking vectors is our own
+//!   `VFIO_DEVICE_SET_IRQS` (vfio-pci reports only INTx as maskable, so the PCI function
+//!   does not ask it for MSI or MSI-X).
 
 use std::fs::File;
 use std::io;
@@ -23,11 +26,12 @@ use std::sync::Arc;
 use kvm_bindings::{kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO};
 use kvm_ioctls::VmFd;
 use vfio_bindings::bindings::vfio::{
-    vfio_device_info, VFIO_BASE, VFIO_DEVICE_FLAGS_RESET, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_TYPE,
+    vfio_device_info, vfio_irq_set, VFIO_BASE, VFIO_DEVICE_FLAGS_RESET, VFIO_IRQ_SET_ACTION_MASK,
+    VFIO_IRQ_SET_ACTION_UNMASK, VFIO_IRQ_SET_DATA_NONE, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_TYPE,
 };
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd, VfioError, VfioRegionInfoCap};
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ref};
+use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ref, ioctl_with_ref};
 use vmm_sys_util::ioctl_io_nr;
 
 use super::backend::{
@@ -38,6 +42,7 @@ use super::kernel_migration::{DeviceFdIoctls, KernelVfioMigration};
 use super::migration::MigrationError;
 
 ioctl_io_nr!(VFIO_DEVICE_GET_INFO, VFIO_TYPE.into(), VFIO_BASE + 7);
+ioctl_io_nr!(VFIO_DEVICE_SET_IRQS, VFIO_TYPE.into(), VFIO_BASE + 10);
 ioctl_io_nr!(VFIO_DEVICE_RESET, VFIO_TYPE.into(), VFIO_BASE + 11);
 
 const VFIO_DIR: &str = "/dev/vfio";
@@ -286,6 +291,37 @@ impl VfioBackend for KernelVfio {
                 op: format!("disabling interrupt {index}"),
                 reason: e.to_string(),
             })
+    }
+
+    fn mask_irqs(&self, index: u32, start: u32, count: u32, masked: bool) -> Result<()> {
+        let action = if masked {
+            VFIO_IRQ_SET_ACTION_MASK
+        } else {
+            VFIO_IRQ_SET_ACTION_UNMASK
+        };
+        let set = vfio_irq_set {
+            argsz: std::mem::size_of::<vfio_irq_set>() as u32,
+            flags: VFIO_IRQ_SET_DATA_NONE | action,
+            index,
+            start,
+            count,
+            ..Default::default()
+        };
+        // SAFETY: VFIO_DEVICE_SET_IRQS reads `argsz` bytes of `set`, which is a valid
+        // vfio_irq_set with no data (DATA_NONE) and `argsz` its own size; the fd is a VFIO
+        // device fd.
+        let ret = unsafe { ioctl_with_ref(&self.file, VFIO_DEVICE_SET_IRQS(), &set) };
+        if ret < 0 {
+            let verb = if masked { "masking" } else { "unmasking" };
+            return Err(BackendError::Refused {
+                op: format!(
+                    "{verb} vectors {start}..{} of interrupt {index}",
+                    start.saturating_add(count)
+                ),
+                reason: io::Error::last_os_error().to_string(),
+            });
+        }
+        Ok(())
     }
 
     unsafe fn dma_map(&self, m: &DmaMapping<'_>) -> Result<()> {

@@ -14,6 +14,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvm_bindings::kvm_userspace_memory_region;
 use resources::memslots::SlotBackend;
+use vfio_bindings::bindings::vfio::{
+    VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_INFO_MASKABLE, VFIO_IRQ_INFO_NORESIZE,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::{
@@ -76,6 +79,8 @@ pub enum Call {
     SetIrqs(u32, u32, Vec<Option<i32>>),
     /// `disable_irqs(index)`.
     DisableIrqs(u32),
+    /// `mask_irqs(index, start, count, masked)`.
+    MaskIrqs(u32, u32, u32, bool),
 }
 
 /// A fake VFIO PCI device.
@@ -84,7 +89,12 @@ pub enum Call {
 /// 64 KiB BAR whose pages 0x4000-0xc000 are a sparse mmap area; BAR2 a 32-bit 16 KiB BAR,
 /// all mmap-able, holding the MSI-X table (8 vectors) at 0x2000 and the PBA at 0x3000;
 /// BAR4 a 32-byte I/O BAR. Capabilities: PM at 0x40, MSI-X at 0x50, vendor-specific at 0x60,
-/// VPD at 0x70 (to be hidden), MSI (64-bit, per-vector masking, 4 vectors) at 0x80.
+/// VPD at 0x70 (to be hidden), MSI (64-bit, per-vector masking, 4 vectors) at 0x80. MSI
+/// and MSI-X are maskable (`VFIO_IRQ_INFO_MASKABLE`); [`FakeBackend::not_maskable`] is the
+/// same device without.
+///
+/// Configuration-space writes land in `config` as they come (no write masks), so a test
+/// sees there what the function wrote through to the device.
 pub struct FakeBackend {
     /// Configuration space (writes are applied as they come).
     pub config: Mutex<[u8; 256]>,
@@ -92,6 +102,8 @@ pub struct FakeBackend {
     pub regions: Vec<FakeRegion>,
     /// Vector counts of INTx, MSI, MSI-X, ERR, REQ.
     pub irq_counts: [u32; 5],
+    /// `VFIO_IRQ_INFO_*` flags of the same indices.
+    pub irq_flags: [u32; 5],
     /// Calls seen, in order.
     pub calls: Mutex<Vec<Call>>,
     /// When set, every call fails as if the device were gone.
@@ -102,6 +114,10 @@ impl FakeBackend {
     /// The standard fake device (see the type's docs). Fails only if a memfd cannot be
     /// created.
     pub fn standard() -> io::Result<Arc<Self>> {
+        Self::build().map(Arc::new)
+    }
+
+    fn build() -> io::Result<Self> {
         let mut cfg = [0u8; 256];
         let put = |cfg: &mut [u8; 256], off: usize, bytes: &[u8]| {
             cfg[off..off + bytes.len()].copy_from_slice(bytes)
@@ -143,13 +159,29 @@ impl FakeBackend {
             FakeRegion::new(0, false, vec![])?,
             FakeRegion::new(0, false, vec![])?,
         ];
-        Ok(Arc::new(FakeBackend {
+        Ok(FakeBackend {
             config: Mutex::new(cfg),
             regions,
             irq_counts: [1, 4, 8, 0, 0],
+            irq_flags: [
+                VFIO_IRQ_INFO_EVENTFD,
+                VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_MASKABLE | VFIO_IRQ_INFO_NORESIZE,
+                VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_MASKABLE | VFIO_IRQ_INFO_NORESIZE,
+                0,
+                0,
+            ],
             calls: Mutex::new(Vec::new()),
             dead: AtomicBool::new(false),
-        }))
+        })
+    }
+
+    /// The standard fake whose MSI and MSI-X are not maskable (as libvfio-user and
+    /// kernel VFIO report them).
+    pub fn not_maskable() -> io::Result<Arc<Self>> {
+        let mut fake = Self::build()?;
+        fake.irq_flags[1] &= !VFIO_IRQ_INFO_MASKABLE;
+        fake.irq_flags[2] &= !VFIO_IRQ_INFO_MASKABLE;
+        Ok(Arc::new(fake))
     }
 
     /// Locks the configuration space.
@@ -286,7 +318,7 @@ impl VfioBackend for FakeBackend {
         self.alive("irq info")?;
         Ok(IrqInfo {
             count: self.irq_counts.get(index as usize).copied().unwrap_or(0),
-            flags: 0,
+            flags: self.irq_flags.get(index as usize).copied().unwrap_or(0),
         })
     }
 
@@ -300,6 +332,12 @@ impl VfioBackend for FakeBackend {
     fn disable_irqs(&self, index: u32) -> Result<()> {
         self.alive("disable irqs")?;
         self.record(Call::DisableIrqs(index));
+        Ok(())
+    }
+
+    fn mask_irqs(&self, index: u32, start: u32, count: u32, masked: bool) -> Result<()> {
+        self.alive("mask irqs")?;
+        self.record(Call::MaskIrqs(index, start, count, masked));
         Ok(())
     }
 

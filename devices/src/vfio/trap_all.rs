@@ -35,6 +35,9 @@ impl<B: VfioBackend + ?Sized> VfioBackend for TrapAll<B> {
     fn disable_irqs(&self, index: u32) -> Result<()> {
         self.0.disable_irqs(index)
     }
+    fn mask_irqs(&self, index: u32, start: u32, count: u32, masked: bool) -> Result<()> {
+        self.0.mask_irqs(index, start, count, masked)
+    }
     unsafe fn dma_map(&self, mapping: &DmaMapping<'_>) -> Result<()> {
         // SAFETY: the caller's guarantees for `mapping` are passed on unchanged.
         unsafe { self.0.dma_map(mapping) }
