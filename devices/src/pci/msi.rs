@@ -2,7 +2,10 @@
 //!
 //! The guest programs address, data, the number of vectors and (with per-vector masking)
 //! the mask bits; each change is pushed to the shared [`MsiVectors`], which programs KVM.
-//! The device itself is told only whether MSI is on and with how many vectors.
+//! The vfio-pci function also passes the guest's writes on to the device's own capability
+//! and its mask changes to the device (see `devices::vfio::irq`): the device must know
+//! whether MSI is on and which vectors are masked, to hold back and pend what it cannot
+//! send.
 
 use super::msix::{MsiMessage, MsiVectors};
 use super::persist::MsiState;
@@ -88,6 +91,26 @@ impl MsiCap {
     pub fn enabled_vectors(&self) -> usize {
         let mme = (self.control >> CONTROL_MME_SHIFT) & 7;
         (1usize << mme).min(self.max_vectors())
+    }
+
+    /// The message control register as the guest sees it.
+    pub fn control(&self) -> u16 {
+        self.control
+    }
+
+    /// The mask bits (all clear without per-vector masking).
+    pub fn mask_bits(&self) -> u32 {
+        if self.per_vector_mask() {
+            self.mask
+        } else {
+            0
+        }
+    }
+
+    /// Offset of the pending-bits register in the capability, if it has one (per-vector
+    /// masking).
+    pub fn pending_offset(&self) -> Option<usize> {
+        self.per_vector_mask().then(|| self.layout().2)
     }
 
     /// The read-only bits of the control register: multiple-message capable, 64-bit,

@@ -1,14 +1,19 @@
 //! MSI-X emulated in the VMM, and the interrupt vectors MSI and MSI-X deliver through.
 //!
-//! The MSI-X table and PBA live here, not in the device: the BAR pages holding them are
+//! The MSI-X table and PBA the guest sees live here: the BAR pages holding them are
 //! trapped (never mapped into a memory slot), guest accesses reach [`Msix`], and every
 //! change of a vector (address, data, mask, function mask, enable) is pushed to
 //! [`MsiVectors`], which programs KVM through [`InterruptRoutes`]. Each vector owns an
 //! eventfd that the device signals and that is registered with KVM as an irqfd while the
 //! vector is unmasked, so an interrupt travels device -> eventfd -> KVM -> guest with no VMM
-//! thread on the path. A masked vector's irqfd is removed: the device's signals accumulate in
-//! the eventfd (which is how the PBA reports them pending) and KVM delivers them when the
-//! irqfd is registered again on unmask.
+//! thread on the path. A masked vector's irqfd is removed: signals of a device that does not
+//! mask by itself accumulate in the eventfd (which is how the PBA reports them pending) and
+//! KVM delivers them when the irqfd is registered again on unmask.
+//!
+//! The address and data of a vector are the VMM's alone (KVM routes them). The enable
+//! and function-mask bits and each vector's mask bit are the device's business as well:
+//! the vfio-pci function passes them on (see `devices::vfio::irq`), which is why
+//! [`Msix::table_write`] reports the mask changes it made.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -261,6 +266,15 @@ pub enum MsixChange {
     None,
 }
 
+/// A vector whose mask bit a table write changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaskChange {
+    /// The vector.
+    pub vector: usize,
+    /// Whether it is masked now.
+    pub masked: bool,
+}
+
 /// The MSI-X capability, table and PBA of one function.
 #[derive(Clone, Debug)]
 pub struct Msix {
@@ -294,6 +308,14 @@ impl Msix {
     /// Whether MSI-X is enabled.
     pub fn enabled(&self) -> bool {
         self.enabled
+    }
+
+    /// Whether vector `i` is masked by its own bit (the function mask aside). Vectors
+    /// outside the table read as masked.
+    pub fn vector_masked(&self, i: usize) -> bool {
+        self.entries
+            .get(i)
+            .is_none_or(|e| e[3] & VECTOR_MASKED != 0)
     }
 
     /// The enable and function-mask bits and the whole table, for saving. Pending bits are
@@ -437,12 +459,21 @@ impl Msix {
     }
 
     /// A guest write of table bytes at `offset`; reserved vector-control bits stay zero.
-    /// Writes not wholly inside the table are dropped. The vectors written are updated.
-    pub fn table_write(&mut self, offset: u64, data: &[u8], vectors: &mut MsiVectors) {
+    /// Writes not wholly inside the table are dropped. The vectors written are updated
+    /// (while MSI-X is on). Returns the vectors whose mask bit the write changed, whether
+    /// MSI-X is on or not (the device's own mask bits follow the table either way).
+    pub fn table_write(
+        &mut self,
+        offset: u64,
+        data: &[u8],
+        vectors: &mut MsiVectors,
+    ) -> Vec<MaskChange> {
         if !within(offset, data.len(), self.table_len()) {
-            return;
+            return Vec::new();
         }
         let first = offset as usize / MSIX_ENTRY_SIZE;
+        let last = (offset as usize + data.len() - 1) / MSIX_ENTRY_SIZE;
+        let before: Vec<bool> = (first..=last).map(|i| self.vector_masked(i)).collect();
         for (k, &b) in data.iter().enumerate() {
             let byte = offset as usize + k;
             let entry = &mut self.entries[byte / MSIX_ENTRY_SIZE];
@@ -454,31 +485,48 @@ impl Msix {
             }
             entry[word] = value;
         }
-        let last = (offset as usize + data.len() - 1) / MSIX_ENTRY_SIZE;
+        let changes = (first..=last)
+            .zip(before)
+            .filter(|&(i, was)| self.vector_masked(i) != was)
+            .map(|(vector, _)| MaskChange {
+                vector,
+                masked: self.vector_masked(vector),
+            })
+            .collect();
         // While MSI-X is off the shared vectors are not its to change (MSI may use them);
         // enabling MSI-X pushes the whole table.
-        if !self.enabled {
-            return;
+        if self.enabled {
+            for i in first..=last {
+                vectors.deliver(i, self.message(i));
+            }
         }
-        for i in first..=last {
-            vectors.deliver(i, self.message(i));
-        }
+        changes
     }
 
     /// Reads PBA bytes at `offset`: a vector is pending when it is masked (by its own bit or
-    /// the function mask) and the device signalled it since. Accesses not wholly inside
-    /// the PBA read all ones.
-    pub fn pba_read(&self, offset: u64, data: &mut [u8], vectors: &MsiVectors) {
+    /// the function mask) and the device signalled its eventfd since, or when `device`
+    /// (the device's own PBA bytes at the same offset, if it keeps one) has its bit set.
+    /// Bits past the last vector read zero; accesses not wholly inside the PBA read all
+    /// ones.
+    pub fn pba_read(
+        &self,
+        offset: u64,
+        data: &mut [u8],
+        vectors: &MsiVectors,
+        device: Option<&[u8]>,
+    ) {
         if !within(offset, data.len(), self.pba_len()) {
             data.fill(0xff);
             return;
         }
         for (k, b) in data.iter_mut().enumerate() {
             let first = (offset as usize + k) * 8;
+            let from_device = device.and_then(|d| d.get(k)).copied().unwrap_or(0);
             *b = (0..8)
                 .filter(|bit| {
                     let i = first + bit;
-                    i < self.entries.len() && self.enabled && vectors.is_pending(i)
+                    i < self.entries.len()
+                        && ((self.enabled && vectors.is_pending(i)) || from_device & 1 << bit != 0)
                 })
                 .fold(0u8, |acc, bit| acc | 1 << bit);
         }
@@ -650,12 +698,32 @@ mod tests {
         m.cap_write(3, &[0x80], &mut v);
         v.eventfd(65).unwrap().write(1).unwrap();
         let mut q = [0u8; 8];
-        m.pba_read(8, &mut q, &v);
+        m.pba_read(8, &mut q, &v, None);
         assert_eq!(u64::from_le_bytes(q), 1 << 1);
-        m.pba_read(0, &mut q, &v);
+        m.pba_read(0, &mut q, &v, None);
         assert_eq!(q, [0; 8]);
-        m.pba_read(16, &mut q, &v);
+        m.pba_read(16, &mut q, &v, None);
         assert_eq!(q, [0xff; 8], "past the PBA");
+    }
+
+    #[test]
+    fn table_writes_report_mask_changes_whether_enabled_or_not() {
+        let (mut m, mut v, _routes) = setup(4);
+        let change = |vector, masked| MaskChange { vector, masked };
+        // Disabled: still reported (the device's table follows).
+        assert_eq!(m.table_write(12, &[0], &mut v), vec![change(0, false)]);
+        assert_eq!(m.table_write(12, &[0], &mut v), vec![], "no change");
+        assert_eq!(m.table_write(0, &[1; 4], &mut v), vec![], "address only");
+        m.cap_write(3, &[0x80], &mut v);
+        // A write over entries 1 and 2 that unmasks both, and a reserved bit alone.
+        let mut two = [0u8; 32];
+        two[12] = 0xfe;
+        assert_eq!(
+            m.table_write(16, &two, &mut v),
+            vec![change(1, false), change(2, false)]
+        );
+        assert_eq!(m.table_write(44, &[1], &mut v), vec![change(2, true)]);
+        assert!(m.vector_masked(2) && !m.vector_masked(1) && m.vector_masked(9));
     }
 
     #[test]

@@ -4,12 +4,16 @@
 //! - Configuration space: identity read from the device at open; BARs, command register,
 //!   capability list, MSI and MSI-X emulated (see `config.rs`, `bars.rs`,
 //!   `irq.rs`); bytes after the header that belong to no emulated capability are read
-//!   live from the device and are read only. Guest writes are validated and never panic.
+//!   live from the device and are read only. The MSI/MSI-X enable, function-mask and
+//!   mask bits are also passed on to the device, which must know them to hold back and
+//!   pend its interrupts (`irq.rs`). Guest writes are validated and never panic.
 //! - BARs: each memory BAR is registered whole on the MMIO bus while memory decoding is on
 //!   and its address is valid; its mappable pieces go into KVM memory slots (see
 //!   `placement.rs`). Trapped accesses reach [`VfioPciDevice::bar_read`] /
-//!   [`bar_write`](VfioPciDevice::bar_write): the MSI-X table and PBA are emulated, the rest
-//!   is forwarded to the backend, and every access is counted per BAR.
+//!   [`bar_write`](VfioPciDevice::bar_write): the MSI-X table and PBA are emulated (mask
+//!   changes written to the device's table too, the device's PBA bits read into the
+//!   emulated ones), the rest is forwarded to the backend, and every access is counted
+//!   per BAR.
 //! - I/O BARs are presented (sizing and programming work) but not placed on the port bus,
 //!   which cannot move ranges; SR-IOV virtual functions have none. The expansion ROM and
 //!   INTx are not offered.
@@ -34,7 +38,7 @@ use super::config::{
     COMMAND_BUS_MASTER, COMMAND_MEMORY, COMMAND_WRITABLE, CONFIG_SIZE, HEADER_END, STATUS_W1C,
 };
 use super::errlog::ErrorLog;
-use super::irq::Irqs;
+use super::irq::{DeviceIrqRegs, Irqs};
 use super::mmap::{align_inwards, DeviceMmap};
 use super::placement::{BarHandler, BarSetup, Placement, PlacementError, TrapOwner};
 use crate::bus::Bus;
@@ -266,13 +270,9 @@ impl VfioPciDevice {
             tracing::warn!("{name}: {c}; the BAR is hidden from the guest");
         }
 
-        let irq_count = |index| {
-            p.backend
-                .irq_info(index)
-                .map(|i| i.count as usize)
-                .unwrap_or(0)
-        };
-        let (msix_count, msi_count) = (irq_count(IRQ_MSIX), irq_count(IRQ_MSI));
+        let irq_info = |index| p.backend.irq_info(index).unwrap_or_default();
+        let (msix_info, msi_info) = (irq_info(IRQ_MSIX), irq_info(IRQ_MSI));
+        let (msix_count, msi_count) = (msix_info.count as usize, msi_info.count as usize);
         let msix = msix_from_cfg(&cfg, &bar_list, msix_count, &name);
         let (caps, hidden) = CapList::walk(&cfg, |id, offset| match id {
             CAP_MSIX => msix.as_ref().is_some_and(|(o, ..)| *o == offset),
@@ -331,13 +331,27 @@ impl VfioPciDevice {
             caps,
             placement,
         };
+        // Where the device keeps its own MSI-X/MSI state (see `irq.rs`): the table is
+        // written through only if the device takes writes to its BAR.
+        let device_regs = DeviceIrqRegs {
+            msix_cap: msix.as_ref().map(|(o, ..)| *o),
+            msix_table: layout
+                .filter(|l| regions.get(l.table_bar).is_some_and(|r| r.flags.write))
+                .map(|l| (l.table_bar as u32, l.table_offset)),
+            msix_pba: layout
+                .filter(|l| regions.get(l.pba_bar).is_some_and(|r| r.flags.read))
+                .map(|l| (l.pba_bar as u32, l.pba_offset)),
+            msi_cap: msi_cap.as_ref().map(|(o, _)| *o),
+            msix_maskable: msix_info.maskable(),
+            msi_maskable: msi_info.maskable(),
+        };
         let irqs = Irqs::new(
             &name,
             p.backend.clone(),
             vectors,
-            msix.map(|(_, m, _)| m),
-            msi_cap.map(|(_, m)| m),
+            (msix.map(|(_, m, _)| m), msi_cap.map(|(_, m)| m)),
             (msix_count, msi_count),
+            device_regs,
         );
         Ok(Arc::new_cyclic(|me| VfioPciDevice {
             name: p.name,
@@ -393,6 +407,14 @@ impl VfioPciDevice {
     /// Failures of the backend on the guest's access paths so far.
     pub fn backend_errors(&self) -> u64 {
         self.errors.count()
+    }
+
+    /// Test-only switch: with `false`, the guest's MSI-X and MSI settings (enable,
+    /// function mask, vector masks) stay in the VMM's emulation and never reach the device,
+    /// as before they were passed on; a device that honours its MSI-X state then never
+    /// interrupts. On (`true`) from the start; see `irq.rs`.
+    pub fn set_irq_forwarding(&self, on: bool) {
+        self.lock_irqs().set_forwarding(on);
     }
 
     /// The GSIs of the device's MSI/MSI-X vectors, in vector order.

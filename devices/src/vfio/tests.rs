@@ -265,6 +265,21 @@ fn capability_list_is_walked_and_filtered() {
     assert_eq!(r32(&dev, 0x80), 0x0184_0005);
 }
 
+/// The eventfds of the one MSI-X enable among `calls`.
+fn msix_fds(calls: &[Call]) -> Vec<i32> {
+    let enables: Vec<&Vec<Option<i32>>> = calls
+        .iter()
+        .filter_map(|c| match c {
+            Call::SetIrqs(2, 0, fds) => Some(fds),
+            _ => None,
+        })
+        .collect();
+    match enables[..] {
+        [fds] => fds.iter().map(|f| f.unwrap()).collect(),
+        _ => panic!("expected one MSI-X enable: {calls:?}"),
+    }
+}
+
 /// Writes MSI-X table entry `i` through the bus at BAR2 placed at 0xc000_0000.
 fn msix_entry(bus: &Bus, i: u64, addr: u64, data: u32, masked: bool) {
     let base = 0xc000_2000 + 16 * i;
@@ -289,10 +304,7 @@ fn msix_table_writes_program_routes_and_eventfds() {
     fake.take_calls();
     w16(&dev, 0x52, 0x8007); // enable
     let calls = fake.take_calls();
-    let fds: Vec<i32> = match &calls[..] {
-        [Call::SetIrqs(2, 0, fds)] => fds.iter().map(|f| f.unwrap()).collect(),
-        _ => panic!("expected one MSI-X enable: {calls:?}"),
-    };
+    let fds = msix_fds(&calls);
     assert_eq!(fds.len(), 8);
     {
         let s = routes.lock();
@@ -301,7 +313,7 @@ fn msix_table_writes_program_routes_and_eventfds() {
         assert_eq!(s.enabled.keys().copied().collect::<Vec<_>>(), vec![32]);
     }
     assert_eq!(r16(&dev, 0x52), 0x8007);
-    // The table reads back; nothing reached the device's BAR.
+    // The table reads back from the emulation, not from the device's BAR.
     let mut d = [0u8; 4];
     assert!(bus.mmio_read(0xc000_2008, &mut d));
     assert_eq!(u32::from_le_bytes(d), 0x4041);
@@ -313,6 +325,7 @@ fn msix_table_writes_program_routes_and_eventfds() {
         routes.lock().enabled.keys().copied().collect::<Vec<_>>(),
         vec![33]
     );
+    fake.take_calls();
     // Vector 0 fires while masked: pending in the PBA (the device signals its eventfd).
     dev.bar_read(2, 0x3000, &mut d);
     assert_eq!(d, [0; 4]);
@@ -326,11 +339,232 @@ fn msix_table_writes_program_routes_and_eventfds() {
     // Function mask stops everything; disable tells the device.
     w16(&dev, 0x52, 0xc007);
     assert!(routes.lock().enabled.is_empty());
+    fake.take_calls();
     w16(&dev, 0x52, 0x0007);
-    assert_eq!(fake.take_calls(), vec![Call::DisableIrqs(2)]);
+    assert_eq!(
+        fake.take_calls(),
+        vec![Call::Write(7, 0x52, vec![0x07, 0x00]), Call::DisableIrqs(2)]
+    );
     // The BAR2 counters saw the trapped table accesses.
     let bar2 = dev.bar_stats().into_iter().find(|s| s.index == 2).unwrap();
     assert_eq!((bar2.reads, bar2.writes), (3, 8));
+}
+
+/// The MSI-X state the guest programs reaches the device: the control word (enable,
+/// function mask) in its configuration space after the eventfds, each mask change of a
+/// vector in its table's vector-control word and as a SET_IRQS mask/unmask of that one
+/// vector; address and data stay the VMM's.
+#[test]
+fn msix_enable_function_mask_and_vector_masks_reach_the_device() {
+    let Rig { dev, fake, bus, .. } = rig();
+    place(&dev, 0x1_0000_0000, 0xc000_0000);
+    fake.take_calls();
+    msix_entry(&bus, 0, 0xfee0_0000, 0x4041, false);
+    msix_entry(&bus, 1, 0xfee0_1000, 0x4042, true);
+    assert_eq!(
+        fake.take_calls(),
+        vec![
+            Call::Write(2, 0x200c, vec![0; 4]),
+            Call::MaskIrqs(2, 0, 1, false)
+        ],
+        "only vector 0's unmask, even with MSI-X off; vector 1 was masked already"
+    );
+    w16(&dev, 0x52, 0xc007); // enable, function masked
+    let calls = fake.take_calls();
+    assert_eq!(msix_fds(&calls).len(), 8);
+    assert_eq!(
+        calls.last(),
+        Some(&Call::Write(7, 0x52, vec![0x07, 0xc0])),
+        "the control word follows the eventfds: {calls:?}"
+    );
+    assert_eq!(fake.config()[0x52..0x54], [0x07, 0xc0]);
+    w16(&dev, 0x52, 0x8007); // function mask off
+    assert_eq!(
+        fake.take_calls(),
+        vec![Call::Write(7, 0x52, vec![0x07, 0x80])]
+    );
+    assert_eq!(fake.config()[0x52..0x54], [0x07, 0x80]);
+    // A byte write of the enable half alone still sends the whole control word.
+    dev.write_config(0x53, &[0x80]);
+    assert_eq!(
+        fake.take_calls(),
+        vec![Call::Write(7, 0x52, vec![0x07, 0x80])]
+    );
+    // Writes of the capability's read-only registers are not passed on.
+    w32(&dev, 0x54, 0xdead_beef);
+    assert!(fake.take_calls().is_empty());
+    // Unmask vector 1 with a qword write of data and vector control.
+    let qword = 0x4042u64; // data 0x4042, vector control 0 in the high half
+    assert!(bus.mmio_write(0xc000_2018, &qword.to_le_bytes()));
+    assert_eq!(
+        fake.take_calls(),
+        vec![
+            Call::Write(2, 0x201c, vec![0; 4]),
+            Call::MaskIrqs(2, 1, 1, false)
+        ]
+    );
+    // Mask it with a byte write; the same mask again changes nothing.
+    assert!(bus.mmio_write(0xc000_201c, &[1]));
+    assert!(bus.mmio_write(0xc000_201c, &[1]));
+    assert_eq!(
+        fake.take_calls(),
+        vec![
+            Call::Write(2, 0x201c, vec![1, 0, 0, 0]),
+            Call::MaskIrqs(2, 1, 1, true)
+        ]
+    );
+    // The device's table holds the masks, not the addresses.
+    let mut dev_table = [0u8; 32];
+    std::os::unix::fs::FileExt::read_exact_at(&fake.regions[2].file, &mut dev_table, 0x2000)
+        .unwrap();
+    assert_eq!(
+        dev_table[0..12],
+        [0; 12],
+        "address and data stay in the VMM"
+    );
+    assert_eq!((dev_table[12], dev_table[28]), (0, 1));
+}
+
+/// A device whose interrupt info does not say MSI-X is maskable (libvfio-user, kernel
+/// VFIO) gets the mask changes through its table only, never as SET_IRQS.
+#[test]
+fn without_maskable_irq_info_masks_go_to_the_table_only() {
+    let slots = Arc::new(FakeSlots::default());
+    let Rig { dev, fake, bus, .. } = rig_on(
+        FakeBackend::not_maskable().unwrap(),
+        slots.clone(),
+        Arc::new(MemSlots::new(slots)),
+    );
+    place(&dev, 0x1_0000_0000, 0xc000_0000);
+    w16(&dev, 0x52, 0x8007);
+    fake.take_calls();
+    msix_entry(&bus, 3, 0xfee0_0000, 0x4041, false);
+    assert!(bus.mmio_write(0xc000_203c, &[1]));
+    assert_eq!(
+        fake.take_calls(),
+        vec![
+            Call::Write(2, 0x203c, vec![0; 4]),
+            Call::Write(2, 0x203c, vec![1, 0, 0, 0])
+        ]
+    );
+    // MSI's mask bits reach the device in its capability only.
+    w16(&dev, 0x52, 0x0007);
+    w32(&dev, 0x90, 0b10);
+    let calls = fake.take_calls();
+    assert!(
+        !calls.iter().any(|c| matches!(c, Call::MaskIrqs(..))),
+        "{calls:?}"
+    );
+    assert!(
+        calls.contains(&Call::Write(7, 0x90, vec![2, 0, 0, 0])),
+        "{calls:?}"
+    );
+}
+
+/// The test-only switch: with forwarding off, nothing of the guest's MSI-X state reaches
+/// the device (only the eventfds and the disable, as before it was passed on).
+#[test]
+fn the_forwarding_switch_keeps_the_msix_state_in_the_vmm() {
+    let Rig { dev, fake, bus, .. } = rig();
+    place(&dev, 0x1_0000_0000, 0xc000_0000);
+    dev.set_irq_forwarding(false);
+    fake.take_calls();
+    msix_entry(&bus, 0, 0xfee0_0000, 0x4041, false);
+    w16(&dev, 0x52, 0x8007);
+    let calls = fake.take_calls();
+    assert!(matches!(&calls[..], [Call::SetIrqs(2, 0, _)]), "{calls:?}");
+    assert_eq!(fake.config()[0x52..0x54], [0x07, 0x00], "never enabled");
+    dev.set_irq_forwarding(true);
+    assert!(bus.mmio_write(0xc000_201c, &[0]));
+    assert_eq!(
+        fake.take_calls(),
+        vec![
+            Call::Write(2, 0x201c, vec![0; 4]),
+            Call::MaskIrqs(2, 1, 1, false)
+        ]
+    );
+}
+
+/// MSI: the guest's capability writes reach the device as written, after the eventfds
+/// on enable; mask-bit changes are SET_IRQS mask/unmask of each vector; the pending bits
+/// read include the device's own (within the enabled vectors' bits).
+#[test]
+fn msi_writes_masks_and_pending_bits_reach_the_device() {
+    let Rig { dev, fake, .. } = rig();
+    w32(&dev, 0x84, 0xfee0_0000);
+    w16(&dev, 0x8c, 0x30);
+    assert_eq!(
+        fake.take_calls(),
+        vec![
+            Call::Write(7, 0x84, 0xfee0_0000u32.to_le_bytes().to_vec()),
+            Call::Write(7, 0x8c, vec![0x30, 0])
+        ]
+    );
+    w16(&dev, 0x82, 0x0184 | 0x21); // enable, 4 vectors
+    let calls = fake.take_calls();
+    assert!(
+        matches!(&calls[..], [Call::SetIrqs(1, 0, fds), Call::Write(7, 0x82, w)]
+            if fds.len() == 4 && w == &vec![0xa5, 0x01]),
+        "{calls:?}"
+    );
+    w32(&dev, 0x90, 0b0110); // mask vectors 1 and 2
+    assert_eq!(
+        fake.take_calls(),
+        vec![
+            Call::Write(7, 0x90, vec![6, 0, 0, 0]),
+            Call::MaskIrqs(1, 1, 1, true),
+            Call::MaskIrqs(1, 2, 1, true)
+        ]
+    );
+    w32(&dev, 0x90, 0b0100); // unmask vector 1
+    assert_eq!(
+        fake.take_calls(),
+        vec![
+            Call::Write(7, 0x90, vec![4, 0, 0, 0]),
+            Call::MaskIrqs(1, 1, 1, false)
+        ]
+    );
+    // The device holds vector 2 pending (and garbage past its 4 vectors).
+    fake.config()[0x94] = 0xf4;
+    assert_eq!(r32(&dev, 0x94), 0b0100);
+    // Disabling reaches the device before its eventfds go.
+    w16(&dev, 0x82, 0x01a4);
+    assert_eq!(
+        fake.take_calls(),
+        vec![Call::Write(7, 0x82, vec![0xa4, 0x01]), Call::DisableIrqs(1)]
+    );
+}
+
+/// The PBA the guest reads has a vector pending if the VMM saw its eventfd while it was
+/// masked or the device holds it pending in its own PBA.
+#[test]
+fn pba_reads_include_the_devices_pending_bits() {
+    use std::os::unix::fs::FileExt;
+    let Rig { dev, fake, bus, .. } = rig();
+    place(&dev, 0x1_0000_0000, 0xc000_0000);
+    w16(&dev, 0x52, 0x8007);
+    let fds = msix_fds(&fake.take_calls());
+    // The device pends vector 2 (and a bit past its 8 vectors, which must not show).
+    fake.regions[2]
+        .file
+        .write_all_at(&[0b100, 0b1], 0x3000)
+        .unwrap();
+    let mut q = [0u8; 8];
+    assert!(bus.mmio_read(0xc000_3000, &mut q));
+    assert_eq!(u64::from_le_bytes(q), 0b100);
+    assert_eq!(fake.take_calls(), vec![Call::Read(2, 0x3000, 8)]);
+    // Vector 0 signalled while masked: pending on the VMM's side; both show.
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: `fds[0]` is the device's live eventfd for vector 0; writing 8 bytes from a
+    // valid buffer only adds to its counter.
+    assert_eq!(unsafe { libc::write(fds[0], one.as_ptr().cast(), 8) }, 8);
+    let mut b = [0u8; 1];
+    assert!(bus.mmio_read(0xc000_3000, &mut b));
+    assert_eq!(b[0], 0b101);
+    // A device that cannot be read leaves the VMM's own bits.
+    fake.dead.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(bus.mmio_read(0xc000_3000, &mut b));
+    assert_eq!(b[0], 0b001);
 }
 
 #[test]
@@ -344,15 +578,20 @@ fn msi_and_msix_exclude_each_other() {
     w16(&dev, 0x82, 0x0184 | 0x21); // enable, 4 vectors
     let calls = fake.take_calls();
     assert!(
-        matches!(&calls[..], [Call::SetIrqs(1, 0, fds)] if fds.len() == 4),
+        matches!(&calls[..], [Call::SetIrqs(1, 0, fds), Call::Write(7, 0x82, _)] if fds.len() == 4),
         "{calls:?}"
     );
     assert_eq!(routes.lock().enabled.len(), 4);
     assert_eq!(routes.lock().routes[&35].data, 0x33);
-    w16(&dev, 0x52, 0x8007); // MSI-X on: MSI goes off
+    w16(&dev, 0x52, 0x8007); // MSI-X on: MSI goes off, in the device too
     let calls = fake.take_calls();
-    assert_eq!(calls[0], Call::DisableIrqs(1));
-    assert!(matches!(&calls[1], Call::SetIrqs(2, 0, _)));
+    assert_eq!(
+        calls[0],
+        Call::Write(7, 0x82, 0x01a4u16.to_le_bytes().to_vec())
+    );
+    assert_eq!(calls[1], Call::DisableIrqs(1));
+    assert!(matches!(&calls[2], Call::SetIrqs(2, 0, _)));
+    assert_eq!(calls[3], Call::Write(7, 0x52, vec![0x07, 0x80]));
     assert_eq!(r16(&dev, 0x82) & 1, 0);
     assert!(
         routes.lock().enabled.is_empty(),
@@ -520,7 +759,10 @@ fn dropping_the_device_releases_bus_and_memslots() {
     assert!(slots.live().is_empty());
     assert!(memslots.mappings().is_empty());
     assert!(bus.stats().iter().all(|s| !s.name.starts_with("vf0")));
-    assert_eq!(fake.take_calls(), vec![Call::DisableIrqs(2)]);
+    assert_eq!(
+        fake.take_calls(),
+        vec![Call::Write(7, 0x52, vec![0x07, 0x00]), Call::DisableIrqs(2)]
+    );
 }
 
 /// Against real KVM: the sparse area goes into a real memory slot and follows the BAR.

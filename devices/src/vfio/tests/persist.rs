@@ -56,10 +56,7 @@ fn programmed_source() -> Rig {
     msix_entry(&a.bus, 3, 0xfee0_3000, 0x4044, false);
     a.fake.take_calls();
     w16(&a.dev, 0x52, 0x8007);
-    let fds = match &a.fake.take_calls()[..] {
-        [Call::SetIrqs(2, 0, fds)] => fds.iter().map(|f| f.unwrap()).collect::<Vec<_>>(),
-        calls => panic!("expected one MSI-X enable: {calls:?}"),
-    };
+    let fds = super::msix_fds(&a.fake.take_calls());
     signal(fds[1]);
     a.dev.trap(0, 0x6000, 0x1000, TrapOwner::Device).unwrap();
     a
@@ -122,6 +119,21 @@ fn msix_bars_and_traps_come_back_on_another_device() {
             .iter()
             .any(|c| matches!(c, Call::SetIrqs(2, 0, fds) if fds.len() == 8)),
         "MSI-X eventfds handed over: {calls:?}"
+    );
+    // And the MSI-X state: vectors 0 and 3 unmasked in its table and by SET_IRQS, the
+    // control word (enable) in its configuration space.
+    for v in [0u32, 3] {
+        let at = 0x2000 + 16 * u64::from(v) + 12;
+        assert!(calls.contains(&Call::Write(2, at, vec![0; 4])), "{calls:?}");
+        assert!(calls.contains(&Call::MaskIrqs(2, v, 1, false)), "{calls:?}");
+    }
+    assert!(
+        !calls.iter().any(|c| matches!(c, Call::MaskIrqs(2, 1, ..))),
+        "vector 1 stays masked as it started: {calls:?}"
+    );
+    assert!(
+        calls.contains(&Call::Write(7, 0x52, vec![0x07, 0x80])),
+        "{calls:?}"
     );
     // The trapped page reaches the backend; the mapped ones are in slots.
     b.dev.bar_write(0, 0x6010, &[9]);
