@@ -1,5 +1,11 @@
 //! [`VfSim`]: the virtio-blk function as a [`vfio_user::Device`]. Region 0 is BAR 0
 //! (see [`crate::layout`]), region 7 the configuration space; MSI-X is IRQ index 2.
+//!
+//! MSI-X is as strict as hardware (see [`crate::irq`]): the client must enable it in
+//! configuration space and unmask each vector, through the MSI-X table in BAR 0 or with
+//! `SET_IRQS` `ACTION_MASK`/`ACTION_UNMASK` (the IRQ info says MSI-X is maskable), or the
+//! device's interrupts stay pending in its PBA. Both ways of masking set the same bit:
+//! the vector-control word of the table, as `msix_set_mask` does in QEMU.
 
 use std::fs::File;
 use std::io;
@@ -8,8 +14,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vfio_bindings::bindings::vfio::{
-    VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_INFO_NORESIZE,
-    VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_TYPE_MASK, VFIO_PCI_BAR0_REGION_INDEX,
+    VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_INFO_MASKABLE,
+    VFIO_IRQ_INFO_NORESIZE, VFIO_IRQ_SET_ACTION_MASK, VFIO_IRQ_SET_ACTION_TRIGGER,
+    VFIO_IRQ_SET_ACTION_TYPE_MASK, VFIO_IRQ_SET_ACTION_UNMASK, VFIO_PCI_BAR0_REGION_INDEX,
     VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS,
     VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
 };
@@ -25,7 +32,7 @@ use crate::guest_mem::GuestMemError;
 use crate::layout::*;
 use crate::mmap::{memfd, Mapping, MmapError};
 use crate::native_mig::NativeMigration;
-use crate::pci_config::PciRegs;
+use crate::pci_config::{PciRegs, MSIX_CONTROL, MSIX_ENTRY_SIZE, MSIX_VECTOR_CONTROL};
 use crate::pf::control::Controller;
 use crate::poller::{Poller, PollerError};
 
@@ -188,11 +195,99 @@ impl VfSim {
                 data.copy_from_slice(&self.pci().msix_table[o..o + data.len()]);
                 Ok(())
             }
-            Block::MsixPba | Block::Reserved => {
+            Block::MsixPba => {
+                let pba = self.engine().irqs.pending_bits().to_le_bytes();
+                data.copy_from_slice(&pba[o..o + data.len()]);
+                Ok(())
+            }
+            Block::Reserved => {
                 data.fill(0);
                 Ok(())
             }
         }
+    }
+
+    /// A write of the MSI-X table: stored, and the mask bit of every vector-control word
+    /// it touched applied to the interrupts (a pending vector unmasked is sent).
+    fn msix_table_write(&mut self, o: usize, data: &[u8]) {
+        // Lock order: engine, then PCI registers.
+        let mut e = self.engine();
+        let mut p = self.pci();
+        p.msix_table[o..o + data.len()].copy_from_slice(data);
+        let first = o / MSIX_ENTRY_SIZE;
+        let last = (o + data.len() - 1) / MSIX_ENTRY_SIZE;
+        for v in first..=last {
+            let control = v * MSIX_ENTRY_SIZE + MSIX_VECTOR_CONTROL;
+            if control < o + data.len() && o < control + 4 {
+                let masked = p.vector_masked(v);
+                if let Err(err) = e.irqs.set_masked(v as u32, 1, masked) {
+                    tracing::warn!("MSI-X table write: {err}");
+                }
+            }
+        }
+    }
+
+    /// `SET_IRQS` `ACTION_MASK`/`ACTION_UNMASK` on MSI-X: vectors `start..start + count`
+    /// (`DATA_NONE`) or those of them whose boolean is set (`DATA_BOOL`), in the table's
+    /// vector-control words and the interrupts (an unmasked pending vector is sent).
+    fn mask_vectors(
+        &mut self,
+        start: u32,
+        count: u32,
+        data: IrqData,
+        masked: bool,
+    ) -> DeviceResult<()> {
+        let chosen: Vec<u32> = match data {
+            IrqData::None => (0..count).collect(),
+            IrqData::Bool(bits) if bits.len() == count as usize => {
+                (0..count).filter(|&i| bits[i as usize]).collect()
+            }
+            IrqData::Bool(_) | IrqData::Eventfds(_) => return Err(Errno(libc::EINVAL)),
+        };
+        // Lock order: engine, then PCI registers.
+        let mut e = self.engine();
+        let mut p = self.pci();
+        if start
+            .checked_add(count)
+            .is_none_or(|end| end > e.irqs.count())
+        {
+            tracing::warn!(
+                "SET_IRQS {} of MSI-X vectors {start}..{start}+{count} refused: the device has {}",
+                if masked { "mask" } else { "unmask" },
+                e.irqs.count()
+            );
+            return Err(Errno(libc::EINVAL));
+        }
+        for v in chosen.into_iter().map(|i| start + i) {
+            p.set_vector_masked(v as usize, masked);
+            if let Err(err) = e.irqs.set_masked(v, 1, masked) {
+                tracing::warn!("SET_IRQS mask on MSI-X: {err}");
+                return Err(Errno(libc::EINVAL));
+            }
+        }
+        Ok(())
+    }
+
+    /// A configuration-space write; one that touches the MSI-X control word is applied to
+    /// the interrupts (enabling or unmasking sends what is pending).
+    fn config_write(&mut self, offset: u64, data: &[u8]) -> DeviceResult<()> {
+        let control = MSIX_CONTROL as u64..MSIX_CONTROL as u64 + 2;
+        let end = offset.saturating_add(data.len() as u64);
+        let touches_msix = offset < control.end && control.start < end;
+        // Lock order: engine, then PCI registers (the engine only for MSI-X writes).
+        let mut engine = touches_msix.then(|| self.engine());
+        let mut p = self.pci();
+        p.config.write(offset, data).map_err(|e| {
+            tracing::debug!("{e}");
+            Errno(libc::EINVAL)
+        })?;
+        if let Some(e) = engine.as_mut() {
+            let (enabled, function_masked) = p.config.msix_control();
+            if let Err(err) = e.irqs.set_control(enabled, function_masked) {
+                tracing::warn!("MSI-X control write: {err}");
+            }
+        }
+        Ok(())
     }
 
     fn bar_write(&mut self, offset: u64, data: &[u8]) -> DeviceResult<()> {
@@ -217,7 +312,7 @@ impl VfSim {
                     .map_err(|_| Errno(libc::EINVAL))?;
                 self.poller.kick();
             }
-            Block::MsixTable => self.pci().msix_table[o..o + data.len()].copy_from_slice(data),
+            Block::MsixTable => self.msix_table_write(o, data),
             Block::Isr | Block::DeviceCfg | Block::MsixPba | Block::Reserved => {}
         }
         Ok(())
@@ -291,10 +386,7 @@ impl Device for VfSim {
     fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> DeviceResult<()> {
         match index {
             VFIO_PCI_BAR0_REGION_INDEX => self.bar_write(offset, data),
-            VFIO_PCI_CONFIG_REGION_INDEX => self.pci().config.write(offset, data).map_err(|e| {
-                tracing::debug!("{e}");
-                Errno(libc::EINVAL)
-            }),
+            VFIO_PCI_CONFIG_REGION_INDEX => self.config_write(offset, data),
             _ => Err(Errno(libc::EINVAL)),
         }
     }
@@ -330,9 +422,14 @@ impl Device for VfSim {
         } else {
             0
         };
+        let maskable = if index == VFIO_PCI_MSIX_IRQ_INDEX {
+            VFIO_IRQ_INFO_MASKABLE
+        } else {
+            0
+        };
         Ok(IrqInfo {
             index,
-            flags: VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_NORESIZE,
+            flags: VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_NORESIZE | maskable,
             count,
         })
     }
@@ -353,9 +450,12 @@ impl Device for VfSim {
                 Err(Errno(libc::EINVAL))
             };
         }
-        if flags & VFIO_IRQ_SET_ACTION_TYPE_MASK != VFIO_IRQ_SET_ACTION_TRIGGER {
-            // Masking is emulated by the VMM (MSI-X table).
-            return Err(Errno(libc::ENOTSUP));
+        match flags & VFIO_IRQ_SET_ACTION_TYPE_MASK {
+            VFIO_IRQ_SET_ACTION_TRIGGER => {}
+            action @ (VFIO_IRQ_SET_ACTION_MASK | VFIO_IRQ_SET_ACTION_UNMASK) => {
+                return self.mask_vectors(start, count, data, action == VFIO_IRQ_SET_ACTION_MASK)
+            }
+            _ => return Err(Errno(libc::EINVAL)),
         }
         let mut e = self.engine();
         let result = match data {
@@ -369,12 +469,12 @@ impl Device for VfSim {
                 e.irqs.clear_all();
                 Ok(())
             }
-            IrqData::None => e.irqs.trigger_range(start, count),
+            IrqData::None => e.irqs.raise_range(start, count),
             IrqData::Bool(bits) => bits
                 .iter()
                 .enumerate()
                 .filter(|(_, b)| **b)
-                .try_for_each(|(i, _)| e.irqs.trigger_range(start.saturating_add(i as u32), 1)),
+                .try_for_each(|(i, _)| e.irqs.raise_range(start.saturating_add(i as u32), 1)),
         };
         result.map_err(|err| {
             tracing::warn!("SET_IRQS on MSI-X refused: {err}");
@@ -383,8 +483,12 @@ impl Device for VfSim {
     }
 
     fn reset(&mut self) -> DeviceResult<()> {
-        self.engine().reset();
-        *self.pci() = PciRegs::default();
+        {
+            let mut e = self.engine();
+            e.reset();
+            e.irqs.reset();
+            *self.pci() = PciRegs::default();
+        }
         if let Some(n) = &mut self.native {
             n.reset();
         }

@@ -4,7 +4,7 @@
 use crate::blk::{Disk, SECTOR_SIZE};
 use crate::common_cfg::{CommonCfg, STATUS_NEEDS_RESET, VIRTIO_F_VERSION_1};
 use crate::guest_mem::GuestMemory;
-use crate::irq::MsixVectors;
+use crate::irq::{MsixVectors, Raised};
 use crate::layout::{DEVICE_CFG_SIZE, MSIX_VECTORS, NUM_QUEUES};
 use crate::virtqueue::{QueueError, NO_VECTOR};
 
@@ -32,7 +32,7 @@ pub struct Engine {
     pub mem: GuestMemory,
     /// The disk image.
     pub disk: Disk,
-    /// MSI-X eventfds.
+    /// MSI-X state and eventfds: what the device may signal (see [`crate::irq`]).
     pub irqs: MsixVectors,
     /// ISR status (read to clear).
     pub isr: u8,
@@ -114,7 +114,7 @@ impl Engine {
                 worked = true;
                 if q.wants_interrupt(&self.mem).unwrap_or(true) {
                     self.isr |= ISR_QUEUE;
-                    signal(&self.irqs, q.msix_vector);
+                    signal(&mut self.irqs, q.msix_vector);
                 }
             }
             if let Err(e) = result {
@@ -134,17 +134,21 @@ impl Engine {
         tracing::warn!("virtio device needs a reset: {why}");
         self.common.status |= STATUS_NEEDS_RESET;
         self.isr |= ISR_CONFIG;
-        signal(&self.irqs, self.common.config_msix_vector);
+        signal(&mut self.irqs, self.common.config_msix_vector);
     }
 }
 
-fn signal(irqs: &MsixVectors, vector: u16) {
+/// Raises `vector`: signalled, or pending while MSI-X is off or the vector masked.
+fn signal(irqs: &mut MsixVectors, vector: u16) {
     if vector == NO_VECTOR {
         return;
     }
-    match irqs.trigger(vector) {
-        Ok(true) => {}
-        Ok(false) => tracing::debug!(vector, "no eventfd for MSI-X vector; interrupt dropped"),
+    match irqs.raise(vector) {
+        Ok(Raised::Signalled) => {}
+        Ok(Raised::Pending) => tracing::trace!(vector, "MSI-X vector held pending"),
+        Ok(Raised::NoEventfd) => {
+            tracing::debug!(vector, "no eventfd for MSI-X vector; interrupt dropped")
+        }
         Err(e) => tracing::warn!("{e}"),
     }
 }

@@ -8,7 +8,8 @@
 //! - [`guest_mem`]: the DMA mappings the client made (IOVA to mapping);
 //! - [`virtqueue`]: split virtqueues read from and written to guest memory;
 //! - [`blk`]: the disk image and virtio-blk request execution;
-//! - [`irq`]: the MSI-X eventfds;
+//! - [`irq`]: MSI-X as strict as hardware: enable, function mask, vector masks, pending
+//!   bits and the eventfds;
 //! - [`engine`]: queue processing over all of the above;
 //! - [`poller`]: the thread that owns queue processing and watches the doorbells;
 //! - [`device`]: [`VfSim`], the [`vfio_user::Device`] implementation;

@@ -34,21 +34,58 @@ const COMMAND_WMASK: u16 = 0x0002 | 0x0004 | 0x0400;
 /// BAR 0 type bits: 64-bit memory, not prefetchable.
 const BAR0_TYPE: u32 = 0b100;
 
+/// MSI-X control word: MSI-X enable.
+pub const MSIX_CONTROL_ENABLE: u16 = 1 << 15;
+/// MSI-X control word: function mask.
+pub const MSIX_CONTROL_FUNCTION_MASK: u16 = 1 << 14;
+/// Offset of the MSI-X control word in configuration space.
+pub const MSIX_CONTROL: usize = CAP_MSIX + 2;
+/// Bytes per MSI-X table entry.
+pub const MSIX_ENTRY_SIZE: usize = 16;
+/// Offset of the vector-control word in an MSI-X table entry.
+pub const MSIX_VECTOR_CONTROL: usize = 12;
+
 /// The PCI-level registers the function keeps besides the virtio ones: configuration
 /// space and the (trapped) MSI-X table. Shared by the vfio-user and PF-side threads.
+/// The MSI-X state the interrupts follow (enable, function mask, vector masks) is copied
+/// into [`crate::irq::MsixVectors`] whenever it changes here.
 #[derive(Debug, Clone)]
 pub struct PciRegs {
     /// Configuration space.
     pub config: ConfigSpace,
-    /// The MSI-X table as the client wrote it.
+    /// The MSI-X table as the client wrote it (every vector masked after reset).
     pub msix_table: [u8; MSIX_TABLE_SIZE as usize],
 }
 
 impl Default for PciRegs {
     fn default() -> Self {
+        let mut msix_table = [0; MSIX_TABLE_SIZE as usize];
+        for entry in msix_table.chunks_exact_mut(MSIX_ENTRY_SIZE) {
+            entry[MSIX_VECTOR_CONTROL] = 1;
+        }
         PciRegs {
             config: ConfigSpace::new(),
-            msix_table: [0; MSIX_TABLE_SIZE as usize],
+            msix_table,
+        }
+    }
+}
+
+impl PciRegs {
+    /// Whether vector `v`'s mask bit is set in the table (vectors past the last: masked).
+    pub fn vector_masked(&self, v: usize) -> bool {
+        self.msix_table
+            .get(v * MSIX_ENTRY_SIZE + MSIX_VECTOR_CONTROL)
+            .is_none_or(|b| b & 1 != 0)
+    }
+
+    /// Sets or clears vector `v`'s mask bit in the table (as `SET_IRQS` mask/unmask
+    /// does); vectors past the last are ignored.
+    pub fn set_vector_masked(&mut self, v: usize, masked: bool) {
+        if let Some(b) = self
+            .msix_table
+            .get_mut(v * MSIX_ENTRY_SIZE + MSIX_VECTOR_CONTROL)
+        {
+            *b = (*b & !1) | u8::from(masked);
         }
     }
 }
@@ -122,7 +159,10 @@ impl ConfigSpace {
         c.wmask32(0x10, !(BAR0_SIZE as u32 - 1));
         c.wmask32(0x14, u32::MAX);
         c.wmask[0x3c] = 0xff; // interrupt line
-        c.wmask16(CAP_MSIX + 2, 0xc000); // MSI-X enable, function mask
+        c.wmask16(
+            MSIX_CONTROL,
+            MSIX_CONTROL_ENABLE | MSIX_CONTROL_FUNCTION_MASK,
+        );
         c
     }
 
@@ -145,6 +185,15 @@ impl ConfigSpace {
     /// The command register.
     pub fn command(&self) -> u16 {
         u16::from_le_bytes([self.bytes[0x04], self.bytes[0x05]])
+    }
+
+    /// The MSI-X control word's enable and function-mask bits.
+    pub fn msix_control(&self) -> (bool, bool) {
+        let c = u16::from_le_bytes([self.bytes[MSIX_CONTROL], self.bytes[MSIX_CONTROL + 1]]);
+        (
+            c & MSIX_CONTROL_ENABLE != 0,
+            c & MSIX_CONTROL_FUNCTION_MASK != 0,
+        )
     }
 
     fn range(offset: u64, len: usize) -> Result<std::ops::Range<usize>, ConfigError> {

@@ -376,6 +376,58 @@ fn a_second_instance_continues_the_queues_from_the_saved_state() {
     );
 }
 
+/// An interrupt the device holds pending (vector masked) is part of its state: the
+/// second instance holds it too, and sends it when the vector is unmasked there.
+#[test]
+fn pending_msix_vectors_travel_with_the_state() {
+    let dir = Scratch::new("pending");
+    let disk = dir.disk(DISK_SIZE);
+    let vf_a = Vfsim::start(&dir.0, "a", &disk);
+    let pf_a = vf_a.pf();
+    let mut d1 = Driver::connect_masked(
+        &vf_a.socket,
+        vfsim::mmap::memfd(c"guest", GUEST_SIZE).unwrap(),
+    );
+    d1.init();
+    d1.msix_control(MSIX_ENABLE);
+    d1.mask_vectors(0, 1, false);
+    let (status, _) = d1.request(VIRTIO_BLK_T_FLUSH, 0, None, Doorbell::Trapped);
+    assert_eq!(status, VIRTIO_BLK_S_OK);
+    assert!(
+        wait_eventfd(&d1.irqs[1], QUIET).is_none(),
+        "vector 1 is masked"
+    );
+    pf_a.quiesce().unwrap();
+    let saved = pf_a.get_state().unwrap();
+    assert_eq!(saved.msix_pending, 0b10);
+    assert_eq!(saved.pci.msix_control, 0x8001);
+    assert_eq!(
+        (saved.msix_table[0].control, saved.msix_table[1].control),
+        (0, 1)
+    );
+    let mem_fd = d1.mem_fd.try_clone().unwrap();
+    drop(d1);
+    drop(pf_a);
+    drop(vf_a);
+
+    let vf_b = Vfsim::start(&dir.0, "b", &disk);
+    let pf_b = vf_b.pf();
+    let d2 = Driver::connect_masked(&vf_b.socket, mem_fd);
+    pf_b.set_state(&saved).unwrap();
+    assert_eq!(pf_b.get_state().unwrap(), saved, "loaded exactly");
+    assert!(
+        wait_eventfd(&d2.irqs[1], QUIET).is_none(),
+        "still masked on B"
+    );
+    assert_eq!(d2.bar_read(MSIX_PBA_OFFSET, 8), 0b10);
+    d2.mask_vectors(1, 1, false);
+    assert!(
+        wait_eventfd(&d2.irqs[1], IRQ_WAIT).is_some(),
+        "sent by B on unmask"
+    );
+    assert_eq!(d2.bar_read(MSIX_PBA_OFFSET, 8), 0);
+}
+
 /// Sends raw lines and reads one response per line.
 struct Raw {
     w: UnixStream,

@@ -6,7 +6,9 @@ use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
 use common::*;
-use vfio_bindings::bindings::vfio::{VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX};
+use vfio_bindings::bindings::vfio::{
+    VFIO_IRQ_INFO_MASKABLE, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
+};
 use vfsim::blk::*;
 use vfsim::common_cfg::STATUS_NEEDS_RESET;
 use vfsim::layout::*;
@@ -53,7 +55,8 @@ fn config_space_capabilities_and_regions() {
         ]
     );
     assert_eq!(multiplier, Some(4));
-    assert_eq!(msix, Some((1, 0x2000, 0x3000)));
+    // Two vectors; enabled by the driver's connect.
+    assert_eq!(msix, Some((0x8001, 0x2000, 0x3000)));
 
     // Read-only bytes stay, the BAR sizes itself.
     d.client
@@ -85,7 +88,9 @@ fn config_space_capabilities_and_regions() {
     );
     let cfg_info = d.client.region_info(VFIO_PCI_CONFIG_REGION_INDEX).unwrap();
     assert_eq!(cfg_info.size, 256);
-    assert_eq!(d.client.irq_info(VFIO_PCI_MSIX_IRQ_INDEX).unwrap().count, 2);
+    let irq = d.client.irq_info(VFIO_PCI_MSIX_IRQ_INDEX).unwrap();
+    assert_eq!(irq.count, 2);
+    assert_ne!(irq.flags & VFIO_IRQ_INFO_MASKABLE, 0, "MSI-X is maskable");
 
     // The trapped MSI-X table and PBA answer; out-of-BAR accesses fail cleanly.
     d.bar_write(MSIX_TABLE_OFFSET, &0xfee0_0000u32.to_le_bytes());

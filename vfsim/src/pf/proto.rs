@@ -176,6 +176,11 @@ pub struct VfState {
     pub pci: PciState,
     /// The MSI-X table, one entry per vector.
     pub msix_table: Vec<MsixEntry>,
+    /// The MSI-X pending bits (vector `v` at bit `v`): interrupts the device holds back
+    /// while MSI-X is off or the vector masked. Absent in states saved before the device
+    /// held any (0).
+    #[serde(default)]
+    pub msix_pending: u64,
     /// The virtqueues, by index.
     pub queues: Vec<QueueState>,
     /// Requests taken from the rings and not completed. vfsim completes each request
@@ -268,6 +273,7 @@ mod tests {
                     control: 1,
                 },
             ],
+            msix_pending: 0b10,
             queues: vec![QueueState {
                 max_size: 256,
                 size: 128,

@@ -54,6 +54,7 @@ pub fn capture(engine: &Engine, pci: &PciRegs) -> VfState {
                 control: le(&e[12..16]) as u32,
             })
             .collect(),
+        msix_pending: engine.irqs.pending_bits(),
         queues: c
             .queues
             .iter()
@@ -208,6 +209,21 @@ pub fn apply(state: &VfState, engine: &mut Engine, pci: &mut PciRegs) {
         slot[0..8].copy_from_slice(&e.addr.to_le_bytes());
         slot[8..12].copy_from_slice(&e.data.to_le_bytes());
         slot[12..16].copy_from_slice(&e.control.to_le_bytes());
+    }
+    // The interrupts follow the registers just loaded; the pending bits come along, and
+    // what may be sent already is (the state is loaded quiesced, with the driver's
+    // eventfds, if any, already assigned).
+    // Everything is loaded with MSI-X off, and switched on last, so that nothing of the
+    // state before is sent.
+    let (enabled, function_masked) = pci.config.msix_control();
+    let irqs = &mut engine.irqs;
+    irqs.reset();
+    let loaded = (0..irqs.count())
+        .try_for_each(|v| irqs.set_masked(v, 1, pci.vector_masked(v as usize)))
+        .and_then(|()| irqs.set_pending_bits(state.msix_pending))
+        .and_then(|()| irqs.set_control(enabled, function_masked));
+    if let Err(e) = loaded {
+        tracing::warn!("loading the MSI-X state: {e}");
     }
 }
 

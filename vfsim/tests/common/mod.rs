@@ -12,13 +12,20 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use vfio_bindings::bindings::vfio::{
-    VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_PCI_MSIX_IRQ_INDEX,
+    VFIO_IRQ_SET_ACTION_MASK, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_UNMASK,
+    VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE, VFIO_PCI_CONFIG_REGION_INDEX,
+    VFIO_PCI_MSIX_IRQ_INDEX,
 };
 use vfio_user::Client;
 use vfsim::common_cfg::*;
 use vfsim::layout::*;
 use vfsim::mmap::{memfd, Mapping};
 use vfsim::{serve, SimConfig, VfSim};
+
+/// MSI-X control word: enable.
+pub const MSIX_ENABLE: u16 = 1 << 15;
+/// MSI-X control word: function mask.
+pub const MSIX_FUNCTION_MASK: u16 = 1 << 14;
 
 /// Guest memory: DMA address and size.
 pub const GUEST_BASE: u64 = 0x4000_0000;
@@ -122,13 +129,23 @@ pub struct Driver {
 }
 
 impl Driver {
-    /// Connects, maps guest memory and gives the device its MSI-X eventfds.
+    /// Connects, maps guest memory, gives the device its MSI-X eventfds, enables MSI-X
+    /// and unmasks both vectors (as a driver's probe does).
     pub fn connect(socket: &Path) -> Driver {
         Self::connect_with_memory(socket, memfd(c"guest", GUEST_SIZE).unwrap())
     }
 
     /// Like [`Driver::connect`], with `mem_fd` (e.g. another driver's) as guest memory.
     pub fn connect_with_memory(socket: &Path, mem_fd: OwnedFd) -> Driver {
+        let d = Self::connect_masked(socket, mem_fd);
+        d.msix_control(MSIX_ENABLE);
+        d.mask_vectors(0, 2, false);
+        d
+    }
+
+    /// Like [`Driver::connect_with_memory`], leaving MSI-X as it finds it (disabled and
+    /// masked after reset).
+    pub fn connect_masked(socket: &Path, mem_fd: OwnedFd) -> Driver {
         let client = Client::connect(socket, Duration::from_secs(5)).unwrap();
         let mem = Mapping::new(mem_fd.as_fd(), 0, GUEST_SIZE, true).unwrap();
         client
@@ -154,6 +171,36 @@ impl Driver {
             avail_idx: 0,
             used_idx: 0,
         }
+    }
+
+    /// Writes the MSI-X control word (`MSIX_ENABLE`, `MSIX_FUNCTION_MASK`; the table
+    /// size bits are read only).
+    pub fn msix_control(&self, control: u16) {
+        self.client
+            .region_write(
+                VFIO_PCI_CONFIG_REGION_INDEX,
+                CAP_MSIX as u64 + 2,
+                &control.to_le_bytes(),
+            )
+            .unwrap();
+    }
+
+    /// `SET_IRQS` mask or unmask of MSI-X vectors `start..start + count`.
+    pub fn mask_vectors(&self, start: u32, count: u32, masked: bool) {
+        let action = if masked {
+            VFIO_IRQ_SET_ACTION_MASK
+        } else {
+            VFIO_IRQ_SET_ACTION_UNMASK
+        };
+        self.client
+            .set_irqs(
+                VFIO_PCI_MSIX_IRQ_INDEX,
+                VFIO_IRQ_SET_DATA_NONE | action,
+                start,
+                count,
+                &[],
+            )
+            .unwrap();
     }
 
     pub fn bar_write(&self, offset: u64, data: &[u8]) {
