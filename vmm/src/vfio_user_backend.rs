@@ -461,3 +461,7 @@ pub mod migration;
 #[cfg(test)]
 #[path = "vfio_user_backend_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "vfio_user_msix_tests.rs"]
+mod msix_tests;
