@@ -465,3 +465,7 @@ mod tests;
 #[cfg(test)]
 #[path = "vfio_user_msix_tests.rs"]
 mod msix_tests;
+
+#[cfg(test)]
+#[path = "vfio_user_qemu_tests.rs"]
+mod qemu_tests;
