@@ -14,7 +14,6 @@ use vmm_tests::harness::{ApiClient, TestDir, Vfsim, Vm};
 
 const DISK_SIZE: u64 = 64 << 20;
 const PORT: u16 = 4444;
-/// The longest a migration here may take (a debug build, capped at 40 MB/s: about 4 s).
 
 struct Hosts {
     pair: NetnsPair,
