@@ -2,9 +2,11 @@
 //! the PCI bus, placing its BARs as firmware would, and handing it guest RAM for DMA.
 //!
 //! There is no firmware, so the VMM assigns the BARs and turns on memory decoding and bus
-//! mastering; Linux keeps resources that are already assigned. 32-bit BARs go into
-//! `[PCI_MMIO32_START, PCI_MMIO32_END)` and 64-bit BARs above RAM from
-//! `high_mmio_start(mem)`; the E820 map lists RAM only, so neither window is claimed by it.
+//! mastering (and I/O decoding for a function with I/O BARs); Linux keeps resources that
+//! are already assigned. 32-bit BARs go into `[PCI_MMIO32_START, PCI_MMIO32_END)`, 64-bit
+//! BARs above RAM from `high_mmio_start(mem)`, I/O BARs into ports
+//! `[PCI_IO_START, PCI_IO_END)` (0xc000-0xffff); the E820 map lists RAM only, so neither
+//! memory window is claimed by it.
 
 use std::sync::{Arc, Mutex};
 
@@ -18,7 +20,9 @@ use devices::vfio::{
 use devices::Bus;
 use kvm_ioctls::VmFd;
 use resources::alloc::{AddressAllocError, AddressAllocator, Policy};
-use resources::layout::{high_mmio_start, HIGH_MMIO_SIZE, PCI_MMIO32_END, PCI_MMIO32_START};
+use resources::layout::{
+    high_mmio_start, HIGH_MMIO_SIZE, PCI_IO_END, PCI_IO_START, PCI_MMIO32_END, PCI_MMIO32_START,
+};
 use resources::memslots::MemSlots;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -103,7 +107,7 @@ pub enum DeviceSetupError {
         error: BackendError,
     },
     /// The BAR windows could not be managed (a layout error).
-    #[error("cannot manage the PCI MMIO windows: {0}")]
+    #[error("cannot manage the PCI BAR windows: {0}")]
     Windows(AddressAllocError),
 }
 
@@ -166,28 +170,32 @@ impl PciPassthrough {
     }
 }
 
-/// The MMIO windows BARs are allocated from.
+/// The windows BARs are allocated from: two of memory, one of ports.
 pub struct BarWindows {
     low: AddressAllocator,
     high: AddressAllocator,
+    io: AddressAllocator,
 }
 
 impl BarWindows {
-    /// The 32-bit window below the IOAPIC and the 64-bit window above `mem_size` of RAM.
+    /// The 32-bit window below the IOAPIC, the 64-bit window above `mem_size` of RAM and
+    /// the port window 0xc000-0xffff.
     pub fn new(mem_size: u64) -> Result<Self, AddressAllocError> {
         Ok(BarWindows {
             low: AddressAllocator::new(PCI_MMIO32_START, PCI_MMIO32_END - PCI_MMIO32_START)?,
             high: AddressAllocator::new(high_mmio_start(mem_size), HIGH_MMIO_SIZE)?,
+            io: AddressAllocator::new(PCI_IO_START, PCI_IO_END - PCI_IO_START)?,
         })
     }
 
-    /// An address for `bar`, aligned to its size (a power of two, as BARs are).
+    /// An address for `bar` (a port for an I/O BAR), aligned to its size (a power of two,
+    /// as BARs are); memory BARs at least to a page, so their pages can be mapped.
     pub fn allocate(&mut self, bar: &BarDesc) -> Result<u64, AddressAllocError> {
-        let window = match bar.kind {
-            BarKind::Mem64 { .. } => &mut self.high,
-            _ => &mut self.low,
+        let (window, align) = match bar.kind {
+            BarKind::Io => (&mut self.io, bar.size),
+            BarKind::Mem64 { .. } => (&mut self.high, bar.size.max(resources::layout::PAGE_SIZE)),
+            BarKind::Mem32 { .. } => (&mut self.low, bar.size.max(resources::layout::PAGE_SIZE)),
         };
-        let align = bar.size.max(resources::layout::PAGE_SIZE);
         Ok(window.allocate(bar.size, align, Policy::FirstFit)?.start)
     }
 }
@@ -326,7 +334,8 @@ pub fn add_devices(
                 memory: Arc::new(GuestRam(ctx.mem.clone())),
             });
         }
-        for bar in dev.bars().iter().filter(|b| b.kind.is_memory()) {
+        let bars = dev.bars();
+        for bar in &bars {
             let addr = windows
                 .allocate(bar)
                 .map_err(|source| DeviceSetupError::Bar {
@@ -352,6 +361,9 @@ pub fn add_devices(
                 error: source,
             })?;
         dev.enable_memory_and_bus_master();
+        if bars.iter().any(|b| b.kind == BarKind::Io) {
+            dev.enable_io_decoding();
+        }
         let slot =
             ctx.pci
                 .free_slot(FIRST_DEVICE_SLOT)
@@ -422,6 +434,29 @@ mod tests {
         assert_eq!(w.allocate(&bar(3, m64, 1 << 30)).unwrap(), 4 << 30);
         let e = w.allocate(&bar(4, m32, 1 << 30)).unwrap_err();
         assert!(e.to_string().contains("no free part"), "{e}");
+    }
+
+    #[test]
+    fn io_bars_go_to_the_port_window_aligned_to_their_size() {
+        let mut w = BarWindows::new(256 << 20).unwrap();
+        let io = |index, size| BarDesc {
+            index,
+            kind: BarKind::Io,
+            size,
+            region_size: size,
+        };
+        assert_eq!(w.allocate(&io(0, 8)).unwrap(), 0xc000);
+        assert_eq!(w.allocate(&io(1, 0x100)).unwrap(), 0xc100);
+        assert_eq!(w.allocate(&io(2, 0x20)).unwrap(), 0xc020);
+        // The window holds 0x4000 ports: 64 BARs of 256 bytes, then it is full.
+        let mut n = 0;
+        while w.allocate(&io(3, 0x100)).is_ok() {
+            n += 1;
+        }
+        assert_eq!(n, 62, "0xc000 and 0xc100 are partly taken");
+        let e = w.allocate(&io(4, 0x100)).unwrap_err();
+        assert!(e.to_string().contains("no free part"), "{e}");
+        assert!(w.allocate(&io(5, 4)).is_ok(), "small holes remain usable");
     }
 }
 

@@ -15,6 +15,8 @@ pub const CONFIG_SIZE: usize = 256;
 pub const HEADER_END: usize = 0x40;
 /// Command register bits the guest controls: I/O, memory, bus master, INTx disable.
 pub const COMMAND_WRITABLE: u16 = 0x0407;
+/// Command bit: I/O space decoding.
+pub const COMMAND_IO: u16 = 0x0001;
 /// Command bit: memory space decoding.
 pub const COMMAND_MEMORY: u16 = 0x0002;
 /// Command bit: bus master.

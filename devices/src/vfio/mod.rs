@@ -33,7 +33,7 @@ pub mod trap_all;
 mod tests;
 
 pub use backend::{BackendError, DeviceInfo, IrqInfo, RegionFlags, RegionInfo, VfioBackend};
-pub use bars::{BarDesc, BarKind};
+pub use bars::{BarDesc, BarError, BarKind};
 pub use kernel::{KernelVfio, KernelVfioError};
 pub use pci::{
     BarLayout, BarStats, BarTraps, CapLayout, MsiCapLayout, MsixCapLayout, VfioPciDevice,

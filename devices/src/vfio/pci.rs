@@ -9,14 +9,12 @@
 //!   pend its interrupts (`irq.rs`). Guest writes are validated and never panic.
 //! - BARs: each memory BAR is registered whole on the MMIO bus while memory decoding is on
 //!   and its address is valid; its mappable pieces go into KVM memory slots (see
-//!   `placement.rs`). Trapped accesses reach [`VfioPciDevice::bar_read`] /
-//!   [`bar_write`](VfioPciDevice::bar_write): the MSI-X table and PBA are emulated (mask
-//!   changes written to the device's table too, the device's PBA bits read into the
-//!   emulated ones), the rest is forwarded to the backend, and every access is counted
-//!   per BAR.
-//! - I/O BARs are presented (sizing and programming work) but not placed on the port bus,
-//!   which cannot move ranges; SR-IOV virtual functions have none. The expansion ROM and
-//!   INTx are not offered.
+//!   `placement.rs`). Each I/O BAR (at most 256 bytes) is registered on the port-I/O bus
+//!   while I/O decoding is on, and never mapped. Trapped accesses reach
+//!   [`VfioPciDevice::bar_read`] / [`bar_write`](VfioPciDevice::bar_write): the MSI-X table
+//!   and PBA are emulated (mask changes written to the device's table too, the device's
+//!   PBA bits read into the emulated ones), the rest is forwarded to the backend, and every
+//!   access is counted per BAR. The expansion ROM and INTx are not offered.
 //!
 //! Lock order: `state` before `irqs`; the MMIO path takes only `irqs`, so a vCPU inside the
 //! bus (holding its read lock) never waits for a configuration write that holds `state` and
@@ -28,14 +26,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use resources::memslots::MemSlots;
-use vm_device::bus::{MmioAddress, MmioAddressOffset};
-use vm_device::DeviceMmio;
+use vm_device::bus::{MmioAddress, MmioAddressOffset, PioAddress, PioAddressOffset};
+use vm_device::{DeviceMmio, DevicePio};
 
 use super::backend::{BackendError, VfioBackend, CONFIG_REGION, IRQ_MSI, IRQ_MSIX};
-use super::bars::{self, BarDesc, BarRegs, NUM_BARS};
+use super::bars::{self, BarDesc, BarError, BarKind, BarRegs, NUM_BARS};
 use super::config::{
     self, dword, lanes, merge, CapList, Header, CAP_MSI, CAP_MSIX, CAP_PCIE, CAP_PM, CAP_VENDOR,
-    COMMAND_BUS_MASTER, COMMAND_MEMORY, COMMAND_WRITABLE, CONFIG_SIZE, HEADER_END, STATUS_W1C,
+    COMMAND_BUS_MASTER, COMMAND_IO, COMMAND_MEMORY, COMMAND_WRITABLE, CONFIG_SIZE, HEADER_END,
+    STATUS_W1C,
 };
 use super::errlog::ErrorLog;
 use super::irq::{DeviceIrqRegs, Irqs};
@@ -103,8 +102,8 @@ pub enum VfioPciError {
         /// The routing error.
         source: RouteError,
     },
-    /// A BAR index that is not an implemented memory BAR.
-    #[error("{name}: BAR {index} is not an implemented memory BAR")]
+    /// A BAR index that is not an implemented BAR.
+    #[error("{name}: BAR {index} is not an implemented BAR")]
     NoBar {
         /// Device name.
         name: String,
@@ -151,14 +150,15 @@ pub enum VfioPciError {
     },
 }
 
-/// Access counters and placement of one BAR, for the exit statistics.
+/// Access counters and placement of one BAR (memory or I/O), for the exit statistics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BarStats {
     /// BAR number.
     pub index: usize,
     /// Size the guest sees.
     pub size: u64,
-    /// Where it is registered, if it is.
+    /// Where it is registered (a guest physical address, or a port for an I/O BAR), if it
+    /// is.
     pub base: Option<u64>,
     /// Trapped guest reads (MMIO exits) that reached it.
     pub reads: u64,
@@ -212,7 +212,7 @@ pub struct VfioPciDevice {
     name: String,
     backend: Arc<dyn VfioBackend>,
     me: Weak<VfioPciDevice>,
-    /// Guest-visible size of each BAR (0: not an implemented memory BAR).
+    /// Guest-visible size of each BAR (0: not an implemented BAR).
     bar_sizes: [u64; NUM_BARS],
     msix: Option<MsixLayout>,
     bases: [AtomicU64; NUM_BARS],
@@ -267,7 +267,12 @@ impl VfioPciDevice {
         let sizes: [u64; NUM_BARS] = std::array::from_fn(|i| regions[i].size);
         let (bar_list, complaints) = bars::probe(raw, sizes);
         for c in complaints {
-            tracing::warn!("{name}: {c}; the BAR is hidden from the guest");
+            match c {
+                BarError::IoTooLarge { .. } => {
+                    tracing::error!("{name}: {c}; the guest does not see this BAR")
+                }
+                _ => tracing::warn!("{name}: {c}; the BAR is hidden from the guest"),
+            }
         }
 
         let irq_info = |index| p.backend.irq_info(index).unwrap_or_default();
@@ -303,8 +308,17 @@ impl VfioPciDevice {
         let layout = msix.as_ref().map(|(_, _, l)| *l);
         let mut placed_bars = Vec::new();
         let mut bar_sizes = [0u64; NUM_BARS];
-        for bar in bar_list.iter().filter(|b| b.kind.is_memory()) {
+        for bar in &bar_list {
             bar_sizes[bar.index] = bar.size;
+            if bar.kind == BarKind::Io {
+                // Never mapped: every access to an I/O BAR exits and is forwarded.
+                placed_bars.push(BarSetup {
+                    desc: *bar,
+                    mmaps: Vec::new(),
+                    trapped: Vec::new(),
+                });
+                continue;
+            }
             let mut trapped = Vec::new();
             if let Some(l) = layout {
                 if l.table_bar == bar.index {
@@ -390,7 +404,7 @@ impl VfioPciDevice {
         self.lock_state().bars.bars().to_vec()
     }
 
-    /// Access counters and placement of each memory BAR.
+    /// Access counters and placement of each BAR.
     pub fn bar_stats(&self) -> Vec<BarStats> {
         (0..NUM_BARS)
             .filter(|&i| self.bar_sizes[i] != 0)
@@ -434,15 +448,14 @@ impl VfioPciDevice {
         self.lock_state().placement.slots(index)
     }
 
-    /// Programs BAR `index` to `addr` as firmware would, and places it if memory decoding
-    /// is on.
+    /// Programs BAR `index` to `addr` (a port for an I/O BAR) as firmware would, and places
+    /// it if its kind of decoding is on.
     pub fn program_bar(&self, index: usize, addr: u64) -> Result<(), VfioPciError> {
         let mut st = self.lock_state();
         let bar = st
             .bars
             .bar(index)
             .copied()
-            .filter(|b| b.kind.is_memory())
             .ok_or_else(|| VfioPciError::NoBar {
                 name: self.name.clone(),
                 index,
@@ -464,6 +477,14 @@ impl VfioPciDevice {
     pub fn enable_memory_and_bus_master(&self) {
         let mut st = self.lock_state();
         let command = st.header.command | COMMAND_MEMORY | COMMAND_BUS_MASTER;
+        self.set_command(&mut st, command);
+    }
+
+    /// Turns on I/O decoding as firmware does for a function with I/O BARs, and places
+    /// the programmed I/O BARs on the port-I/O bus.
+    pub fn enable_io_decoding(&self) {
+        let mut st = self.lock_state();
+        let command = st.header.command | COMMAND_IO;
         self.set_command(&mut st, command);
     }
 
@@ -560,8 +581,9 @@ impl VfioPciDevice {
 
     /// Places BAR `index` where its register and the command register say.
     fn place_bar(&self, st: &mut State, index: usize) {
-        let decoding = st.header.command & COMMAND_MEMORY != 0;
-        let to = st.bars.placement(index, decoding);
+        let command = st.header.command;
+        let (io, memory) = (command & COMMAND_IO != 0, command & COMMAND_MEMORY != 0);
+        let to = st.bars.placement(index, io, memory);
         let now = st.placement.place(index, to, || self.handler(index));
         if let Some(b) = self.bases.get(index) {
             b.store(now.unwrap_or(NOT_PLACED), Ordering::Release);
@@ -574,7 +596,8 @@ impl VfioPciDevice {
         if old != st.header.command {
             self.forward_command(st.header.command);
         }
-        if (old ^ st.header.command) & COMMAND_MEMORY != 0 {
+        let changed = old ^ st.header.command;
+        if changed & (COMMAND_MEMORY | COMMAND_IO) != 0 {
             let indices: Vec<usize> = st.bars.bars().iter().map(|b| b.index).collect();
             for index in indices {
                 self.place_bar(st, index);
@@ -858,6 +881,22 @@ impl DeviceMmio for BarHandle {
     fn mmio_write(&self, _base: MmioAddress, offset: MmioAddressOffset, data: &[u8]) {
         if let Some(dev) = self.dev.upgrade() {
             dev.bar_write(self.bar, offset, data)
+        }
+    }
+}
+
+/// An I/O BAR on the port-I/O bus: the same accesses, by port offset.
+impl DevicePio for BarHandle {
+    fn pio_read(&self, _base: PioAddress, offset: PioAddressOffset, data: &mut [u8]) {
+        match self.dev.upgrade() {
+            Some(dev) => dev.bar_read(self.bar, offset.into(), data),
+            None => data.fill(0xff),
+        }
+    }
+
+    fn pio_write(&self, _base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
+        if let Some(dev) = self.dev.upgrade() {
+            dev.bar_write(self.bar, offset.into(), data)
         }
     }
 }

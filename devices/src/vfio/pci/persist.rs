@@ -1,6 +1,6 @@
 //! Saving and restoring the virtualized configuration state of a [`VfioPciDevice`]: what
-//! the guest programmed (command, cache line, latency, interrupt line, BAR addresses, MSI
-//! and MSI-X with the whole table), the vectors the device signalled while masked (the
+//! the guest programmed (command, cache line, latency, interrupt line, BAR addresses of
+//! memory and I/O BARs, MSI and MSI-X with the whole table), the vectors the device signalled while masked (the
 //! PBA and MSI pending bits), and the ranges a mediator trapped at run time.
 //!
 //! The device's own internal state (the VF's registers and queues) is not here: it travels
@@ -14,7 +14,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Irqs, MsiCap, Msix, State, VfioPciDevice, VfioPciError, COMMAND_MEMORY, NUM_BARS};
+use super::{
+    Irqs, MsiCap, Msix, State, VfioPciDevice, VfioPciError, COMMAND_IO, COMMAND_MEMORY, NUM_BARS,
+};
 use crate::pci::persist::{MsiState, MsixState};
 use crate::vfio::bars::BarKind;
 use crate::vfio::placement::TrapOwner;
@@ -137,8 +139,9 @@ pub enum VfioPersistError {
     /// A saved trap could not be applied.
     #[error("restoring the trapped ranges: {0}")]
     Trap(#[source] Box<VfioPciError>),
-    /// A BAR could not be registered on the MMIO bus at its saved address.
-    #[error("{name}: BAR {index} could not be placed at its saved address {addr:#x} (the MMIO bus refused it; the log has the reason)")]
+    /// A BAR could not be registered on the MMIO bus (the port-I/O bus for an I/O BAR) at
+    /// its saved address.
+    #[error("{name}: BAR {index} could not be placed at its saved address {addr:#x} (the bus refused it; the log has the reason)")]
     NotPlaced {
         /// Device name.
         name: String,
@@ -411,7 +414,8 @@ impl VfioPciDevice {
     /// freshly opened device, with the vCPUs stopped: traps the saved ranges, writes the
     /// header and BAR registers, programs MSI and MSI-X (routes, irqfds, the backend's
     /// eventfds), re-signals the pending vectors, and writes the command register last,
-    /// which forwards it to the device and places the BARs (MMIO bus and memory slots).
+    /// which forwards it to the device and places the BARs (MMIO bus and memory slots, the
+    /// port-I/O bus for I/O BARs).
     ///
     /// Traps the device already has (its mediator's own) are kept: a trapped page is
     /// never wrong, only slower.
@@ -425,8 +429,9 @@ impl VfioPciDevice {
 
         // BARs move with decoding off, as a guest does it.
         let command = self.lock_state().header.command;
-        if command & COMMAND_MEMORY != 0 {
-            self.write_config(0x04, &(command & !COMMAND_MEMORY).to_le_bytes());
+        let decoding = COMMAND_MEMORY | COMMAND_IO;
+        if command & decoding != 0 {
+            self.write_config(0x04, &(command & !decoding).to_le_bytes());
         }
         for t in &s.traps {
             for &(offset, size) in &t.ranges {
@@ -474,9 +479,10 @@ impl VfioPciDevice {
         }
 
         let st = self.lock_state();
-        let decoding = st.header.command & COMMAND_MEMORY != 0;
-        for b in st.bars.bars().iter().filter(|b| b.kind.is_memory()) {
-            if let Some(addr) = st.bars.placement(b.index, decoding) {
+        let command = st.header.command;
+        let (io, memory) = (command & COMMAND_IO != 0, command & COMMAND_MEMORY != 0);
+        for b in st.bars.bars() {
+            if let Some(addr) = st.bars.placement(b.index, io, memory) {
                 if st.placement.base(b.index) != Some(addr) {
                     return Err(VfioPersistError::NotPlaced {
                         name: self.name.clone(),
