@@ -234,7 +234,7 @@ pub trait VfioBackend: Send + Sync {
     /// Makes the device unmask INTx by itself whenever `fd` is signalled (kernel VFIO's
     /// `VFIO_IRQ_SET_ACTION_UNMASK` with an eventfd), so the guest's EOI reaches it with no
     /// VMM thread on the way. Returns `Ok(false)` when the backend cannot (the default):
-    /// the caller then waits on `fd` itself and calls [`unmask_intx`](Self::unmask_intx).
+    /// the caller then waits on `fd` itself and unmasks INTx with [`mask_irqs`](Self::mask_irqs).
     /// Disabling INTx ([`disable_irqs`](Self::disable_irqs)) drops the eventfd.
     fn set_intx_unmask_eventfd(&self, fd: &EventFd) -> Result<bool> {
         let _ = fd;

@@ -14,9 +14,13 @@
 //!   [`VfioPciDevice::bar_read`] / [`bar_write`](VfioPciDevice::bar_write): the MSI-X table
 //!   and PBA are emulated (mask changes written to the device's table too, the device's
 //!   PBA bits read into the emulated ones), the rest is forwarded to the backend, and every
-//!   access is counted per BAR. The expansion ROM and INTx are not offered.
+//!   access is counted per BAR. The expansion ROM is not offered.
+//! - INTx is offered once the VMM routes it ([`VfioPciDevice::wire_intx`]), for a function
+//!   whose configuration space has an interrupt pin and whose backend has an INTx vector;
+//!   see `intx.rs`.
 //!
-//! Lock order: `state` before `irqs`; the MMIO path takes only `irqs`, so a vCPU inside the
+//! Lock order: `state` before `irqs` before `intx`; the MMIO path takes only `irqs`, so a
+//! vCPU inside the
 //! bus (holding its read lock) never waits for a configuration write that holds `state` and
 //! re-registers a BAR (taking the bus's write lock). A configuration write that itself
 //! arrives through the bus (ports 0xCF8/0xCFC) re-registers BARs on that same bus, so the
@@ -29,14 +33,15 @@ use resources::memslots::MemSlots;
 use vm_device::bus::{MmioAddress, MmioAddressOffset, PioAddress, PioAddressOffset};
 use vm_device::{DeviceMmio, DevicePio};
 
-use super::backend::{BackendError, VfioBackend, CONFIG_REGION, IRQ_MSI, IRQ_MSIX};
+use super::backend::{BackendError, VfioBackend, CONFIG_REGION, IRQ_INTX, IRQ_MSI, IRQ_MSIX};
 use super::bars::{self, BarDesc, BarError, BarKind, BarRegs, NUM_BARS};
 use super::config::{
     self, dword, lanes, merge, CapList, Header, CAP_MSI, CAP_MSIX, CAP_PCIE, CAP_PM, CAP_VENDOR,
-    COMMAND_BUS_MASTER, COMMAND_IO, COMMAND_MEMORY, COMMAND_WRITABLE, CONFIG_SIZE, HEADER_END,
-    STATUS_W1C,
+    COMMAND_BUS_MASTER, COMMAND_INTX_DISABLE, COMMAND_IO, COMMAND_MEMORY, COMMAND_WRITABLE,
+    CONFIG_SIZE, HEADER_END, STATUS_W1C,
 };
 use super::errlog::ErrorLog;
+use super::intx::{self, Intx, IntxRoutes, IntxRouting};
 use super::irq::{DeviceIrqRegs, Irqs};
 use super::mmap::{align_inwards, DeviceMmap};
 use super::placement::{BarHandler, BarSetup, Placement, PlacementError, TrapOwner};
@@ -138,6 +143,16 @@ pub enum VfioPciError {
         /// What failed.
         source: Box<PlacementError>,
     },
+    /// The INTx eventfds could not be created.
+    #[error("{name}: cannot set up INTx on GSI {gsi}: {source}")]
+    Intx {
+        /// Device name.
+        name: String,
+        /// The GSI it was to be routed to.
+        gsi: u32,
+        /// The error of `eventfd(2)`.
+        source: std::io::Error,
+    },
     /// Re-applying a BAR's memory slots failed.
     #[error("{name}: cannot remap BAR {index}: {source}")]
     Remap {
@@ -214,11 +229,16 @@ pub struct VfioPciDevice {
     me: Weak<VfioPciDevice>,
     /// Guest-visible size of each BAR (0: not an implemented BAR).
     bar_sizes: [u64; NUM_BARS],
+    /// The interrupt pin (1-4) of a function that can use INTx: one in its configuration
+    /// space and an INTx vector in the backend.
+    intx_pin: Option<u8>,
     msix: Option<MsixLayout>,
     bases: [AtomicU64; NUM_BARS],
     counters: [Counters; NUM_BARS],
     state: Mutex<State>,
     irqs: Mutex<Irqs>,
+    /// INTx, once wired ([`wire_intx`](Self::wire_intx)).
+    intx: Mutex<Option<Intx>>,
     errors: ErrorLog,
 }
 
@@ -278,6 +298,8 @@ impl VfioPciDevice {
         let irq_info = |index| p.backend.irq_info(index).unwrap_or_default();
         let (msix_info, msi_info) = (irq_info(IRQ_MSIX), irq_info(IRQ_MSI));
         let (msix_count, msi_count) = (msix_info.count as usize, msi_info.count as usize);
+        let intx_pin =
+            Some(cfg[0x3d]).filter(|p| (1..=4).contains(p) && irq_info(IRQ_INTX).count > 0);
         let msix = msix_from_cfg(&cfg, &bar_list, msix_count, &name);
         let (caps, hidden) = CapList::walk(&cfg, |id, offset| match id {
             CAP_MSIX => msix.as_ref().is_some_and(|(o, ..)| *o == offset),
@@ -372,11 +394,13 @@ impl VfioPciDevice {
             backend: p.backend,
             me: me.clone(),
             bar_sizes,
+            intx_pin,
             msix: layout,
             bases: std::array::from_fn(|_| AtomicU64::new(NOT_PLACED)),
             counters: Default::default(),
             state: Mutex::new(state),
             irqs: Mutex::new(irqs),
+            intx: Mutex::new(None),
             errors: ErrorLog::default(),
         }))
     }
@@ -397,6 +421,10 @@ impl VfioPciDevice {
 
     fn lock_irqs(&self) -> MutexGuard<'_, Irqs> {
         self.irqs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_intx(&self) -> MutexGuard<'_, Option<Intx>> {
+        self.intx.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The BARs the guest sees (memory and I/O).
@@ -436,6 +464,80 @@ impl VfioPciDevice {
         let irqs = self.lock_irqs();
         let v = irqs.vectors();
         (0..v.len()).filter_map(|i| v.gsi(i)).collect()
+    }
+
+    /// The interrupt pin (1-4: INTA-INTD) the function would use for INTx, if it can use
+    /// INTx at all (a pin in its configuration space and an INTx vector in its backend).
+    pub fn intx_pin(&self) -> Option<u8> {
+        self.intx_pin
+    }
+
+    /// Where INTx is routed, once [`wire_intx`](Self::wire_intx) did it.
+    pub fn intx_routing(&self) -> Option<IntxRouting> {
+        self.lock_intx().as_ref().map(Intx::routing)
+    }
+
+    /// Whether INTx is enabled at the device, and whether it is delivering (its irqfd
+    /// registered); `None` if it is not wired.
+    pub fn intx_live(&self) -> Option<(bool, bool)> {
+        self.lock_intx().as_ref().map(Intx::live)
+    }
+
+    /// Offers INTx to the guest on the function's interrupt pin, routed to `gsi` through
+    /// `routes`, and sets it up at once unless the guest's configuration (MSI or MSI-X on)
+    /// says otherwise. The interrupt line register reads `gsi`, as firmware leaves it.
+    /// Returns the routing, or `None` for a function without INTx (its pin reads 0).
+    /// Wiring again replaces the earlier routing.
+    pub fn wire_intx(
+        &self,
+        gsi: u32,
+        routes: Arc<dyn IntxRoutes>,
+    ) -> Result<Option<IntxRouting>, VfioPciError> {
+        let Some(pin) = self.intx_pin else {
+            return Ok(None);
+        };
+        let routing = IntxRouting { pin, gsi };
+        let intx =
+            Intx::new(&self.name, self.backend.clone(), routes, routing).map_err(|source| {
+                VfioPciError::Intx {
+                    name: self.name.clone(),
+                    gsi,
+                    source,
+                }
+            })?;
+        let mut st = self.lock_state();
+        st.header.set_interrupt_pin(pin);
+        st.header
+            .set_interrupt_line(u8::try_from(gsi).unwrap_or(0xff));
+        if let Some(mut old) = self.lock_intx().replace(intx) {
+            old.shutdown();
+        }
+        self.sync_intx(st.header.command, false);
+        Ok(Some(routing))
+    }
+
+    /// Brings INTx in line with the configuration: enabled at the device while neither
+    /// MSI nor MSI-X is on (`msi_coming`: one is about to be), delivering unless `command`
+    /// has INTx Disable set.
+    fn sync_intx(&self, command: u16, msi_coming: bool) {
+        let msi_on = msi_coming || {
+            let irqs = self.lock_irqs();
+            irqs.msi().is_some_and(|m| m.enabled()) || irqs.msix().is_some_and(|m| m.enabled())
+        };
+        if let Some(intx) = self.lock_intx().as_mut() {
+            intx.update(msi_on, command & COMMAND_INTX_DISABLE != 0);
+        }
+    }
+
+    /// Whether a guest write of `data` at `offset` sets the enable bit of the MSI or MSI-X
+    /// capability.
+    fn enables_msi(st: &State, offset: usize, data: &[u8]) -> bool {
+        // Enable: bit 15 of MSI-X's message control, bit 0 of MSI's (both at +2).
+        st.msix_cap
+            .is_some_and(|c| intx::write_sets_bit(offset, data, c + 3, 0x80))
+            || st
+                .msi_cap
+                .is_some_and(|(c, _)| intx::write_sets_bit(offset, data, c + 2, 0x01))
     }
 
     fn base(&self, index: usize) -> Option<u64> {
@@ -603,6 +705,9 @@ impl VfioPciDevice {
                 self.place_bar(st, index);
             }
         }
+        if changed & COMMAND_INTX_DISABLE != 0 {
+            self.sync_intx(st.header.command, false);
+        }
     }
 
     /// Writes the guest's command bits to the device (it needs memory decoding and bus
@@ -729,6 +834,11 @@ impl VfioPciDevice {
             }
             _ if reg < HEADER_END => {}
             _ => {
+                // INTx must be off at the device before it gets MSI or MSI-X vectors
+                // (kernel VFIO refuses them otherwise; libvfio-user shares the descriptors).
+                if Self::enables_msi(&st, offset, data) {
+                    self.sync_intx(st.header.command, true);
+                }
                 if let Some(c) = st
                     .msix_cap
                     .filter(|&c| offset >= c && offset < c + MSIX_CAP_LEN)
@@ -741,6 +851,7 @@ impl VfioPciDevice {
                     self.lock_irqs().msi_write(offset - c, data);
                 }
                 // Everything else after the header is read only.
+                self.sync_intx(st.header.command, false);
             }
         }
     }
@@ -825,6 +936,9 @@ impl VfioPciDevice {
 
 impl Drop for VfioPciDevice {
     fn drop(&mut self) {
+        if let Some(intx) = self.lock_intx().as_mut() {
+            intx.shutdown();
+        }
         self.lock_irqs().shutdown();
         // The placement (bus registrations, memory slots, then host mappings) is released
         // when `state` drops.

@@ -10,6 +10,7 @@ use crate::bus::Bus;
 use crate::pci::msix::testing::RecordingRoutes;
 use crate::pci::PciRoot;
 
+mod intx;
 mod io_bars;
 mod persist;
 
