@@ -7,6 +7,9 @@
 //! BARs above RAM from `high_mmio_start(mem)`, I/O BARs into ports
 //! `[PCI_IO_START, PCI_IO_END)` (0xc000-0xffff); the E820 map lists RAM only, so neither
 //! memory window is claimed by it.
+//!
+//! A function with INTx gets the IOAPIC pin of its slot and pin ([`pci_intx_gsi`]); the MP
+//! table the guest reads lists each such routing ([`PciPassthrough::intx`]).
 
 use std::sync::{Arc, Mutex};
 
@@ -29,7 +32,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use mediate::{AttachContext, MediatedBackend, MediatorOptions, Registry, TrapHandle};
 
 use crate::config::device::{DeviceKind, DeviceSpec};
-use crate::irq_routes::KvmRoutes;
+use crate::irq_routes::{pci_intx_gsi, KvmRoutes};
 use crate::vfio_user_backend::VfioUserBackend;
 
 /// First PCI slot for devices (slot 0 is the host bridge).
@@ -146,6 +149,10 @@ pub struct PciPassthrough {
     /// Why it cannot migrate: `Some` exactly when `migration` is `None`. A VM holding such a
     /// device refuses snapshots and live migration (its state would be lost silently).
     pub migration_blocker: Option<String>,
+    /// Its slot on PCI bus 0.
+    pub slot: u8,
+    /// Where its INTx is routed, if it has INTx.
+    pub intx: Option<devices::vfio::IntxRouting>,
 }
 
 /// Per-device access statistics, for `--exit-stats`.
@@ -370,16 +377,30 @@ pub fn add_devices(
                 .ok_or_else(|| DeviceSetupError::NoSlot {
                     device: device.clone(),
                 })?;
+        let intx = match dev.intx_pin() {
+            Some(pin) => dev
+                .wire_intx(pci_intx_gsi(slot, pin), ctx.routes.clone())
+                .map_err(pci_err)?,
+            None => None,
+        };
         ctx.pci
             .add(slot, 0, Arc::new(Mutex::new(dev.clone())))
             .map_err(|source| DeviceSetupError::Slot {
                 device: device.clone(),
                 error: source,
             })?;
-        tracing::info!(
-            "{device} at PCI 00:{slot:02x}.0, MSI/MSI-X GSIs {:?}",
-            dev.gsis()
-        );
+        match intx {
+            Some(i) => tracing::info!(
+                "{device} at PCI 00:{slot:02x}.0, MSI/MSI-X GSIs {:?}, INTx pin {} on GSI {}",
+                dev.gsis(),
+                i.pin,
+                i.gsi
+            ),
+            None => tracing::info!(
+                "{device} at PCI 00:{slot:02x}.0, MSI/MSI-X GSIs {:?}",
+                dev.gsis()
+            ),
+        }
         let migration = match &mediated {
             Some(m) => m.migration().ok_or_else(|| {
                 format!("its mediator {} has no migration region", m.mediator_name())
@@ -399,9 +420,27 @@ pub fn add_devices(
             mediated,
             migration,
             migration_blocker,
+            slot,
+            intx,
         });
     }
     Ok(built)
+}
+
+/// The INTx routing of the built functions, as the MP table lists it.
+pub fn mptable_intx(devices: &[PciPassthrough]) -> Vec<crate::boot::mptable::PciIntx> {
+    devices
+        .iter()
+        .filter_map(|d| {
+            let intx = d.intx?;
+            Some(crate::boot::mptable::PciIntx {
+                slot: d.slot,
+                pin: intx.pin,
+                // Out of range, the table refuses it, naming the function's slot.
+                ioapic_pin: u8::try_from(intx.gsi).unwrap_or(u8::MAX),
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
