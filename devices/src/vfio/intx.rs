@@ -3,11 +3,15 @@
 //!
 //! The device signals `trigger` (`SET_IRQS` INTx `ACTION_TRIGGER` with an eventfd); KVM,
 //! through the irqfd, asserts the GSI and keeps it asserted until the guest's EOI, when it
-//! deasserts it and signals `resample`. VFIO masks INTx when it signals it, so the device
-//! must then be unmasked: kernel VFIO takes `resample` as its unmask eventfd
-//! ([`VfioBackend::set_intx_unmask_eventfd`]) and does it itself, as QEMU sets it up; for a
-//! backend that cannot (vfio-user, whose unmask eventfd means something else), a relay
-//! thread waits on `resample` and sends `ACTION_UNMASK` ([`VfioBackend::mask_irqs`]).
+//! deasserts it and signals `resample`. A device whose INTx masks itself when it fires
+//! (`VFIO_IRQ_INFO_AUTOMASKED`: kernel VFIO) must then be unmasked: kernel VFIO takes
+//! `resample` as its unmask eventfd ([`VfioBackend::set_intx_unmask_eventfd`]) and does it
+//! itself, as QEMU sets it up; for a backend that cannot (vfio-user, whose unmask eventfd
+//! means something else), a relay thread waits on `resample` and sends `ACTION_UNMASK`
+//! ([`VfioBackend::mask_irqs`]). A device that does not mask itself (libvfio-user's,
+//! which only report `VFIO_IRQ_INFO_EVENTFD`) is never sent an UNMASK: none is needed, and
+//! libvfio-user's `samples/server` sends DMA requests on the socket right after it raises
+//! INTx and takes whatever message comes next for their reply.
 //!
 //! INTx is live only while the guest has neither MSI nor MSI-X enabled, as in QEMU: it is
 //! disabled at the device before either gets its vectors, and set up again once both are
@@ -90,6 +94,8 @@ pub struct Intx {
     at_device: bool,
     /// The irqfd is registered.
     routed: bool,
+    /// The device masks INTx when it fires and waits for an UNMASK after the EOI.
+    automasked: bool,
     /// The relay thread, once a backend did not take `resample` itself.
     relay: Option<Relay>,
     /// Whether the relay may unmask (INTx enabled at the device); shared with the thread.
@@ -98,12 +104,14 @@ pub struct Intx {
 }
 
 impl Intx {
-    /// INTx of `owner`, routed as `routing`; nothing is set up until [`update`](Self::update).
+    /// INTx of `owner`, routed as `routing`, of a device that masks it when it fires
+    /// (`automasked`) or not; nothing is set up until [`update`](Self::update).
     pub fn new(
         owner: &str,
         backend: Arc<dyn VfioBackend>,
         routes: Arc<dyn IntxRoutes>,
         routing: IntxRouting,
+        automasked: bool,
     ) -> io::Result<Self> {
         Ok(Intx {
             owner: owner.to_string(),
@@ -114,6 +122,7 @@ impl Intx {
             resample: EventFd::new(EFD_NONBLOCK)?,
             at_device: false,
             routed: false,
+            automasked,
             relay: None,
             armed: Arc::new(AtomicBool::new(false)),
             errors: Arc::new(ErrorLog::default()),
@@ -180,7 +189,9 @@ impl Intx {
                 .set_irq_eventfds(IRQ_INTX, 0, &[Some(&self.trigger)]);
             if self.check("enabling INTx", r).is_some() {
                 self.at_device = true;
-                self.set_up_unmasking();
+                if self.automasked {
+                    self.set_up_unmasking();
+                }
                 self.armed.store(true, Ordering::Release);
             }
         }
@@ -228,10 +239,10 @@ impl Intx {
         })
     }
 
-    /// Unmasks INTx at the device if it is enabled there (after a restore, or when the
-    /// irqfd is registered again).
+    /// Unmasks INTx at the device if it is enabled there and masks itself (after a
+    /// restore, or when the irqfd is registered again).
     pub fn unmask(&self) {
-        if self.at_device {
+        if self.at_device && self.automasked {
             self.check(
                 "unmasking INTx",
                 self.backend.mask_irqs(IRQ_INTX, 0, 1, false),

@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use resources::memslots::MemSlots;
+use vfio_bindings::bindings::vfio::VFIO_IRQ_INFO_AUTOMASKED;
 use vm_device::bus::{MmioAddress, MmioAddressOffset, PioAddress, PioAddressOffset};
 use vm_device::{DeviceMmio, DevicePio};
 
@@ -232,6 +233,8 @@ pub struct VfioPciDevice {
     /// The interrupt pin (1-4) of a function that can use INTx: one in its configuration
     /// space and an INTx vector in the backend.
     intx_pin: Option<u8>,
+    /// The backend's INTx masks itself when it fires (`VFIO_IRQ_INFO_AUTOMASKED`).
+    intx_automasked: bool,
     msix: Option<MsixLayout>,
     bases: [AtomicU64; NUM_BARS],
     counters: [Counters; NUM_BARS],
@@ -298,8 +301,9 @@ impl VfioPciDevice {
         let irq_info = |index| p.backend.irq_info(index).unwrap_or_default();
         let (msix_info, msi_info) = (irq_info(IRQ_MSIX), irq_info(IRQ_MSI));
         let (msix_count, msi_count) = (msix_info.count as usize, msi_info.count as usize);
-        let intx_pin =
-            Some(cfg[0x3d]).filter(|p| (1..=4).contains(p) && irq_info(IRQ_INTX).count > 0);
+        let intx_info = irq_info(IRQ_INTX);
+        let intx_pin = Some(cfg[0x3d]).filter(|p| (1..=4).contains(p) && intx_info.count > 0);
+        let intx_automasked = intx_info.flags & VFIO_IRQ_INFO_AUTOMASKED != 0;
         let msix = msix_from_cfg(&cfg, &bar_list, msix_count, &name);
         let (caps, hidden) = CapList::walk(&cfg, |id, offset| match id {
             CAP_MSIX => msix.as_ref().is_some_and(|(o, ..)| *o == offset),
@@ -395,6 +399,7 @@ impl VfioPciDevice {
             me: me.clone(),
             bar_sizes,
             intx_pin,
+            intx_automasked,
             msix: layout,
             bases: std::array::from_fn(|_| AtomicU64::new(NOT_PLACED)),
             counters: Default::default(),
@@ -497,14 +502,18 @@ impl VfioPciDevice {
             return Ok(None);
         };
         let routing = IntxRouting { pin, gsi };
-        let intx =
-            Intx::new(&self.name, self.backend.clone(), routes, routing).map_err(|source| {
-                VfioPciError::Intx {
-                    name: self.name.clone(),
-                    gsi,
-                    source,
-                }
-            })?;
+        let intx = Intx::new(
+            &self.name,
+            self.backend.clone(),
+            routes,
+            routing,
+            self.intx_automasked,
+        )
+        .map_err(|source| VfioPciError::Intx {
+            name: self.name.clone(),
+            gsi,
+            source,
+        })?;
         let mut st = self.lock_state();
         st.header.set_interrupt_pin(pin);
         st.header

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use kvm_bindings::kvm_userspace_memory_region;
 use resources::memslots::SlotBackend;
 use vfio_bindings::bindings::vfio::{
-    VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_INFO_MASKABLE, VFIO_IRQ_INFO_NORESIZE,
+    VFIO_IRQ_INFO_AUTOMASKED, VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_INFO_MASKABLE, VFIO_IRQ_INFO_NORESIZE,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -108,7 +108,8 @@ pub struct FakeBackend {
     pub regions: Vec<FakeRegion>,
     /// Vector counts of INTx, MSI, MSI-X, ERR, REQ.
     pub irq_counts: [u32; 5],
-    /// `VFIO_IRQ_INFO_*` flags of the same indices.
+    /// `VFIO_IRQ_INFO_*` flags of the same indices; INTx masks itself (as kernel VFIO's
+    /// does).
     pub irq_flags: [u32; 5],
     /// Calls seen, in order.
     pub calls: Mutex<Vec<Call>>,
@@ -175,7 +176,7 @@ impl FakeBackend {
             regions,
             irq_counts: [1, 4, 8, 0, 0],
             irq_flags: [
-                VFIO_IRQ_INFO_EVENTFD,
+                VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_MASKABLE | VFIO_IRQ_INFO_AUTOMASKED,
                 VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_MASKABLE | VFIO_IRQ_INFO_NORESIZE,
                 VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_MASKABLE | VFIO_IRQ_INFO_NORESIZE,
                 0,

@@ -359,3 +359,45 @@ fn an_unwired_device_behaves_as_before() {
     assert_eq!(dev.intx_live(), None);
     let _: &VfioPciDevice = &dev;
 }
+
+#[test]
+fn a_device_that_does_not_mask_itself_is_never_sent_an_unmask() {
+    // libvfio-user reports only VFIO_IRQ_INFO_EVENTFD for INTx: it raises it by writing
+    // the eventfd, masks nothing, and its `server` sample takes the next message after an
+    // INTx for the reply to its own DMA request.
+    let mut fake = FakeBackend::standard().unwrap();
+    Arc::get_mut(&mut fake).unwrap().irq_flags[IRQ_INTX as usize] =
+        vfio_bindings::bindings::vfio::VFIO_IRQ_INFO_EVENTFD;
+    let slots = Arc::new(FakeSlots::default());
+    let r = rig_on(fake, slots.clone(), Arc::new(MemSlots::new(slots)));
+    let rec = Arc::new(LevelRecorder::default());
+    r.dev.wire_intx(17, rec.clone()).unwrap();
+    let calls = r.fake.take_calls();
+    assert!(
+        matches!(&calls[..], [Call::SetIrqs(0, 0, _)]),
+        "only the trigger eventfd: {calls:?}"
+    );
+    assert!(matches!(&rec.take()[..], [Level::On(17, _)]));
+    rec.eoi();
+    w16(&r.dev, 0x04, 0x0400);
+    w16(&r.dev, 0x04, 0x0000);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        !r.fake.take_calls().contains(&UNMASK),
+        "no UNMASK, after an EOI or a re-route"
+    );
+    let s = r.dev.state();
+    let (b, _) = {
+        let mut fake = FakeBackend::standard().unwrap();
+        Arc::get_mut(&mut fake).unwrap().irq_flags[IRQ_INTX as usize] =
+            vfio_bindings::bindings::vfio::VFIO_IRQ_INFO_EVENTFD;
+        let slots = Arc::new(FakeSlots::default());
+        let b = rig_on(fake, slots.clone(), Arc::new(MemSlots::new(slots)));
+        let rec = Arc::new(LevelRecorder::default());
+        b.dev.wire_intx(17, rec.clone()).unwrap();
+        (b, rec)
+    };
+    b.fake.take_calls();
+    b.dev.restore(&s).unwrap();
+    assert!(!b.fake.take_calls().contains(&UNMASK), "nor on restore");
+}
