@@ -213,6 +213,23 @@ impl Bus {
         Ok(())
     }
 
+    /// Removes the port-I/O device registered at `base` (e.g. before an I/O BAR moves).
+    pub fn deregister_pio(&self, base: u16) -> Result<(), BusError> {
+        self.io
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .deregister_pio(PioAddress(base))
+            .ok_or(BusError::NotRegistered {
+                space: "pio",
+                base: base.into(),
+            })?;
+        self.pio
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|e| e.base != u64::from(base));
+        Ok(())
+    }
+
     /// The device claiming ports `[port, port + len)`, cloned out of the bus so that no bus
     /// lock is held while the device runs: a device may re-register itself from inside an
     /// access (a PCI BAR moves when the guest writes its config space).
@@ -428,5 +445,31 @@ mod tests {
         bus.register_mmio("b", 0x1800, 0x1000, Arc::new(Reg::default()))
             .unwrap();
         assert!(bus.deregister_mmio(0x1000).is_err());
+    }
+
+    #[test]
+    fn port_ranges_can_be_removed_and_reused() {
+        let bus = Bus::new();
+        bus.register_pio("a", 0xc000, 0x20, Arc::new(Reg::default()))
+            .unwrap();
+        let mut b = [0u8; 1];
+        assert!(bus.pio_read(0xc01f, &mut b));
+        assert_eq!(b, [0x1f]);
+        bus.deregister_pio(0xc000).unwrap();
+        assert!(!bus.pio_read(0xc01f, &mut b), "unclaimed after removal");
+        assert_eq!(b, [0xff]);
+        assert!(
+            bus.stats().iter().all(|s| s.name != "a"),
+            "its counters are gone"
+        );
+        let e = bus.deregister_pio(0xc000).unwrap_err();
+        assert!(
+            matches!(e, BusError::NotRegistered { space: "pio", .. }),
+            "{e}"
+        );
+        bus.register_pio("b", 0xc010, 0x20, Arc::new(Reg::default()))
+            .unwrap();
+        assert!(bus.pio_read(0xc010, &mut b));
+        assert_eq!(b, [0]);
     }
 }

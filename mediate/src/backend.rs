@@ -149,6 +149,10 @@ impl VfioBackend for MediatedBackend {
         self.inner.mask_irqs(index, start, count, masked)
     }
 
+    fn set_intx_unmask_eventfd(&self, fd: &EventFd) -> Result<bool> {
+        self.inner.set_intx_unmask_eventfd(fd)
+    }
+
     unsafe fn dma_map(&self, mapping: &DmaMapping<'_>) -> Result<()> {
         // SAFETY: the caller's guarantees for `mapping` are passed on unchanged.
         unsafe { self.inner.dma_map(mapping) }

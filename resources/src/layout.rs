@@ -12,6 +12,15 @@
 //! 0x1_0000_0000 RAM above 4 GiB (if the guest has more than 3 GiB)
 //! high_mmio_start(ram)  64-bit PCI BARs (64 GiB)
 //! ```
+//!
+//! Port I/O space (16 bits) holds the legacy devices at their ISA ports (PIT, i8042, the
+//! serial ports, the PCI configuration mechanism at 0xCF8) and, from [`PCI_IO_START`] to
+//! the top, the window for PCI I/O BARs:
+//!
+//! ```text
+//! 0x0000-0x0cff  legacy ISA devices, PCI configuration ports 0xcf8-0xcff
+//! 0xc000-0xffff  PCI I/O BARs
+//! ```
 
 /// Size of a page of guest memory (4 KiB).
 pub const PAGE_SIZE: u64 = 0x1000;
@@ -63,6 +72,15 @@ pub const LAPIC_SIZE: u64 = 0x1000;
 /// Size of the window for 64-bit PCI BARs that starts at [`high_mmio_start`].
 pub const HIGH_MMIO_SIZE: u64 = 64 * GIB;
 
+/// First port of the window for PCI I/O BARs (above every legacy ISA port and the PCI
+/// configuration ports, as PC firmware places them).
+pub const PCI_IO_START: u64 = 0xc000;
+/// End (exclusive) of the window for PCI I/O BARs: the top of the 16-bit port space.
+pub const PCI_IO_END: u64 = 0x1_0000;
+/// Largest I/O BAR (PCI Local Bus 3.0, 6.2.5.1: a function must not claim more than 256
+/// bytes per I/O BAR).
+pub const PCI_IO_BAR_MAX: u64 = 0x100;
+
 // The fixed pieces must not overlap; checked at compile time.
 const _: () = {
     assert!(ZERO_PAGE_START + PAGE_SIZE <= BOOT_STACK_POINTER);
@@ -73,6 +91,8 @@ const _: () = {
     assert!(PCI_MMIO32_START >= MMIO32_HOLE_START && PCI_MMIO32_END <= IOAPIC_START);
     assert!(IOAPIC_START + IOAPIC_SIZE <= LAPIC_START);
     assert!(LAPIC_START + LAPIC_SIZE <= MMIO32_HOLE_END);
+    assert!(PCI_IO_START > 0xcff && PCI_IO_END <= 0x1_0000);
+    assert!(PCI_IO_BAR_MAX <= PCI_IO_END - PCI_IO_START);
 };
 
 /// First address of the 64-bit MMIO window for a guest with `ram_size` bytes

@@ -2,9 +2,14 @@
 //! the PCI bus, placing its BARs as firmware would, and handing it guest RAM for DMA.
 //!
 //! There is no firmware, so the VMM assigns the BARs and turns on memory decoding and bus
-//! mastering; Linux keeps resources that are already assigned. 32-bit BARs go into
-//! `[PCI_MMIO32_START, PCI_MMIO32_END)` and 64-bit BARs above RAM from
-//! `high_mmio_start(mem)`; the E820 map lists RAM only, so neither window is claimed by it.
+//! mastering (and I/O decoding for a function with I/O BARs); Linux keeps resources that
+//! are already assigned. 32-bit BARs go into `[PCI_MMIO32_START, PCI_MMIO32_END)`, 64-bit
+//! BARs above RAM from `high_mmio_start(mem)`, I/O BARs into ports
+//! `[PCI_IO_START, PCI_IO_END)` (0xc000-0xffff); the E820 map lists RAM only, so neither
+//! memory window is claimed by it.
+//!
+//! A function with INTx gets the IOAPIC pin of its slot and pin ([`pci_intx_gsi`]); the MP
+//! table the guest reads lists each such routing ([`PciPassthrough::intx`]).
 
 use std::sync::{Arc, Mutex};
 
@@ -18,14 +23,16 @@ use devices::vfio::{
 use devices::Bus;
 use kvm_ioctls::VmFd;
 use resources::alloc::{AddressAllocError, AddressAllocator, Policy};
-use resources::layout::{high_mmio_start, HIGH_MMIO_SIZE, PCI_MMIO32_END, PCI_MMIO32_START};
+use resources::layout::{
+    high_mmio_start, HIGH_MMIO_SIZE, PCI_IO_END, PCI_IO_START, PCI_MMIO32_END, PCI_MMIO32_START,
+};
 use resources::memslots::MemSlots;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use mediate::{AttachContext, MediatedBackend, MediatorOptions, Registry, TrapHandle};
 
 use crate::config::device::{DeviceKind, DeviceSpec};
-use crate::irq_routes::KvmRoutes;
+use crate::irq_routes::{pci_intx_gsi, KvmRoutes};
 use crate::vfio_user_backend::VfioUserBackend;
 
 /// First PCI slot for devices (slot 0 is the host bridge).
@@ -103,7 +110,7 @@ pub enum DeviceSetupError {
         error: BackendError,
     },
     /// The BAR windows could not be managed (a layout error).
-    #[error("cannot manage the PCI MMIO windows: {0}")]
+    #[error("cannot manage the PCI BAR windows: {0}")]
     Windows(AddressAllocError),
 }
 
@@ -142,6 +149,10 @@ pub struct PciPassthrough {
     /// Why it cannot migrate: `Some` exactly when `migration` is `None`. A VM holding such a
     /// device refuses snapshots and live migration (its state would be lost silently).
     pub migration_blocker: Option<String>,
+    /// Its slot on PCI bus 0.
+    pub slot: u8,
+    /// Where its INTx is routed, if it has INTx.
+    pub intx: Option<devices::vfio::IntxRouting>,
 }
 
 /// Per-device access statistics, for `--exit-stats`.
@@ -166,28 +177,32 @@ impl PciPassthrough {
     }
 }
 
-/// The MMIO windows BARs are allocated from.
+/// The windows BARs are allocated from: two of memory, one of ports.
 pub struct BarWindows {
     low: AddressAllocator,
     high: AddressAllocator,
+    io: AddressAllocator,
 }
 
 impl BarWindows {
-    /// The 32-bit window below the IOAPIC and the 64-bit window above `mem_size` of RAM.
+    /// The 32-bit window below the IOAPIC, the 64-bit window above `mem_size` of RAM and
+    /// the port window 0xc000-0xffff.
     pub fn new(mem_size: u64) -> Result<Self, AddressAllocError> {
         Ok(BarWindows {
             low: AddressAllocator::new(PCI_MMIO32_START, PCI_MMIO32_END - PCI_MMIO32_START)?,
             high: AddressAllocator::new(high_mmio_start(mem_size), HIGH_MMIO_SIZE)?,
+            io: AddressAllocator::new(PCI_IO_START, PCI_IO_END - PCI_IO_START)?,
         })
     }
 
-    /// An address for `bar`, aligned to its size (a power of two, as BARs are).
+    /// An address for `bar` (a port for an I/O BAR), aligned to its size (a power of two,
+    /// as BARs are); memory BARs at least to a page, so their pages can be mapped.
     pub fn allocate(&mut self, bar: &BarDesc) -> Result<u64, AddressAllocError> {
-        let window = match bar.kind {
-            BarKind::Mem64 { .. } => &mut self.high,
-            _ => &mut self.low,
+        let (window, align) = match bar.kind {
+            BarKind::Io => (&mut self.io, bar.size),
+            BarKind::Mem64 { .. } => (&mut self.high, bar.size.max(resources::layout::PAGE_SIZE)),
+            BarKind::Mem32 { .. } => (&mut self.low, bar.size.max(resources::layout::PAGE_SIZE)),
         };
-        let align = bar.size.max(resources::layout::PAGE_SIZE);
         Ok(window.allocate(bar.size, align, Policy::FirstFit)?.start)
     }
 }
@@ -326,7 +341,8 @@ pub fn add_devices(
                 memory: Arc::new(GuestRam(ctx.mem.clone())),
             });
         }
-        for bar in dev.bars().iter().filter(|b| b.kind.is_memory()) {
+        let bars = dev.bars();
+        for bar in &bars {
             let addr = windows
                 .allocate(bar)
                 .map_err(|source| DeviceSetupError::Bar {
@@ -352,22 +368,39 @@ pub fn add_devices(
                 error: source,
             })?;
         dev.enable_memory_and_bus_master();
+        if bars.iter().any(|b| b.kind == BarKind::Io) {
+            dev.enable_io_decoding();
+        }
         let slot =
             ctx.pci
                 .free_slot(FIRST_DEVICE_SLOT)
                 .ok_or_else(|| DeviceSetupError::NoSlot {
                     device: device.clone(),
                 })?;
+        let intx = match dev.intx_pin() {
+            Some(pin) => dev
+                .wire_intx(pci_intx_gsi(slot, pin), ctx.routes.clone())
+                .map_err(pci_err)?,
+            None => None,
+        };
         ctx.pci
             .add(slot, 0, Arc::new(Mutex::new(dev.clone())))
             .map_err(|source| DeviceSetupError::Slot {
                 device: device.clone(),
                 error: source,
             })?;
-        tracing::info!(
-            "{device} at PCI 00:{slot:02x}.0, MSI/MSI-X GSIs {:?}",
-            dev.gsis()
-        );
+        match intx {
+            Some(i) => tracing::info!(
+                "{device} at PCI 00:{slot:02x}.0, MSI/MSI-X GSIs {:?}, INTx pin {} on GSI {}",
+                dev.gsis(),
+                i.pin,
+                i.gsi
+            ),
+            None => tracing::info!(
+                "{device} at PCI 00:{slot:02x}.0, MSI/MSI-X GSIs {:?}",
+                dev.gsis()
+            ),
+        }
         let migration = match &mediated {
             Some(m) => m.migration().ok_or_else(|| {
                 format!("its mediator {} has no migration region", m.mediator_name())
@@ -387,9 +420,27 @@ pub fn add_devices(
             mediated,
             migration,
             migration_blocker,
+            slot,
+            intx,
         });
     }
     Ok(built)
+}
+
+/// The INTx routing of the built functions, as the MP table lists it.
+pub fn mptable_intx(devices: &[PciPassthrough]) -> Vec<crate::boot::mptable::PciIntx> {
+    devices
+        .iter()
+        .filter_map(|d| {
+            let intx = d.intx?;
+            Some(crate::boot::mptable::PciIntx {
+                slot: d.slot,
+                pin: intx.pin,
+                // Out of range, the table refuses it, naming the function's slot.
+                ioapic_pin: u8::try_from(intx.gsi).unwrap_or(u8::MAX),
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -422,6 +473,29 @@ mod tests {
         assert_eq!(w.allocate(&bar(3, m64, 1 << 30)).unwrap(), 4 << 30);
         let e = w.allocate(&bar(4, m32, 1 << 30)).unwrap_err();
         assert!(e.to_string().contains("no free part"), "{e}");
+    }
+
+    #[test]
+    fn io_bars_go_to_the_port_window_aligned_to_their_size() {
+        let mut w = BarWindows::new(256 << 20).unwrap();
+        let io = |index, size| BarDesc {
+            index,
+            kind: BarKind::Io,
+            size,
+            region_size: size,
+        };
+        assert_eq!(w.allocate(&io(0, 8)).unwrap(), 0xc000);
+        assert_eq!(w.allocate(&io(1, 0x100)).unwrap(), 0xc100);
+        assert_eq!(w.allocate(&io(2, 0x20)).unwrap(), 0xc020);
+        // The window holds 0x4000 ports: 64 BARs of 256 bytes, then it is full.
+        let mut n = 0;
+        while w.allocate(&io(3, 0x100)).is_ok() {
+            n += 1;
+        }
+        assert_eq!(n, 62, "0xc000 and 0xc100 are partly taken");
+        let e = w.allocate(&io(4, 0x100)).unwrap_err();
+        assert!(e.to_string().contains("no free part"), "{e}");
+        assert!(w.allocate(&io(5, 4)).is_ok(), "small holes remain usable");
     }
 }
 

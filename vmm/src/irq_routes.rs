@@ -1,5 +1,7 @@
 //! KVM interrupt routing for devices with MSI/MSI-X: [`KvmRoutes`] implements
-//! [`InterruptRoutes`] with KVM GSI routing and irqfds.
+//! [`InterruptRoutes`] with KVM GSI routing and irqfds, and [`IntxRoutes`] (the INTx of
+//! passed-through functions) with irqfds that have a resample eventfd, on IOAPIC pins 16-23
+//! ([`pci_intx_gsi`]).
 //!
 //! `KVM_SET_GSI_ROUTING` replaces the VM's whole routing table, so this module keeps a copy
 //! of it: KVM's default routes for the legacy interrupt controllers (the ones
@@ -11,6 +13,7 @@ use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use devices::pci::msix::{InterruptRoutes, RouteError};
+use devices::vfio::IntxRoutes;
 use kvm_bindings::{
     kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
     KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
@@ -21,6 +24,19 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// Number of IOAPIC pins; GSIs below this are the legacy interrupts.
 pub const IOAPIC_PINS: u32 = 24;
+/// First IOAPIC pin (GSI) for the INTx of PCI functions: pins 0-15 are the ISA interrupts.
+pub const FIRST_PCI_INTX_GSI: u32 = 16;
+/// IOAPIC pins (GSIs) for the INTx of PCI functions: 16-23.
+pub const PCI_INTX_GSIS: u32 = IOAPIC_PINS - FIRST_PCI_INTX_GSI;
+
+/// The GSI (IOAPIC pin) of interrupt pin `pin` (1-4: INTA-INTD) of the function in slot
+/// `slot` of bus 0: the PCI swizzle `(slot + pin - 1) mod 8` over pins 16-23, so the
+/// functions of neighbouring slots get different lines and eight slots share none.
+pub fn pci_intx_gsi(slot: u8, pin: u8) -> u32 {
+    let lane = u32::from(slot) + u32::from(pin.saturating_sub(1));
+    FIRST_PCI_INTX_GSI + lane % PCI_INTX_GSIS
+}
+
 /// First GSI handed to MSI/MSI-X vectors.
 pub const FIRST_MSI_GSI: u32 = IOAPIC_PINS;
 /// Last GSI handed out (KVM accepts GSIs below `KVM_MAX_IRQ_ROUTES`, 4096 on x86; a
@@ -207,9 +223,56 @@ impl InterruptRoutes for KvmRoutes {
     }
 }
 
+/// INTx: level-triggered lines through irqfds with a resample eventfd. KVM asserts the GSI
+/// when `trigger` is signalled, keeps it asserted until the guest's EOI, then deasserts it
+/// and signals `resample`. The GSIs are IOAPIC pins, always in the table
+/// ([`default_routes`]).
+impl IntxRoutes for KvmRoutes {
+    fn enable_level(
+        &self,
+        gsi: u32,
+        trigger: &EventFd,
+        resample: &EventFd,
+    ) -> Result<(), RouteError> {
+        self.vm
+            .register_irqfd_with_resample(trigger, resample, gsi)
+            .map_err(|e| RouteError::Kvm {
+                op: "register the level-triggered (resample) irqfd",
+                gsi,
+                source: errno_to_io(e),
+            })
+    }
+
+    fn disable_level(&self, gsi: u32, trigger: &EventFd) -> Result<(), RouteError> {
+        self.vm
+            .unregister_irqfd(trigger, gsi)
+            .map_err(|e| RouteError::Kvm {
+                op: "remove the level-triggered irqfd",
+                gsi,
+                source: errno_to_io(e),
+            })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn intx_swizzles_slots_over_pins_16_to_23() {
+        assert_eq!(pci_intx_gsi(1, 1), 17);
+        assert_eq!(pci_intx_gsi(2, 1), 18);
+        assert_eq!(pci_intx_gsi(1, 2), 18, "INTB of slot 1 is INTA of slot 2");
+        assert_eq!(pci_intx_gsi(7, 1), 23);
+        assert_eq!(pci_intx_gsi(8, 1), 16, "wraps after eight");
+        assert_eq!(pci_intx_gsi(31, 4), 16 + (31 + 3) % 8);
+        for slot in 0..32 {
+            for pin in 1..=4 {
+                let gsi = pci_intx_gsi(slot, pin);
+                assert!((16..24).contains(&gsi), "{slot}/{pin}: {gsi}");
+            }
+        }
+    }
 
     fn vm_with_irqchip() -> Option<Arc<VmFd>> {
         let kvm = kvm_ioctls::Kvm::new().ok()?;
@@ -262,6 +325,69 @@ mod tests {
         routes.disable(24, &fd).unwrap();
     }
 
+    /// The IOAPIC's interrupt request register (its asserted lines).
+    fn ioapic_irr(vm: &VmFd) -> u32 {
+        let mut chip = kvm_bindings::kvm_irqchip {
+            chip_id: KVM_IRQCHIP_IOAPIC,
+            ..Default::default()
+        };
+        vm.get_irqchip(&mut chip).unwrap();
+        // SAFETY: KVM filled the `ioapic` member for chip KVM_IRQCHIP_IOAPIC.
+        unsafe { chip.chip.ioapic.irr }
+    }
+
+    /// Waits up to 2 s for `cond` on the IOAPIC's IRR (irqfds inject from a kernel work
+    /// queue, so not at once).
+    fn wait_irr(vm: &VmFd, cond: impl Fn(u32) -> bool) -> u32 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            let irr = ioapic_irr(vm);
+            if cond(irr) || std::time::Instant::now() > deadline {
+                return irr;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+
+    #[test]
+    fn intx_holds_its_line_asserted_until_the_irqfd_goes() {
+        let Some(vm) = vm_with_irqchip() else {
+            eprintln!("skipped: no usable /dev/kvm");
+            return;
+        };
+        let routes = KvmRoutes::new(vm.clone()).unwrap();
+        let (trigger, resample) = (
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        );
+        routes.enable_level(17, &trigger, &resample).unwrap();
+        assert_eq!(ioapic_irr(&vm) & 1 << 17, 0);
+        trigger.write(1).unwrap();
+        assert_ne!(wait_irr(&vm, |irr| irr & 1 << 17 != 0) & 1 << 17, 0);
+        // A level line stays asserted (a plain irqfd pulses it: asserts and deasserts at
+        // once), until the guest's EOI or until the irqfd goes.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_ne!(ioapic_irr(&vm) & 1 << 17, 0, "still asserted");
+        routes.disable_level(17, &trigger).unwrap();
+        assert_eq!(wait_irr(&vm, |irr| irr & 1 << 17 == 0) & 1 << 17, 0);
+    }
+
+    #[test]
+    fn a_plain_irqfd_only_pulses_the_line() {
+        // The counterpart of the test above: what `enable_level` must not be.
+        let Some(vm) = vm_with_irqchip() else {
+            eprintln!("skipped: no usable /dev/kvm");
+            return;
+        };
+        let routes = KvmRoutes::new(vm.clone()).unwrap();
+        let trigger = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        routes.enable(18, &trigger).unwrap();
+        trigger.write(1).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(ioapic_irr(&vm) & 1 << 18, 0);
+        routes.disable(18, &trigger).unwrap();
+    }
+
     #[test]
     fn gsis_run_out_cleanly() {
         let Some(vm) = vm_with_irqchip() else {
@@ -276,3 +402,7 @@ mod tests {
         assert_eq!(routes.allocate_gsis("all", all).unwrap().len(), all);
     }
 }
+
+#[cfg(test)]
+#[path = "intx_kvm_tests.rs"]
+mod intx_kvm_tests;

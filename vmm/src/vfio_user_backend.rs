@@ -296,6 +296,16 @@ impl VfioBackend for VfioUserBackend {
             })
     }
 
+    /// Not offered. In vfio-user an UNMASK eventfd runs the other way from kernel VFIO's:
+    /// the specification (`VFIO_USER_DEVICE_SET_IRQS`) has the *server* signal it when the
+    /// interrupt is unmasked, not wait on it; and libvfio-user (`lib/irq.c`, as bundled with
+    /// QEMU 10.0) only checks the descriptor count, calls the device's mask callback once
+    /// and drops the descriptor. The VMM relays each EOI as an UNMASK request instead (see
+    /// `devices::vfio::intx`).
+    fn set_intx_unmask_eventfd(&self, _fd: &EventFd) -> Result<bool> {
+        Ok(false)
+    }
+
     unsafe fn dma_map(&self, m: &DmaMapping<'_>) -> Result<()> {
         let op = || format!("DMA map of {:#x} bytes at {:#x}", m.size, m.iova);
         let Some((fd, offset)) = m.file else {

@@ -239,7 +239,6 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, RunStats), VmError> {
                     initramfs: initramfs.as_deref(),
                     cmdline,
                     mem_size,
-                    cpus,
                 },
             )?;
             tracing::info!("loaded {:?} kernel, entry {:#x}", loaded.kind, loaded.entry);
@@ -317,6 +316,12 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, RunStats), VmError> {
         devices::pci::root::CONFIG_PORTS,
         pci,
     )?;
+    if entry.is_some() {
+        // A restored guest has its MP table in its RAM already (the devices are given
+        // again in the same order, so they get the same slots and INTx lines).
+        boot::mptable::setup(&mem, cpus, &device_setup::mptable_intx(&passthrough))
+            .map_err(boot::BootError::from)?;
+    }
 
     // vCPUs.
     vcpu::install_kick_handler().map_err(|e| VmError::Os {

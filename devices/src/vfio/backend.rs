@@ -231,6 +231,16 @@ pub trait VfioBackend: Send + Sync {
     /// pass it on (a device that never hears an unmask never interrupts).
     fn mask_irqs(&self, index: u32, start: u32, count: u32, masked: bool) -> Result<()>;
 
+    /// Makes the device unmask INTx by itself whenever `fd` is signalled (kernel VFIO's
+    /// `VFIO_IRQ_SET_ACTION_UNMASK` with an eventfd), so the guest's EOI reaches it with no
+    /// VMM thread on the way. Returns `Ok(false)` when the backend cannot (the default):
+    /// the caller then waits on `fd` itself and unmasks INTx with [`mask_irqs`](Self::mask_irqs).
+    /// Disabling INTx ([`disable_irqs`](Self::disable_irqs)) drops the eventfd.
+    fn set_intx_unmask_eventfd(&self, fd: &EventFd) -> Result<bool> {
+        let _ = fd;
+        Ok(false)
+    }
+
     /// Lets the device access `mapping` by DMA.
     ///
     /// # Safety

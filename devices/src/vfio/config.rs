@@ -15,10 +15,14 @@ pub const CONFIG_SIZE: usize = 256;
 pub const HEADER_END: usize = 0x40;
 /// Command register bits the guest controls: I/O, memory, bus master, INTx disable.
 pub const COMMAND_WRITABLE: u16 = 0x0407;
+/// Command bit: I/O space decoding.
+pub const COMMAND_IO: u16 = 0x0001;
 /// Command bit: memory space decoding.
 pub const COMMAND_MEMORY: u16 = 0x0002;
 /// Command bit: bus master.
 pub const COMMAND_BUS_MASTER: u16 = 0x0004;
+/// Command bit: INTx disable (the function must not assert its interrupt pin).
+pub const COMMAND_INTX_DISABLE: u16 = 0x0400;
 /// Status bits that are write-one-to-clear (error bits).
 pub const STATUS_W1C: u16 = 0xf900;
 const STATUS_CAP_LIST: u16 = 0x0010;
@@ -49,6 +53,8 @@ pub struct Header {
     cache_line: u8,
     latency: u8,
     interrupt_line: u8,
+    /// Interrupt pin the guest sees (1-4: INTA-INTD), 0 while INTx is not offered.
+    interrupt_pin: u8,
 }
 
 impl Header {
@@ -65,7 +71,18 @@ impl Header {
             cache_line: 0,
             latency: 0,
             interrupt_line: 0,
+            interrupt_pin: 0,
         }
+    }
+
+    /// Offers INTx on `pin` (1-4: INTA-INTD; 0: not offered).
+    pub fn set_interrupt_pin(&mut self, pin: u8) {
+        self.interrupt_pin = pin;
+    }
+
+    /// Sets the interrupt line register as firmware does (the IRQ the pin is routed to).
+    pub fn set_interrupt_line(&mut self, line: u8) {
+        self.interrupt_line = line;
     }
 
     /// Header type without the multi-function bit (0 for an endpoint).
@@ -94,8 +111,12 @@ impl Header {
             0x10..=0x24 => bars.read((reg - 0x10) / 4),
             0x2c => self.subsystem,
             0x34 => u32::from(caps.first()),
-            // Interrupt pin 0: INTx is not offered, the guest uses MSI-X or MSI.
-            0x3c => u32::from(self.interrupt_line) | u32::from(self.min_gnt_max_lat) << 16,
+            // Interrupt pin 0 unless INTx is offered: the guest then uses MSI-X or MSI.
+            0x3c => {
+                u32::from(self.interrupt_line)
+                    | u32::from(self.interrupt_pin) << 8
+                    | u32::from(self.min_gnt_max_lat) << 16
+            }
             // CardBus CIS, expansion ROM (not exposed), reserved.
             _ => 0,
         }

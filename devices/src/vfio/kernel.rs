@@ -36,7 +36,7 @@ use vmm_sys_util::ioctl_io_nr;
 
 use super::backend::{
     BackendError, DeviceInfo, DmaMapping, IrqInfo, RegionFlags, RegionInfo, RegionMmap, Result,
-    VfioBackend,
+    VfioBackend, IRQ_INTX,
 };
 use super::kernel_migration::{DeviceFdIoctls, KernelVfioMigration};
 use super::migration::MigrationError;
@@ -322,6 +322,18 @@ impl VfioBackend for KernelVfio {
             });
         }
         Ok(())
+    }
+
+    /// The kernel unmasks INTx itself when `fd` is signalled (as QEMU's
+    /// `vfio_intx_enable_kvm` sets it up), so no VMM thread relays the guest's EOI.
+    fn set_intx_unmask_eventfd(&self, fd: &EventFd) -> Result<bool> {
+        self.device
+            .set_irq_resample_fd(IRQ_INTX, vec![fd])
+            .map_err(|e| BackendError::Refused {
+                op: "setting the INTx unmask eventfd".into(),
+                reason: e.to_string(),
+            })?;
+        Ok(true)
     }
 
     unsafe fn dma_map(&self, m: &DmaMapping<'_>) -> Result<()> {

@@ -7,7 +7,7 @@
 //!   v2 uAPI, tested against a fake kernel (the ioctls themselves untested against hardware);
 //! - [`pci`]: [`VfioPciDevice`], the function on the guest's PCI bus, with its virtualized
 //!   configuration space (`config.rs`, `bars.rs`), interrupts (`irq.rs`, over
-//!   [`crate::pci::msix`] and [`crate::pci::msi`]) and BAR placement (`placement.rs`,
+//!   [`crate::pci::msix`] and [`crate::pci::msi`]; [`intx`] for INTx) and BAR placement (`placement.rs`,
 //!   `mmap.rs`: the one place that computes what of a BAR is mapped) and save/restore of
 //!   what the guest programmed ([`VfioPciState`], `pci/persist.rs`);
 //! - [`migration`]: [`migration::DeviceMigration`], the one interface through which the VMM
@@ -18,6 +18,7 @@ pub mod backend;
 mod bars;
 mod config;
 mod errlog;
+pub mod intx;
 mod irq;
 pub mod kernel;
 pub mod kernel_migration;
@@ -33,7 +34,8 @@ pub mod trap_all;
 mod tests;
 
 pub use backend::{BackendError, DeviceInfo, IrqInfo, RegionFlags, RegionInfo, VfioBackend};
-pub use bars::{BarDesc, BarKind};
+pub use bars::{BarDesc, BarError, BarKind};
+pub use intx::{IntxRoutes, IntxRouting};
 pub use kernel::{KernelVfio, KernelVfioError};
 pub use pci::{
     BarLayout, BarStats, BarTraps, CapLayout, MsiCapLayout, MsixCapLayout, VfioPciDevice,

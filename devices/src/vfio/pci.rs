@@ -9,16 +9,18 @@
 //!   pend its interrupts (`irq.rs`). Guest writes are validated and never panic.
 //! - BARs: each memory BAR is registered whole on the MMIO bus while memory decoding is on
 //!   and its address is valid; its mappable pieces go into KVM memory slots (see
-//!   `placement.rs`). Trapped accesses reach [`VfioPciDevice::bar_read`] /
-//!   [`bar_write`](VfioPciDevice::bar_write): the MSI-X table and PBA are emulated (mask
-//!   changes written to the device's table too, the device's PBA bits read into the
-//!   emulated ones), the rest is forwarded to the backend, and every access is counted
-//!   per BAR.
-//! - I/O BARs are presented (sizing and programming work) but not placed on the port bus,
-//!   which cannot move ranges; SR-IOV virtual functions have none. The expansion ROM and
-//!   INTx are not offered.
+//!   `placement.rs`). Each I/O BAR (at most 256 bytes) is registered on the port-I/O bus
+//!   while I/O decoding is on, and never mapped. Trapped accesses reach
+//!   [`VfioPciDevice::bar_read`] / [`bar_write`](VfioPciDevice::bar_write): the MSI-X table
+//!   and PBA are emulated (mask changes written to the device's table too, the device's
+//!   PBA bits read into the emulated ones), the rest is forwarded to the backend, and every
+//!   access is counted per BAR. The expansion ROM is not offered.
+//! - INTx is offered once the VMM routes it ([`VfioPciDevice::wire_intx`]), for a function
+//!   whose configuration space has an interrupt pin and whose backend has an INTx vector;
+//!   see `intx.rs`.
 //!
-//! Lock order: `state` before `irqs`; the MMIO path takes only `irqs`, so a vCPU inside the
+//! Lock order: `state` before `irqs` before `intx`; the MMIO path takes only `irqs`, so a
+//! vCPU inside the
 //! bus (holding its read lock) never waits for a configuration write that holds `state` and
 //! re-registers a BAR (taking the bus's write lock). A configuration write that itself
 //! arrives through the bus (ports 0xCF8/0xCFC) re-registers BARs on that same bus, so the
@@ -28,16 +30,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use resources::memslots::MemSlots;
-use vm_device::bus::{MmioAddress, MmioAddressOffset};
-use vm_device::DeviceMmio;
+use vfio_bindings::bindings::vfio::VFIO_IRQ_INFO_AUTOMASKED;
+use vm_device::bus::{MmioAddress, MmioAddressOffset, PioAddress, PioAddressOffset};
+use vm_device::{DeviceMmio, DevicePio};
 
-use super::backend::{BackendError, VfioBackend, CONFIG_REGION, IRQ_MSI, IRQ_MSIX};
-use super::bars::{self, BarDesc, BarRegs, NUM_BARS};
+use super::backend::{BackendError, VfioBackend, CONFIG_REGION, IRQ_INTX, IRQ_MSI, IRQ_MSIX};
+use super::bars::{self, BarDesc, BarError, BarKind, BarRegs, NUM_BARS};
 use super::config::{
     self, dword, lanes, merge, CapList, Header, CAP_MSI, CAP_MSIX, CAP_PCIE, CAP_PM, CAP_VENDOR,
-    COMMAND_BUS_MASTER, COMMAND_MEMORY, COMMAND_WRITABLE, CONFIG_SIZE, HEADER_END, STATUS_W1C,
+    COMMAND_BUS_MASTER, COMMAND_INTX_DISABLE, COMMAND_IO, COMMAND_MEMORY, COMMAND_WRITABLE,
+    CONFIG_SIZE, HEADER_END, STATUS_W1C,
 };
 use super::errlog::ErrorLog;
+use super::intx::{self, Intx, IntxRoutes, IntxRouting};
 use super::irq::{DeviceIrqRegs, Irqs};
 use super::mmap::{align_inwards, DeviceMmap};
 use super::placement::{BarHandler, BarSetup, Placement, PlacementError, TrapOwner};
@@ -103,8 +108,8 @@ pub enum VfioPciError {
         /// The routing error.
         source: RouteError,
     },
-    /// A BAR index that is not an implemented memory BAR.
-    #[error("{name}: BAR {index} is not an implemented memory BAR")]
+    /// A BAR index that is not an implemented BAR.
+    #[error("{name}: BAR {index} is not an implemented BAR")]
     NoBar {
         /// Device name.
         name: String,
@@ -139,6 +144,16 @@ pub enum VfioPciError {
         /// What failed.
         source: Box<PlacementError>,
     },
+    /// The INTx eventfds could not be created.
+    #[error("{name}: cannot set up INTx on GSI {gsi}: {source}")]
+    Intx {
+        /// Device name.
+        name: String,
+        /// The GSI it was to be routed to.
+        gsi: u32,
+        /// The error of `eventfd(2)`.
+        source: std::io::Error,
+    },
     /// Re-applying a BAR's memory slots failed.
     #[error("{name}: cannot remap BAR {index}: {source}")]
     Remap {
@@ -151,14 +166,15 @@ pub enum VfioPciError {
     },
 }
 
-/// Access counters and placement of one BAR, for the exit statistics.
+/// Access counters and placement of one BAR (memory or I/O), for the exit statistics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BarStats {
     /// BAR number.
     pub index: usize,
     /// Size the guest sees.
     pub size: u64,
-    /// Where it is registered, if it is.
+    /// Where it is registered (a guest physical address, or a port for an I/O BAR), if it
+    /// is.
     pub base: Option<u64>,
     /// Trapped guest reads (MMIO exits) that reached it.
     pub reads: u64,
@@ -212,13 +228,20 @@ pub struct VfioPciDevice {
     name: String,
     backend: Arc<dyn VfioBackend>,
     me: Weak<VfioPciDevice>,
-    /// Guest-visible size of each BAR (0: not an implemented memory BAR).
+    /// Guest-visible size of each BAR (0: not an implemented BAR).
     bar_sizes: [u64; NUM_BARS],
+    /// The interrupt pin (1-4) of a function that can use INTx: one in its configuration
+    /// space and an INTx vector in the backend.
+    intx_pin: Option<u8>,
+    /// The backend's INTx masks itself when it fires (`VFIO_IRQ_INFO_AUTOMASKED`).
+    intx_automasked: bool,
     msix: Option<MsixLayout>,
     bases: [AtomicU64; NUM_BARS],
     counters: [Counters; NUM_BARS],
     state: Mutex<State>,
     irqs: Mutex<Irqs>,
+    /// INTx, once wired ([`wire_intx`](Self::wire_intx)).
+    intx: Mutex<Option<Intx>>,
     errors: ErrorLog,
 }
 
@@ -267,12 +290,20 @@ impl VfioPciDevice {
         let sizes: [u64; NUM_BARS] = std::array::from_fn(|i| regions[i].size);
         let (bar_list, complaints) = bars::probe(raw, sizes);
         for c in complaints {
-            tracing::warn!("{name}: {c}; the BAR is hidden from the guest");
+            match c {
+                BarError::IoTooLarge { .. } => {
+                    tracing::error!("{name}: {c}; the guest does not see this BAR")
+                }
+                _ => tracing::warn!("{name}: {c}; the BAR is hidden from the guest"),
+            }
         }
 
         let irq_info = |index| p.backend.irq_info(index).unwrap_or_default();
         let (msix_info, msi_info) = (irq_info(IRQ_MSIX), irq_info(IRQ_MSI));
         let (msix_count, msi_count) = (msix_info.count as usize, msi_info.count as usize);
+        let intx_info = irq_info(IRQ_INTX);
+        let intx_pin = Some(cfg[0x3d]).filter(|p| (1..=4).contains(p) && intx_info.count > 0);
+        let intx_automasked = intx_info.flags & VFIO_IRQ_INFO_AUTOMASKED != 0;
         let msix = msix_from_cfg(&cfg, &bar_list, msix_count, &name);
         let (caps, hidden) = CapList::walk(&cfg, |id, offset| match id {
             CAP_MSIX => msix.as_ref().is_some_and(|(o, ..)| *o == offset),
@@ -303,8 +334,17 @@ impl VfioPciDevice {
         let layout = msix.as_ref().map(|(_, _, l)| *l);
         let mut placed_bars = Vec::new();
         let mut bar_sizes = [0u64; NUM_BARS];
-        for bar in bar_list.iter().filter(|b| b.kind.is_memory()) {
+        for bar in &bar_list {
             bar_sizes[bar.index] = bar.size;
+            if bar.kind == BarKind::Io {
+                // Never mapped: every access to an I/O BAR exits and is forwarded.
+                placed_bars.push(BarSetup {
+                    desc: *bar,
+                    mmaps: Vec::new(),
+                    trapped: Vec::new(),
+                });
+                continue;
+            }
             let mut trapped = Vec::new();
             if let Some(l) = layout {
                 if l.table_bar == bar.index {
@@ -358,11 +398,14 @@ impl VfioPciDevice {
             backend: p.backend,
             me: me.clone(),
             bar_sizes,
+            intx_pin,
+            intx_automasked,
             msix: layout,
             bases: std::array::from_fn(|_| AtomicU64::new(NOT_PLACED)),
             counters: Default::default(),
             state: Mutex::new(state),
             irqs: Mutex::new(irqs),
+            intx: Mutex::new(None),
             errors: ErrorLog::default(),
         }))
     }
@@ -385,12 +428,16 @@ impl VfioPciDevice {
         self.irqs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn lock_intx(&self) -> MutexGuard<'_, Option<Intx>> {
+        self.intx.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The BARs the guest sees (memory and I/O).
     pub fn bars(&self) -> Vec<BarDesc> {
         self.lock_state().bars.bars().to_vec()
     }
 
-    /// Access counters and placement of each memory BAR.
+    /// Access counters and placement of each BAR.
     pub fn bar_stats(&self) -> Vec<BarStats> {
         (0..NUM_BARS)
             .filter(|&i| self.bar_sizes[i] != 0)
@@ -424,6 +471,84 @@ impl VfioPciDevice {
         (0..v.len()).filter_map(|i| v.gsi(i)).collect()
     }
 
+    /// The interrupt pin (1-4: INTA-INTD) the function would use for INTx, if it can use
+    /// INTx at all (a pin in its configuration space and an INTx vector in its backend).
+    pub fn intx_pin(&self) -> Option<u8> {
+        self.intx_pin
+    }
+
+    /// Where INTx is routed, once [`wire_intx`](Self::wire_intx) did it.
+    pub fn intx_routing(&self) -> Option<IntxRouting> {
+        self.lock_intx().as_ref().map(Intx::routing)
+    }
+
+    /// Whether INTx is enabled at the device, and whether it is delivering (its irqfd
+    /// registered); `None` if it is not wired.
+    pub fn intx_live(&self) -> Option<(bool, bool)> {
+        self.lock_intx().as_ref().map(Intx::live)
+    }
+
+    /// Offers INTx to the guest on the function's interrupt pin, routed to `gsi` through
+    /// `routes`, and sets it up at once unless the guest's configuration (MSI or MSI-X on)
+    /// says otherwise. The interrupt line register reads `gsi`, as firmware leaves it.
+    /// Returns the routing, or `None` for a function without INTx (its pin reads 0).
+    /// Wiring again replaces the earlier routing.
+    pub fn wire_intx(
+        &self,
+        gsi: u32,
+        routes: Arc<dyn IntxRoutes>,
+    ) -> Result<Option<IntxRouting>, VfioPciError> {
+        let Some(pin) = self.intx_pin else {
+            return Ok(None);
+        };
+        let routing = IntxRouting { pin, gsi };
+        let intx = Intx::new(
+            &self.name,
+            self.backend.clone(),
+            routes,
+            routing,
+            self.intx_automasked,
+        )
+        .map_err(|source| VfioPciError::Intx {
+            name: self.name.clone(),
+            gsi,
+            source,
+        })?;
+        let mut st = self.lock_state();
+        st.header.set_interrupt_pin(pin);
+        st.header
+            .set_interrupt_line(u8::try_from(gsi).unwrap_or(0xff));
+        if let Some(mut old) = self.lock_intx().replace(intx) {
+            old.shutdown();
+        }
+        self.sync_intx(st.header.command, false);
+        Ok(Some(routing))
+    }
+
+    /// Brings INTx in line with the configuration: enabled at the device while neither
+    /// MSI nor MSI-X is on (`msi_coming`: one is about to be), delivering unless `command`
+    /// has INTx Disable set.
+    fn sync_intx(&self, command: u16, msi_coming: bool) {
+        let msi_on = msi_coming || {
+            let irqs = self.lock_irqs();
+            irqs.msi().is_some_and(|m| m.enabled()) || irqs.msix().is_some_and(|m| m.enabled())
+        };
+        if let Some(intx) = self.lock_intx().as_mut() {
+            intx.update(msi_on, command & COMMAND_INTX_DISABLE != 0);
+        }
+    }
+
+    /// Whether a guest write of `data` at `offset` sets the enable bit of the MSI or MSI-X
+    /// capability.
+    fn enables_msi(st: &State, offset: usize, data: &[u8]) -> bool {
+        // Enable: bit 15 of MSI-X's message control, bit 0 of MSI's (both at +2).
+        st.msix_cap
+            .is_some_and(|c| intx::write_sets_bit(offset, data, c + 3, 0x80))
+            || st
+                .msi_cap
+                .is_some_and(|(c, _)| intx::write_sets_bit(offset, data, c + 2, 0x01))
+    }
+
     fn base(&self, index: usize) -> Option<u64> {
         let b = self.bases.get(index)?.load(Ordering::Acquire);
         (b != NOT_PLACED).then_some(b)
@@ -434,15 +559,14 @@ impl VfioPciDevice {
         self.lock_state().placement.slots(index)
     }
 
-    /// Programs BAR `index` to `addr` as firmware would, and places it if memory decoding
-    /// is on.
+    /// Programs BAR `index` to `addr` (a port for an I/O BAR) as firmware would, and places
+    /// it if its kind of decoding is on.
     pub fn program_bar(&self, index: usize, addr: u64) -> Result<(), VfioPciError> {
         let mut st = self.lock_state();
         let bar = st
             .bars
             .bar(index)
             .copied()
-            .filter(|b| b.kind.is_memory())
             .ok_or_else(|| VfioPciError::NoBar {
                 name: self.name.clone(),
                 index,
@@ -464,6 +588,14 @@ impl VfioPciDevice {
     pub fn enable_memory_and_bus_master(&self) {
         let mut st = self.lock_state();
         let command = st.header.command | COMMAND_MEMORY | COMMAND_BUS_MASTER;
+        self.set_command(&mut st, command);
+    }
+
+    /// Turns on I/O decoding as firmware does for a function with I/O BARs, and places
+    /// the programmed I/O BARs on the port-I/O bus.
+    pub fn enable_io_decoding(&self) {
+        let mut st = self.lock_state();
+        let command = st.header.command | COMMAND_IO;
         self.set_command(&mut st, command);
     }
 
@@ -560,8 +692,9 @@ impl VfioPciDevice {
 
     /// Places BAR `index` where its register and the command register say.
     fn place_bar(&self, st: &mut State, index: usize) {
-        let decoding = st.header.command & COMMAND_MEMORY != 0;
-        let to = st.bars.placement(index, decoding);
+        let command = st.header.command;
+        let (io, memory) = (command & COMMAND_IO != 0, command & COMMAND_MEMORY != 0);
+        let to = st.bars.placement(index, io, memory);
         let now = st.placement.place(index, to, || self.handler(index));
         if let Some(b) = self.bases.get(index) {
             b.store(now.unwrap_or(NOT_PLACED), Ordering::Release);
@@ -574,11 +707,15 @@ impl VfioPciDevice {
         if old != st.header.command {
             self.forward_command(st.header.command);
         }
-        if (old ^ st.header.command) & COMMAND_MEMORY != 0 {
+        let changed = old ^ st.header.command;
+        if changed & (COMMAND_MEMORY | COMMAND_IO) != 0 {
             let indices: Vec<usize> = st.bars.bars().iter().map(|b| b.index).collect();
             for index in indices {
                 self.place_bar(st, index);
             }
+        }
+        if changed & COMMAND_INTX_DISABLE != 0 {
+            self.sync_intx(st.header.command, false);
         }
     }
 
@@ -706,6 +843,11 @@ impl VfioPciDevice {
             }
             _ if reg < HEADER_END => {}
             _ => {
+                // INTx must be off at the device before it gets MSI or MSI-X vectors
+                // (kernel VFIO refuses them otherwise; libvfio-user shares the descriptors).
+                if Self::enables_msi(&st, offset, data) {
+                    self.sync_intx(st.header.command, true);
+                }
                 if let Some(c) = st
                     .msix_cap
                     .filter(|&c| offset >= c && offset < c + MSIX_CAP_LEN)
@@ -718,6 +860,7 @@ impl VfioPciDevice {
                     self.lock_irqs().msi_write(offset - c, data);
                 }
                 // Everything else after the header is read only.
+                self.sync_intx(st.header.command, false);
             }
         }
     }
@@ -802,6 +945,9 @@ impl VfioPciDevice {
 
 impl Drop for VfioPciDevice {
     fn drop(&mut self) {
+        if let Some(intx) = self.lock_intx().as_mut() {
+            intx.shutdown();
+        }
         self.lock_irqs().shutdown();
         // The placement (bus registrations, memory slots, then host mappings) is released
         // when `state` drops.
@@ -858,6 +1004,22 @@ impl DeviceMmio for BarHandle {
     fn mmio_write(&self, _base: MmioAddress, offset: MmioAddressOffset, data: &[u8]) {
         if let Some(dev) = self.dev.upgrade() {
             dev.bar_write(self.bar, offset, data)
+        }
+    }
+}
+
+/// An I/O BAR on the port-I/O bus: the same accesses, by port offset.
+impl DevicePio for BarHandle {
+    fn pio_read(&self, _base: PioAddress, offset: PioAddressOffset, data: &mut [u8]) {
+        match self.dev.upgrade() {
+            Some(dev) => dev.bar_read(self.bar, offset.into(), data),
+            None => data.fill(0xff),
+        }
+    }
+
+    fn pio_write(&self, _base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
+        if let Some(dev) = self.dev.upgrade() {
+            dev.bar_write(self.bar, offset.into(), data)
         }
     }
 }

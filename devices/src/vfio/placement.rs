@@ -1,4 +1,8 @@
-//! Where the BARs of a device are in guest physical memory.
+//! Where the BARs of a device are in guest physical memory and port space.
+//!
+//! An I/O BAR is registered on the port-I/O bus while it decodes, and every access to it
+//! exits and reaches the device's handler: I/O BARs are never mapped. The rest of this
+//! comment is about memory BARs.
 //!
 //! A placed BAR is registered whole on the MMIO bus, so any access not covered by a memory
 //! slot exits and reaches the device's handler; its mappable pieces (see
@@ -22,9 +26,9 @@
 use std::sync::Arc;
 
 use resources::memslots::{MapFlags, MappingKind, MemSlots, MemSlotsError};
-use vm_device::DeviceMmio;
+use vm_device::{DeviceMmio, DevicePio};
 
-use super::bars::BarDesc;
+use super::bars::{BarDesc, BarKind};
 use super::errlog::ErrorLog;
 use super::mmap::{mappable_pieces, DeviceMmap, Piece};
 use super::ranges::RangeSet;
@@ -34,9 +38,19 @@ use resources::layout::PAGE_SIZE;
 /// Why a BAR could not be (re)mapped.
 #[derive(Debug, thiserror::Error)]
 pub enum PlacementError {
-    /// The MMIO bus refused the BAR's range.
-    #[error("cannot register the BAR on the MMIO bus: {0}")]
+    /// The MMIO or port-I/O bus refused the BAR's range.
+    #[error("cannot register the BAR on the bus: {0}")]
     Bus(#[from] BusError),
+    /// An I/O BAR placed where it does not fit the 16-bit port space.
+    #[error("I/O BAR {index} of {size:#x} bytes at {base:#x} does not fit the 16-bit port space")]
+    NotPorts {
+        /// The BAR.
+        index: usize,
+        /// Where it was to go.
+        base: u64,
+        /// Its size.
+        size: u64,
+    },
     /// A memory slot could not be created or removed.
     #[error("cannot change the BAR's memory slots: {0}")]
     Slots(#[from] MemSlotsError),
@@ -59,14 +73,21 @@ pub enum PlacementError {
     NoBar(usize),
 }
 
-/// The handler registered on the bus for a placed BAR.
-pub type BarHandler = Arc<dyn DeviceMmio + Send + Sync>;
+/// What handles the trapped accesses of a placed BAR: MMIO for a memory BAR, port I/O for
+/// an I/O BAR.
+pub trait BarAccess: DeviceMmio + DevicePio + Send + Sync {}
 
-/// What a memory BAR is placed with: its layout, host mappings and trapped ranges.
+impl<T: DeviceMmio + DevicePio + Send + Sync> BarAccess for T {}
+
+/// The handler registered on the bus for a placed BAR.
+pub type BarHandler = Arc<dyn BarAccess>;
+
+/// What a BAR is placed with: its layout, host mappings and trapped ranges (an I/O BAR has
+/// neither mappings nor trapped ranges: all of it is trapped).
 pub struct BarSetup {
     /// The BAR.
     pub desc: BarDesc,
-    /// Host mappings of its mmap-able areas.
+    /// Host mappings of its mmap-able areas (memory BARs only).
     pub mmaps: Vec<DeviceMmap>,
     /// Ranges `(offset, size)` that must exit to the VMM (the MSI-X table and PBA).
     pub trapped: Vec<(u64, u64)>,
@@ -105,7 +126,7 @@ impl Bar {
     }
 }
 
-/// The placement of every memory BAR of one device.
+/// The placement of every BAR of one device.
 pub struct Placement {
     owner: String,
     bus: Arc<Bus>,
@@ -155,7 +176,11 @@ impl Placement {
     /// The memory slots of BAR `index` as `(gpa, size)`, as the memory-slot owner records
     /// them.
     pub fn slots(&self, index: usize) -> Vec<(u64, u64)> {
-        let Some((base, size)) = self.bar(index).and_then(|b| Some((b.base?, b.desc.size))) else {
+        let Some((base, size)) = self
+            .bar(index)
+            .filter(|b| b.desc.kind.is_memory())
+            .and_then(|b| Some((b.base?, b.desc.size)))
+        else {
             return Vec::new();
         };
         let end = base.saturating_add(size);
@@ -214,7 +239,10 @@ impl Placement {
     /// Checks that `[offset, offset + size)` is whole pages inside BAR `index`; returns its
     /// end.
     pub fn check_range(&self, index: usize, offset: u64, size: u64) -> Result<u64, PlacementError> {
-        let bar = self.bar(index).ok_or(PlacementError::NoBar(index))?;
+        let bar = self
+            .bar(index)
+            .filter(|b| b.desc.kind.is_memory())
+            .ok_or(PlacementError::NoBar(index))?;
         let end = offset.checked_add(size).filter(|&e| {
             size > 0
                 && offset.is_multiple_of(PAGE_SIZE)
@@ -313,9 +341,10 @@ impl Placement {
         Ok(())
     }
 
-    /// Puts BAR `index` at `to` (`None`: takes it off the bus). Failures are logged
-    /// (rate-limited: the guest chooses the addresses) and leave the BAR unregistered or
-    /// trapped. Returns where the BAR is afterwards.
+    /// Puts BAR `index` at `to` (`None`: takes it off the bus): a memory BAR on the MMIO bus
+    /// with its mappable pieces in memory slots, an I/O BAR on the port-I/O bus. Failures
+    /// are logged (rate-limited: the guest chooses the addresses) and leave the BAR
+    /// unregistered or trapped. Returns where the BAR is afterwards.
     pub fn place(
         &mut self,
         index: usize,
@@ -326,11 +355,19 @@ impl Placement {
         if bar.base == to {
             return to;
         }
-        let size = bar.desc.size;
+        let (size, kind) = (bar.desc.size, bar.desc.kind);
         self.unplace(index);
         let new = to?;
         let name = format!("{}/bar{index}", self.owner);
-        if let Err(e) = self.bus.register_mmio(&name, new, size, handler()) {
+        let registered = if kind == BarKind::Io {
+            self.register_ports(index, &name, new, size, handler())
+        } else {
+            let handler: Arc<dyn DeviceMmio + Send + Sync> = handler();
+            self.bus
+                .register_mmio(&name, new, size, handler)
+                .map_err(PlacementError::from)
+        };
+        if let Err(e) = registered {
             self.errors.record(
                 &self.owner,
                 format_args!("placing BAR {index} at {new:#x}"),
@@ -351,13 +388,39 @@ impl Placement {
         Some(new)
     }
 
+    /// Registers I/O BAR `index` for the ports `[base, base + size)`.
+    fn register_ports(
+        &self,
+        index: usize,
+        name: &str,
+        base: u64,
+        size: u64,
+        handler: BarHandler,
+    ) -> Result<(), PlacementError> {
+        let not_ports = || PlacementError::NotPorts { index, base, size };
+        let port = u16::try_from(base).map_err(|_| not_ports())?;
+        let len = u16::try_from(size).map_err(|_| not_ports())?;
+        if u32::from(port) + u32::from(len) > 1 << 16 {
+            return Err(not_ports());
+        }
+        let handler: Arc<dyn DevicePio + Send + Sync> = handler;
+        Ok(self.bus.register_pio(name, port, len, handler)?)
+    }
+
     /// Unmaps the slots of BAR `index` and takes it off the bus.
     fn unplace(&mut self, index: usize) {
         let Some(old) = self.base(index) else {
             return;
         };
         self.unmap_slots(index);
-        if let Err(e) = self.bus.deregister_mmio(old) {
+        let is_io = self.bar(index).is_some_and(|b| b.desc.kind == BarKind::Io);
+        let r = if is_io {
+            // `place` registered it at a port, so `old` fits 16 bits.
+            self.bus.deregister_pio(old as u16)
+        } else {
+            self.bus.deregister_mmio(old)
+        };
+        if let Err(e) = r {
             self.errors.record(
                 &self.owner,
                 format_args!("moving BAR {index} off {old:#x}"),

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use kvm_bindings::kvm_userspace_memory_region;
 use resources::memslots::SlotBackend;
 use vfio_bindings::bindings::vfio::{
-    VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_INFO_MASKABLE, VFIO_IRQ_INFO_NORESIZE,
+    VFIO_IRQ_INFO_AUTOMASKED, VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_INFO_MASKABLE, VFIO_IRQ_INFO_NORESIZE,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -81,6 +81,8 @@ pub enum Call {
     DisableIrqs(u32),
     /// `mask_irqs(index, start, count, masked)`.
     MaskIrqs(u32, u32, u32, bool),
+    /// `set_intx_unmask_eventfd(raw fd)`, answered with whether the fake takes it.
+    IntxUnmaskFd(i32, bool),
 }
 
 /// A fake VFIO PCI device.
@@ -95,6 +97,10 @@ pub enum Call {
 ///
 /// Configuration-space writes land in `config` as they come (no write masks), so a test
 /// sees there what the function wrote through to the device.
+/// Interrupt pin INTA, with one INTx vector.
+///
+/// The eventfds the device is given are kept, so a test can signal them as the device
+/// would ([`FakeBackend::fire`]).
 pub struct FakeBackend {
     /// Configuration space (writes are applied as they come).
     pub config: Mutex<[u8; 256]>,
@@ -102,12 +108,18 @@ pub struct FakeBackend {
     pub regions: Vec<FakeRegion>,
     /// Vector counts of INTx, MSI, MSI-X, ERR, REQ.
     pub irq_counts: [u32; 5],
-    /// `VFIO_IRQ_INFO_*` flags of the same indices.
+    /// `VFIO_IRQ_INFO_*` flags of the same indices; INTx masks itself (as kernel VFIO's
+    /// does).
     pub irq_flags: [u32; 5],
     /// Calls seen, in order.
     pub calls: Mutex<Vec<Call>>,
     /// When set, every call fails as if the device were gone.
     pub dead: AtomicBool,
+    /// When set, the fake takes an INTx unmask eventfd (as kernel VFIO does); otherwise it
+    /// answers that it cannot (as vfio-user), and the caller relays.
+    pub takes_unmask_fd: AtomicBool,
+    /// The eventfds set per `(index, vector)`.
+    eventfds: Mutex<BTreeMap<(u32, u32), EventFd>>,
 }
 
 impl FakeBackend {
@@ -164,7 +176,7 @@ impl FakeBackend {
             regions,
             irq_counts: [1, 4, 8, 0, 0],
             irq_flags: [
-                VFIO_IRQ_INFO_EVENTFD,
+                VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_MASKABLE | VFIO_IRQ_INFO_AUTOMASKED,
                 VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_MASKABLE | VFIO_IRQ_INFO_NORESIZE,
                 VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_MASKABLE | VFIO_IRQ_INFO_NORESIZE,
                 0,
@@ -172,6 +184,8 @@ impl FakeBackend {
             ],
             calls: Mutex::new(Vec::new()),
             dead: AtomicBool::new(false),
+            takes_unmask_fd: AtomicBool::new(false),
+            eventfds: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -182,6 +196,25 @@ impl FakeBackend {
         fake.irq_flags[1] &= !VFIO_IRQ_INFO_MASKABLE;
         fake.irq_flags[2] &= !VFIO_IRQ_INFO_MASKABLE;
         Ok(Arc::new(fake))
+    }
+
+    /// Signals vector `vector` of interrupt `index` as the device would: writes its
+    /// eventfd. Fails if the device has no eventfd for it.
+    pub fn fire(&self, index: u32, vector: u32) -> io::Result<()> {
+        let fds = self.eventfds.lock().unwrap_or_else(|e| e.into_inner());
+        match fds.get(&(index, vector)) {
+            Some(fd) => fd.write(1),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no eventfd for vector {vector} of interrupt {index}"),
+            )),
+        }
+    }
+
+    /// Whether the device has an eventfd for vector `vector` of interrupt `index`.
+    pub fn has_eventfd(&self, index: u32, vector: u32) -> bool {
+        let fds = self.eventfds.lock().unwrap_or_else(|e| e.into_inner());
+        fds.contains_key(&(index, vector))
     }
 
     /// Locks the configuration space.
@@ -326,12 +359,28 @@ impl VfioBackend for FakeBackend {
         self.alive("set irqs")?;
         let raw = fds.iter().map(|f| f.map(|f| f.as_raw_fd())).collect();
         self.record(Call::SetIrqs(index, start, raw));
+        let mut kept = self.eventfds.lock().unwrap_or_else(|e| e.into_inner());
+        for (k, fd) in fds.iter().enumerate() {
+            let vector = start + k as u32;
+            match fd.map(EventFd::try_clone).transpose() {
+                Ok(Some(fd)) => kept.insert((index, vector), fd),
+                Ok(None) => kept.remove(&(index, vector)),
+                Err(source) => {
+                    return Err(BackendError::Io {
+                        op: "fake keeping an eventfd".into(),
+                        source,
+                    })
+                }
+            };
+        }
         Ok(())
     }
 
     fn disable_irqs(&self, index: u32) -> Result<()> {
         self.alive("disable irqs")?;
         self.record(Call::DisableIrqs(index));
+        let mut kept = self.eventfds.lock().unwrap_or_else(|e| e.into_inner());
+        kept.retain(|&(i, _), _| i != index);
         Ok(())
     }
 
@@ -339,6 +388,13 @@ impl VfioBackend for FakeBackend {
         self.alive("mask irqs")?;
         self.record(Call::MaskIrqs(index, start, count, masked));
         Ok(())
+    }
+
+    fn set_intx_unmask_eventfd(&self, fd: &EventFd) -> Result<bool> {
+        self.alive("set the INTx unmask eventfd")?;
+        let takes = self.takes_unmask_fd.load(Ordering::Relaxed);
+        self.record(Call::IntxUnmaskFd(fd.as_raw_fd(), takes));
+        Ok(takes)
     }
 
     unsafe fn dma_map(&self, _mapping: &DmaMapping<'_>) -> Result<()> {

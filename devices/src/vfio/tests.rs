@@ -10,6 +10,8 @@ use crate::bus::Bus;
 use crate::pci::msix::testing::RecordingRoutes;
 use crate::pci::PciRoot;
 
+mod intx;
+mod io_bars;
 mod persist;
 
 struct Rig {
@@ -207,7 +209,11 @@ fn firmware_style_programming() {
     dev.program_bar(0, 0x1_0000_0000).unwrap();
     dev.program_bar(2, 0xc000_0000).unwrap();
     assert!(dev.program_bar(2, 0xc000_1000).is_err(), "misaligned");
-    assert!(dev.program_bar(4, 0x1000).is_err(), "I/O BAR");
+    assert!(
+        dev.program_bar(4, 0x1_0000).is_err(),
+        "I/O BAR beyond the port space"
+    );
+    dev.program_bar(4, 0xc000).unwrap();
     assert!(
         dev.program_bar(2, 0x1_0000_0000).is_err(),
         "32-bit BAR above 4 GiB"
@@ -218,6 +224,14 @@ fn firmware_style_programming() {
     assert_eq!(bus_line(&bus, "vf0/bar0").unwrap().0, 0x1_0000_0000);
     assert_eq!(r32(&dev, 0x10), 0xc);
     assert_eq!(r32(&dev, 0x14), 1);
+    assert!(
+        bus_line(&bus, "vf0/bar4").is_none(),
+        "I/O decoding still off"
+    );
+    dev.enable_io_decoding();
+    assert_eq!(r16(&dev, 0x04), 0x0007);
+    assert_eq!(bus_line(&bus, "vf0/bar4").unwrap().0, 0xc000);
+    assert_eq!(r32(&dev, 0x20), 0xc001);
 }
 
 #[test]

@@ -38,6 +38,9 @@ impl<B: VfioBackend + ?Sized> VfioBackend for TrapAll<B> {
     fn mask_irqs(&self, index: u32, start: u32, count: u32, masked: bool) -> Result<()> {
         self.0.mask_irqs(index, start, count, masked)
     }
+    fn set_intx_unmask_eventfd(&self, fd: &EventFd) -> Result<bool> {
+        self.0.set_intx_unmask_eventfd(fd)
+    }
     unsafe fn dma_map(&self, mapping: &DmaMapping<'_>) -> Result<()> {
         // SAFETY: the caller's guarantees for `mapping` are passed on unchanged.
         unsafe { self.0.dma_map(mapping) }

@@ -113,11 +113,11 @@ pub struct BootConfig<'a> {
     pub cmdline: &'a str,
     /// Guest RAM size in bytes.
     pub mem_size: u64,
-    /// vCPU count.
-    pub cpus: u8,
 }
 
-/// Loads the kernel, initramfs, command line, zero page and MP table into `mem`.
+/// Loads the kernel, initramfs, command line and zero page into `mem`. The MP table is the
+/// caller's to write ([`mptable::setup`]) once the PCI functions, whose interrupts it
+/// describes, are built.
 pub fn load(mem: &GuestMemoryMmap, cfg: &BootConfig) -> Result<LoadedKernel, BootError> {
     let kpath = cfg.kernel.display().to_string();
     let kerr = |source| BootError::KernelFile {
@@ -202,7 +202,6 @@ pub fn load(mem: &GuestMemoryMmap, cfg: &BootConfig) -> Result<LoadedKernel, Boo
         mem,
     )
     .map_err(|e| BootError::Memory(e.to_string()))?;
-    mptable::setup(mem, cfg.cpus)?;
     Ok(LoadedKernel { entry, kind })
 }
 
@@ -287,7 +286,6 @@ mod tests {
             initramfs: None,
             cmdline: "console=ttyS0",
             mem_size: 32 << 20,
-            cpus: 1,
         };
         let e = load(&mem, &cfg).unwrap_err();
         assert!(matches!(e, BootError::NotAKernel(_)), "{e}");

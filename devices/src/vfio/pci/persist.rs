@@ -1,7 +1,10 @@
 //! Saving and restoring the virtualized configuration state of a [`VfioPciDevice`]: what
-//! the guest programmed (command, cache line, latency, interrupt line, BAR addresses, MSI
-//! and MSI-X with the whole table), the vectors the device signalled while masked (the
-//! PBA and MSI pending bits), and the ranges a mediator trapped at run time.
+//! the guest programmed (command, cache line, latency, interrupt line, BAR addresses of
+//! memory and I/O BARs, MSI and MSI-X with the whole table), the vectors the device
+//! signalled while masked (the PBA and MSI pending bits, an INTx signal held back by INTx
+//! Disable), and the ranges a mediator trapped at run time. Where INTx is routed (pin and
+//! GSI, which the guest's MP table describes) is part of the layout: a restored device must
+//! be routed the same way.
 //!
 //! The device's own internal state (the VF's registers and queues) is not here: it travels
 //! through [`crate::vfio::migration::DeviceMigration`].
@@ -14,9 +17,12 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Irqs, MsiCap, Msix, State, VfioPciDevice, VfioPciError, COMMAND_MEMORY, NUM_BARS};
+use super::{
+    Irqs, MsiCap, Msix, State, VfioPciDevice, VfioPciError, COMMAND_IO, COMMAND_MEMORY, NUM_BARS,
+};
 use crate::pci::persist::{MsiState, MsixState};
 use crate::vfio::bars::BarKind;
+use crate::vfio::intx::{Intx, IntxRouting};
 use crate::vfio::placement::TrapOwner;
 
 /// One implemented BAR as the guest sees it.
@@ -78,6 +84,9 @@ pub struct VfioPciLayout {
     pub msix_backend_vectors: usize,
     /// MSI vectors the backend has.
     pub msi_backend_vectors: usize,
+    /// Where INTx is routed, if it is offered (absent in states saved before INTx).
+    #[serde(default)]
+    pub intx: Option<IntxRouting>,
 }
 
 /// The ranges of one BAR trapped at run time.
@@ -113,6 +122,9 @@ pub struct VfioPciState {
     pub pending_vectors: Vec<usize>,
     /// Ranges trapped at run time (by a mediator), per BAR.
     pub traps: Vec<BarTraps>,
+    /// The device signalled INTx while INTx Disable held it back.
+    #[serde(default)]
+    pub intx_pending: bool,
 }
 
 /// Why a state could not be restored into a device.
@@ -137,8 +149,9 @@ pub enum VfioPersistError {
     /// A saved trap could not be applied.
     #[error("restoring the trapped ranges: {0}")]
     Trap(#[source] Box<VfioPciError>),
-    /// A BAR could not be registered on the MMIO bus at its saved address.
-    #[error("{name}: BAR {index} could not be placed at its saved address {addr:#x} (the MMIO bus refused it; the log has the reason)")]
+    /// A BAR could not be registered on the MMIO bus (the port-I/O bus for an I/O BAR) at
+    /// its saved address.
+    #[error("{name}: BAR {index} could not be placed at its saved address {addr:#x} (the bus refused it; the log has the reason)")]
     NotPlaced {
         /// Device name.
         name: String,
@@ -248,6 +261,21 @@ impl VfioPciLayout {
                 msi(saved.msi)
             ));
         }
+        if self.intx != saved.intx {
+            let intx = |i: Option<IntxRouting>| match i {
+                None => "not offered".to_string(),
+                Some(i) => format!(
+                    "on pin INT{} routed to GSI {}",
+                    char::from(b'A' + i.pin.saturating_sub(1)),
+                    i.gsi
+                ),
+            };
+            d.push(format!(
+                "INTx is {} here, {} in the saved state",
+                intx(self.intx),
+                intx(saved.intx)
+            ));
+        }
         let counts = |l: &VfioPciLayout| (l.msix_backend_vectors, l.msi_backend_vectors);
         if counts(self) != counts(saved) {
             d.push(format!(
@@ -263,7 +291,7 @@ impl VfioPciLayout {
 }
 
 /// The layout of a device, from its configuration state and interrupts.
-fn layout(st: &State, irqs: &Irqs) -> VfioPciLayout {
+fn layout(st: &State, irqs: &Irqs, intx: Option<&Intx>) -> VfioPciLayout {
     let msix = st.msix_cap.zip(irqs.msix()).map(|(offset, m)| {
         let mut regs = [0u8; 8];
         m.cap_read(4, &mut regs);
@@ -307,6 +335,7 @@ fn layout(st: &State, irqs: &Irqs) -> VfioPciLayout {
         msi,
         msix_backend_vectors,
         msi_backend_vectors,
+        intx: intx.map(Intx::routing),
     }
 }
 
@@ -316,11 +345,12 @@ impl VfioPciDevice {
     pub fn state(&self) -> VfioPciState {
         let st = self.lock_state();
         let irqs = self.lock_irqs();
+        let intx = self.lock_intx();
         let header = |reg| st.header.read(reg, &st.bars, &st.caps, 0);
         let (misc, int) = (header(0x0c), header(0x3c));
         let vectors = irqs.vectors();
         VfioPciState {
-            layout: layout(&st, &irqs),
+            layout: layout(&st, &irqs, intx.as_ref()),
             command: st.header.command,
             cache_line: misc as u8,
             latency: (misc >> 8) as u8,
@@ -342,6 +372,7 @@ impl VfioPciDevice {
                 })
                 .filter(|t| !t.ranges.is_empty())
                 .collect(),
+            intx_pending: intx.as_ref().is_some_and(Intx::is_pending),
         }
     }
 
@@ -356,7 +387,8 @@ impl VfioPciDevice {
     fn check_restore(&self, s: &VfioPciState) -> Result<(), VfioPersistError> {
         let st = self.lock_state();
         let irqs = self.lock_irqs();
-        let differences = layout(&st, &irqs).differences(&s.layout);
+        let intx = self.lock_intx();
+        let differences = layout(&st, &irqs, intx.as_ref()).differences(&s.layout);
         if !differences.is_empty() {
             return Err(VfioPersistError::Mismatch {
                 name: self.name.clone(),
@@ -411,7 +443,10 @@ impl VfioPciDevice {
     /// freshly opened device, with the vCPUs stopped: traps the saved ranges, writes the
     /// header and BAR registers, programs MSI and MSI-X (routes, irqfds, the backend's
     /// eventfds), re-signals the pending vectors, and writes the command register last,
-    /// which forwards it to the device and places the BARs (MMIO bus and memory slots).
+    /// which forwards it to the device and places the BARs (MMIO bus and memory slots, the
+    /// port-I/O bus for I/O BARs). INTx follows the MSI and INTx Disable state as the
+    /// guest's writes make it; at the end it is unmasked at the device (the source's
+    /// device may have been masked waiting for an EOI) and a held-back signal re-made.
     ///
     /// Traps the device already has (its mediator's own) are kept: a trapped page is
     /// never wrong, only slower.
@@ -421,12 +456,14 @@ impl VfioPciDevice {
     /// changed, with every difference named.
     pub fn restore(&self, s: &VfioPciState) -> Result<(), VfioPersistError> {
         self.check_restore(s)?;
-        let failures_before = self.errors.count() + self.lock_irqs().errors();
+        let intx_errors = || self.lock_intx().as_ref().map_or(0, Intx::errors);
+        let failures_before = self.errors.count() + self.lock_irqs().errors() + intx_errors();
 
         // BARs move with decoding off, as a guest does it.
         let command = self.lock_state().header.command;
-        if command & COMMAND_MEMORY != 0 {
-            self.write_config(0x04, &(command & !COMMAND_MEMORY).to_le_bytes());
+        let decoding = COMMAND_MEMORY | COMMAND_IO;
+        if command & decoding != 0 {
+            self.write_config(0x04, &(command & !decoding).to_le_bytes());
         }
         for t in &s.traps {
             for &(offset, size) in &t.ranges {
@@ -473,10 +510,18 @@ impl VfioPciDevice {
             self.forward_command(s.command);
         }
 
+        if let Some(intx) = self.lock_intx().as_ref() {
+            if s.intx_pending {
+                intx.mark_pending();
+            }
+            intx.unmask();
+        }
+
         let st = self.lock_state();
-        let decoding = st.header.command & COMMAND_MEMORY != 0;
-        for b in st.bars.bars().iter().filter(|b| b.kind.is_memory()) {
-            if let Some(addr) = st.bars.placement(b.index, decoding) {
+        let command = st.header.command;
+        let (io, memory) = (command & COMMAND_IO != 0, command & COMMAND_MEMORY != 0);
+        for b in st.bars.bars() {
+            if let Some(addr) = st.bars.placement(b.index, io, memory) {
                 if st.placement.base(b.index) != Some(addr) {
                     return Err(VfioPersistError::NotPlaced {
                         name: self.name.clone(),
@@ -487,7 +532,8 @@ impl VfioPciDevice {
             }
         }
         drop(st);
-        let count = self.errors.count() + self.lock_irqs().errors() + failures - failures_before;
+        let count = self.errors.count() + self.lock_irqs().errors() + intx_errors() + failures
+            - failures_before;
         if count > 0 {
             return Err(VfioPersistError::Failures {
                 name: self.name.clone(),
