@@ -286,7 +286,7 @@ fn libvfio_user_samples_live_migrate_between_two_hosts() {
     poke(&mut agent, &words);
     let addrs: Vec<u64> = words.iter().map(|w| w.0).collect();
     let values: Vec<u32> = words.iter().map(|w| w.1).collect();
-    // Page 0 cleared, and the timer armed to fire while pre-copy runs (capped at 2 MB/s,
+    // Page 0 cleared, and the timer armed to fire while pre-copy runs (capped at 1 MB/s,
     // the first pass takes several seconds): the server's DMA write into page 0 then
     // comes after page 0 was sent, and only dirty tracking brings it to B.
     poke(&mut agent, &[(0, 0), (0xffc, 0)]);
@@ -309,7 +309,7 @@ fn libvfio_user_samples_live_migrate_between_two_hosts() {
         [0, 0],
         "the timer fired before the migration began: the check below would prove nothing"
     );
-    let out = api.ctl_migrate(&url, &["--max-bandwidth-mb-s", "2"]);
+    let out = api.ctl_migrate(&url, &["--max-bandwidth-mb-s", "1"]);
     eprintln!("vmm ctl migrate: {:?}\n{}", out.code, out.stderr);
     assert_eq!(
         out.code,
@@ -341,7 +341,18 @@ fn libvfio_user_samples_live_migrate_between_two_hosts() {
         after[0] >= last,
         "gpio counter on B {after:?} went back from {last}"
     );
-    // The DMA write made on A during pre-copy reached B.
+    // The DMA write made on A during pre-copy reached B: A's server wrote (its log says
+    // so), B's did not (its timer came over already past), and page 0 on B holds it.
+    assert!(
+        src_lvu.log_text().contains("do_dma_io: WRITE"),
+        "the timer did not fire on A during the migration:\n{}",
+        src_lvu.log_text()
+    );
+    assert!(
+        !dst_lvu.log_text().contains("do_dma_io: WRITE"),
+        "B's server wrote page 0 itself: the check would prove nothing\n{}",
+        dst_lvu.log_text()
+    );
     let page0 = peek(&mut agent, &[0, 0xffc]);
     eprintln!("page 0 on B: {page0:x?}; source log:\n{}", src.vmm_stderr());
     assert_eq!(
