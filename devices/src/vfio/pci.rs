@@ -579,8 +579,32 @@ impl VfioPciDevice {
                 addr,
             });
         }
+        self.forward_bar_register(&st, index);
+        if matches!(bar.kind, BarKind::Mem64 { .. }) {
+            self.forward_bar_register(&st, index + 1);
+        }
         self.place_bar(&mut st, index);
         Ok(())
+    }
+
+    /// Writes BAR register `r` as the guest sees it through to the device, as QEMU's own
+    /// vfio client writes every config write through: a device model that routes BAR
+    /// accesses through its own address map (QEMU's server does, for its MSI-X table and
+    /// PBA) answers nothing at a BAR whose address it was never told. The VMM's emulated
+    /// register stays what the guest reads and what places the BAR here.
+    fn forward_bar_register(&self, st: &State, r: usize) {
+        let value = st.bars.read(r);
+        let at = 0x10 + 4 * r as u64;
+        if let Err(e) = self
+            .backend
+            .region_write(CONFIG_REGION, at, &value.to_le_bytes())
+        {
+            self.errors.record(
+                &self.name,
+                format_args!("writing BAR register {r} ({value:#010x}) through"),
+                &e,
+            );
+        }
     }
 
     /// Turns on memory decoding and bus mastering as firmware would before handing the
@@ -837,7 +861,9 @@ impl VfioPciDevice {
             0x10..=0x24 => {
                 let r = (reg - 0x10) / 4;
                 let value = merge(st.bars.read(r), offset % 4, data);
-                if let Some(index) = st.bars.write(r, value) {
+                let placed = st.bars.write(r, value);
+                self.forward_bar_register(&st, r);
+                if let Some(index) = placed {
                     self.place_bar(&mut st, index);
                 }
             }
