@@ -135,7 +135,7 @@ fn vmm_survives_vfsim_killed_during_guest_io() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     let hangup = stderr
         .lines()
-        .find(|l| l.contains("vfio-user connection to the server at") && l.contains(&socket));
+        .find(|l| l.contains("closing the connection") && l.contains(&socket));
     assert!(
         hangup.is_some_and(|l| l.contains("ERROR")),
         "the VMM logs the server's hang-up at once, naming its socket:\n{stderr}"
