@@ -43,30 +43,20 @@ impl Peer {
     /// libvfio-user's `server` sample (`-v`, socket `NAME.sock` in `dir`), in `netns` if
     /// given.
     pub fn lvu_server(dir: &TestDir, name: &str, netns: Option<&str>) -> Peer {
-        let socket = dir.join(format!("{name}.sock"));
-        let bin = peer_binary(LVU_SERVER_ENV);
-        Self::spawn(
-            dir,
-            name,
-            netns,
-            &bin,
-            &["-v".as_ref(), socket.as_os_str()],
-            socket.clone(),
-        )
+        Self::lvu_sample(LVU_SERVER_ENV, dir, name, netns)
     }
 
-    /// libvfio-user's `gpio-pci-idio-16` sample (`-v`, socket `NAME.sock` in `dir`).
+    /// libvfio-user's `gpio-pci-idio-16` sample, as [`Self::lvu_server`].
     pub fn lvu_gpio(dir: &TestDir, name: &str, netns: Option<&str>) -> Peer {
+        Self::lvu_sample(LVU_GPIO_ENV, dir, name, netns)
+    }
+
+    /// A libvfio-user sample (binary named by `env`): `-v SOCKET`, socket `NAME.sock`.
+    fn lvu_sample(env: &str, dir: &TestDir, name: &str, netns: Option<&str>) -> Peer {
         let socket = dir.join(format!("{name}.sock"));
-        let bin = peer_binary(LVU_GPIO_ENV);
-        Self::spawn(
-            dir,
-            name,
-            netns,
-            &bin,
-            &["-v".as_ref(), socket.as_os_str()],
-            socket.clone(),
-        )
+        let bin = peer_binary(env);
+        let args = ["-v".as_ref(), socket.as_os_str()];
+        Self::spawn(dir, name, netns, &bin, &args, socket.clone())
     }
 
     /// QEMU's `x-vfio-user-server` exporting a modern-only virtio-blk-pci over `disk` (raw).

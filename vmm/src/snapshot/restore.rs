@@ -125,23 +125,7 @@ pub fn check_devices(config: &VmConfig, devices: &[PciPassthrough]) -> Result<()
             list(&ours)
         )));
     }
-    let blocked: Vec<super::Blocked> = devices
-        .iter()
-        .filter(|d| d.migration.is_none())
-        .map(|d| super::Blocked {
-            id: d.id.clone(),
-            reason: format!(
-                "{}, so its saved state cannot be loaded here",
-                d.migration_blocker
-                    .as_deref()
-                    .unwrap_or("it has no migration interface")
-            ),
-        })
-        .collect();
-    if !blocked.is_empty() {
-        return Err(SnapshotError::NotMigratable(blocked));
-    }
-    Ok(())
+    super::save::refuse_blocked(devices, ", so its saved state cannot be loaded here")
 }
 
 /// Refuses a stream that does not carry the whole state of every device: running the

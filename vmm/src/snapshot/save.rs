@@ -20,16 +20,26 @@ const MAX_DEVICE_CHUNKS: usize = 100_000;
 /// carry no device state and the device would come back reset: data lost without a word).
 /// Called before anything is paused or sent.
 pub fn check_migratable(m: &Machine) -> Result<(), SnapshotError> {
-    let blocked: Vec<Blocked> = m
-        .devices
+    refuse_blocked(&m.devices, "")
+}
+
+/// Fails naming every device in `devices` that cannot migrate, each reason followed by
+/// `then` (what that means where it is called).
+pub fn refuse_blocked(
+    devices: &[crate::device_setup::PciPassthrough],
+    then: &str,
+) -> Result<(), SnapshotError> {
+    let blocked: Vec<Blocked> = devices
         .iter()
         .filter(|d| d.migration.is_none())
         .map(|d| Blocked {
             id: d.id.clone(),
-            reason: d
-                .migration_blocker
-                .clone()
-                .unwrap_or_else(|| "it has no migration interface".into()),
+            reason: format!(
+                "{}{then}",
+                d.migration_blocker
+                    .as_deref()
+                    .unwrap_or("it has no migration interface")
+            ),
         })
         .collect();
     if blocked.is_empty() {
