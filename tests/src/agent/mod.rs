@@ -13,6 +13,7 @@ pub mod pattern;
 pub mod pid1;
 pub mod poke;
 pub mod protocol;
+pub mod refresh;
 pub mod run;
 pub mod server;
 pub mod sys;

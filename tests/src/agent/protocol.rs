@@ -33,6 +33,7 @@ pub const OP_NAMES: &[&str] = &[
     "workload_verify",
     "workload_stop",
     "workload_corrupt_mem",
+    "refresh",
 ];
 
 /// Why a request line could not be turned into a [`Request`].
@@ -141,6 +142,9 @@ pub enum Op {
     /// Test-only: flip a byte of a memory chunk without updating its checksum; replies
     /// [`WorkloadCorruptReply`].
     WorkloadCorruptMem(WorkloadCorruptRequest),
+    /// Set the wall clock and reseed the kernel's random generator (PID 1 only): the first
+    /// request after a restore from a shared snapshot; replies [`RefreshReply`].
+    Refresh(RefreshRequest),
 }
 
 impl Op {
@@ -162,6 +166,7 @@ impl Op {
             Op::WorkloadVerify(_) => "workload_verify",
             Op::WorkloadStop => "workload_stop",
             Op::WorkloadCorruptMem(_) => "workload_corrupt_mem",
+            Op::Refresh(_) => "refresh",
         }
     }
 }
@@ -193,6 +198,30 @@ impl RunRequest {
     pub fn timeout_ms(&self) -> u64 {
         self.timeout_ms.unwrap_or(DEFAULT_RUN_TIMEOUT_MS)
     }
+}
+
+/// Most entropy bytes a `refresh` request may carry.
+pub const MAX_REFRESH_ENTROPY: usize = 256;
+
+/// Fields of `refresh`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefreshRequest {
+    /// The host's wall clock, nanoseconds since the UNIX epoch.
+    pub unix_time_ns: u64,
+    /// Random bytes from the host, credited to the guest kernel's pool (at most
+    /// [`MAX_REFRESH_ENTROPY`]).
+    pub entropy: Vec<u8>,
+}
+
+/// Reply to `refresh`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefreshReply {
+    /// How far the wall clock was moved (positive: it was behind).
+    pub clock_step_ms: i64,
+    /// 16 bytes drawn from the reseeded kernel generator, hex.
+    pub random: String,
+    /// The kernel's boot id (shared by every restore of one snapshot).
+    pub boot_id: String,
 }
 
 /// Fields of `poke`.

@@ -11,7 +11,7 @@ use super::lines::{Line, LineReader};
 use super::mem::{self, MemBuffer};
 use super::protocol::{self, Op, PingReply, ProtocolError, MAX_LINE};
 use super::workload::{Workload, WorkloadError};
-use super::{bar_time, blk, poke, run, sys};
+use super::{bar_time, blk, poke, refresh, run, sys};
 
 /// Why serving stopped with an error.
 #[derive(Debug, Error)]
@@ -212,6 +212,12 @@ impl Server {
                     .corrupt_mem(&req)
                     .map_err(|e| format!("workload_corrupt_mem: {e}"))?,
             ),
+            Op::Refresh(req) => {
+                if !self.pid1 {
+                    return Err("refresh is only available as PID 1 (it sets the clock)".to_owned());
+                }
+                to_value(refresh::refresh(&req).map_err(|e| format!("refresh: {e}"))?)
+            }
             Op::WorkloadStop => {
                 let Some(workload) = self.workload.take() else {
                     return Err(format!("workload_stop: {}", WorkloadError::NotRunning));

@@ -21,7 +21,7 @@ use crate::agent::lines::{Line, LineReader};
 use crate::agent::protocol::{
     self, BarTimeReply, BarTimeRequest, BlkRequest, BlkVerifyReply, BlkWriteReply, ChecksumReply,
     ChecksumRequest, MemCheckReply, MemFillReply, MemFillRequest, Op, PingReply, PokeReply,
-    PokeRequest, ProtocolError, Reply, RunOutput, RunRequest,
+    PokeRequest, ProtocolError, RefreshReply, RefreshRequest, Reply, RunOutput, RunRequest,
 };
 
 /// Timeout of a call unless changed with [`Agent::set_timeout`]: generous, the test guest is
@@ -98,6 +98,9 @@ pub enum AgentError {
         /// The reply's fields.
         reply: String,
     },
+    /// The host's random bytes for `refresh` could not be read.
+    #[error("cannot read the host's /dev/urandom for `refresh`: {0}")]
+    HostEntropy(#[source] io::Error),
 }
 
 impl AgentError {
@@ -125,12 +128,20 @@ enum Event {
 /// A diagnostics source, called when an error may be explained by the VM's state.
 type Context = Box<dyn Fn() -> String + Send>;
 
+/// A request id no other request of this process had. Ids are unique across connections, not
+/// per connection: a guest answers requests of an earlier connection to the same serial port
+/// (e.g. pings sent while it booted) on the next one, and such a late reply must not match a
+/// new request that reused its id (it did: a `run` got a ping's reply).
+fn next_request_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// A connection to a guest agent.
 pub struct Agent {
     writer: Box<dyn Write + Send>,
     events: Receiver<Event>,
     closed: Option<String>,
-    next_id: u64,
     timeout: Duration,
     context: Option<Context>,
     socket: Option<UnixStream>,
@@ -165,7 +176,6 @@ impl Agent {
             writer: Box::new(writer),
             events,
             closed: None,
-            next_id: 1,
             timeout: DEFAULT_TIMEOUT,
             context: None,
             socket: None,
@@ -232,8 +242,7 @@ impl Agent {
             .and_then(Value::as_str)
             .unwrap_or("?")
             .to_owned();
-        let id = self.next_id;
-        self.next_id += 1;
+        let id = next_request_id();
         let line = protocol::encode_request(id, &request)?;
         if let Err(source) = self.send_raw(line.as_bytes()) {
             return Err(AgentError::Send {
@@ -316,6 +325,25 @@ impl Agent {
     /// Fills a `mib` MiB buffer kept by the agent (replacing any previous one).
     pub fn mem_fill(&mut self, mib: u64, seed: u64) -> Result<MemFillReply, AgentError> {
         self.call(&Op::MemFill(MemFillRequest { mib, seed }), self.timeout)
+    }
+
+    /// Sets the guest's wall clock to the host's and reseeds its kernel random generator
+    /// with 32 bytes from the host's: the first request after a restore from a snapshot that
+    /// other guests start from too.
+    pub fn refresh(&mut self) -> Result<RefreshReply, AgentError> {
+        let unix_time_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        let mut entropy = vec![0u8; 32];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut entropy))
+            .map_err(AgentError::HostEntropy)?;
+        let req = RefreshRequest {
+            unix_time_ns,
+            entropy,
+        };
+        self.call(&Op::Refresh(req), self.timeout)
     }
 
     /// Re-checksums the buffer of the last `mem_fill`.
@@ -457,7 +485,6 @@ impl Agent {
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Agent")
-            .field("next_id", &self.next_id)
             .field("timeout", &self.timeout)
             .field("closed", &self.closed)
             .field("socket", &self.socket)
@@ -529,9 +556,26 @@ mod tests {
             .unwrap()
             .with_context(|| "\n[ctx]".to_owned());
         let mut g = guest.try_clone().unwrap();
-        g.write_all(b"noise\n{\"id\":99,\"ok\":true}\n{\"id\":null,\"ok\":false,\"error\":\"x\"}\n{\"id\":1,\"op\":\"ping\"}\n{\"id\":1,\"ok\":true,\"kernel\":\"k\",\"uptime_ms\":1,\"cpus\":1}\n")
-            .unwrap();
+        // The fake guest reads the request, then answers with stray lines first: an earlier
+        // connection's reply (an id no request of this process has now), an error without
+        // an id, a request echoed back, and then the reply.
+        let mut r = guest.try_clone().unwrap();
+        let answer = thread::spawn(move || {
+            let mut line = Vec::new();
+            let mut byte = [0u8];
+            while r.read_exact(&mut byte).is_ok() && byte[0] != b'\n' {
+                line.push(byte[0]);
+            }
+            let id = serde_json::from_slice::<Value>(&line).unwrap()["id"].clone();
+            let stray = format!(
+                "noise\n{{\"id\":{late},\"ok\":true}}\n{{\"id\":null,\"ok\":false,\"error\":\"x\"}}\n{{\"id\":{id},\"op\":\"ping\"}}\n{{\"id\":{id},\"ok\":true,\"kernel\":\"k\",\"uptime_ms\":1,\"cpus\":1}}\n",
+                late = id.as_u64().unwrap() + 1_000_000,
+            );
+            g.write_all(stray.as_bytes()).unwrap();
+            g
+        });
         let ping = agent.ping_timeout(Duration::from_secs(5)).unwrap();
+        let g = answer.join().unwrap();
         assert_eq!(ping.kernel, "k");
         let e = agent.ping_timeout(Duration::from_millis(100)).unwrap_err();
         assert!(e.is_timeout());
@@ -545,6 +589,15 @@ mod tests {
             matches!(e, AgentError::Closed { .. } | AgentError::Send { .. }),
             "{e}"
         );
+    }
+
+    #[test]
+    fn request_ids_are_unique_across_connections() {
+        // A late reply from an earlier connection carries that connection's id: a new
+        // connection's requests must never reuse it.
+        let a = next_request_id();
+        let b = next_request_id();
+        assert!(b > a);
     }
 
     #[test]
