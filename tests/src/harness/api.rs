@@ -149,8 +149,30 @@ pub struct CtlOutcome {
 /// Boots a VM with `device` (a `--device` option) and a control API socket in `dir`;
 /// returns the VM, its agent (once the guest is up) and an API client.
 pub fn boot_with_api(dir: &super::TestDir, device: &str) -> (super::Vm, super::Agent, ApiClient) {
+    start_with_api(super::Vm::builder(), dir, device)
+}
+
+/// As [`boot_with_api`], restored from the golden snapshot made with `spec` (which started
+/// the device whose option `device` is).
+pub fn golden_with_api(
+    dir: &super::TestDir,
+    spec: &super::Device,
+    device: &str,
+) -> (super::Vm, super::Agent, ApiClient) {
+    start_with_api(
+        super::Vm::builder().golden(std::slice::from_ref(spec)),
+        dir,
+        device,
+    )
+}
+
+fn start_with_api(
+    builder: super::VmBuilder,
+    dir: &super::TestDir,
+    device: &str,
+) -> (super::Vm, super::Agent, ApiClient) {
     let api_path = dir.join("api.sock");
-    let vm = super::Vm::builder()
+    let vm = builder
         .vmm_args(&[
             "--device",
             device,

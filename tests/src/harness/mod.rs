@@ -17,6 +17,7 @@
 pub mod api;
 pub mod client;
 pub mod diag;
+pub mod golden;
 pub mod guest_run;
 pub mod image;
 pub mod migration;
@@ -32,8 +33,9 @@ pub use crate::agent::protocol::{
     BlkRequest, BlkVerifyReply, BlkWriteReply, ChecksumReply, MemCheckReply, MemFillReply,
     PingReply, PokeReply, Reply, RunOutput, RunRequest,
 };
-pub use api::{boot_with_api, ApiClient, CtlOutcome};
+pub use api::{boot_with_api, golden_with_api, ApiClient, CtlOutcome};
 pub use client::{Agent, AgentError, DEFAULT_TIMEOUT};
+pub use golden::{Device, DeviceProcess};
 pub use guest_run::run;
 pub use image::{GuestImage, ImageError};
 pub use netns::{NetnsError, NetnsPair, Side};

@@ -51,6 +51,16 @@ impl Peer {
         Self::lvu_sample(LVU_GPIO_ENV, dir, name, netns)
     }
 
+    /// The `server` sample's binary.
+    pub fn lvu_server_binary() -> PathBuf {
+        peer_binary(LVU_SERVER_ENV)
+    }
+
+    /// The `gpio-pci-idio-16` sample's binary.
+    pub fn lvu_gpio_binary() -> PathBuf {
+        peer_binary(LVU_GPIO_ENV)
+    }
+
     /// A libvfio-user sample (binary named by `env`): `-v SOCKET`, socket `NAME.sock`.
     fn lvu_sample(env: &str, dir: &TestDir, name: &str, netns: Option<&str>) -> Peer {
         let socket = dir.join(format!("{name}.sock"));

@@ -37,7 +37,18 @@ impl Vfsim {
     /// As [`start_in`](Self::start_in), with vfsim's own vfio-user migration
     /// (`--native-migration`).
     pub fn start_native_in(dir: &TestDir, disk: &Path, name: &str, netns: &str) -> Vfsim {
-        Self::spawn(dir, disk, name, true, Some(netns), &["--native-migration"])
+        Self::start_native(dir, disk, name, Some(netns))
+    }
+
+    /// vfsim with its PF socket and its own vfio-user migration (`--native-migration`),
+    /// inside `netns` if given.
+    pub fn start_native(dir: &TestDir, disk: &Path, name: &str, netns: Option<&str>) -> Vfsim {
+        Self::spawn(dir, disk, name, true, netns, &["--native-migration"])
+    }
+
+    /// The vfsim binary (built beside `vmm`).
+    pub fn binary() -> PathBuf {
+        vmm_binary().expect("vmm binary").with_file_name("vfsim")
     }
 
     fn spawn(
@@ -48,7 +59,7 @@ impl Vfsim {
         netns: Option<&str>,
         extra: &[&str],
     ) -> Vfsim {
-        let bin = vmm_binary().expect("vmm binary").with_file_name("vfsim");
+        let bin = Self::binary();
         assert!(
             bin.is_file(),
             "vfsim is built beside vmm: {}",

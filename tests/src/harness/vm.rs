@@ -5,6 +5,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -13,6 +14,7 @@ use thiserror::Error;
 
 use super::client::{deadline_after, Agent, AgentError};
 use super::diag;
+use super::golden::{self, Device, Golden, GoldenError};
 use super::image::{GuestImage, ImageError};
 use super::paths::{self, PathsError};
 use super::testdir::{TestDir, TestDirError};
@@ -137,6 +139,9 @@ pub enum VmError {
     /// Talking to the agent failed.
     #[error(transparent)]
     Agent(#[from] AgentError),
+    /// No golden snapshot to restore.
+    #[error(transparent)]
+    Golden(#[from] GoldenError),
 }
 
 /// Configures and boots a [`Vm`]; see [`Vm::builder`].
@@ -151,6 +156,7 @@ pub struct VmBuilder {
     restore: Option<PathBuf>,
     incoming: Option<String>,
     netns: Option<String>,
+    golden: Option<Vec<Device>>,
 }
 
 impl Default for VmBuilder {
@@ -165,6 +171,7 @@ impl Default for VmBuilder {
             restore: None,
             incoming: None,
             netns: None,
+            golden: None,
         }
     }
 }
@@ -222,6 +229,15 @@ impl VmBuilder {
         self
     }
 
+    /// Starts from the golden snapshot of this configuration (see [`golden`]) instead of
+    /// booting, unless `VMM_TEST_GOLDEN=off`. `devices` are the guest's devices, each started
+    /// with [`Device::start`] and given in [`vmm_args`](Self::vmm_args) as `--device`; the
+    /// other VMM arguments must not shape the guest (an API socket, `--exit-stats`).
+    pub fn golden(mut self, devices: &[Device]) -> Self {
+        self.golden = Some(devices.to_vec());
+        self
+    }
+
     /// Runs this VMM binary instead of [`paths::vmm_binary`]'s.
     pub fn vmm_binary(mut self, vmm: &Path) -> Self {
         self.vmm = Some(vmm.to_path_buf());
@@ -238,17 +254,65 @@ impl VmBuilder {
         cmdline
     }
 
-    /// Starts the VMM: `--kernel --initramfs --cmdline --memory --cpus`, COM1 to
-    /// `<dir>/console.log`, COM2 on the socket `<dir>/agent.sock`, stderr to `<dir>/vmm.stderr`
-    /// (stdout to `<dir>/vmm.stdout`). Returns once the process runs; see [`Vm::agent`].
-    pub fn boot(self) -> Result<Vm, VmError> {
-        let image = match &self.image {
+    /// The VMM arguments added with [`vmm_args`](Self::vmm_args).
+    pub fn vmm_arg_list(&self) -> &[String] {
+        &self.vmm_args
+    }
+
+    /// The `--memory` this builder passes.
+    pub fn memory_arg(&self) -> &str {
+        &self.memory
+    }
+
+    /// The `--cpus` this builder passes.
+    pub fn cpus_arg(&self) -> u32 {
+        self.cpus
+    }
+
+    /// The guest image this builder boots.
+    pub fn resolved_image(&self) -> Result<GuestImage, VmError> {
+        Ok(match &self.image {
             Some(image) => image.clone(),
             None => GuestImage::get()?.clone(),
-        };
-        let vmm = match &self.vmm {
+        })
+    }
+
+    /// The VMM binary this builder runs.
+    pub fn resolved_vmm(&self) -> Result<PathBuf, VmError> {
+        Ok(match &self.vmm {
             Some(vmm) => vmm.clone(),
             None => paths::vmm_binary()?,
+        })
+    }
+
+    /// The same guest booted cold, here, with `vmm_args` only: how a golden snapshot is made.
+    pub(super) fn for_golden(&self, vmm_args: Vec<String>) -> VmBuilder {
+        VmBuilder {
+            vmm_args,
+            restore: None,
+            incoming: None,
+            netns: None,
+            golden: None,
+            ..self.clone()
+        }
+    }
+
+    /// Starts the VMM: `--kernel --initramfs --cmdline --memory --cpus` (or `--restore` of the
+    /// golden snapshot, see [`golden`](Self::golden)), COM1 to `<dir>/console.log`, COM2 on
+    /// the socket `<dir>/agent.sock`, stderr to `<dir>/vmm.stderr` (stdout to
+    /// `<dir>/vmm.stdout`). Returns once the process runs; see [`Vm::agent`].
+    pub fn boot(mut self) -> Result<Vm, VmError> {
+        let image = self.resolved_image()?;
+        let vmm = self.resolved_vmm()?;
+        let golden = match &self.golden {
+            Some(devices)
+                if golden::enabled() && self.restore.is_none() && self.incoming.is_none() =>
+            {
+                let g = golden::snapshot_for(&self, devices)?;
+                self.restore = Some(g.snapshot.clone());
+                Some(g)
+            }
+            _ => None,
         };
         let dir = TestDir::new("vm")?;
         let console = dir.join("console.log");
@@ -321,6 +385,8 @@ impl VmBuilder {
             command,
             socket,
             dir,
+            refresh_pending: AtomicBool::new(golden.is_some()),
+            golden,
         })
     }
 }
@@ -396,6 +462,10 @@ pub struct Vm {
     command: Vec<String>,
     socket: PathBuf,
     dir: TestDir,
+    /// The golden snapshot it was restored from (its shared lock held while the VM lives).
+    golden: Option<Golden>,
+    /// Restored from a golden snapshot and not yet sent the agent's `refresh`.
+    refresh_pending: AtomicBool,
 }
 
 impl Vm {
@@ -430,7 +500,16 @@ impl Vm {
                         // Diagnostics are attached only now: reading the logs on every ping
                         // timeout would be wasted work.
                         let shared = Arc::clone(&self.shared);
-                        return Ok(agent.with_context(move || shared.describe()));
+                        let mut agent = agent.with_context(move || shared.describe());
+                        if self.refresh_pending.swap(false, Ordering::SeqCst) {
+                            let r = agent.refresh()?;
+                            eprintln!(
+                                "vmm-tests: restored from the golden snapshot; guest clock moved \
+                                 {} ms, kernel RNG reseeded (now draws {}), boot id {}",
+                                r.clock_step_ms, r.random, r.boot_id
+                            );
+                        }
+                        return Ok(agent);
                     }
                     // A timeout, or an error reply to a ping garbled while the guest opened
                     // its port: try again.
@@ -552,6 +631,11 @@ impl Vm {
     /// The agent socket (the VMM's COM2).
     pub fn socket_path(&self) -> &Path {
         &self.socket
+    }
+
+    /// The golden snapshot this VM was restored from, if it was.
+    pub fn golden(&self) -> Option<&Golden> {
+        self.golden.as_ref()
     }
 
     /// The VMM command line, binary first.
