@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use vmm_tests::agent::pattern;
-use vmm_tests::harness::{boot_with_api, ApiClient, BlkRequest, TestDir, Vfsim};
+use vmm_tests::harness::{
+    boot_with_api, golden_with_api, ApiClient, BlkRequest, Device, TestDir, Vfsim,
+};
 
 const DISK_SIZE: u64 = 16 << 20;
 const BLOCK: u64 = 4096;
@@ -32,6 +34,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// the page is trapped.
 #[test]
 fn trap_untrap_notify_page_during_guest_io() {
+    // Booted, not restored from a golden snapshot: the trace mediator cannot migrate, so no
+    // snapshot of a VM with it can be taken.
     let dir = TestDir::new("mediated-trap").expect("test dir");
     let disk = dir.disk("disk.img", DISK_SIZE);
     let vfsim = Vfsim::start(&dir, &disk, "vf0");
@@ -187,9 +191,10 @@ fn virtio_blk_vf_tracks_dirty_pages_and_migrates_state() {
 
     let dir = TestDir::new("mediated-blk").expect("test dir");
     let disk = dir.disk("disk.img", DISK_SIZE);
-    let vfsim = Vfsim::start_with_pf(&dir, &disk, "vf0");
+    let spec = Device::mediated("vf0", "auto", DISK_SIZE);
+    let (vfsim, device) = spec.start_vfsim(&dir, "vf0", None, Some(&disk));
     let pf_path = vfsim.pf.clone().unwrap();
-    let (vm, mut agent, mut api) = boot_with_api(&dir, &vfsim.mediated("auto", "vf0"));
+    let (vm, mut agent, mut api) = golden_with_api(&dir, &spec, &device);
     let info = api.request(&json!({"request": "info"})).unwrap();
     assert_eq!(
         info["devices"][0]["mediator"], "virtio-blk-vf",

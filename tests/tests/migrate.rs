@@ -10,7 +10,7 @@ use vmm_tests::agent::protocol::WorkloadVerifyReply;
 use vmm_tests::harness::migration::{settle_workload, start_destination, start_source, workload};
 use vmm_tests::harness::netns::{NetnsPair, Side};
 use vmm_tests::harness::workload::WorkloadClient;
-use vmm_tests::harness::{ApiClient, TestDir, Vfsim, Vm};
+use vmm_tests::harness::{ApiClient, Device, TestDir, Vfsim, Vm};
 
 const DISK_SIZE: u64 = 64 << 20;
 const PORT: u16 = 4444;
@@ -38,24 +38,30 @@ impl Hosts {
         }
     }
 
+    /// The VF as the guest has it: behind the virtio-blk-vf mediator, or migrating by itself.
+    fn device(&self) -> Device {
+        if self.native {
+            Device::native("vf0", DISK_SIZE)
+        } else {
+            Device::mediated("vf0", "virtio-blk-vf", DISK_SIZE)
+        }
+    }
+
     /// A vfsim on `side` over the shared image, and its --device option.
     fn vf(&mut self, side: Side) -> (Vfsim, String) {
         self.n += 1;
         let name = format!("vf{}", self.n);
         let ns = self.pair.name(side);
-        if self.native {
-            let v = Vfsim::start_native_in(&self.dir, &self.disk, &name, ns);
-            let dev = format!("vfio-user,socket={},id=vf0", v.socket.display());
-            return (v, dev);
-        }
-        let v = Vfsim::start_in(&self.dir, &self.disk, &name, ns);
-        let dev = v.mediated("virtio-blk-vf", "vf0");
-        (v, dev)
+        self.device()
+            .start_vfsim(&self.dir, &name, Some(ns), Some(&self.disk))
     }
 
+    /// The source in A, restored from the golden snapshot of this configuration.
     fn source(&mut self) -> (Vm, Vfsim, ApiClient, vmm_tests::harness::Agent) {
         let (vf, dev) = self.vf(Side::A);
-        let builder = Vm::builder().netns(self.pair.name(Side::A));
+        let builder = Vm::builder()
+            .netns(self.pair.name(Side::A))
+            .golden(&[self.device()]);
         let (vm, api, agent) = start_source(builder, &dev, &self.dir.join("api-src.sock"));
         (vm, vf, api, agent)
     }

@@ -22,7 +22,7 @@ use serde_json::json;
 use vmm_tests::harness::migration::{start_destination, start_source};
 use vmm_tests::harness::peers::Peer;
 use vmm_tests::harness::{
-    run, Agent, ApiClient, NetnsPair, Side, TestDir, Vm, DEFAULT_BOOT_TIMEOUT,
+    run, Agent, ApiClient, Device, NetnsPair, Side, TestDir, Vm, DEFAULT_BOOT_TIMEOUT,
 };
 
 /// Finds the PCI device with `vendor` and leaves its sysfs directory in $D.
@@ -261,16 +261,17 @@ fn gpio_reads(agent: &mut Agent, n: usize) -> Vec<u8> {
 fn libvfio_user_samples_live_migrate_between_two_hosts() {
     let pair = NetnsPair::create("lvum").expect("network namespaces");
     let dir = TestDir::new("peer-lvu-mig").expect("test dir");
-    let src_lvu = Peer::lvu_server(&dir, "lvuA", Some(pair.name(Side::A)));
-    let src_gpio = Peer::lvu_gpio(&dir, "gpioA", Some(pair.name(Side::A)));
+    // The source starts from a golden snapshot made with both samples (the first contact
+    // with them, a boot, is the test above).
+    let lvu_spec = Device::LvuServer { id: "lvu0".into() };
+    let gpio_spec = Device::LvuGpio { id: "gpio0".into() };
+    let (src_lvu, src_lvu_dev) = lvu_spec.start_peer(&dir, "lvuA", Some(pair.name(Side::A)));
+    let (_src_gpio, src_gpio_dev) = gpio_spec.start_peer(&dir, "gpioA", Some(pair.name(Side::A)));
     let builder = Vm::builder()
         .netns(pair.name(Side::A))
-        .vmm_args(&["--device", &src_gpio.device("gpio0", "")]);
-    let (src, mut api, mut agent) = start_source(
-        builder,
-        &src_lvu.device("lvu0", ""),
-        &dir.join("api-src.sock"),
-    );
+        .vmm_args(&["--device", &src_gpio_dev])
+        .golden(&[gpio_spec, lvu_spec]);
+    let (src, mut api, mut agent) = start_source(builder, &src_lvu_dev, &dir.join("api-src.sock"));
     bind_uio(&mut agent);
 
     // gpio: its I/O BAR counts up as the guest reads it.

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use serde_json::json;
-use vmm_tests::harness::{boot_with_api, BlkRequest, TestDir, Vfsim, Vm};
+use vmm_tests::harness::{golden_with_api, BlkRequest, Device, TestDir, Vfsim, Vm};
 
 const DISK_SIZE: u64 = 16 << 20;
 
@@ -25,8 +25,9 @@ fn req(seed: u64, offset: u64) -> BlkRequest {
 fn snapshot_kill_and_restore_with_a_new_vf() {
     let dir = TestDir::new("snapshot").expect("test dir");
     let disk = dir.disk("disk.img", DISK_SIZE);
-    let mut vfsim = Vfsim::start_with_pf(&dir, &disk, "vf0");
-    let (vm, mut agent, mut api) = boot_with_api(&dir, &vfsim.mediated("virtio-blk-vf", "vf0"));
+    let spec = Device::mediated("vf0", "virtio-blk-vf", DISK_SIZE);
+    let (mut vfsim, device) = spec.start_vfsim(&dir, "vf0", None, Some(&disk));
+    let (vm, mut agent, mut api) = golden_with_api(&dir, &spec, &device);
     agent.blk_write(&req(0xa, 0)).expect("guest write");
     let filled = agent.mem_fill(32, 0x5eed).expect("mem fill");
     eprintln!("guest filled 32 MiB: {filled:?}");

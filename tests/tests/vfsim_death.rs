@@ -20,7 +20,7 @@
 
 use std::time::{Duration, Instant};
 
-use vmm_tests::harness::{run, TestDir, Vfsim, Vm, DEFAULT_BOOT_TIMEOUT};
+use vmm_tests::harness::{run, Device, TestDir, Vm, DEFAULT_BOOT_TIMEOUT};
 
 const DISK_SIZE: u64 = 16 << 20;
 /// The VF's function in the guest (the first --device).
@@ -39,12 +39,14 @@ const WRITE_LOOP: &str = "i=0; while :; do \
 #[test]
 fn vmm_survives_vfsim_killed_during_guest_io() {
     let dir = TestDir::new("vfsim-death").expect("test dir");
-    let disk = dir.disk("disk.img", DISK_SIZE);
-    let mut vfsim = Vfsim::start(&dir, &disk, "vf0");
+    // vfsim passed through as plain vfio-user (migrating by itself, so that the guest can
+    // start from a golden snapshot).
+    let spec = Device::native("vf0", DISK_SIZE);
+    let (mut vfsim, device) = spec.start_vfsim(&dir, "vf0", None, None);
     let socket = vfsim.socket.display().to_string();
-    let device = format!("vfio-user,socket={socket},id=vf0");
     let vm = Vm::builder()
         .vmm_args(&["--device", device.as_str()])
+        .golden(&[spec])
         .boot()
         .expect("start vmm");
     let mut agent = vm
