@@ -13,8 +13,9 @@
 //! one directory per key: `vm.snap` and `manifest.json`. The key is a SHA-256 over everything
 //! that shapes the snapshot: the layout version below, the guest kernel and initramfs
 //! (contents), the command line, memory and vCPUs, each device's kind, id, mediator and disk
-//! size, and the contents of the `vmm` and `vfsim` binaries and of any peer server binary, so a
-//! rebuilt VMM never restores a state an older build wrote. Before each use the manifest's
+//! size, and the contents of the `vmm` and `vfsim` binaries and of any peer server binary (for
+//! ELF files their loaded sections, see [`build_digest`]: the same sources built in another
+//! clone hit the cache), so a rebuilt VMM never restores a state an older build wrote. Before each use the manifest's
 //! version and key and the snapshot's size and SHA-256 are checked; an entry that fails
 //! (corrupt, truncated, half-written, another layout) is removed and rebuilt, never used.
 //! Making an entry happens in a staging directory renamed into place, under an exclusive
@@ -46,6 +47,7 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use super::api::ApiClient;
+use super::build_digest;
 use super::image::GuestImage;
 use super::peers::Peer;
 use super::testdir::{TestDir, TestDirError};
@@ -593,11 +595,11 @@ fn key_inputs(
     vmm: &Path,
     devices: &[Device],
 ) -> Result<Vec<String>, GoldenError> {
+    // Contents only, never paths: a fresh clone (CI's) builds the same binaries elsewhere.
     let file = |label: &str, path: &Path| -> Result<String, GoldenError> {
         Ok(format!(
-            "{label} {} sha256 {}",
-            path.display(),
-            sha256_file_cached(path).map_err(io_err("hashing", path))?
+            "{label} {}",
+            digest_cached(path).map_err(io_err("hashing", path))?
         ))
     };
     let mut inputs = vec![
@@ -616,9 +618,10 @@ fn key_inputs(
     Ok(inputs)
 }
 
-/// SHA-256 of a file, remembered per process by path, size and modification time (the VMM
-/// binary and the guest image are hashed once per test binary, not once per test).
-fn sha256_file_cached(path: &Path) -> io::Result<String> {
+/// [`build_digest::digest`] of a file, remembered per process by path, size and
+/// modification time (the VMM binary and the guest image are hashed once per test binary,
+/// not once per test).
+fn digest_cached(path: &Path) -> io::Result<String> {
     type Seen = HashMap<PathBuf, (u64, SystemTime, String)>;
     static SEEN: OnceLock<Mutex<Seen>> = OnceLock::new();
     let meta = fs::metadata(path)?;
@@ -629,7 +632,7 @@ fn sha256_file_cached(path: &Path) -> io::Result<String> {
             return Ok(sha.clone());
         }
     }
-    let sha = sha256_file(path)?;
+    let sha = build_digest::digest(path)?;
     seen.lock()
         .unwrap()
         .insert(path.to_path_buf(), (stamp.0, stamp.1, sha.clone()));

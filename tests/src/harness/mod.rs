@@ -15,6 +15,7 @@
 //! ```
 
 pub mod api;
+pub mod build_digest;
 pub mod client;
 pub mod diag;
 pub mod golden;
