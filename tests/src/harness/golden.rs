@@ -690,6 +690,14 @@ mod tests {
         assert_eq!(m.snapshot_bytes, 14);
     }
 
+    /// The reason `result` is [`Check::Bad`]; panics on anything else.
+    fn bad(result: Result<Manifest, Check>) -> String {
+        match result {
+            Err(Check::Bad(why)) => why,
+            other => panic!("not bad: {other:?}"),
+        }
+    }
+
     #[test]
     fn a_missing_entry_is_missing() {
         let dir = TestDir::new("golden-missing").unwrap();
@@ -703,9 +711,7 @@ mod tests {
     fn a_flipped_byte_is_corrupt() {
         let (_d, entry) = entry_with(b"snapshot bytes", "k1");
         fs::write(entry.join("vm.snap"), b"snapshot bytex").unwrap();
-        let Check::Bad(why) = check(&entry, "k1").unwrap_err() else {
-            panic!("not bad")
-        };
+        let why = bad(check(&entry, "k1"));
         assert!(why.starts_with("corrupt"), "{why}");
     }
 
@@ -713,18 +719,14 @@ mod tests {
     fn a_truncated_snapshot_is_refused() {
         let (_d, entry) = entry_with(b"snapshot bytes", "k1");
         fs::write(entry.join("vm.snap"), b"snap").unwrap();
-        let Check::Bad(why) = check(&entry, "k1").unwrap_err() else {
-            panic!("not bad")
-        };
+        let why = bad(check(&entry, "k1"));
         assert!(why.contains("4 bytes long instead of 14"), "{why}");
     }
 
     #[test]
     fn another_layout_or_key_is_stale() {
         let (_d, entry) = entry_with(b"x", "k1");
-        let Check::Bad(why) = check(&entry, "k2").unwrap_err() else {
-            panic!("not bad")
-        };
+        let why = bad(check(&entry, "k2"));
         assert!(why.contains("made for key k1"), "{why}");
         let text = fs::read_to_string(entry.join("manifest.json")).unwrap();
         let old = text.replace(
@@ -733,9 +735,7 @@ mod tests {
         );
         assert_ne!(old, text);
         fs::write(entry.join("manifest.json"), old).unwrap();
-        let Check::Bad(why) = check(&entry, "k1").unwrap_err() else {
-            panic!("not bad")
-        };
+        let why = bad(check(&entry, "k1"));
         assert!(why.contains("of layout"), "{why}");
     }
 
@@ -743,9 +743,7 @@ mod tests {
     fn a_half_written_entry_is_refused() {
         let (_d, entry) = entry_with(b"x", "k1");
         fs::remove_file(entry.join("manifest.json")).unwrap();
-        let Check::Bad(why) = check(&entry, "k1").unwrap_err() else {
-            panic!("not bad")
-        };
+        let why = bad(check(&entry, "k1"));
         assert!(why.contains("manifest"), "{why}");
     }
 }
