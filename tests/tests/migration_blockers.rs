@@ -169,7 +169,7 @@ fn restore_refuses_a_stream_without_a_devices_state() {
     rewrite_without(
         &snap,
         &no_pci,
-        |s| matches!(s, Section::Device(d) if d.id == "vf0/pci"),
+        |s| matches!(s, Section::Device(d) if d.id == "pci/vf0"),
     );
     let e = restore_fails(&no_pci, &vfsim2.mediated("virtio-blk-vf", "vf0"));
     assert!(e.contains("no PCI configuration"), "{e}");

@@ -6,15 +6,18 @@
 //! - [`restore`]: reading a stream into a freshly built VM before its vCPUs run;
 //! - [`file`]: the snapshot request itself (pause, save, resume).
 //!
-//! Device ids in the stream: each `--device` id carries its device's own state (from its
-//! [`DeviceMigration`](devices::vfio::migration::DeviceMigration)); `ID/pci` its
-//! virtualized PCI configuration; `serial0`, `serial1` and `i8042` the legacy devices.
+//! Device ids in the stream ([`section_key::SectionKey`]): each `--device` id carries its
+//! device's own state (from its
+//! [`DeviceMigration`](devices::vfio::migration::DeviceMigration)); `pci/ID` its
+//! virtualized PCI configuration; `legacy/serial0`, `legacy/serial1` and `legacy/i8042` the
+//! legacy devices. A `--device` id cannot contain `/`, so none collides with the VMM's own.
 
 use std::fmt::Write as _;
 
 pub mod file;
 pub mod restore;
 pub mod save;
+pub mod section_key;
 
 /// Why a snapshot or restore failed. Messages say which part and why.
 #[derive(Debug, thiserror::Error)]

@@ -9,6 +9,7 @@ use kvm_ioctls::{VcpuFd, VmFd};
 use migration::{Control, Section, StreamReader, VmConfig};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::section_key::SectionKey;
 use super::SnapshotError;
 use crate::device_setup::PciPassthrough;
 use crate::state::vcpu::{KvmCaps, VcpuState};
@@ -42,19 +43,13 @@ struct Configs {
 }
 
 impl Configs {
-    /// Takes the section if it is one of ours.
-    fn take(&mut self, id: &str, data: &[u8]) -> bool {
-        if let Some(n) = id
-            .strip_prefix("serial")
-            .and_then(|n| n.parse::<usize>().ok())
-        {
-            self.serials.push((n, data.to_vec()));
-        } else if id == "i8042" {
-            self.i8042 = Some(data.to_vec());
-        } else if let Some(dev) = id.strip_suffix("/pci") {
-            self.pci.push((dev.to_string(), data.to_vec()));
-        } else {
-            return false;
+    /// Takes the section if it is one of the VMM's own (see [`SectionKey`]).
+    fn take(&mut self, key: &SectionKey, data: &[u8]) -> bool {
+        match key {
+            SectionKey::Serial(n) => self.serials.push((*n, data.to_vec())),
+            SectionKey::I8042 => self.i8042 = Some(data.to_vec()),
+            SectionKey::PciConfig(dev) => self.pci.push((dev.clone(), data.to_vec())),
+            SectionKey::Passthrough(_) => return false,
         }
         true
     }
@@ -248,8 +243,16 @@ pub fn apply<R: Read>(
                     loaded.pages += len / migration::PAGE_SIZE as u64;
                 }
             }
-            Section::Device(d) if configs.take(&d.id, &d.data) => {}
             Section::Device(d) => {
+                let key = SectionKey::parse(&d.id).ok_or_else(|| {
+                    SnapshotError::Mismatch(format!(
+                        "the stream has a device section {:?} this VMM does not know",
+                        d.id
+                    ))
+                })?;
+                if configs.take(&key, &d.data) {
+                    continue;
+                }
                 let dev = t.devices.iter().find(|x| x.id == d.id).ok_or_else(|| {
                     SnapshotError::Mismatch(format!(
                         "the stream has state of an unknown device {:?}",

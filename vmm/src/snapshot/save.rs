@@ -6,6 +6,7 @@ use devices::vfio::migration::{DeviceMigration, MigrationState};
 use migration::{DevicePhase, RamPagesBuilder, StreamWriter, VmConfig, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use super::section_key::SectionKey;
 use super::{Blocked, SnapshotError};
 use crate::machine::Machine;
 use crate::state::vm::VmState;
@@ -284,14 +285,15 @@ pub fn write_final_state<W: Write>(
         })
     };
     for (i, s) in m.serials.iter().enumerate() {
-        let id = format!("serial{i}");
+        let id = SectionKey::Serial(i).encode();
         let bytes = json(&id, serde_json::to_vec(&s.state()))?;
         w.write_device(&id, DevicePhase::Final, &bytes)?;
     }
-    let bytes = json("i8042", serde_json::to_vec(&m.i8042.state()))?;
-    w.write_device("i8042", DevicePhase::Final, &bytes)?;
+    let id = SectionKey::I8042.encode();
+    let bytes = json(&id, serde_json::to_vec(&m.i8042.state()))?;
+    w.write_device(&id, DevicePhase::Final, &bytes)?;
     for d in m.devices.iter() {
-        let id = format!("{}/pci", d.id);
+        let id = SectionKey::PciConfig(d.id.clone()).encode();
         let bytes = json(&id, serde_json::to_vec(&d.device.state()))?;
         w.write_device(&id, DevicePhase::Final, &bytes)?;
     }
