@@ -352,8 +352,7 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, RunStats), VmError> {
                 crate::snapshot::SnapshotError::NoCaps("probing KVM's capabilities failed".into())
             })?;
             if let Some(r) = &mut reply {
-                r.ready()
-                    .map_err(crate::snapshot::SnapshotError::Mismatch)?;
+                r.ready()?;
             }
             crate::snapshot::restore::apply(
                 reader,
@@ -369,7 +368,7 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, RunStats), VmError> {
                 |iteration| match &mut reply {
                     Some(r) => r
                         .synced(iteration)
-                        .map_err(crate::snapshot::SnapshotError::Mismatch),
+                        .map_err(crate::snapshot::SnapshotError::from),
                     None => Ok(()),
                 },
             )

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use migration::{Control, StreamReader, StreamWriter, VmConfig, FLAG_LIVE, FLAG_REPLY};
 
+use super::error::ReplyError;
 use crate::snapshot::SnapshotError;
 
 /// A source that sends nothing for this long is gone.
@@ -18,31 +19,33 @@ pub struct Reply {
 }
 
 impl Reply {
-    fn send(&mut self, msg: Control) -> Result<(), String> {
+    fn send(&mut self, msg: Control) -> Result<(), ReplyError> {
         if self.w.is_none() {
-            let s = self.stream.try_clone().map_err(|e| e.to_string())?;
+            let s = self.stream.try_clone().map_err(ReplyError::Clone)?;
             self.w = Some(
-                StreamWriter::write_header(s, FLAG_LIVE | FLAG_REPLY).map_err(|e| e.to_string())?,
+                StreamWriter::write_header(s, FLAG_LIVE | FLAG_REPLY).map_err(ReplyError::Open)?,
             );
         }
-        let w = self.w.as_mut().ok_or("no reply stream")?;
+        let Some(w) = self.w.as_mut() else {
+            unreachable!("the answer stream was opened just above")
+        };
         w.write_control(&msg)
             .and_then(|()| w.flush())
-            .map_err(|e| format!("answering the source: {e}"))
+            .map_err(ReplyError::Send)
     }
 
     /// The config fits: send the state.
-    pub fn ready(&mut self) -> Result<(), String> {
+    pub fn ready(&mut self) -> Result<(), ReplyError> {
         self.send(Control::Ready)
     }
 
     /// Pre-copy pass `iteration` is applied.
-    pub fn synced(&mut self, iteration: u32) -> Result<(), String> {
+    pub fn synced(&mut self, iteration: u32) -> Result<(), ReplyError> {
         self.send(Control::Synced { iteration })
     }
 
     /// The guest runs here now.
-    pub fn resumed(&mut self) -> Result<(), String> {
+    pub fn resumed(&mut self) -> Result<(), ReplyError> {
         self.send(Control::Resumed)
     }
 
@@ -62,7 +65,7 @@ pub type Incoming = (StreamReader<Box<dyn Read + Send>>, VmConfig, Reply);
 
 /// Listens on `url`, accepts one source, and reads its header and VM config.
 pub fn accept(url: &str) -> Result<Incoming, SnapshotError> {
-    let addr = super::parse_tcp(url).map_err(SnapshotError::Mismatch)?;
+    let addr = super::parse_tcp(url)?;
     let listener = TcpListener::bind(addr)
         .map_err(|e| SnapshotError::Mismatch(format!("--incoming {url}: cannot listen: {e}")))?;
     tracing::info!("waiting for a migration on {addr}");

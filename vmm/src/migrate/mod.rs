@@ -8,7 +8,8 @@
 //!   builds the VM, loads the stream and resumes the guest;
 //! - [`progress`]: what the source reports while it migrates;
 //! - [`throttle`]: pre-copy's bandwidth cap;
-//! - [`stall`]: a cut link fails the stream after one I/O timeout.
+//! - [`stall`]: a cut link fails the stream after one I/O timeout;
+//! - [`error`]: why a migration could not start or failed.
 //!
 //! The protocol (sections of the `migration` stream):
 //! ```text
@@ -24,6 +25,7 @@
 //! source exits 0                           guest runs here
 //! ```
 
+pub mod error;
 pub mod incoming;
 pub mod progress;
 pub mod source;
@@ -31,15 +33,18 @@ pub mod stall;
 pub mod throttle;
 
 /// Parses `tcp:HOST:PORT`.
-pub fn parse_tcp(url: &str) -> Result<std::net::SocketAddr, String> {
+pub fn parse_tcp(url: &str) -> Result<std::net::SocketAddr, error::UrlError> {
     use std::net::ToSocketAddrs;
     let rest = url
         .strip_prefix("tcp:")
-        .ok_or_else(|| format!("{url:?}: only tcp:HOST:PORT is supported"))?;
+        .ok_or_else(|| error::UrlError::Scheme(url.to_owned()))?;
     rest.to_socket_addrs()
-        .map_err(|e| format!("{url:?}: {e}; write tcp:HOST:PORT, e.g. tcp:10.0.0.2:4444"))?
+        .map_err(|source| error::UrlError::Resolve {
+            url: url.to_owned(),
+            source,
+        })?
         .next()
-        .ok_or_else(|| format!("{url:?} resolves to no address"))
+        .ok_or_else(|| error::UrlError::NoAddress(url.to_owned()))
 }
 
 #[cfg(test)]
@@ -49,9 +54,11 @@ mod tests {
         assert_eq!(super::parse_tcp("tcp:127.0.0.1:4444").unwrap().port(), 4444);
         assert!(super::parse_tcp("udp:1.2.3.4:5")
             .unwrap_err()
+            .to_string()
             .contains("only tcp:HOST:PORT"));
         assert!(super::parse_tcp("tcp:1.2.3.4")
             .unwrap_err()
+            .to_string()
             .contains("tcp:HOST:PORT"));
     }
 }

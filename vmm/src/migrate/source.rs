@@ -10,6 +10,7 @@ use devices::vfio::migration::MigrationState;
 use migration::{Control, DevicePhase, Section, StreamReader, StreamWriter, FLAG_LIVE};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use super::error::MigrateError;
 use super::progress::{Counted, Phase, StopAndCopyTimes};
 use super::stall::StallGuard;
 use super::throttle::{Cap, Throttled};
@@ -24,7 +25,7 @@ use crate::snapshot::save::{
 pub const MAX_ITERATIONS: u32 = 30;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A destination that says nothing for this long is gone.
-const IO_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the Abort after a failure may take: the stream may be the thing that failed
 /// (a cut link), and the guest's resumption here waits for it.
 const ABORT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -44,21 +45,18 @@ pub struct Request {
 
 /// Starts the migration on a thread; the status is in `m.migration`. Fails at once if one
 /// is already running or the URL is bad.
-pub fn start(m: Arc<Machine>, req: Request) -> Result<(), String> {
+pub fn start(m: Arc<Machine>, req: Request) -> Result<(), MigrateError> {
     let addr = super::parse_tcp(&req.url)?;
     if req.max_bandwidth_mb_s == Some(0) {
-        return Err("max_bandwidth_mb_s must be at least 1 (leave it out for no cap)".into());
+        return Err(MigrateError::ZeroBandwidth);
     }
     if m.caps.is_none() {
-        return Err("KVM state cannot be saved on this host".into());
+        return Err(MigrateError::NoCaps);
     }
-    check_migratable(&m).map_err(|e| e.to_string())?;
+    check_migratable(&m).map_err(MigrateError::Snapshot)?;
     {
         if m.migration.busy() {
-            return Err(format!(
-                "a migration to {} is already running",
-                m.migration.get().url
-            ));
+            return Err(MigrateError::Busy(m.migration.get().url));
         }
         m.migration.begin(super::progress::Status {
             phase: Phase::Setup,
@@ -87,7 +85,7 @@ pub fn start(m: Arc<Machine>, req: Request) -> Result<(), String> {
                 Err(e) => {
                     let mut s = m.migration.lock();
                     s.phase = Phase::Failed;
-                    s.error = Some(e.clone());
+                    s.error = Some(e.to_string());
                     s.total_ms = started.elapsed().as_secs_f64() * 1e3;
                     tracing::error!(
                         "migration to {} failed, the guest runs on here: {e}",
@@ -96,7 +94,7 @@ pub fn start(m: Arc<Machine>, req: Request) -> Result<(), String> {
                 }
             }
         })
-        .map_err(|e| format!("cannot start the migration thread: {e}"))?;
+        .map_err(MigrateError::Thread)?;
     Ok(())
 }
 
@@ -110,57 +108,36 @@ struct Link {
     reply: Option<StreamReader<TcpStream>>,
 }
 
-fn io<T>(what: &str, r: Result<T, migration::Error>) -> Result<T, String> {
-    r.map_err(|e| match &e {
-        migration::Error::Io { source, .. }
-            if matches!(
-                source.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ) =>
-        {
-            format!(
-                "{what}: no progress for {} s: the connection is cut or the destination stalled ({e})",
-                IO_TIMEOUT.as_secs()
-            )
-        }
-        _ => format!("{what}: {e}"),
-    })
-}
-
-/// A snapshot-layer error as the migration reports it (stream timeouts explained).
-fn describe(e: crate::snapshot::SnapshotError) -> String {
-    match e {
-        crate::snapshot::SnapshotError::Stream(s) => match io::<()>("sending", Err(s)) {
-            Err(text) => text,
-            Ok(()) => String::new(),
-        },
-        other => other.to_string(),
-    }
+fn io<T>(what: &'static str, r: Result<T, migration::Error>) -> Result<T, MigrateError> {
+    r.map_err(|e| MigrateError::stream(what, e))
 }
 
 /// RAM pages the vCPUs wrote since the last call (KVM's log).
-fn ram_dirty_pages(m: &Machine) -> Result<BTreeSet<u64>, String> {
+fn ram_dirty_pages(m: &Machine) -> Result<BTreeSet<u64>, MigrateError> {
     let mut pages = BTreeSet::new();
     for r in m.mem.iter() {
         let gpa = r.start_addr().0;
         pages.extend(
             m.memslots
                 .take_dirty_pages(gpa)
-                .map_err(|e| format!("reading KVM's dirty log: {e}"))?,
+                .map_err(MigrateError::DirtyLog)?,
         );
     }
     Ok(pages)
 }
 
 /// RAM pages written since the last call (KVM's log) plus the devices' dirty pages.
-fn dirty_pages(m: &Machine) -> Result<(BTreeSet<u64>, u64), String> {
+fn dirty_pages(m: &Machine) -> Result<(BTreeSet<u64>, u64), MigrateError> {
     let mut pages = ram_dirty_pages(m)?;
     let mut from_devices = 0;
     for d in m.devices.iter() {
         if let Some(mig) = &d.migration {
             let dev = mig
                 .take_dirty_pages()
-                .map_err(|e| format!("device {}: reading its dirty pages: {e}", d.id))?;
+                .map_err(|source| MigrateError::DeviceDirtyPages {
+                    id: d.id.clone(),
+                    source,
+                })?;
             from_devices += dev.len() as u64;
             pages.extend(dev);
         }
@@ -168,16 +145,11 @@ fn dirty_pages(m: &Machine) -> Result<(BTreeSet<u64>, u64), String> {
     Ok((pages, from_devices))
 }
 
-fn set_ram_logging(m: &Machine, on: bool) -> Result<(), String> {
+fn set_ram_logging(m: &Machine, on: bool) -> Result<(), MigrateError> {
     for r in m.mem.iter() {
         m.memslots
             .set_dirty_logging(r.start_addr().0, on)
-            .map_err(|e| {
-                format!(
-                    "turning dirty logging {}: {e}",
-                    if on { "on" } else { "off" }
-                )
-            })?;
+            .map_err(|source| MigrateError::DirtyLogging { on, source })?;
     }
     Ok(())
 }
@@ -187,28 +159,32 @@ fn migrate(
     addr: std::net::SocketAddr,
     req: &Request,
     started: Instant,
-) -> Result<(), String> {
+) -> Result<(), MigrateError> {
     let url = &req.url;
-    let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
-        .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+    let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(|source| {
+        MigrateError::Connect {
+            url: url.clone(),
+            source,
+        }
+    })?;
     let _ = stream.set_nodelay(true);
     stream
         .set_write_timeout(Some(IO_TIMEOUT))
         .and_then(|()| stream.set_read_timeout(Some(IO_TIMEOUT)))
-        .map_err(|e| e.to_string())?;
+        .map_err(MigrateError::Socket)?;
     let cap = Cap::new(req.max_bandwidth_mb_s.map(|mb| mb * 1_000_000));
     let writer = BufWriter::with_capacity(
         1 << 20,
         Throttled::new(
             m.migration.counted(StallGuard::new(
-                stream.try_clone().map_err(|e| e.to_string())?,
+                stream.try_clone().map_err(MigrateError::Socket)?,
                 IO_TIMEOUT,
             )),
             cap.clone(),
         ),
     );
     let mut link = Link {
-        socket: stream.try_clone().map_err(|e| e.to_string())?,
+        socket: stream.try_clone().map_err(MigrateError::Socket)?,
         cap,
         w: io(
             "sending the header",
@@ -247,7 +223,9 @@ fn migrate(
             // hold the guest here for more I/O timeouts (the buffered rest of the stream
             // goes first and would wait the full timeout on each write).
             let _ = link.socket.set_write_timeout(Some(ABORT_TIMEOUT));
-            let _ = link.w.write_control(&Control::Abort { reason: e.clone() });
+            let _ = link.w.write_control(&Control::Abort {
+                reason: e.to_string(),
+            });
             let _ = link.w.flush();
             for d in m.devices.iter() {
                 if let Some(mig) = &d.migration {
@@ -273,24 +251,26 @@ fn migrate(
 fn expect_answer(
     reply: &mut StreamReader<TcpStream>,
     expected: Control,
-    waiting: &str,
-    aborted: &str,
-) -> Result<(), String> {
+    waiting: &'static str,
+    aborted: &'static str,
+) -> Result<(), MigrateError> {
     match io(waiting, reply.next_section())? {
         Section::Control(c) if c == expected => Ok(()),
-        Section::Control(Control::Abort { reason }) => Err(format!("{aborted}: {reason}")),
-        other => Err(format!(
-            "the destination answered {other:?} instead of {expected:?}"
-        )),
+        Section::Control(Control::Abort { reason }) => Err(MigrateError::Aborted {
+            what: aborted,
+            reason,
+        }),
+        other => Err(MigrateError::Unexpected {
+            got: format!("{other:?}"),
+            expected: format!("{expected:?}"),
+        }),
     }
 }
 
 impl Link {
     /// The destination's answer stream (there once it said Ready).
-    fn reply(&mut self) -> Result<&mut StreamReader<TcpStream>, String> {
-        self.reply
-            .as_mut()
-            .ok_or_else(|| "no answer channel from the destination".to_string())
+    fn reply(&mut self) -> Result<&mut StreamReader<TcpStream>, MigrateError> {
+        self.reply.as_mut().ok_or(MigrateError::NoAnswerChannel)
     }
 }
 
@@ -301,15 +281,17 @@ fn precopy_and_stop(
     started: Instant,
     was_paused: bool,
     paused_here: &mut bool,
-) -> Result<(), String> {
+) -> Result<(), MigrateError> {
     let url = &req.url;
     set_ram_logging(m, true)?;
     // Clear what KVM logged before (the devices' tracking starts just below).
     ram_dirty_pages(m)?;
     for d in m.devices.iter() {
         if let Some(mig) = &d.migration {
-            let derr =
-                |e: devices::vfio::migration::MigrationError| format!("device {}: {e}", d.id);
+            let derr = |source| MigrateError::Device {
+                id: d.id.clone(),
+                source,
+            };
             mig.start_dirty_tracking().map_err(derr)?;
             mig.set_state(MigrationState::PreCopy).map_err(derr)?;
         }
@@ -332,11 +314,11 @@ fn precopy_and_stop(
         } else {
             write_pages(m, &mut link.w, pages.iter().copied())
         }
-        .map_err(describe)?;
+        .map_err(MigrateError::from)?;
         for d in m.devices.iter() {
             if let Some(mig) = &d.migration {
                 write_device_chunks(&d.id, &**mig, DevicePhase::PreCopy, &mut link.w)
-                    .map_err(describe)?;
+                    .map_err(MigrateError::from)?;
             }
         }
         io(
@@ -390,20 +372,20 @@ fn precopy_and_stop(
     link.cap.lift();
     m.migration.lock().phase = Phase::StopAndCopy;
     if !was_paused {
-        m.pause_vcpus().map_err(|e| e.to_string())?;
+        m.pause_vcpus()?;
         *paused_here = true;
     }
     let ms = |t: Instant| t.duration_since(stop_start).as_secs_f64() * 1e3;
     let vcpus_paused = Instant::now();
-    stop_devices(m).map_err(|e| e.to_string())?;
+    stop_devices(m)?;
     let devices_stopped = Instant::now();
     io("sending", link.w.write_control(&Control::StopAndCopy))?;
     let (dirty, _) = dirty_pages(m)?;
     pages.extend(dirty);
     pages.sort_unstable();
     pages.dedup();
-    let n = write_pages(m, &mut link.w, pages.iter().copied()).map_err(describe)?;
-    write_final_state(m, &mut link.w).map_err(describe)?;
+    let n = write_pages(m, &mut link.w, pages.iter().copied()).map_err(MigrateError::from)?;
+    write_final_state(m, &mut link.w).map_err(MigrateError::from)?;
     io("sending", link.w.write_control(&Control::Complete))?;
     io("sending", link.w.flush())?;
     let sent = Instant::now();

@@ -53,6 +53,12 @@ pub enum SnapshotError {
     /// The VM holds devices that cannot migrate: saving it would lose their state.
     #[error("{}", blocked_text(.0))]
     NotMigratable(Vec<Blocked>),
+    /// `--incoming`'s URL cannot be used.
+    #[error("--incoming: {0}")]
+    IncomingUrl(#[from] crate::migrate::error::UrlError),
+    /// The destination could not answer the source.
+    #[error(transparent)]
+    Reply(#[from] crate::migrate::error::ReplyError),
     /// KVM capabilities were not probed, so nothing can be saved.
     #[error("KVM state cannot be saved on this host: {0}")]
     NoCaps(String),
