@@ -119,7 +119,63 @@ pub fn main(args: impl Iterator<Item = std::ffi::OsString>) -> u8 {
     }
 }
 
-fn request_of(r: &CtlRequest) -> Result<Value, String> {
+/// Why a `vmm ctl` request failed (each message says what and why; the cause is kept).
+#[derive(Debug, thiserror::Error)]
+enum CtlError {
+    /// The snapshot path cannot be made absolute.
+    #[error("snapshot path {path}: {source}")]
+    SnapshotPath {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// `mediator`'s arguments are not JSON.
+    #[error("the arguments {text:?} are not JSON: {source}")]
+    ArgsNotJson {
+        text: String,
+        source: serde_json::Error,
+    },
+    /// `raw`'s request is not JSON.
+    #[error("{text:?} is not JSON: {source}")]
+    RawNotJson {
+        text: String,
+        source: serde_json::Error,
+    },
+    /// No connection to the API socket.
+    #[error("cannot connect to {}: {source} (is the vmm running with --api-socket {0}?)", .path.display())]
+    Connect {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// Talking to the VMM failed.
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    /// The VMM hung up without an answer.
+    #[error("the vmm closed the connection without answering")]
+    NoAnswer,
+    /// The answer is not the API's JSON.
+    #[error("bad answer {answer:?}: {source}")]
+    BadAnswer {
+        answer: String,
+        source: serde_json::Error,
+    },
+    /// The VMM refused the request.
+    #[error("{0}")]
+    Refused(String),
+    /// The source VMM went away while migrating.
+    #[error("lost the source VMM during stop-and-copy ({source}): the migration may have completed; check the destination before restarting the source (two guests on one disk lose data); last status {last}")]
+    LostInStopAndCopy { source: Box<CtlError>, last: Value },
+    /// The source VMM went away earlier in the migration.
+    #[error("lost the source VMM during the migration: {source}; last status {last}")]
+    Lost { source: Box<CtlError>, last: Value },
+    /// The migration failed; the source runs the guest on.
+    #[error("migration failed, the guest runs on at the source: {0}")]
+    MigrationFailed(String),
+}
+
+fn request_of(r: &CtlRequest) -> Result<Value, CtlError> {
     Ok(match r {
         CtlRequest::Info => json!({"request": "info"}),
         CtlRequest::DeviceStats => json!({"request": "device-stats"}),
@@ -134,8 +190,10 @@ fn request_of(r: &CtlRequest) -> Result<Value, String> {
         CtlRequest::MigrationStatus => json!({"request": "migration-status"}),
         CtlRequest::Resume => json!({"request": "resume"}),
         CtlRequest::Snapshot { path, paused } => {
-            let path = std::path::absolute(path)
-                .map_err(|e| format!("snapshot path {}: {e}", path.display()))?;
+            let path = std::path::absolute(path).map_err(|source| CtlError::SnapshotPath {
+                path: path.clone(),
+                source,
+            })?;
             json!({"request": "snapshot", "path": path, "paused": paused})
         }
         CtlRequest::Mediator {
@@ -143,20 +201,26 @@ fn request_of(r: &CtlRequest) -> Result<Value, String> {
             command,
             args,
         } => {
-            let args: Value = serde_json::from_str(args)
-                .map_err(|e| format!("the arguments {args:?} are not JSON: {e}"))?;
+            let args: Value =
+                serde_json::from_str(args).map_err(|source| CtlError::ArgsNotJson {
+                    text: args.clone(),
+                    source,
+                })?;
             json!({"request": "mediator", "device": device, "command": command, "args": args})
         }
         CtlRequest::DeviceMigration { device, op, path } => {
             json!({"request": "device-migration", "device": device, "op": op, "path": path})
         }
         CtlRequest::Raw { json } => {
-            serde_json::from_str(json).map_err(|e| format!("{json:?} is not JSON: {e}"))?
+            serde_json::from_str(json).map_err(|source| CtlError::RawNotJson {
+                text: json.clone(),
+                source,
+            })?
         }
     })
 }
 
-fn run(cli: &CtlCli) -> Result<Value, String> {
+fn run(cli: &CtlCli) -> Result<Value, CtlError> {
     let request = request_of(&cli.request)?;
     let started = call(cli, &request)?;
     match &cli.request {
@@ -169,7 +233,7 @@ fn run(cli: &CtlCli) -> Result<Value, String> {
 /// completed source waits (a few seconds at most) until a client that follows the
 /// migration has been told "completed" before it exits, so this normally sees the end; a
 /// closed socket counts as done only if the last status was "completed".
-fn follow_migration(cli: &CtlCli) -> Result<Value, String> {
+fn follow_migration(cli: &CtlCli) -> Result<Value, CtlError> {
     let mut last = Value::Null;
     let mut last_line = String::new();
     loop {
@@ -181,16 +245,16 @@ fn follow_migration(cli: &CtlCli) -> Result<Value, String> {
                 return Ok(last);
             }
             Err(e) if last["phase"] == "stop-and-copy" => {
-                return Err(format!(
-                    "lost the source VMM during stop-and-copy ({e}): the migration may have \
-                     completed; check the destination before restarting the source (two \
-                     guests on one disk lose data); last status {last}"
-                ))
+                return Err(CtlError::LostInStopAndCopy {
+                    source: Box::new(e),
+                    last,
+                })
             }
             Err(e) => {
-                return Err(format!(
-                    "lost the source VMM during the migration: {e}; last status {last}"
-                ))
+                return Err(CtlError::Lost {
+                    source: Box::new(e),
+                    last,
+                })
             }
         };
         let line = format!(
@@ -210,9 +274,11 @@ fn follow_migration(cli: &CtlCli) -> Result<Value, String> {
         match status["phase"].as_str() {
             Some("completed") => return Ok(status),
             Some("failed") => {
-                return Err(format!(
-                    "migration failed, the guest runs on at the source: {}",
-                    status["error"].as_str().unwrap_or("no reason given")
+                return Err(CtlError::MigrationFailed(
+                    status["error"]
+                        .as_str()
+                        .unwrap_or("no reason given")
+                        .to_owned(),
                 ))
             }
             _ => {}
@@ -221,36 +287,39 @@ fn follow_migration(cli: &CtlCli) -> Result<Value, String> {
     }
 }
 
-fn call(cli: &CtlCli, request: &Value) -> Result<Value, String> {
-    let stream = UnixStream::connect(&cli.api_socket).map_err(|e| {
-        format!(
-            "cannot connect to {}: {e} (is the vmm running with --api-socket {0}?)",
-            cli.api_socket.display()
-        )
+fn call(cli: &CtlCli, request: &Value) -> Result<Value, CtlError> {
+    let stream = UnixStream::connect(&cli.api_socket).map_err(|source| CtlError::Connect {
+        path: cli.api_socket.clone(),
+        source,
     })?;
+    let io = |what| move |source| CtlError::Io { what, source };
     stream
         .set_read_timeout(Some(Duration::from_secs(cli.timeout)))
-        .map_err(|e| e.to_string())?;
-    let mut w = stream.try_clone().map_err(|e| e.to_string())?;
+        .map_err(io("setting the answer timeout"))?;
+    let mut w = stream.try_clone().map_err(io("opening the socket"))?;
     let mut line = request.to_string();
     line.push('\n');
     w.write_all(line.as_bytes())
-        .map_err(|e| format!("sending the request: {e}"))?;
+        .map_err(io("sending the request"))?;
     let mut answer = String::new();
     BufReader::new(stream)
         .read_line(&mut answer)
-        .map_err(|e| format!("waiting for the answer: {e}"))?;
+        .map_err(io("waiting for the answer"))?;
     if answer.is_empty() {
-        return Err("the vmm closed the connection without answering".into());
+        return Err(CtlError::NoAnswer);
     }
-    let v: Value =
-        serde_json::from_str(&answer).map_err(|e| format!("bad answer {answer:?}: {e}"))?;
+    let v: Value = serde_json::from_str(&answer).map_err(|source| CtlError::BadAnswer {
+        answer: answer.clone(),
+        source,
+    })?;
     if v["ok"] == Value::Bool(true) {
         Ok(v["result"].clone())
     } else {
-        Err(v["error"]
-            .as_str()
-            .unwrap_or("error without text")
-            .to_string())
+        Err(CtlError::Refused(
+            v["error"]
+                .as_str()
+                .unwrap_or("error without text")
+                .to_string(),
+        ))
     }
 }
