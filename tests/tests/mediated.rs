@@ -186,8 +186,8 @@ fn guest_io(agent: &mut vmm_tests::harness::Agent, seed: u64, rounds: u64) {
 /// - guest garbage written to the trapped BAR pages crashes neither the VMM nor vfsim.
 #[test]
 fn virtio_blk_vf_tracks_dirty_pages_and_migrates_state() {
-    use vfsim::pf::proto::VfState;
-    use vfsim::pf::PfClient;
+    use pf_protocol::proto::VfState;
+    use pf_protocol::PfClient;
 
     let dir = TestDir::new("mediated-blk").expect("test dir");
     let disk = dir.disk("disk.img", DISK_SIZE);

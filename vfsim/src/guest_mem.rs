@@ -86,8 +86,12 @@ pub enum GuestMemError {
 
 /// Most mappings kept at once.
 pub const MAX_DMA_MAPS: usize = 256;
-/// Granularity of the DMA write log: the unit the reports' bitmaps are built from.
+/// Granularity of the DMA write logs: the unit the vfio-user reports' bitmaps are built
+/// from, and the pages the PF socket's log lists.
 pub use vfio_user::proto::dirty_bitmap::LOG_PAGE_SIZE;
+// One granularity for both logs: the PF socket sends its pages as logged, so it must be
+// the PF protocol's too.
+const _: () = assert!(LOG_PAGE_SIZE == pf_protocol::proto::DMA_LOG_PAGE_SIZE);
 
 #[derive(Debug)]
 struct DmaRegion {

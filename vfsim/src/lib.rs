@@ -15,8 +15,9 @@
 //! - [`device`]: [`VfSim`], the [`vfio_user::Device`] implementation;
 //! - [`serve`]: binding the socket and serving one client after another;
 //! - [`native_mig`]: vfio-user's own migration messages (`--native-migration`);
-//! - [`pf`]: the PF-side control socket (`--pf-socket`): state save/load, quiesce and
-//!   resume, and a log of the guest pages the device wrote by DMA, for mediators.
+//! - [`pf`]: the PF-side control socket (`--pf-socket`, serving `pf-protocol`): state
+//!   save/load, quiesce and resume, and a log of the guest pages the device wrote by DMA,
+//!   for mediators.
 
 #![deny(missing_docs)]
 

@@ -11,7 +11,7 @@ use vfsim::{pf, serve, SimConfig, VfSim};
 ///
 /// With --pf-socket it also serves the PF side's control socket: JSON lines
 /// (`{"op":"get_state"}`, `set_state`, `quiesce`, `resume`, `dma_log_start`,
-/// `dma_log_take`, `dma_log_stop`, `stats`), see `vfsim::pf::proto`.
+/// `dma_log_take`, `dma_log_stop`, `stats`), see `pf_protocol::proto`.
 #[derive(Debug, Parser)]
 #[command(name = "vfsim", version)]
 struct Args {

@@ -25,6 +25,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use pf_protocol::proto::VfState;
 use vfio_bindings::bindings::vfio::{VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY};
 use vfio_user::proto::dirty_bitmap;
 use vfio_user::{DeviceResult, DmaLoggingRange, Errno, MigState};
@@ -32,7 +33,6 @@ use vfio_user::{DeviceResult, DmaLoggingRange, Errno, MigState};
 use crate::engine::Engine;
 use crate::guest_mem::LOG_PAGE_SIZE;
 use crate::pf::control::Controller;
-use crate::pf::proto::VfState;
 
 /// Most bytes of migration data accepted in `RESUMING` (a state is a few KiB).
 pub const MAX_RESUME_DATA: usize = 16 << 20;

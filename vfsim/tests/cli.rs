@@ -98,7 +98,7 @@ fn sigterm_exits_cleanly() {
         }
     };
     assert_eq!(client.device_info().unwrap().num_regions, 9);
-    let pf = vfsim::pf::PfClient::connect(&pf_sock, Duration::from_secs(5)).unwrap();
+    let pf = pf_protocol::PfClient::connect(&pf_sock, Duration::from_secs(5)).unwrap();
     assert_eq!(pf.stats().unwrap().requests_completed, 0);
     // SAFETY: signals the child this test started, by its id.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::process::{Scratch, Vfsim};
 use common::*;
+use pf_protocol::proto::VfState;
 use vfio_bindings::bindings::vfio::{
     VFIO_DEVICE_FEATURE_DMA_LOGGING_START, VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY,
     VFIO_PCI_CONFIG_REGION_INDEX,
@@ -15,7 +16,6 @@ use vfio_bindings::bindings::vfio::{
 use vfio_user::{Client, ClientError, DmaLoggingRange, FeatureOp, MigState};
 use vfsim::blk::*;
 use vfsim::layout::*;
-use vfsim::pf::proto::VfState;
 
 const IRQ_WAIT: Duration = Duration::from_secs(5);
 const QUIET: Duration = Duration::from_millis(200);

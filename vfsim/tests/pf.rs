@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 
 use common::process::{Scratch, Vfsim};
 use common::*;
+use pf_protocol::proto::{ErrorKind, Response, STATE_VERSION};
+use pf_protocol::PfError;
 use vfio_bindings::bindings::vfio::VFIO_PCI_CONFIG_REGION_INDEX;
 use vfsim::blk::*;
 use vfsim::layout::*;
-use vfsim::pf::proto::{ErrorKind, Response, STATE_VERSION};
-use vfsim::pf::PfError;
 
 const IRQ_WAIT: Duration = Duration::from_secs(5);
 /// How long the tests watch for something that must not happen.
@@ -305,7 +305,7 @@ fn a_second_instance_continues_the_queues_from_the_saved_state() {
         (2, 2)
     );
     let json = serde_json::to_string(&saved).unwrap();
-    let saved: vfsim::pf::proto::VfState = serde_json::from_str(&json).unwrap();
+    let saved: pf_protocol::proto::VfState = serde_json::from_str(&json).unwrap();
 
     // The "guest" keeps its memory and its ring positions; A goes away.
     let mem_fd = d1.mem_fd.try_clone().unwrap();

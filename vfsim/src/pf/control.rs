@@ -10,11 +10,12 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use pf_protocol::proto::{ErrorKind, QuiesceReport, Request, Response, Stats, VfState};
+
 use crate::engine::Engine;
 use crate::pci_config::PciRegs;
 use crate::poller::PollerHandle;
 
-use super::proto::{ErrorKind, QuiesceReport, Request, Response, Stats, VfState};
 use super::state;
 
 /// A refused request: its kind and message, as [`Response::Error`] carries them.

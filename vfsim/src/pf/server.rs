@@ -13,8 +13,9 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
+use pf_protocol::proto::{ErrorKind, Request, Response, MAX_REQUEST_LINE};
+
 use super::control::Controller;
-use super::proto::{ErrorKind, Request, Response, MAX_REQUEST_LINE};
 
 /// Most connections served at once; more are answered with an error and closed.
 pub const MAX_CONNECTIONS: usize = 16;

@@ -1,14 +1,14 @@
 //! The function's state as a [`VfState`]: taken from the engine and the PCI registers,
 //! checked against this device, and loaded back.
 
+use pf_protocol::proto::{MsixEntry, PciState, QueueState, VfState, STATE_VERSION};
+
 use crate::blk::ID_LEN;
 use crate::common_cfg::STATUS_NEEDS_RESET;
 use crate::engine::Engine;
 use crate::layout::{CAP_MSIX, MSIX_VECTORS};
 use crate::pci_config::PciRegs;
 use crate::virtqueue::NO_VECTOR;
-
-use super::proto::{MsixEntry, PciState, QueueState, VfState, STATE_VERSION};
 
 /// Offset of the command register.
 const COMMAND: u64 = 0x04;

@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use vfsim::pf::PfClient;
+use pf_protocol::PfClient;
 
 /// A scratch directory removed when dropped.
 pub struct Scratch(pub PathBuf);

@@ -27,9 +27,9 @@ use std::time::Duration;
 
 use devices::vfio::migration::DeviceMigration;
 use devices::vfio::{BackendError, RegionInfo, VfioBackend};
+use pf_protocol::proto::VfState;
+use pf_protocol::PfClient;
 use serde_json::{json, Value};
-use vfsim::pf::proto::VfState;
-use vfsim::pf::PfClient;
 
 use crate::attach::{AttachContext, GuestMemory, TrapHandle, TrapOwner};
 use crate::error::{MediateError, Result};

@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
-use vfsim::pf::proto::VfState;
-use vfsim::pf::PfClient;
+use pf_protocol::proto::VfState;
+use pf_protocol::PfClient;
 
 use super::Shared;
 use crate::migration::{MigrationOps, OpsError, OpsResult};
@@ -31,7 +31,7 @@ impl BlkOps {
     }
 }
 
-fn pf_err(what: &str) -> impl FnOnce(vfsim::pf::PfError) -> OpsError + '_ {
+fn pf_err(what: &str) -> impl FnOnce(pf_protocol::PfError) -> OpsError + '_ {
     move |e| OpsError::new(format!("{what} through the PF socket: {e}"))
 }
 

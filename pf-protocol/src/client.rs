@@ -1,5 +1,5 @@
-//! [`PfClient`]: a blocking client of the PF socket. One request is in flight at a time
-//! (a mutex around the connection) and every call has a deadline. After a timeout, a
+//! [`PfClient`]: a blocking client of a PF agent's socket. One request is in flight at a
+//! time (a mutex around the connection) and every call has a deadline. After a timeout, a
 //! dead peer or a malformed response the connection can no longer be trusted to pair
 //! responses with requests, so the client marks itself broken and later calls fail
 //! at once with [`PfError::Broken`].
@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::proto::{
+use crate::proto::{
     ErrorKind, QuiesceReport, Request, Response, Stats, VfState, MAX_RESPONSE_LINE,
 };
 
@@ -21,7 +21,7 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, thiserror::Error)]
 pub enum PfError {
     /// The socket could not be connected.
-    #[error("connecting to the vfsim PF socket {path} failed: {source}")]
+    #[error("connecting to the PF socket {path} failed: {source}")]
     Connect {
         /// The socket path.
         path: PathBuf,
@@ -29,7 +29,7 @@ pub enum PfError {
         source: io::Error,
     },
     /// No (complete) response within the timeout.
-    #[error("vfsim PF request {op} got no response within {timeout:?}")]
+    #[error("PF request {op} got no response within {timeout:?}")]
     Timeout {
         /// The request.
         op: &'static str,
@@ -37,13 +37,13 @@ pub enum PfError {
         timeout: Duration,
     },
     /// The server closed the connection.
-    #[error("vfsim PF request {op}: the server closed the connection")]
+    #[error("PF request {op}: the server closed the connection")]
     PeerClosed {
         /// The request.
         op: &'static str,
     },
     /// Sending or receiving failed.
-    #[error("vfsim PF request {op}: {source}")]
+    #[error("PF request {op}: {source}")]
     Io {
         /// The request.
         op: &'static str,
@@ -51,7 +51,7 @@ pub enum PfError {
         source: io::Error,
     },
     /// The response is not JSON, not a response, or not the one the request calls for.
-    #[error("vfsim PF request {op}: malformed response: {reason}")]
+    #[error("PF request {op}: malformed response: {reason}")]
     Malformed {
         /// The request.
         op: &'static str,
@@ -59,7 +59,7 @@ pub enum PfError {
         reason: String,
     },
     /// The server answered with an error.
-    #[error("vfsim PF request {op} failed ({kind:?}): {message}")]
+    #[error("PF request {op} failed ({kind:?}): {message}")]
     Device {
         /// The request.
         op: &'static str,
@@ -69,7 +69,7 @@ pub enum PfError {
         message: String,
     },
     /// An earlier failure left the connection unusable.
-    #[error("vfsim PF request {op} not sent: the connection broke earlier ({why})")]
+    #[error("PF request {op} not sent: the connection broke earlier ({why})")]
     Broken {
         /// The request.
         op: &'static str,
@@ -85,7 +85,7 @@ struct Conn {
     broken: Option<String>,
 }
 
-/// A connection to a vfsim PF socket.
+/// A connection to a PF agent's socket.
 #[derive(Debug)]
 pub struct PfClient {
     conn: Mutex<Conn>,

@@ -1,16 +1,6 @@
-//! The PF-side control protocol: JSON lines over a Unix socket. The client writes one
-//! [`Request`] object per line; the server answers each with one [`Response`] object on
-//! one line, in order. These are plain types so that other crates (mediators, tests)
-//! speak the protocol with the same definitions.
-//!
-//! ```text
-//! -> {"op":"quiesce"}
-//! <- {"type":"quiesced","in_flight":0,"requests_completed":12}
-//! -> {"op":"get_state"}
-//! <- {"type":"state","state":{"version":1,"device_status":15,...}}
-//! -> {"op":"bogus"}
-//! <- {"type":"error","kind":"bad_request","message":"unknown variant `bogus`, ..."}
-//! ```
+//! The request, response and state types of the PF-side protocol (JSON lines, see the
+//! crate documentation for an exchange). They are plain types so that the agent serving
+//! the protocol and its clients (mediators, tests) speak it with the same definitions.
 
 use serde::{Deserialize, Serialize};
 
@@ -22,7 +12,7 @@ pub const MAX_RESPONSE_LINE: usize = 256 << 20;
 /// The [`VfState::version`] this build writes and accepts.
 pub const STATE_VERSION: u32 = 1;
 /// Granularity of the DMA write log: addresses are IOVAs rounded down to this.
-pub const DMA_LOG_PAGE_SIZE: u64 = crate::guest_mem::LOG_PAGE_SIZE;
+pub const DMA_LOG_PAGE_SIZE: u64 = 4096;
 
 /// A request, tagged by `op`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,10 +131,10 @@ pub struct Stats {
     pub dma_logging: bool,
 }
 
-/// Everything a fresh vfsim over the same disk image needs so that a running guest
-/// driver continues as if nothing happened: the virtio common configuration, the queues
-/// with the device's ring positions, ISR, the PCI registers the driver may have
-/// written, the MSI-X table, and the identity the driver saw.
+/// Everything a fresh VF (for vfsim: a fresh vfsim over the same disk image) needs so
+/// that a running guest driver continues as if nothing happened: the virtio common
+/// configuration, the queues with the device's ring positions, ISR, the PCI registers the
+/// driver may have written, the MSI-X table, and the identity the driver saw.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VfState {
     /// Format version, [`STATE_VERSION`].
@@ -184,8 +174,8 @@ pub struct VfState {
     /// The virtqueues, by index.
     pub queues: Vec<QueueState>,
     /// Requests taken from the rings and not completed. vfsim completes each request
-    /// within one processing pass, so this is 0 in every state it gives; `set_state`
-    /// refuses anything else.
+    /// within one processing pass, so this is 0 in every state it gives, and its
+    /// `set_state` refuses anything else.
     pub in_flight: u32,
 }
 

@@ -6,11 +6,14 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use vfsim::pf::proto::ErrorKind;
-use vfsim::pf::{PfClient, PfError};
+use pf_protocol::proto::ErrorKind;
+use pf_protocol::{PfClient, PfError};
 
 fn socket(name: &str) -> (PathBuf, UnixListener) {
-    let path = std::env::temp_dir().join(format!("vfsim-pfc-{}-{name}.sock", std::process::id()));
+    let path = std::env::temp_dir().join(format!(
+        "pf-protocol-client-{}-{name}.sock",
+        std::process::id()
+    ));
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).unwrap();
     (path, listener)
