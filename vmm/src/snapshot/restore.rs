@@ -60,19 +60,18 @@ impl Configs {
             reason: e,
         };
         for (n, data) in &self.serials {
-            let id = format!("serial{n}");
+            let id = SectionKey::Serial(*n).encode();
             let port = t
                 .serials
                 .get(*n)
                 .ok_or_else(|| SnapshotError::Mismatch(format!("no {id} here")))?;
-            let s = serde_json::from_slice(data).map_err(|e| bad(&id, e.to_string()))?;
+            let s = migration::decode_state(data).map_err(|e| bad(&id, e.to_string()))?;
             port.restore(&s).map_err(|e| bad(&id, e.to_string()))?;
         }
         if let Some(data) = &self.i8042 {
-            let s = serde_json::from_slice(data).map_err(|e| bad("i8042", e.to_string()))?;
-            t.i8042
-                .restore(&s)
-                .map_err(|e| bad("i8042", e.to_string()))?;
+            let id = SectionKey::I8042.encode();
+            let s = migration::decode_state(data).map_err(|e| bad(&id, e.to_string()))?;
+            t.i8042.restore(&s).map_err(|e| bad(&id, e.to_string()))?;
         }
         for (id, data) in &self.pci {
             let dev = t.devices.iter().find(|d| &d.id == id).ok_or_else(|| {
@@ -80,7 +79,7 @@ impl Configs {
                     "the stream has PCI state of an unknown device {id:?}"
                 ))
             })?;
-            let s = serde_json::from_slice(data).map_err(|e| bad(id, e.to_string()))?;
+            let s = migration::decode_state(data).map_err(|e| bad(id, e.to_string()))?;
             dev.device
                 .restore(&s)
                 .map_err(|e| bad(id, format!("restoring its PCI configuration: {e}")))?;

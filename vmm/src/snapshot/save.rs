@@ -278,7 +278,7 @@ pub fn write_final_state<W: Write>(
     }
     let vm = VmState::capture(&m.vm)?;
     w.write_irqchip(&vm.to_bytes()?)?;
-    let json = |id: &str, v: serde_json::Result<Vec<u8>>| {
+    let encode = |id: &str, v: migration::Result<Vec<u8>>| {
         v.map_err(|e| SnapshotError::Device {
             id: id.to_string(),
             reason: format!("encoding its state: {e}"),
@@ -286,15 +286,15 @@ pub fn write_final_state<W: Write>(
     };
     for (i, s) in m.serials.iter().enumerate() {
         let id = SectionKey::Serial(i).encode();
-        let bytes = json(&id, serde_json::to_vec(&s.state()))?;
+        let bytes = encode(&id, migration::encode_state(&s.state()))?;
         w.write_device(&id, DevicePhase::Final, &bytes)?;
     }
     let id = SectionKey::I8042.encode();
-    let bytes = json(&id, serde_json::to_vec(&m.i8042.state()))?;
+    let bytes = encode(&id, migration::encode_state(&m.i8042.state()))?;
     w.write_device(&id, DevicePhase::Final, &bytes)?;
     for d in m.devices.iter() {
         let id = SectionKey::PciConfig(d.id.clone()).encode();
-        let bytes = json(&id, serde_json::to_vec(&d.device.state()))?;
+        let bytes = encode(&id, migration::encode_state(&d.device.state()))?;
         w.write_device(&id, DevicePhase::Final, &bytes)?;
     }
     Ok(())

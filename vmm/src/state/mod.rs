@@ -131,28 +131,29 @@ pub enum StateError {
     Encode {
         /// Which state.
         what: &'static str,
-        /// serde_json's error.
-        source: serde_json::Error,
+        /// The stream's encoding error.
+        source: migration::Error,
     },
     /// Deserializing a state failed (truncated, corrupt, or not this kind of state).
     #[error("cannot decode {what}: {source}")]
     Decode {
         /// Which state.
         what: &'static str,
-        /// serde_json's error.
-        source: serde_json::Error,
+        /// The stream's decoding error.
+        source: migration::Error,
     },
 }
 
-/// Encoding of a state struct to and from bytes (compact JSON; the KVM structs inside are
-/// byte arrays, as kvm-bindings' serde support writes them).
+/// Encoding of a state struct to and from bytes: the `migration` crate's one encoding for
+/// state payloads ([`migration::encode_state`]; the KVM structs inside are byte arrays, as
+/// kvm-bindings' serde support writes them).
 pub trait StateBytes: Serialize + DeserializeOwned {
     /// Name used in errors, e.g. `vCPU state`.
     const WHAT: &'static str;
 
     /// Encodes the state.
     fn to_bytes(&self) -> Result<Vec<u8>, StateError> {
-        serde_json::to_vec(self).map_err(|source| StateError::Encode {
+        migration::encode_state(self).map_err(|source| StateError::Encode {
             what: Self::WHAT,
             source,
         })
@@ -160,7 +161,7 @@ pub trait StateBytes: Serialize + DeserializeOwned {
 
     /// Decodes a state written by [`StateBytes::to_bytes`].
     fn from_bytes(bytes: &[u8]) -> Result<Self, StateError> {
-        serde_json::from_slice(bytes).map_err(|source| StateError::Decode {
+        migration::decode_state(bytes).map_err(|source| StateError::Decode {
             what: Self::WHAT,
             source,
         })

@@ -725,7 +725,7 @@ mod tests {
         f.xmm[15] = [7; 16];
         f.fpr[7] = [9; 16];
         assert_eq!(FpuState::from(&kvm_fpu::from(&f)), f);
-        let json = serde_json::to_vec(&f).unwrap();
-        assert_eq!(serde_json::from_slice::<FpuState>(&json).unwrap(), f);
+        let bytes = migration::encode_state(&f).unwrap();
+        assert_eq!(migration::decode_state::<FpuState>(&bytes).unwrap(), f);
     }
 }
