@@ -42,9 +42,8 @@
 //! | 2 | [`SectionType::VmConfig`] | [`VmConfig`]: u64 memory size, u32 vCPU count, u32 device count, then per device a u16 length + UTF-8 id |
 //! | 3 | [`SectionType::RamPages`] | runs of guest pages, see below |
 //! | 4 | [`SectionType::Vcpu`] | u32 vCPU index, then the vCPU's state (opaque) |
-//! | 5 | [`SectionType::Irqchip`] | opaque (PIC, IOAPIC) |
-//! | 6 | [`SectionType::Pit`] | opaque (KVM PIT2 state) |
-//! | 7 | [`SectionType::Clock`] | opaque (KVM clock) |
+//! | 5 | [`SectionType::Irqchip`] | opaque (the VM-wide KVM state: PIC, IOAPIC, PIT, clock) |
+//! | 6, 7 | (retired) | never valid: PIT and clock sections of format 3, which nothing wrote |
 //! | 8 | [`SectionType::Device`] | [`DeviceState`]: u16 length + UTF-8 device id, u8 phase ([`DevicePhase`]), then the device's own bytes (opaque) |
 //! | 9 | [`SectionType::Control`] | [`Control`]: u32 kind, then kind-specific fields |
 //!

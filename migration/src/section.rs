@@ -19,12 +19,9 @@ pub enum SectionType {
     /// One vCPU's state: u32 index, then opaque bytes (registers, special registers,
     /// FPU/XSAVE, MSRs, LAPIC, MP state, events, XCRs, debug registers).
     Vcpu = 4,
-    /// The in-kernel irqchip (PIC, IOAPIC): opaque bytes.
+    /// The VM-wide KVM state (PIC, IOAPIC, PIT, clock): opaque bytes.
     Irqchip = 5,
-    /// The in-kernel PIT: opaque bytes.
-    Pit = 6,
-    /// The KVM clock: opaque bytes.
-    Clock = 7,
+    // 6 and 7 (PIT and clock sections, format 3) are retired: nothing wrote them.
     /// A device's state or a chunk of it ([`DeviceState`]).
     Device = 8,
     /// A live-migration protocol message ([`Control`]).
@@ -33,14 +30,12 @@ pub enum SectionType {
 
 impl SectionType {
     /// Every section type, in wire order.
-    pub const ALL: [SectionType; 9] = [
+    pub const ALL: [SectionType; 7] = [
         SectionType::End,
         SectionType::VmConfig,
         SectionType::RamPages,
         SectionType::Vcpu,
         SectionType::Irqchip,
-        SectionType::Pit,
-        SectionType::Clock,
         SectionType::Device,
         SectionType::Control,
     ];
@@ -59,8 +54,6 @@ impl fmt::Display for SectionType {
             SectionType::RamPages => "ram-pages",
             SectionType::Vcpu => "vcpu",
             SectionType::Irqchip => "irqchip",
-            SectionType::Pit => "pit",
-            SectionType::Clock => "clock",
             SectionType::Device => "device",
             SectionType::Control => "control",
         };
@@ -86,10 +79,6 @@ pub enum Section {
     },
     /// Irqchip state (opaque).
     Irqchip(Vec<u8>),
-    /// PIT state (opaque).
-    Pit(Vec<u8>),
-    /// KVM clock state (opaque).
-    Clock(Vec<u8>),
     /// A device's state.
     Device(DeviceState),
     /// A live-migration protocol message.
@@ -105,8 +94,6 @@ impl Section {
             Section::RamPages(_) => SectionType::RamPages,
             Section::Vcpu { .. } => SectionType::Vcpu,
             Section::Irqchip(_) => SectionType::Irqchip,
-            Section::Pit(_) => SectionType::Pit,
-            Section::Clock(_) => SectionType::Clock,
             Section::Device(_) => SectionType::Device,
             Section::Control(_) => SectionType::Control,
         }
@@ -151,8 +138,6 @@ impl Section {
                 Section::Vcpu { id, state }
             }
             SectionType::Irqchip => Section::Irqchip(payload),
-            SectionType::Pit => Section::Pit(payload),
-            SectionType::Clock => Section::Clock(payload),
             SectionType::Device => {
                 Section::Device(DeviceState::decode(payload).map_err(malformed)?)
             }

@@ -117,16 +117,6 @@ impl<W: Write> StreamWriter<W> {
         self.write_parts(SectionType::Irqchip, &[state])
     }
 
-    /// Writes the PIT's opaque state.
-    pub fn write_pit(&mut self, state: &[u8]) -> Result<()> {
-        self.write_parts(SectionType::Pit, &[state])
-    }
-
-    /// Writes the KVM clock's opaque state.
-    pub fn write_clock(&mut self, state: &[u8]) -> Result<()> {
-        self.write_parts(SectionType::Clock, &[state])
-    }
-
     /// Writes device `id`'s state (or a chunk of it) taken in `phase`.
     pub fn write_device(&mut self, id: &str, phase: DevicePhase, data: &[u8]) -> Result<()> {
         let head = DeviceState::encode_header(id, phase)?;
@@ -149,8 +139,6 @@ impl<W: Write> StreamWriter<W> {
             Section::RamPages(p) => self.write_parts(SectionType::RamPages, &[p.payload()]),
             Section::Vcpu { id, state } => self.write_vcpu(*id, state),
             Section::Irqchip(s) => self.write_irqchip(s),
-            Section::Pit(s) => self.write_pit(s),
-            Section::Clock(s) => self.write_clock(s),
             Section::Device(d) => self.write_device(&d.id, d.phase, &d.data),
             Section::Control(c) => self.write_control(c),
         }

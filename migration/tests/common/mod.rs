@@ -55,11 +55,10 @@ pub fn sample_stream() -> Vec<u8> {
     w.write_vcpu(0, b"cpu0").unwrap();
     w.write_vcpu(1, b"cpu1").unwrap();
     w.write_irqchip(b"pic").unwrap();
-    w.write_pit(b"pit").unwrap();
-    w.write_clock(b"clk").unwrap();
-    w.write_device("serial0", DevicePhase::Final, b"uart")
+    w.write_device("legacy/serial0", DevicePhase::Final, b"uart")
         .unwrap();
-    w.write_device("i8042", DevicePhase::Final, b"").unwrap();
+    w.write_device("legacy/i8042", DevicePhase::Final, b"")
+        .unwrap();
     w.write_device("vf0", DevicePhase::Final, b"final").unwrap();
     w.write_control(&Control::Abort {
         reason: "just testing".into(),

@@ -301,9 +301,6 @@ pub fn apply<R: Read>(
                 *slot = Some(VcpuState::from_bytes(&state)?);
             }
             Section::Irqchip(bytes) => vm_state = Some(VmState::from_bytes(&bytes)?),
-            Section::Pit(_) | Section::Clock(_) => {
-                // This VMM sends the PIT and clock inside the Irqchip section's VmState.
-            }
             Section::VmConfig(_) => {
                 return Err(SnapshotError::Mismatch("a second VM config section".into()))
             }
