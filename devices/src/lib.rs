@@ -5,8 +5,9 @@
 //! - [`pci`]: PCI configuration space, the host bridge and the configuration mechanism #1
 //!   (ports 0xCF8/0xCFC) root.
 //!
-//! Every device's guest-visible state can be saved and restored as a plain serde struct
-//! (`state()` / `restore()`): [`legacy::SerialPortState`], [`legacy::I8042State`],
+//! Every device's guest-visible state can be saved and restored as a plain serde struct,
+//! through [`Persist`] where the VMM saves it ([`legacy::SerialPortState`],
+//! [`legacy::I8042State`]; the rest is moving to it) or `state()` / `restore()`:
 //! [`pci::ConfigSpaceState`] (host bridge), [`pci::PciRootState`] and
 //! [`vfio::VfioPciState`]. The stream that carries them is versioned by the `migration`
 //! crate; a passed-through device's internal state travels through
@@ -15,7 +16,9 @@
 pub mod bus;
 pub mod legacy;
 pub mod pci;
+pub mod persist;
 pub mod trigger;
 pub mod vfio;
 
 pub use bus::{Bus, BusError, BusStats};
+pub use persist::Persist;

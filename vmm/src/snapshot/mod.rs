@@ -15,6 +15,7 @@
 use std::fmt::Write as _;
 
 pub mod file;
+pub mod persist;
 pub mod restore;
 pub mod save;
 pub mod section_key;

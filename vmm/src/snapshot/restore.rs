@@ -9,6 +9,7 @@ use kvm_ioctls::{VcpuFd, VmFd};
 use migration::{Control, Section, StreamReader, VmConfig};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::persist::restore_device;
 use super::section_key::SectionKey;
 use super::SnapshotError;
 use crate::device_setup::PciPassthrough;
@@ -60,18 +61,15 @@ impl Configs {
             reason: e,
         };
         for (n, data) in &self.serials {
-            let id = SectionKey::Serial(*n).encode();
+            let key = SectionKey::Serial(*n);
             let port = t
                 .serials
                 .get(*n)
-                .ok_or_else(|| SnapshotError::Mismatch(format!("no {id} here")))?;
-            let s = migration::decode_state(data).map_err(|e| bad(&id, e.to_string()))?;
-            port.restore(&s).map_err(|e| bad(&id, e.to_string()))?;
+                .ok_or_else(|| SnapshotError::Mismatch(format!("no {} here", key.encode())))?;
+            restore_device(&**port, &key, data, "restoring its registers")?;
         }
         if let Some(data) = &self.i8042 {
-            let id = SectionKey::I8042.encode();
-            let s = migration::decode_state(data).map_err(|e| bad(&id, e.to_string()))?;
-            t.i8042.restore(&s).map_err(|e| bad(&id, e.to_string()))?;
+            restore_device(t.i8042, &SectionKey::I8042, data, "restoring its registers")?;
         }
         for (id, data) in &self.pci {
             let dev = t.devices.iter().find(|d| &d.id == id).ok_or_else(|| {

@@ -6,6 +6,7 @@ use devices::vfio::migration::{DeviceMigration, MigrationState};
 use migration::{DevicePhase, RamPagesBuilder, StreamWriter, VmConfig, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use super::persist::save_device;
 use super::section_key::SectionKey;
 use super::{Blocked, SnapshotError};
 use crate::machine::Machine;
@@ -278,23 +279,17 @@ pub fn write_final_state<W: Write>(
     }
     let vm = VmState::capture(&m.vm)?;
     w.write_irqchip(&vm.to_bytes()?)?;
-    let encode = |id: &str, v: migration::Result<Vec<u8>>| {
-        v.map_err(|e| SnapshotError::Device {
-            id: id.to_string(),
-            reason: format!("encoding its state: {e}"),
-        })
-    };
     for (i, s) in m.serials.iter().enumerate() {
-        let id = SectionKey::Serial(i).encode();
-        let bytes = encode(&id, migration::encode_state(&s.state()))?;
-        w.write_device(&id, DevicePhase::Final, &bytes)?;
+        save_device(w, &SectionKey::Serial(i), &**s)?;
     }
-    let id = SectionKey::I8042.encode();
-    let bytes = encode(&id, migration::encode_state(&m.i8042.state()))?;
-    w.write_device(&id, DevicePhase::Final, &bytes)?;
+    save_device(w, &SectionKey::I8042, &*m.i8042)?;
     for d in m.devices.iter() {
         let id = SectionKey::PciConfig(d.id.clone()).encode();
-        let bytes = encode(&id, migration::encode_state(&d.device.state()))?;
+        let bytes =
+            migration::encode_state(&d.device.state()).map_err(|e| SnapshotError::Device {
+                id: id.clone(),
+                reason: format!("encoding its state: {e}"),
+            })?;
         w.write_device(&id, DevicePhase::Final, &bytes)?;
     }
     Ok(())

@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::persist::Persist;
+
 use super::{
     State, CMD_WRITE_AUX_OUTBUF, CMD_WRITE_CTR, CMD_WRITE_KBD_OUTBUF, CMD_WRITE_OUTPORT, I8042,
     STATUS_OUTPUT_FULL,
@@ -39,9 +41,12 @@ pub enum I8042PersistError {
     },
 }
 
-impl I8042 {
-    /// The controller's registers, for saving.
-    pub fn state(&self) -> I8042State {
+impl Persist for I8042 {
+    type State = I8042State;
+    type Error = I8042PersistError;
+
+    /// The controller's registers.
+    fn save(&self) -> I8042State {
         let s = self.lock();
         I8042State {
             status: s.status,
@@ -54,7 +59,7 @@ impl I8042 {
 
     /// Replaces the registers with `state`. No interrupt is raised: one raised before the
     /// save is part of the interrupt controller's state. On an error nothing is changed.
-    pub fn restore(&self, state: &I8042State) -> Result<(), I8042PersistError> {
+    fn restore(&self, state: &I8042State) -> Result<(), I8042PersistError> {
         if let Some(cmd) = state.awaiting_data_for {
             if ![
                 CMD_WRITE_CTR,
@@ -106,7 +111,7 @@ mod tests {
         a.write(COMMAND_PORT, CMD_WRITE_AUX_OUTBUF);
         a.write(DATA_PORT, 0x5a); // an AUX byte waits in the output buffer
         a.write(COMMAND_PORT, CMD_WRITE_OUTPORT); // and a command waits for its data
-        let s = a.state();
+        let s = a.save();
         assert_eq!(s.output_buffer, Some(0x5a));
         assert_eq!(s.awaiting_data_for, Some(CMD_WRITE_OUTPORT));
         let text = serde_json::to_string(&s).unwrap();
@@ -114,7 +119,7 @@ mod tests {
 
         let b = dev();
         b.restore(&s).unwrap();
-        assert_eq!(b.state(), s);
+        assert_eq!(b.save(), s);
         assert_eq!(
             b.read(COMMAND_PORT) & (STATUS_OUTPUT_FULL | STATUS_AUX_DATA),
             STATUS_OUTPUT_FULL | STATUS_AUX_DATA
@@ -123,13 +128,13 @@ mod tests {
         b.write(DATA_PORT, 0x03); // the pending output-port write completes
         b.write(COMMAND_PORT, 0x20);
         assert_eq!(b.read(DATA_PORT), 0x47);
-        assert_eq!(b.state().output_port, 0x03);
+        assert_eq!(b.save().output_port, 0x03);
     }
 
     #[test]
     fn bad_states_are_refused_and_change_nothing() {
         let a = dev();
-        let before = a.state();
+        let before = a.save();
         let mut s = before.clone();
         s.awaiting_data_for = Some(0xaa);
         let e = a.restore(&s).unwrap_err().to_string();
@@ -138,6 +143,6 @@ mod tests {
         s.output_buffer = Some(1);
         let e = a.restore(&s).unwrap_err().to_string();
         assert!(e.contains("empty") && e.contains("holds a byte"), "{e}");
-        assert_eq!(a.state(), before);
+        assert_eq!(a.save(), before);
     }
 }

@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 use vm_superio::serial::SerialState;
 use vm_superio::Serial;
 
+use crate::persist::Persist;
+
 use super::{Events, SerialPort, MAX_PENDING_INPUT};
 
 /// The 16550A's receive FIFO size.
@@ -78,9 +80,12 @@ impl SerialPortState {
     }
 }
 
-impl SerialPort {
-    /// The registers, receive FIFO and queued input, for saving.
-    pub fn state(&self) -> SerialPortState {
+impl Persist for SerialPort {
+    type State = SerialPortState;
+    type Error = SerialPersistError;
+
+    /// The registers, receive FIFO and queued input.
+    fn save(&self) -> SerialPortState {
         let inner = self.lock();
         let s = inner.uart.state();
         SerialPortState {
@@ -103,7 +108,7 @@ impl SerialPort {
     /// pending and enabled (vm-superio's rule), and signals
     /// [`in_buffer_empty_event`](Self::in_buffer_empty_event) if the FIFO is empty while
     /// input is queued. On an error nothing is changed.
-    pub fn restore(&self, state: &SerialPortState) -> Result<(), SerialPersistError> {
+    fn restore(&self, state: &SerialPortState) -> Result<(), SerialPersistError> {
         if state.rx_fifo.len() > FIFO_SIZE {
             return Err(SerialPersistError::FifoOverflow {
                 len: state.rx_fifo.len(),
@@ -187,7 +192,7 @@ mod tests {
         let input: Vec<u8> = (0..100u8).collect();
         assert_eq!(a.queue_input(&input), 100);
         assert_eq!(read(&a, 0), 0, "the guest read one byte");
-        let s = a.state();
+        let s = a.save();
         assert_eq!(s.rx_fifo, (1..64u8).collect::<Vec<_>>());
         assert_eq!(s.pending_input, (64..100u8).collect::<Vec<_>>());
         let text = serde_json::to_string(&s).unwrap();
@@ -196,7 +201,7 @@ mod tests {
 
         let (b, sink, irq) = port();
         b.restore(&s2).unwrap();
-        assert_eq!(b.state(), s);
+        assert_eq!(b.save(), s);
         // The source had acknowledged its interrupt (IIR reads "none"): none is raised.
         assert!(irq.eventfd().read().is_err());
         for (reg, want) in [(3, 0x1e), (7, 0x5a), (4, 0x0b), (1, 0x01)] {
@@ -223,7 +228,7 @@ mod tests {
     fn oversized_state_is_refused_and_changes_nothing() {
         let (a, _, _) = port();
         a.queue_input(b"abc");
-        let before = a.state();
+        let before = a.save();
         let mut s = before.clone();
         s.rx_fifo = vec![0; 65];
         let e = a.restore(&s).unwrap_err().to_string();
@@ -234,13 +239,13 @@ mod tests {
             a.restore(&s),
             Err(SerialPersistError::PendingOverflow { .. })
         ));
-        assert_eq!(a.state(), before);
+        assert_eq!(a.save(), before);
     }
 
     #[test]
     fn queued_input_behind_an_empty_fifo_raises_the_drained_event() {
         let (a, _, _) = port();
-        let mut s = a.state();
+        let mut s = a.save();
         s.pending_input = b"xyz".to_vec();
         let (b, _, _) = port();
         b.restore(&s).unwrap();
