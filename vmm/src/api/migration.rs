@@ -3,27 +3,37 @@
 use std::time::Instant;
 
 use devices::vfio::migration::{DeviceMigration, MigrationState};
-use serde_json::{json, Value};
 
-use super::protocol::MigrationOp;
+use super::protocol::{MigrationOp, Response};
+use super::replies::{DirtyPages, Done, MigrationStateReply, StateFile};
 
 /// Chunks read in one phase before giving up: a device that keeps offering data forever
 /// must not hang the API.
 const MAX_CHUNKS: usize = 100_000;
 
-/// Runs one step; the error text says what failed.
+/// Runs one step: its reply, or what failed.
 pub fn run(
     m: &dyn DeviceMigration,
     op: MigrationOp,
     path: Option<&std::path::Path>,
-) -> Result<Value, String> {
+) -> Result<Response, String> {
     let e = |e: devices::vfio::migration::MigrationError| e.to_string();
     let path = || path.ok_or_else(|| format!("{op:?} needs \"path\": the state file"));
     match op {
-        MigrationOp::State => Ok(json!({"state": m.state().map_err(e)?.to_string()})),
-        MigrationOp::StartDirtyTracking => m.start_dirty_tracking().map(|()| json!({})).map_err(e),
-        MigrationOp::StopDirtyTracking => m.stop_dirty_tracking().map(|()| json!({})).map_err(e),
-        MigrationOp::TakeDirtyPages => Ok(json!({"pages": m.take_dirty_pages().map_err(e)?})),
+        MigrationOp::State => Ok(Response::reply(&MigrationStateReply {
+            state: m.state().map_err(e)?.to_string(),
+        })),
+        MigrationOp::StartDirtyTracking => {
+            m.start_dirty_tracking().map_err(e)?;
+            Ok(Response::reply(&Done {}))
+        }
+        MigrationOp::StopDirtyTracking => {
+            m.stop_dirty_tracking().map_err(e)?;
+            Ok(Response::reply(&Done {}))
+        }
+        MigrationOp::TakeDirtyPages => Ok(Response::reply(&DirtyPages {
+            pages: m.take_dirty_pages().map_err(e)?,
+        })),
         MigrationOp::Save => save(m, path()?),
         MigrationOp::Restore => {
             let path = path()?;
@@ -38,13 +48,16 @@ pub fn run(
                 let _ = m.set_state(MigrationState::Stopped);
                 return Err(format!("restoring from {}: {err}", path.display()));
             }
-            Ok(json!({"bytes": data.len()}))
+            Ok(Response::reply(&StateFile {
+                bytes: data.len(),
+                device_stopped_us: None,
+            }))
         }
     }
 }
 
 /// Pre-copy, stop-and-copy, then back to running; the device runs on whatever happens.
-fn save(m: &dyn DeviceMigration, path: &std::path::Path) -> Result<Value, String> {
+fn save(m: &dyn DeviceMigration, path: &std::path::Path) -> Result<Response, String> {
     let mut data = Vec::new();
     let result = (|| {
         m.set_state(MigrationState::PreCopy)?;
@@ -63,7 +76,10 @@ fn save(m: &dyn DeviceMigration, path: &std::path::Path) -> Result<Value, String
         }
     };
     std::fs::write(path, &data).map_err(|err| format!("cannot write {}: {err}", path.display()))?;
-    Ok(json!({"bytes": data.len(), "device_stopped_us": stopped_for.as_micros() as u64}))
+    Ok(Response::reply(&StateFile {
+        bytes: data.len(),
+        device_stopped_us: Some(stopped_for.as_micros() as u64),
+    }))
 }
 
 fn drain(

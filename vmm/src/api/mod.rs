@@ -15,13 +15,12 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use serde_json::{json, Value};
-
 use crate::device_setup::PciPassthrough;
 use crate::machine::Machine;
 use protocol::{Request, Response};
 
 mod migration;
+pub mod replies;
 
 /// Longest request line accepted.
 const MAX_LINE: usize = 1 << 20;
@@ -195,23 +194,28 @@ pub fn handle(request: Request, state: &ApiState) -> Response {
         ));
     }
     match request {
-        Request::Info {} => Response::ok(json!({
-            "cpus": state.machine.cpus,
-            "memory": state.machine.mem_size,
-            "paused": state.machine.paused_now(),
-            "migration": state.machine.migration.get().phase,
-            "devices": state.machine.devices.iter().map(|d| json!({
-                "id": d.id,
-                "mediator": d.mediated.as_ref().map(|m| m.mediator_name().to_string()),
-            })).collect::<Vec<_>>(),
-        })),
-        Request::DeviceStats {} => Response::ok(device_stats(state)),
+        Request::Info {} => Response::reply(&replies::Info {
+            cpus: state.machine.cpus,
+            memory: state.machine.mem_size,
+            paused: state.machine.paused_now(),
+            migration: state.machine.migration.get().phase,
+            devices: state
+                .machine
+                .devices
+                .iter()
+                .map(|d| replies::DeviceSummary {
+                    id: d.id.clone(),
+                    mediator: d.mediated.as_ref().map(|m| m.mediator_name().to_string()),
+                })
+                .collect(),
+        }),
+        Request::DeviceStats {} => Response::reply(&device_stats(state)),
         Request::Pause {} => match state.machine.pause() {
-            Ok(()) => Response::ok(json!({"paused": true})),
+            Ok(()) => Response::reply(&replies::Paused { paused: true }),
             Err(e) => Response::error(format!("cannot pause: {e}")),
         },
         Request::Resume {} => match state.machine.resume() {
-            Ok(()) => Response::ok(json!({"paused": false})),
+            Ok(()) => Response::reply(&replies::Paused { paused: false }),
             Err(e) => Response::error(format!("cannot resume: {e}")),
         },
         Request::Migrate {
@@ -225,16 +229,14 @@ pub fn handle(request: Request, state: &ApiState) -> Response {
                 max_bandwidth_mb_s,
             };
             match crate::migrate::source::start(state.machine.clone(), req) {
-                Ok(()) => Response::ok(json!({"started": url})),
+                Ok(()) => Response::reply(&replies::MigrationStarted { started: url }),
                 Err(e) => Response::error(format!("cannot migrate: {e}")),
             }
         }
-        Request::MigrationStatus {} => Response::ok(
-            serde_json::to_value(state.machine.migration.report()).unwrap_or(Value::Null),
-        ),
+        Request::MigrationStatus {} => Response::reply(&state.machine.migration.report()),
         Request::Snapshot { path, paused } => {
             match crate::snapshot::file::snapshot(&state.machine, &path, paused) {
-                Ok(v) => Response::ok(v),
+                Ok(v) => Response::reply(&v),
                 Err(e) => Response::error(format!(
                     "snapshot to {} failed: {e} (the VM runs on)",
                     path.display()
@@ -259,7 +261,7 @@ pub fn handle(request: Request, state: &ApiState) -> Response {
                 ));
             };
             match migration::run(&**m, op, path.as_deref()) {
-                Ok(v) => Response::ok(v),
+                Ok(v) => v,
                 Err(e) => Response::error(format!("device {id}: {e}")),
             }
         }
@@ -287,38 +289,50 @@ pub fn handle(request: Request, state: &ApiState) -> Response {
     }
 }
 
-fn device_stats(state: &ApiState) -> Value {
+fn device_stats(state: &ApiState) -> replies::DeviceStats {
     let m = &state.machine;
-    let exits: serde_json::Map<String, Value> = m
+    let exits = m
         .exits
         .snapshot()
         .into_iter()
-        .map(|(k, n, ns)| (k.to_string(), json!({"count": n, "handling_ns": ns})))
+        .map(|(k, count, handling_ns)| (k.to_string(), replies::ExitCount { count, handling_ns }))
         .collect();
-    let devices: Vec<Value> = m
+    let devices = m
         .devices
         .iter()
         .map(|d| {
             let s = d.stats();
-            json!({
-                "id": s.id,
-                "backend_errors": s.errors,
-                "bars": s.bars.iter().map(|b| json!({
-                    "index": b.index,
-                    "size": b.size,
-                    "base": b.base,
-                    "reads": b.reads,
-                    "writes": b.writes,
-                    "mapped": d.device.mapped_areas(b.index),
-                    "trapped": d.device.trapped(b.index),
-                })).collect::<Vec<_>>(),
-                "migration_state": d.migration.as_ref().and_then(|m| m.state().ok()).map(|s| s.to_string()),
-                "mediator": d.mediated.as_ref().map(|m| json!({
-                    "name": m.mediator_name(),
-                    "stats": m.handle().stats(),
-                })),
-            })
+            replies::DeviceCounters {
+                id: s.id,
+                backend_errors: s.errors,
+                bars: s
+                    .bars
+                    .iter()
+                    .map(|b| replies::BarCounters {
+                        index: b.index,
+                        size: b.size,
+                        base: b.base,
+                        reads: b.reads,
+                        writes: b.writes,
+                        mapped: d.device.mapped_areas(b.index),
+                        trapped: d.device.trapped(b.index),
+                    })
+                    .collect(),
+                migration_state: d
+                    .migration
+                    .as_ref()
+                    .and_then(|m| m.state().ok())
+                    .map(|s| s.to_string()),
+                mediator: d.mediated.as_ref().map(|m| replies::MediatorStats {
+                    name: m.mediator_name().to_string(),
+                    stats: m.handle().stats(),
+                }),
+            }
         })
         .collect();
-    json!({"exits": exits, "total_exits": m.exits.total(), "devices": devices})
+    replies::DeviceStats {
+        exits,
+        total_exits: m.exits.total(),
+        devices,
+    }
 }

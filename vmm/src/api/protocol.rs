@@ -110,6 +110,14 @@ impl Response {
         }
     }
 
+    /// A success whose result is `reply` (one of [`super::replies`]).
+    pub fn reply<T: Serialize>(reply: &T) -> Self {
+        match serde_json::to_value(reply) {
+            Ok(v) => Response::ok(v),
+            Err(e) => Response::error(format!("cannot encode the reply: {e}")),
+        }
+    }
+
     /// A failure saying `error`.
     pub fn error(error: impl Into<String>) -> Self {
         Response {

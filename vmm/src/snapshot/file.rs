@@ -3,8 +3,6 @@
 use std::path::Path;
 use std::time::Instant;
 
-use serde_json::{json, Value};
-
 use super::save::{
     check_migratable, config, restart_devices, stop_devices, write_all_ram, write_final_state,
 };
@@ -13,7 +11,11 @@ use crate::machine::Machine;
 
 /// Writes the VM to `path` (through `PATH.tmp`, renamed when complete). The VM runs on
 /// afterwards unless `stay_paused`; devices run on whatever happens.
-pub fn snapshot(m: &Machine, path: &Path, stay_paused: bool) -> Result<Value, SnapshotError> {
+pub fn snapshot(
+    m: &Machine,
+    path: &Path,
+    stay_paused: bool,
+) -> Result<crate::api::replies::Snapshot, SnapshotError> {
     if m.caps.is_none() {
         return Err(SnapshotError::NoCaps(
             "probing KVM's capabilities failed at start".into(),
@@ -50,5 +52,11 @@ pub fn snapshot(m: &Machine, path: &Path, stay_paused: bool) -> Result<Value, Sn
         "snapshot written to {}: {bytes} bytes, {pages} pages, {ms:.0} ms",
         path.display()
     );
-    Ok(json!({"path": path, "bytes": bytes, "pages": pages, "ms": ms, "paused": *paused}))
+    Ok(crate::api::replies::Snapshot {
+        path: path.to_path_buf(),
+        bytes,
+        pages,
+        ms,
+        paused: *paused,
+    })
 }
