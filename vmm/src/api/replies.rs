@@ -1,8 +1,8 @@
 //! The control API's answers, as typed structs: what each request's `result` holds.
-//! A mediator's own answers (`mediator` requests) are that mediator's JSON.
+//! A mediator's own answers (`mediator` requests) are that mediator's JSON; `snapshot`'s is
+//! [`crate::snapshot::file::Written`], `migration-status`'s the migration's report.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use serde::Serialize;
 use serde_json::Value;
@@ -45,21 +45,6 @@ pub struct Paused {
 pub struct MigrationStarted {
     /// The destination.
     pub started: String,
-}
-
-/// `snapshot`.
-#[derive(Debug, Serialize)]
-pub struct Snapshot {
-    /// The file written.
-    pub path: PathBuf,
-    /// Its size.
-    pub bytes: u64,
-    /// Guest pages in it (zero runs included).
-    pub pages: u64,
-    /// How long it took.
-    pub ms: f64,
-    /// Whether the VM stays paused.
-    pub paused: bool,
 }
 
 /// `device-stats`.

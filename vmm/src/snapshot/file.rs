@@ -9,13 +9,24 @@ use super::save::{
 use super::SnapshotError;
 use crate::machine::Machine;
 
+/// What a snapshot wrote (the API's `snapshot` reply).
+#[derive(Debug, serde::Serialize)]
+pub struct Written {
+    /// The file written.
+    pub path: std::path::PathBuf,
+    /// Its size.
+    pub bytes: u64,
+    /// Guest pages in it (zero runs included).
+    pub pages: u64,
+    /// How long it took.
+    pub ms: f64,
+    /// Whether the VM stays paused.
+    pub paused: bool,
+}
+
 /// Writes the VM to `path` (through `PATH.tmp`, renamed when complete). The VM runs on
 /// afterwards unless `stay_paused`; devices run on whatever happens.
-pub fn snapshot(
-    m: &Machine,
-    path: &Path,
-    stay_paused: bool,
-) -> Result<crate::api::replies::Snapshot, SnapshotError> {
+pub fn snapshot(m: &Machine, path: &Path, stay_paused: bool) -> Result<Written, SnapshotError> {
     if m.caps.is_none() {
         return Err(SnapshotError::NoCaps(
             "probing KVM's capabilities failed at start".into(),
@@ -52,7 +63,7 @@ pub fn snapshot(
         "snapshot written to {}: {bytes} bytes, {pages} pages, {ms:.0} ms",
         path.display()
     );
-    Ok(crate::api::replies::Snapshot {
+    Ok(Written {
         path: path.to_path_buf(),
         bytes,
         pages,
