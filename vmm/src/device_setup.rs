@@ -258,7 +258,7 @@ fn open_backend(
                         let ranges: Vec<_> = ctx
                             .mem
                             .iter()
-                            .map(|r| devices::vfio::kernel_migration::IovaRange {
+                            .map(|r| devices::vfio::kernel::migration::IovaRange {
                                 iova: r.start_addr().0,
                                 length: r.len(),
                             })

@@ -2,9 +2,9 @@
 //!
 //! - [`backend`]: [`VfioBackend`], what the function needs from "a VFIO device", so the same
 //!   device type serves kernel VFIO and vfio-user;
-//! - [`kernel`]: the kernel VFIO backend over vfio-ioctls (untested against hardware here);
-//! - [`kernel_migration`]: [`migration::DeviceMigration`] over the kernel's VFIO migration
-//!   v2 uAPI, tested against a fake kernel (the ioctls themselves untested against hardware);
+//! - [`kernel`]: the kernel VFIO backend over vfio-ioctls (untested against hardware here)
+//!   and its [`migration::DeviceMigration`] over the kernel's VFIO migration v2 uAPI
+//!   (`kernel/migration/`, tested against a fake kernel);
 //! - [`pci`]: [`VfioPciDevice`], the function on the guest's PCI bus, with its virtualized
 //!   configuration space (`config.rs`, `bars.rs`), interrupts (`irq.rs`, over
 //!   [`crate::pci::msix`] and [`crate::pci::msi`]; [`intx`] for INTx) and BAR placement (`placement.rs`,
@@ -21,7 +21,6 @@ mod errlog;
 pub mod intx;
 mod irq;
 pub mod kernel;
-pub mod kernel_migration;
 pub mod migration;
 mod mmap;
 pub mod pci;

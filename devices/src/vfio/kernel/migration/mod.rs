@@ -56,7 +56,9 @@ pub use arcs::{
 };
 pub use ioctls::{layout, DeviceFdIoctls, FeatureBuf, MigrationIoctls, HEADER_SIZE};
 
-use super::migration::{DeviceMigration, MigrationError, MigrationState, Result, DIRTY_PAGE_SIZE};
+use crate::vfio::migration::{
+    DeviceMigration, MigrationError, MigrationState, Result, DIRTY_PAGE_SIZE,
+};
 
 /// Largest chunk [`DeviceMigration::save_chunk`] returns (and largest single `read`).
 pub const CHUNK_SIZE: usize = 1 << 20;
