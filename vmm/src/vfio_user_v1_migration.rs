@@ -12,8 +12,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use devices::vfio::region_migration::{DirtyTracker, OpsError, OpsResult, RegionMigration};
 use devices::vfio::VfioBackend;
-use mediate::migration::{DirtyTracker, OpsError, OpsResult, RegionMigration};
 use vfio_user::{Client, ClientError};
 
 /// `VFIO_REGION_TYPE_MIGRATION_DEPRECATED` and `VFIO_REGION_SUBTYPE_MIGRATION`.

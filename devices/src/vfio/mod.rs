@@ -12,6 +12,8 @@
 //!   what the guest programmed ([`VfioPciState`], `pci/persist.rs`);
 //! - [`migration`]: [`migration::DeviceMigration`], the one interface through which the VMM
 //!   saves and restores a device's state and learns the pages it wrote by DMA;
+//! - [`region_migration`]: [`region_migration::RegionMigration`], the same interface over
+//!   a VFIO migration v1 region (a mediator's, or a vfio-user server's), with its layout;
 //! - [`testing`]: a fake backend and a fake memory-slot backend.
 
 pub mod backend;
@@ -26,6 +28,7 @@ mod mmap;
 pub mod pci;
 mod placement;
 mod ranges;
+pub mod region_migration;
 pub mod testing;
 pub mod trap_all;
 

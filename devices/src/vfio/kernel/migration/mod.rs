@@ -81,7 +81,7 @@ const fn t(from: MigrationState, to: MigrationState, why: &'static str) -> Trans
 use MigrationState::{PreCopy, Resuming, Running, StopCopy, Stopped};
 
 /// The interface transitions this source accepts: the migration region's list (see
-/// `mediate::migration::layout::TRANSITIONS` for why the others are refused), so every
+/// [`crate::vfio::region_migration::layout::TRANSITIONS`] for why the others are refused), so every
 /// source behaves alike. Asking for the current state is a no-op.
 pub const TRANSITIONS: &[Transition] = &[
     t(
