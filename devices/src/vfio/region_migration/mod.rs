@@ -1,6 +1,6 @@
 //! The VMM's side of a VFIO migration v1 region: the third source of
 //! [`DeviceMigration`](super::migration::DeviceMigration), beside the kernel's v2 uAPI
-//! ([`super::kernel::migration`]) and vfio-user's v2 messages.
+//! ([`super::kernel::migration`]) and vfio-user's v2 messages ([`super::user::migration`]).
 //!
 //! A v1 region is `struct vfio_device_migration_info` followed by a data window, in the
 //! layout of the 2019 "mediate ops in vfio-pci" proposal. Two kinds of device offer one:
