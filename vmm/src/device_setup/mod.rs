@@ -505,7 +505,6 @@ mod tests {
 }
 
 #[cfg(test)]
-#[path = "device_setup_tests.rs"]
 mod kvm_tests;
 
 /// Guest RAM as mediators read it.
