@@ -26,6 +26,6 @@ step "tests"
 # Guest tests boot real guests (minutes each on this nested KVM); run test binaries one
 # test at a time so two guests never share the machine's two cores.
 cargo test --workspace --locked -- --test-threads=1
-# The vmm's unit tests against QEMU's vfio-user server (ignored by a plain `cargo test`,
-# which has no peers).
-cargo test -p vmm --locked -- --ignored qemu_server --test-threads=1
+# The vfio-user backend's unit tests against QEMU's vfio-user server (ignored by a plain
+# `cargo test`, which has no peers).
+cargo test -p devices --locked -- --ignored qemu_server --test-threads=1

@@ -4,6 +4,8 @@
 //! - [`legacy`]: the 16550 serial ports and the i8042 controller (reset line);
 //! - [`pci`]: PCI configuration space, the host bridge and the configuration mechanism #1
 //!   (ports 0xCF8/0xCFC) root.
+//! - [`vfio`]: the vfio-pci device over its backend trait, the kernel VFIO and vfio-user
+//!   backends beside it, and their device migrations.
 //!
 //! Every device's guest-visible state can be saved and restored as a plain serde struct,
 //! through [`Persist`] where the VMM saves it ([`legacy::SerialPortState`],

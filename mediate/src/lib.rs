@@ -9,7 +9,8 @@
 //!   mediator once its device exists;
 //! - [`identity`]: what a mediator is told about a device, and the options it gets;
 //! - [`migration`]: the migration region (the layout of the 2019 "mediate ops" proposal)
-//!   and the helper that implements its protocol for a mediator;
+//!   and the helper that implements its protocol for a mediator (the layout and the VMM's
+//!   driver of the region are `devices::vfio::region_migration`);
 //! - [`mediators`]: the bundled mediators, `virtio-blk-vf` and `trace`.
 
 #![deny(missing_docs)]

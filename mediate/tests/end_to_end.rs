@@ -7,10 +7,11 @@ use std::sync::Arc;
 
 use devices::vfio::backend::{DeviceInfo, DmaMapping, IrqInfo, RegionInfo, Result};
 use devices::vfio::migration::{DeviceMigration, MigrationError, MigrationState::*};
+use devices::vfio::region_migration::RegionMigration;
 use devices::vfio::testing::FakeBackend;
 use devices::vfio::VfioBackend;
 use mediate::migration::testing::FakeOps;
-use mediate::migration::{MigrationRegion, RegionMigration};
+use mediate::migration::MigrationRegion;
 use vmm_sys_util::eventfd::EventFd;
 
 const MIGRATION_REGION: u32 = 9;

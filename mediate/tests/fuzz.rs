@@ -6,12 +6,13 @@
 use std::sync::Arc;
 
 use devices::vfio::migration::{MigrationState, DIRTY_PAGE_SIZE};
-use mediate::migration::layout::{
+use devices::vfio::region_migration::layout::{
     decode_state, DATA_SIZE, DATA_WINDOW_OFFSET, DEVICE_STATE, STATE_RESUMING, STATE_RUNNING,
     STATE_SAVING,
 };
+use devices::vfio::region_migration::DirtyTracker;
 use mediate::migration::testing::FakeOps;
-use mediate::migration::{DirtyTracker, MigrationRegion, RegionError};
+use mediate::migration::{MigrationRegion, RegionError};
 
 const WINDOW: u64 = 4096;
 const HOOKS: [&str; 12] = [

@@ -2,12 +2,13 @@
 //! fake mediator.
 
 use devices::vfio::migration::MigrationState::{self, *};
-use mediate::migration::layout::{
+use devices::vfio::region_migration::layout::{
     encode_state, transition, DATA_OFFSET, DATA_SIZE, DATA_WINDOW_OFFSET, DEFAULT_WINDOW_SIZE,
     DEVICE_STATE, PENDING_BYTES, RESERVED, TRANSITIONS,
 };
+use devices::vfio::region_migration::DirtyTracker;
 use mediate::migration::testing::FakeOps;
-use mediate::migration::{DirtyTracker, MigrationRegion, RegionError};
+use mediate::migration::{MigrationRegion, RegionError};
 
 const WINDOW: u64 = 4096;
 const STATES: [MigrationState; 5] = [Running, PreCopy, StopCopy, Stopped, Resuming];

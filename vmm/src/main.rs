@@ -19,8 +19,6 @@ mod serial_config;
 mod snapshot;
 mod state;
 mod vcpu;
-mod vfio_user_backend;
-mod vfio_user_v1_migration;
 mod vm;
 
 use std::process::ExitCode;

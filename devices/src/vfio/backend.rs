@@ -2,7 +2,7 @@
 //!
 //! [`VfioBackend`] is the seam between the PCI function ([`super::VfioPciDevice`]) and
 //! whatever serves the device: the kernel's VFIO ([`super::kernel::KernelVfio`]) or a
-//! vfio-user server (through an adapter in the vmm). Indices follow the VFIO PCI uAPI:
+//! vfio-user server ([`super::user::VfioUserBackend`]). Indices follow the VFIO PCI uAPI:
 //! regions 0-5 are the BARs, 6 the ROM, 7 the configuration space; interrupt index 0 is
 //! INTx, 1 MSI, 2 MSI-X.
 //!

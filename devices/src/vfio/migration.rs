@@ -3,8 +3,9 @@
 //! [`DeviceMigration`] is what the VMM's snapshot, restore and live-migration code talks
 //! to. It has (or will have) three implementations, and knows none of them:
 //!
-//! - a mediator's migration region (`mediate::migration::RegionMigration`), the register
-//!   protocol of the 2019 "mediate ops" / VFIO migration v1 proposal;
+//! - a VFIO migration v1 region ([`super::region_migration::RegionMigration`], a
+//!   mediator's or a vfio-user server's), the register protocol of the 2019 "mediate ops" /
+//!   VFIO migration v1 proposal;
 //! - the kernel's VFIO migration v2 uAPI (device feature, state machine, data fd, DMA
 //!   logging);
 //! - vfio-user's migration messages.

@@ -5,33 +5,19 @@ use std::sync::{Mutex, MutexGuard};
 
 use devices::vfio::backend::BackendError;
 use devices::vfio::migration::{MigrationState, DIRTY_PAGE_SIZE};
-use devices::vfio::{RegionFlags, RegionInfo};
-
-use super::layout::{
+use devices::vfio::region_migration::layout::{
     decode_state, encode_state, transition, Step, DATA_OFFSET, DATA_SIZE, DATA_WINDOW_OFFSET,
     DEFAULT_WINDOW_SIZE, DEVICE_STATE, HEADER_SIZE, MAX_WINDOW_SIZE, PAGE_SIZE, PENDING_BYTES,
     REGION_FLAGS, RESERVED, STATE_RUNNING, STATE_SAVING,
 };
-
-/// A failure a mediator reports from one of its hooks, in its own words.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct OpsError(pub String);
-
-impl OpsError {
-    /// An error with this message.
-    pub fn new(message: impl Into<String>) -> Self {
-        OpsError(message.into())
-    }
-}
-
-/// Result of a mediator hook.
-pub type OpsResult<T> = Result<T, OpsError>;
+use devices::vfio::region_migration::{DirtyTracker, OpsError, OpsResult};
+use devices::vfio::{RegionFlags, RegionInfo};
 
 /// What a mediator supplies so that [`MigrationRegion`] can migrate its device.
 ///
-/// Every state transition is made of the one-bit steps in [`super::layout::TRANSITIONS`],
-/// each one call here. A hook that fails must have changed nothing: the region then reports
+/// Every state transition is made of the one-bit steps in
+/// [`TRANSITIONS`](devices::vfio::region_migration::layout::TRANSITIONS), each one call
+/// here. A hook that fails must have changed nothing: the region then reports
 /// the state reached by the steps before it, which is always a valid state, and the VMM
 /// continues (or recovers) from there.
 ///
@@ -84,19 +70,6 @@ pub trait MigrationOps: Send {
     /// Guest physical addresses written since tracking started or since the last call; in
     /// any order and granularity (the region aligns, sorts and deduplicates).
     fn take_dirty_pages(&mut self) -> OpsResult<Vec<u64>>;
-}
-
-/// Dirty-page tracking of a mediated device, for [`super::RegionMigration`]: the v1 region
-/// has no dirty-page fields, so this goes beside the register protocol rather than
-/// through it. [`MigrationRegion`] implements it over its [`MigrationOps`].
-pub trait DirtyTracker: Send + Sync {
-    /// Starts recording pages the device writes.
-    fn start_dirty_tracking(&self) -> OpsResult<()>;
-    /// Stops recording.
-    fn stop_dirty_tracking(&self) -> OpsResult<()>;
-    /// Page-aligned guest physical addresses written since the start or the last call,
-    /// sorted, without duplicates.
-    fn take_dirty_pages(&self) -> OpsResult<Vec<u64>>;
 }
 
 /// Why an access to the migration region failed. None of them changes the region's state
@@ -255,7 +228,7 @@ struct Inner<O> {
 }
 
 /// The migration region of a mediated device: the v1 register protocol (see
-/// [`super::layout`]) over a mediator's [`MigrationOps`].
+/// [`layout`](devices::vfio::region_migration::layout)) over a mediator's [`MigrationOps`].
 ///
 /// Save: the VMM reads `pending_bytes`; if non-zero it reads `data_offset`, which makes the
 /// region ask the mediator for the next chunk and put it in the window (reading it again
@@ -321,8 +294,9 @@ impl<O: MigrationOps> MigrationRegion<O> {
     }
 
     /// What a mediator reports for the region; it also advertises
-    /// [`REGION_TYPE`](super::layout::REGION_TYPE) /
-    /// [`REGION_SUBTYPE`](super::layout::REGION_SUBTYPE) in the region's type capability.
+    /// [`REGION_TYPE`](devices::vfio::region_migration::layout::REGION_TYPE) /
+    /// [`REGION_SUBTYPE`](devices::vfio::region_migration::layout::REGION_SUBTYPE) in the
+    /// region's type capability.
     pub fn region_info(&self) -> RegionInfo {
         RegionInfo {
             size: self.size(),

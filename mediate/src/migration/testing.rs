@@ -3,7 +3,9 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::region::{MigrationOps, OpsError, OpsResult};
+use devices::vfio::region_migration::{OpsError, OpsResult};
+
+use super::region::MigrationOps;
 
 /// The fake device behind [`FakeOps`]; every field is open to the test.
 #[derive(Debug, Default)]

@@ -26,6 +26,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use devices::vfio::migration::DeviceMigration;
+use devices::vfio::region_migration::{OpsError, OpsResult, RegionMigration};
 use devices::vfio::{BackendError, RegionInfo, VfioBackend};
 use pf_protocol::proto::VfState;
 use pf_protocol::PfClient;
@@ -35,7 +36,7 @@ use crate::attach::{AttachContext, GuestMemory, TrapHandle, TrapOwner};
 use crate::error::{MediateError, Result};
 use crate::identity::{DeviceIdentity, MediatorOptions};
 use crate::mediator::{Access, MediatedDevice, Mediator, Probe};
-use crate::migration::{MigrationRegion, OpsError, OpsResult, RegionMigration};
+use crate::migration::MigrationRegion;
 use ops::BlkOps;
 use rings::Ring;
 use tracker::{QueueStart, Tracker};

@@ -3,11 +3,12 @@
 
 use std::sync::Arc;
 
+use devices::vfio::region_migration::{OpsError, OpsResult};
 use pf_protocol::proto::VfState;
 use pf_protocol::PfClient;
 
 use super::Shared;
-use crate::migration::{MigrationOps, OpsError, OpsResult};
+use crate::migration::MigrationOps;
 
 /// [`MigrationOps`] for a vfsim VF.
 pub struct BlkOps {

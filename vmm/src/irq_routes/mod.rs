@@ -404,5 +404,4 @@ mod tests {
 }
 
 #[cfg(test)]
-#[path = "intx_kvm_tests.rs"]
 mod intx_kvm_tests;

@@ -1,17 +1,24 @@
 //! Tests of the vfio-user backend against the vfio-user crate's server over a socket pair.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use vfio_bindings::bindings::vfio::{
-    VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+    VFIO_IRQ_SET_ACTION_MASK, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_UNMASK,
+    VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE, VFIO_REGION_INFO_FLAG_MMAP,
+    VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
 };
-use vfio_user::{Device, DeviceResult, Errno, IrqData, ServerConfig, SparseArea};
+use vfio_user::{
+    Client, Device, DeviceResult, Errno, IrqData, ServerConfig, ServerRequests, SparseArea,
+};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
-use std::os::fd::AsFd;
-
-use super::*;
+use crate::vfio::backend::DmaMapping;
+use crate::vfio::user::{DmaWriteLog, GuestDma, VfioUserBackend};
+use crate::vfio::{BackendError, VfioBackend};
 
 #[derive(Default)]
 struct Seen {

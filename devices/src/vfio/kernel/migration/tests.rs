@@ -158,6 +158,20 @@ fn expected(flags: u64, from: MigrationState, to: MigrationState) -> Vec<KernelS
 }
 
 #[test]
+fn the_transitions_are_the_migration_regions() {
+    use crate::vfio::region_migration::layout;
+    assert_eq!(TRANSITIONS.len(), layout::TRANSITIONS.len());
+    for tr in TRANSITIONS {
+        assert!(
+            layout::transition(tr.from, tr.to).is_some(),
+            "{} -> {}",
+            tr.from,
+            tr.to
+        );
+    }
+}
+
+#[test]
 fn every_transition_walks_the_right_arcs() {
     for flags in [BASIC, P2P, PRE, FULL] {
         for tr in TRANSITIONS {

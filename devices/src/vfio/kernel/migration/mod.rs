@@ -56,7 +56,9 @@ pub use arcs::{
 };
 pub use ioctls::{layout, DeviceFdIoctls, FeatureBuf, MigrationIoctls, HEADER_SIZE};
 
-use super::migration::{DeviceMigration, MigrationError, MigrationState, Result, DIRTY_PAGE_SIZE};
+use crate::vfio::migration::{
+    DeviceMigration, MigrationError, MigrationState, Result, DIRTY_PAGE_SIZE,
+};
 
 /// Largest chunk [`DeviceMigration::save_chunk`] returns (and largest single `read`).
 pub const CHUNK_SIZE: usize = 1 << 20;
@@ -79,7 +81,7 @@ const fn t(from: MigrationState, to: MigrationState, why: &'static str) -> Trans
 use MigrationState::{PreCopy, Resuming, Running, StopCopy, Stopped};
 
 /// The interface transitions this source accepts: the migration region's list (see
-/// `mediate::migration::layout::TRANSITIONS` for why the others are refused), so every
+/// [`crate::vfio::region_migration::layout::TRANSITIONS`] for why the others are refused), so every
 /// source behaves alike. Asking for the current state is a no-op.
 pub const TRANSITIONS: &[Transition] = &[
     t(

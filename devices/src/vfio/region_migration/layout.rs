@@ -17,7 +17,7 @@
 
 use std::mem::{offset_of, size_of};
 
-use devices::vfio::migration::MigrationState;
+use crate::vfio::migration::MigrationState;
 use vfio_bindings::bindings::vfio::{
     vfio_device_migration_info, VFIO_DEVICE_STATE_MASK, VFIO_DEVICE_STATE_V1_RESUMING,
     VFIO_DEVICE_STATE_V1_RUNNING, VFIO_DEVICE_STATE_V1_SAVING, VFIO_REGION_INFO_FLAG_READ,
@@ -99,20 +99,20 @@ pub fn decode_state(value: u32) -> Result<MigrationState, &'static str> {
 }
 
 /// One atomic change a transition is made of; each flips one `device_state` bit and is
-/// one call into the mediator ([`super::MigrationOps`]).
+/// one call into the mediator (`mediate`'s `MigrationOps`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Step {
-    /// Clear RUNNING: [`super::MigrationOps::stop_device`].
+    /// Clear RUNNING: `MigrationOps::stop_device`.
     StopDevice,
-    /// Set RUNNING: [`super::MigrationOps::resume_device`].
+    /// Set RUNNING: `MigrationOps::resume_device`.
     ResumeDevice,
-    /// Set SAVING: [`super::MigrationOps::begin_save`] (live if RUNNING is set).
+    /// Set SAVING: `MigrationOps::begin_save` (live if RUNNING is set).
     BeginSave,
-    /// Clear SAVING: [`super::MigrationOps::end_save`].
+    /// Clear SAVING: `MigrationOps::end_save`.
     EndSave,
-    /// Set RESUMING: [`super::MigrationOps::begin_restore`].
+    /// Set RESUMING: `MigrationOps::begin_restore`.
     BeginRestore,
-    /// Clear RESUMING: [`super::MigrationOps::end_restore`].
+    /// Clear RESUMING: `MigrationOps::end_restore`.
     EndRestore,
 }
 

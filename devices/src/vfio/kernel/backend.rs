@@ -34,12 +34,12 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ref, ioctl_with_ref};
 use vmm_sys_util::ioctl_io_nr;
 
-use super::backend::{
+use super::migration::{DeviceFdIoctls, KernelVfioMigration};
+use crate::vfio::backend::{
     BackendError, DeviceInfo, DmaMapping, IrqInfo, RegionFlags, RegionInfo, RegionMmap, Result,
     VfioBackend, IRQ_INTX,
 };
-use super::kernel_migration::{DeviceFdIoctls, KernelVfioMigration};
-use super::migration::MigrationError;
+use crate::vfio::migration::MigrationError;
 
 ioctl_io_nr!(VFIO_DEVICE_GET_INFO, VFIO_TYPE.into(), VFIO_BASE + 7);
 ioctl_io_nr!(VFIO_DEVICE_SET_IRQS, VFIO_TYPE.into(), VFIO_BASE + 10);

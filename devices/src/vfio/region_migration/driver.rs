@@ -3,14 +3,14 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use devices::vfio::migration::{DeviceMigration, MigrationError, MigrationState, Result};
-use devices::vfio::VfioBackend;
-
+use super::dirty::DirtyTracker;
+use super::error::OpsError;
 use super::layout::{
     decode_state, encode_state, transition, DATA_OFFSET, DATA_SIZE, DEVICE_STATE, HEADER_SIZE,
     PENDING_BYTES,
 };
-use super::region::DirtyTracker;
+use crate::vfio::migration::{DeviceMigration, MigrationError, MigrationState, Result};
+use crate::vfio::VfioBackend;
 
 /// Drives a migration region (region `index` of a [`VfioBackend`]) with the v1 register
 /// protocol, for the VMM's migration code.
@@ -18,8 +18,8 @@ use super::region::DirtyTracker;
 /// The device's state goes through the region's bytes: the backend's `region_read` /
 /// `region_write`, whether the region is served by a mediator in this process or by a
 /// device server elsewhere. Dirty pages do not (the v1 layout has no field for them): they
-/// come from a [`DirtyTracker`] beside it, for a mediated device the
-/// [`MigrationRegion`](super::MigrationRegion) itself.
+/// come from a [`DirtyTracker`] beside it: for a mediated device its `MigrationRegion`
+/// (in `mediate`) itself, for a vfio-user v1 server the server's dirty-page log.
 ///
 /// Transitions are checked against the same table the region uses before anything is
 /// written, so an illegal one is reported as such, with both states, and touches nothing.
@@ -127,7 +127,7 @@ impl RegionMigration {
         Ok(state)
     }
 
-    fn dirty_err(op: &str, e: super::region::OpsError) -> MigrationError {
+    fn dirty_err(op: &str, e: OpsError) -> MigrationError {
         MigrationError::Device {
             op: op.to_string(),
             reason: e.to_string(),

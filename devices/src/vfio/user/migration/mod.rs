@@ -22,13 +22,14 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use devices::vfio::migration::{
-    DeviceMigration, MigrationError, MigrationState, Result, DIRTY_PAGE_SIZE,
-};
-use devices::vfio::BackendError;
 use vfio_bindings::bindings::vfio::VFIO_MIGRATION_PRE_COPY;
 use vfio_user::proto::dirty_bitmap;
 use vfio_user::{Client, ClientError, DmaLoggingRange, MigState};
+
+use crate::vfio::migration::{
+    DeviceMigration, MigrationError, MigrationState, Result, DIRTY_PAGE_SIZE,
+};
+use crate::vfio::BackendError;
 
 // The report's bitmaps decode to the pages the migration copies.
 const _: () = assert!(dirty_bitmap::LOG_PAGE_SIZE == DIRTY_PAGE_SIZE);
@@ -342,5 +343,4 @@ impl DeviceMigration for VfioUserMigration {
 }
 
 #[cfg(test)]
-#[path = "vfio_user_migration_tests.rs"]
 mod tests;

@@ -4,12 +4,13 @@
 //! pends while MSI-X is off, the function masked or the vector masked).
 //!
 //! Needs a QEMU built with `--enable-vfio-user-server` (`tests/peers/build.sh`, see
-//! `docs/peers.md`): run with `VMM_PEER_QEMU_VFIO_USER=/path/to/qemu-system-x86_64 cargo test -p vmm
-//! qemu_server -- --ignored` (`VMM_PEER_QEMU_ARGS` adds arguments, e.g. `-trace
-//! enable=msix*`). libvfio-user does not report MSI-X as maskable, so the function masks
-//! and unmasks vectors in the device's MSI-X table only; QEMU's server applies that write
-//! (its table memory region) and sends a pending vector on unmask. (Sending SET_IRQS
-//! UNMASK instead does not unmask vector 1: QEMU's handler loops over `start..count`.)
+//! `docs/peers.md`): run with `VMM_PEER_QEMU_VFIO_USER=/path/to/qemu-system-x86_64
+//! cargo test -p devices qemu_server -- --ignored` (`VMM_PEER_QEMU_ARGS` adds arguments,
+//! e.g. `-trace enable=msix*`). libvfio-user does not report MSI-X as maskable, so the
+//! function masks and unmasks vectors in the device's MSI-X table only; QEMU's server
+//! applies that write (its table memory region) and sends a pending vector on unmask.
+//! (Sending SET_IRQS UNMASK instead does not unmask vector 1: QEMU's handler loops over
+//! `start..count`.)
 //!
 //! What else QEMU's server needs, found here:
 //! - `virtio-blk-pci` with `disable-legacy=on,iommu_platform=on`: without
@@ -28,16 +29,16 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use devices::bus::Bus;
-use devices::pci::msix::testing::RecordingRoutes;
-use devices::vfio::testing::FakeSlots;
-use devices::vfio::{VfioPciDevice, VfioPciParams};
 use resources::memslots::MemSlots;
 use vfsim::mmap::{memfd, Mapping};
+use vm_memory::GuestMemoryMmap;
 
-use devices::vfio::backend::CONFIG_REGION;
-
-use super::*;
+use crate::bus::Bus;
+use crate::pci::msix::testing::RecordingRoutes;
+use crate::vfio::backend::{DmaMapping, CONFIG_REGION};
+use crate::vfio::testing::FakeSlots;
+use crate::vfio::user::VfioUserBackend;
+use crate::vfio::{VfioBackend, VfioPciDevice, VfioPciParams};
 
 const GUEST_BASE: u64 = 0x4000_0000;
 const GUEST_SIZE: u64 = 0x10_0000;
@@ -186,7 +187,7 @@ impl Rig {
             backend
                 .region_write(CONFIG_REGION, reg, &(gpa as u32).to_le_bytes())
                 .unwrap();
-            if matches!(b.kind, devices::vfio::BarKind::Mem64 { .. }) {
+            if matches!(b.kind, crate::vfio::BarKind::Mem64 { .. }) {
                 let high = ((gpa >> 32) as u32).to_le_bytes();
                 backend.region_write(CONFIG_REGION, reg + 4, &high).unwrap();
             }

@@ -11,18 +11,20 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use devices::bus::Bus;
-use devices::pci::msix::testing::RecordingRoutes;
-use devices::vfio::testing::FakeSlots;
-use devices::vfio::{VfioPciDevice, VfioPciParams};
 use resources::memslots::MemSlots;
 use vfsim::blk::VIRTIO_BLK_T_FLUSH;
 use vfsim::common_cfg::{STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK};
 use vfsim::layout::{CAP_MSIX, COMMON_OFFSET, MSIX_PBA_OFFSET, MSIX_TABLE_OFFSET, NOTIFY_OFFSET};
 use vfsim::mmap::{memfd, Mapping};
 use vfsim::{serve, SimConfig, VfSim};
+use vm_memory::GuestMemoryMmap;
 
-use super::*;
+use crate::bus::Bus;
+use crate::pci::msix::testing::RecordingRoutes;
+use crate::vfio::backend::DmaMapping;
+use crate::vfio::testing::FakeSlots;
+use crate::vfio::user::VfioUserBackend;
+use crate::vfio::{VfioBackend, VfioPciDevice, VfioPciParams};
 
 /// Guest memory: where the device sees it and how big it is.
 const GUEST_BASE: u64 = 0x4000_0000;

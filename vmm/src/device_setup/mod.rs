@@ -1,6 +1,11 @@
 //! Building the `--device` functions: connecting each backend, putting the function on
 //! the PCI bus, placing its BARs as firmware would, and handing it guest RAM for DMA.
 //!
+//! The backends and their migrations live in `devices`, beside the device model that knows
+//! only their trait: [`KernelVfio`] (`devices::vfio::kernel`) and [`VfioUserBackend`]
+//! (`devices::vfio::user`). This module chooses one per `--device`, wraps it in a mediator
+//! or [`TrapAll`](devices::vfio::TrapAll) as asked, and finds the device's migration.
+//!
 //! There is no firmware, so the VMM assigns the BARs and turns on memory decoding and bus
 //! mastering (and I/O decoding for a function with I/O BARs); Linux keeps resources that
 //! are already assigned. 32-bit BARs go into `[PCI_MMIO32_START, PCI_MMIO32_END)`, 64-bit
@@ -16,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use devices::pci::root::PciError;
 use devices::pci::PciRoot;
 use devices::vfio::kernel::KernelVfio;
+use devices::vfio::user::VfioUserBackend;
 use devices::vfio::{
     BackendError, BarDesc, BarKind, BarStats, KernelVfioError, VfioBackend, VfioPciDevice,
     VfioPciError, VfioPciParams,
@@ -33,7 +39,6 @@ use mediate::{AttachContext, MediatedBackend, MediatorOptions, Registry, TrapHan
 
 use crate::config::device::{DeviceKind, DeviceSpec};
 use crate::irq_routes::{pci_intx_gsi, KvmRoutes};
-use crate::vfio_user_backend::VfioUserBackend;
 
 /// First PCI slot for devices (slot 0 is the host bridge).
 const FIRST_DEVICE_SLOT: u8 = 1;
@@ -258,7 +263,7 @@ fn open_backend(
                         let ranges: Vec<_> = ctx
                             .mem
                             .iter()
-                            .map(|r| devices::vfio::kernel_migration::IovaRange {
+                            .map(|r| devices::vfio::kernel::migration::IovaRange {
                                 iova: r.start_addr().0,
                                 length: r.len(),
                             })
@@ -500,7 +505,6 @@ mod tests {
 }
 
 #[cfg(test)]
-#[path = "device_setup_tests.rs"]
 mod kvm_tests;
 
 /// Guest RAM as mediators read it.

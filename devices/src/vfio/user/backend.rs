@@ -1,10 +1,6 @@
 //! [`VfioUserBackend`]: a [`VfioBackend`] over a [`vfio_user::Client`], so a device served
 //! by another process is a vfio-pci function like a kernel VFIO one.
 //!
-//! It lives in the vmm rather than in `devices::vfio`: the device model stays independent
-//! of any transport (`devices` knows the [`VfioBackend`] trait only, as its documentation
-//! says), and the vmm is the one crate that chooses backends and owns the sockets.
-//!
 //! A dead or misbehaving server breaks the client's connection; every call after that
 //! answers [`BackendError::Disconnected`] at once, which the PCI function logs (rate-limited)
 //! while the guest reads all ones. The VMM keeps running.
@@ -19,26 +15,30 @@
 //! the server hangs up and logs it: a guest waiting on a mapped doorbell page for
 //! completions that will never come makes no access that would reveal it.
 
-use std::collections::BTreeSet;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
-use devices::vfio::backend::{DmaMapping, RegionMmap, Result};
-use devices::vfio::migration::{DeviceMigration, MigrationState};
-use devices::vfio::{BackendError, DeviceInfo, IrqInfo, RegionFlags, RegionInfo, VfioBackend};
 use vfio_bindings::bindings::vfio::{
     VFIO_IRQ_SET_ACTION_MASK, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_UNMASK,
     VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE, VFIO_PCI_BAR5_REGION_INDEX,
 };
-use vfio_user::{Client, ClientError, Errno, ServerRequests};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vfio_user::{Client, ClientError};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
+
+use super::dma::GuestDma;
+use super::dma_log::{DmaWriteLog, WithDmaWrites};
+use super::migration::VfioUserMigration;
+use super::v1_migration;
+use crate::vfio::backend::{DmaMapping, RegionMmap, Result};
+use crate::vfio::migration::DeviceMigration;
+use crate::vfio::{BackendError, DeviceInfo, IrqInfo, RegionFlags, RegionInfo, VfioBackend};
 
 /// A device behind a vfio-user socket.
 pub struct VfioUserBackend {
-    /// Shared with the device's [`migration::VfioUserMigration`], if it has one.
+    /// Shared with the device's [`VfioUserMigration`], if it has one.
     client: Arc<Client>,
     socket: PathBuf,
     /// Guest pages the server wrote with `DMA_WRITE` (this process wrote them, so neither
@@ -87,20 +87,12 @@ impl VfioUserBackend {
         mem: &GuestMemoryMmap,
     ) -> std::result::Result<Option<Arc<dyn DeviceMigration>>, ClientError> {
         let ram: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
-        let found: Option<Arc<dyn DeviceMigration>> = match migration::VfioUserMigration::probe(
-            self.client.clone(),
-            &self.socket,
-            ram.clone(),
-        )? {
-            Some(m) => Some(Arc::new(m)),
-            None => crate::vfio_user_v1_migration::probe(
-                self.clone(),
-                self.client.clone(),
-                &self.socket,
-                ram,
-            )?
-            .map(|m| Arc::new(m) as Arc<dyn DeviceMigration>),
-        };
+        let found: Option<Arc<dyn DeviceMigration>> =
+            match VfioUserMigration::probe(self.client.clone(), &self.socket, ram.clone())? {
+                Some(m) => Some(Arc::new(m)),
+                None => v1_migration::probe(self.clone(), self.client.clone(), &self.socket, ram)?
+                    .map(|m| Arc::new(m) as Arc<dyn DeviceMigration>),
+            };
         Ok(found.map(|inner| {
             Arc::new(WithDmaWrites {
                 inner,
@@ -301,7 +293,7 @@ impl VfioBackend for VfioUserBackend {
     /// interrupt is unmasked, not wait on it; and libvfio-user (`lib/irq.c`, as bundled with
     /// QEMU 10.0) only checks the descriptor count, calls the device's mask callback once
     /// and drops the descriptor. The VMM relays each EOI as an UNMASK request instead (see
-    /// `devices::vfio::intx`).
+    /// [`crate::vfio::intx`]).
     fn set_intx_unmask_eventfd(&self, _fd: &EventFd) -> Result<bool> {
         Ok(false)
     }
@@ -332,150 +324,3 @@ impl VfioBackend for VfioUserBackend {
             .map_err(|e| self.error("reset".into(), e))
     }
 }
-
-/// Guest RAM as the device server reaches it through `DMA_READ`/`DMA_WRITE`: DMA address
-/// = guest physical address. An access not wholly inside RAM is refused with `EFAULT`.
-///
-/// Pages written this way are not dirty-tracked: the migration collects the device's
-/// writes from its own DMA log, and a server that logs only what it writes through its
-/// own mappings (libvfio-user) leaves these out.
-pub struct GuestDma {
-    mem: GuestMemoryMmap,
-    log: Arc<DmaWriteLog>,
-}
-
-impl GuestDma {
-    /// Serves DMA to `mem` (a handle on the same mappings, not a copy); writes are
-    /// recorded in `log` while it tracks.
-    pub fn new(mem: &GuestMemoryMmap, log: Arc<DmaWriteLog>) -> Self {
-        GuestDma {
-            mem: mem.clone(),
-            log,
-        }
-    }
-}
-
-/// The guest pages a server wrote through `DMA_WRITE` messages while tracking is on.
-#[derive(Default)]
-pub struct DmaWriteLog {
-    /// `None` while not tracking.
-    pages: Mutex<Option<BTreeSet<u64>>>,
-}
-
-impl DmaWriteLog {
-    fn lock(&self) -> MutexGuard<'_, Option<BTreeSet<u64>>> {
-        self.pages.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Starts recording (what was recorded before is dropped).
-    pub fn start(&self) {
-        *self.lock() = Some(BTreeSet::new());
-    }
-
-    /// Stops recording.
-    pub fn stop(&self) {
-        *self.lock() = None;
-    }
-
-    /// Records a write of `len` bytes at `addr`, if tracking.
-    pub fn record(&self, addr: u64, len: usize) {
-        if let Some(pages) = self.lock().as_mut() {
-            let end = addr.saturating_add(len as u64);
-            let mut page = addr & !(DMA_LOG_PAGE - 1);
-            while page < end {
-                pages.insert(page);
-                page = page.saturating_add(DMA_LOG_PAGE);
-            }
-        }
-    }
-
-    /// The pages recorded since the start or the last call.
-    pub fn take(&self) -> Vec<u64> {
-        self.lock()
-            .as_mut()
-            .map(|p| std::mem::take(p).into_iter().collect())
-            .unwrap_or_default()
-    }
-}
-
-/// Page size of [`DmaWriteLog`] (that of device dirty tracking).
-const DMA_LOG_PAGE: u64 = devices::vfio::migration::DIRTY_PAGE_SIZE;
-
-/// A vfio-user device's migration with the pages its server wrote through `DMA_WRITE`
-/// added to the pages it reports itself: a decorator, the migration never notices.
-struct WithDmaWrites {
-    inner: Arc<dyn DeviceMigration>,
-    log: Arc<DmaWriteLog>,
-}
-
-impl DeviceMigration for WithDmaWrites {
-    fn state(&self) -> devices::vfio::migration::Result<MigrationState> {
-        self.inner.state()
-    }
-    fn set_state(&self, state: MigrationState) -> devices::vfio::migration::Result<()> {
-        self.inner.set_state(state)
-    }
-    fn pending_bytes(&self) -> devices::vfio::migration::Result<u64> {
-        self.inner.pending_bytes()
-    }
-    fn save_chunk(&self) -> devices::vfio::migration::Result<Option<Vec<u8>>> {
-        self.inner.save_chunk()
-    }
-    fn restore_chunk(&self, data: &[u8]) -> devices::vfio::migration::Result<()> {
-        self.inner.restore_chunk(data)
-    }
-    fn start_dirty_tracking(&self) -> devices::vfio::migration::Result<()> {
-        self.log.start();
-        self.inner.start_dirty_tracking()
-    }
-    fn stop_dirty_tracking(&self) -> devices::vfio::migration::Result<()> {
-        self.log.stop();
-        self.inner.stop_dirty_tracking()
-    }
-    fn take_dirty_pages(&self) -> devices::vfio::migration::Result<Vec<u64>> {
-        let mut pages = self.inner.take_dirty_pages()?;
-        pages.extend(self.log.take());
-        pages.sort_unstable();
-        pages.dedup();
-        Ok(pages)
-    }
-}
-
-impl ServerRequests for GuestDma {
-    fn dma_read(&self, addr: u64, buf: &mut [u8]) -> std::result::Result<(), Errno> {
-        self.mem.read_slice(buf, GuestAddress(addr)).map_err(|e| {
-            tracing::warn!(
-                "vfio-user DMA read of {} bytes at {addr:#x} refused: {e}",
-                buf.len()
-            );
-            Errno(libc::EFAULT)
-        })
-    }
-
-    fn dma_write(&self, addr: u64, data: &[u8]) -> std::result::Result<(), Errno> {
-        // Recorded first: a page must never be written unrecorded while tracking.
-        self.log.record(addr, data.len());
-        self.mem.write_slice(data, GuestAddress(addr)).map_err(|e| {
-            tracing::warn!(
-                "vfio-user DMA write of {} bytes at {addr:#x} refused: {e}",
-                data.len()
-            );
-            Errno(libc::EFAULT)
-        })
-    }
-}
-
-#[path = "vfio_user_migration.rs"]
-pub mod migration;
-
-#[cfg(test)]
-#[path = "vfio_user_backend_tests.rs"]
-mod tests;
-
-#[cfg(test)]
-#[path = "vfio_user_msix_tests.rs"]
-mod msix_tests;
-
-#[cfg(test)]
-#[path = "vfio_user_qemu_tests.rs"]
-mod qemu_tests;

@@ -5,19 +5,21 @@
 //! into guest RAM come from `VFIO_USER_DIRTY_PAGES` (the dirty-page command of protocol
 //! 0.1, before DMA logging), beside the register protocol since v1 has no field for them.
 //!
-//! Chosen by what the server offers: [`super::vfio_user_backend::VfioUserBackend`] asks
-//! for the v2 migration feature first and falls back to a region of type
+//! Chosen by what the server offers: [`super::VfioUserBackend`] asks for the v2 migration
+//! feature first and falls back to a region of type
 //! `VFIO_REGION_TYPE_MIGRATION_DEPRECATED`/`VFIO_REGION_SUBTYPE_MIGRATION`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use devices::vfio::VfioBackend;
-use mediate::migration::{DirtyTracker, OpsError, OpsResult, RegionMigration};
 use vfio_user::{Client, ClientError};
 
+use crate::vfio::region_migration::layout::{REGION_SUBTYPE, REGION_TYPE};
+use crate::vfio::region_migration::{DirtyTracker, OpsError, OpsResult, RegionMigration};
+use crate::vfio::VfioBackend;
+
 /// `VFIO_REGION_TYPE_MIGRATION_DEPRECATED` and `VFIO_REGION_SUBTYPE_MIGRATION`.
-const MIGRATION_REGION: (u32, u32) = (3, 1);
+const MIGRATION_REGION: (u32, u32) = (REGION_TYPE, REGION_SUBTYPE);
 /// First device-specific region index (after BARs 0-5, the ROM, config space and VGA).
 const FIRST_EXTRA_REGION: u32 = 9;
 /// The page size dirty bitmaps are asked in (the client's DMA page size).
