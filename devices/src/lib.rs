@@ -7,13 +7,14 @@
 //! - [`vfio`]: the vfio-pci device over its backend trait, the kernel VFIO and vfio-user
 //!   backends beside it, and their device migrations.
 //!
-//! Every device's guest-visible state can be saved and restored as a plain serde struct,
-//! through [`Persist`] where the VMM saves it ([`legacy::SerialPortState`],
-//! [`legacy::I8042State`]; the rest is moving to it) or `state()` / `restore()`:
-//! [`pci::ConfigSpaceState`] (host bridge), [`pci::PciRootState`] and
-//! [`vfio::VfioPciState`]. The stream that carries them is versioned by the `migration`
-//! crate; a passed-through device's internal state travels through
-//! [`vfio::migration::DeviceMigration`].
+//! Every device's guest-visible state can be saved and restored as a plain serde struct.
+//! What the VMM saves goes through [`Persist`]: [`legacy::SerialPortState`],
+//! [`legacy::I8042State`] and [`vfio::VfioPciState`] (a passed-through function's
+//! virtualized configuration). [`pci::PciRootState`] (the CONFIG_ADDRESS latch) and the host
+//! bridge's [`pci::ConfigSpaceState`] have `state()` / `restore()` but are not saved yet
+//! (the device manager that will own them comes next). The stream that carries the states
+//! is versioned by the `migration` crate; a passed-through device's internal state travels
+//! through [`vfio::migration::DeviceMigration`].
 
 pub mod bus;
 pub mod legacy;

@@ -2,6 +2,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use crate::persist::Persist;
 use resources::memslots::{MappingKind, MemSlots};
 
 use super::testing::{Call, FakeBackend, FakeSlots};
@@ -858,7 +859,7 @@ fn device_and_local_traps_are_lifted_by_their_owner_and_only_device_traps_are_sa
         dev.mapped_areas(0),
         vec![(b + 0x4000, 0x2000), (b + 0x9000, 0x3000)]
     );
-    let saved = dev.state();
+    let saved = dev.save();
     assert_eq!(saved.traps.len(), 1);
     assert_eq!(saved.traps[0].ranges, vec![(0x6000, 0x2000)]);
     // The device's untrap leaves the local trap's pages trapped.
@@ -868,7 +869,7 @@ fn device_and_local_traps_are_lifted_by_their_owner_and_only_device_traps_are_sa
         dev.mapped_areas(0),
         vec![(b + 0x4000, 0x3000), (b + 0x9000, 0x3000)]
     );
-    assert!(dev.state().traps.is_empty(), "a local trap is not saved");
+    assert!(dev.save().traps.is_empty(), "a local trap is not saved");
     dev.untrap(0, 0x7000, 0x2000, TrapOwner::Local).unwrap();
     assert!(dev.trapped(0).is_empty());
     assert_eq!(dev.mapped_areas(0), vec![(b + 0x4000, 0x8000)]);

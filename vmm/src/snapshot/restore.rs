@@ -56,10 +56,6 @@ impl Configs {
     }
 
     fn apply(&self, t: &Target<'_>) -> Result<(), SnapshotError> {
-        let bad = |id: &str, e: String| SnapshotError::Device {
-            id: id.to_string(),
-            reason: e,
-        };
         for (n, data) in &self.serials {
             let key = SectionKey::Serial(*n);
             let port = t
@@ -77,10 +73,12 @@ impl Configs {
                     "the stream has PCI state of an unknown device {id:?}"
                 ))
             })?;
-            let s = migration::decode_state(data).map_err(|e| bad(id, e.to_string()))?;
-            dev.device
-                .restore(&s)
-                .map_err(|e| bad(id, format!("restoring its PCI configuration: {e}")))?;
+            restore_device(
+                &*dev.device,
+                &SectionKey::PciConfig(id.clone()),
+                data,
+                "restoring its PCI configuration",
+            )?;
         }
         Ok(())
     }

@@ -284,13 +284,7 @@ pub fn write_final_state<W: Write>(
     }
     save_device(w, &SectionKey::I8042, &*m.i8042)?;
     for d in m.devices.iter() {
-        let id = SectionKey::PciConfig(d.id.clone()).encode();
-        let bytes =
-            migration::encode_state(&d.device.state()).map_err(|e| SnapshotError::Device {
-                id: id.clone(),
-                reason: format!("encoding its state: {e}"),
-            })?;
-        w.write_device(&id, DevicePhase::Final, &bytes)?;
+        save_device(w, &SectionKey::PciConfig(d.id.clone()), &*d.device)?;
     }
     Ok(())
 }

@@ -21,6 +21,7 @@ use super::{
     Irqs, MsiCap, Msix, State, VfioPciDevice, VfioPciError, COMMAND_IO, COMMAND_MEMORY, NUM_BARS,
 };
 use crate::pci::persist::{MsiState, MsixState};
+use crate::persist::Persist;
 use crate::vfio::bars::BarKind;
 use crate::vfio::intx::{Intx, IntxRouting};
 use crate::vfio::placement::TrapOwner;
@@ -339,10 +340,13 @@ fn layout(st: &State, irqs: &Irqs, intx: Option<&Intx>) -> VfioPciLayout {
     }
 }
 
-impl VfioPciDevice {
+impl Persist for VfioPciDevice {
+    type State = VfioPciState;
+    type Error = VfioPersistError;
+
     /// The configuration state the guest programmed, the pending vectors and the run-time
     /// traps, for saving. Take it with the vCPUs stopped, so nothing changes meanwhile.
-    pub fn state(&self) -> VfioPciState {
+    fn save(&self) -> VfioPciState {
         let st = self.lock_state();
         let irqs = self.lock_irqs();
         let intx = self.lock_intx();
@@ -376,70 +380,7 @@ impl VfioPciDevice {
         }
     }
 
-    fn invalid(&self, reason: String) -> VfioPersistError {
-        VfioPersistError::Invalid {
-            name: self.name.clone(),
-            reason,
-        }
-    }
-
-    /// Checks that `s` fits this device and is consistent in itself.
-    fn check_restore(&self, s: &VfioPciState) -> Result<(), VfioPersistError> {
-        let st = self.lock_state();
-        let irqs = self.lock_irqs();
-        let intx = self.lock_intx();
-        let differences = layout(&st, &irqs, intx.as_ref()).differences(&s.layout);
-        if !differences.is_empty() {
-            return Err(VfioPersistError::Mismatch {
-                name: self.name.clone(),
-                differences,
-            });
-        }
-        match (&s.msix, &s.layout.msix) {
-            (Some(m), Some(l)) if m.entries.len() != l.vectors => {
-                return Err(self.invalid(format!(
-                    "the MSI-X table has {} entries for a capability of {} vectors",
-                    m.entries.len(),
-                    l.vectors
-                )))
-            }
-            (Some(_), None) | (None, Some(_)) => {
-                return Err(self.invalid(
-                    "MSI-X registers and the MSI-X capability do not come together".into(),
-                ))
-            }
-            _ => {}
-        }
-        match (&s.msi, &s.layout.msi) {
-            (Some(m), Some(l)) if MsiCap::new(m.control).capabilities() != l.capabilities => {
-                return Err(self.invalid(format!(
-                    "the MSI control register {:#06x} does not match the capability's bits {:#06x}",
-                    m.control, l.capabilities
-                )))
-            }
-            (Some(_), None) | (None, Some(_)) => {
-                return Err(self
-                    .invalid("MSI registers and the MSI capability do not come together".into()))
-            }
-            _ => {}
-        }
-        let n = irqs.vectors().len();
-        if let Some(&v) = s.pending_vectors.iter().find(|&&v| v >= n) {
-            return Err(self.invalid(format!(
-                "vector {v} is pending but the device has {n} vectors"
-            )));
-        }
-        for t in &s.traps {
-            for &(offset, size) in &t.ranges {
-                st.placement
-                    .check_range(t.index, offset, size)
-                    .map_err(|e| self.invalid(format!("trapped range: {e}")))?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Applies `s` (from [`state`](Self::state) of a device of the same type) to this
+    /// Applies `s` (from [`save`](Persist::save) of a device of the same type) to this
     /// freshly opened device, with the vCPUs stopped: traps the saved ranges, writes the
     /// header and BAR registers, programs MSI and MSI-X (routes, irqfds, the backend's
     /// eventfds), re-signals the pending vectors, and writes the command register last,
@@ -454,7 +395,7 @@ impl VfioPciDevice {
     /// A device whose layout differs (ids, BAR types or sizes, capability list, MSI/MSI-X
     /// layout or vector counts), or an inconsistent state, is refused before anything is
     /// changed, with every difference named.
-    pub fn restore(&self, s: &VfioPciState) -> Result<(), VfioPersistError> {
+    fn restore(&self, s: &VfioPciState) -> Result<(), VfioPersistError> {
         self.check_restore(s)?;
         let intx_errors = || self.lock_intx().as_ref().map_or(0, Intx::errors);
         let failures_before = self.errors.count() + self.lock_irqs().errors() + intx_errors();
@@ -539,6 +480,71 @@ impl VfioPciDevice {
                 name: self.name.clone(),
                 count,
             });
+        }
+        Ok(())
+    }
+}
+
+impl VfioPciDevice {
+    fn invalid(&self, reason: String) -> VfioPersistError {
+        VfioPersistError::Invalid {
+            name: self.name.clone(),
+            reason,
+        }
+    }
+
+    /// Checks that `s` fits this device and is consistent in itself.
+    fn check_restore(&self, s: &VfioPciState) -> Result<(), VfioPersistError> {
+        let st = self.lock_state();
+        let irqs = self.lock_irqs();
+        let intx = self.lock_intx();
+        let differences = layout(&st, &irqs, intx.as_ref()).differences(&s.layout);
+        if !differences.is_empty() {
+            return Err(VfioPersistError::Mismatch {
+                name: self.name.clone(),
+                differences,
+            });
+        }
+        match (&s.msix, &s.layout.msix) {
+            (Some(m), Some(l)) if m.entries.len() != l.vectors => {
+                return Err(self.invalid(format!(
+                    "the MSI-X table has {} entries for a capability of {} vectors",
+                    m.entries.len(),
+                    l.vectors
+                )))
+            }
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(self.invalid(
+                    "MSI-X registers and the MSI-X capability do not come together".into(),
+                ))
+            }
+            _ => {}
+        }
+        match (&s.msi, &s.layout.msi) {
+            (Some(m), Some(l)) if MsiCap::new(m.control).capabilities() != l.capabilities => {
+                return Err(self.invalid(format!(
+                    "the MSI control register {:#06x} does not match the capability's bits {:#06x}",
+                    m.control, l.capabilities
+                )))
+            }
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(self
+                    .invalid("MSI registers and the MSI capability do not come together".into()))
+            }
+            _ => {}
+        }
+        let n = irqs.vectors().len();
+        if let Some(&v) = s.pending_vectors.iter().find(|&&v| v >= n) {
+            return Err(self.invalid(format!(
+                "vector {v} is pending but the device has {n} vectors"
+            )));
+        }
+        for t in &s.traps {
+            for &(offset, size) in &t.ranges {
+                st.placement
+                    .check_range(t.index, offset, size)
+                    .map_err(|e| self.invalid(format!("trapped range: {e}")))?;
+            }
         }
         Ok(())
     }

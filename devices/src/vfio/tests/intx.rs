@@ -5,6 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::persist::Persist;
 use resources::memslots::MemSlots;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -219,9 +220,9 @@ fn intx_disable_holds_the_line_back_and_a_signal_meanwhile_is_delivered_after() 
     );
     assert_eq!(r16(&r.dev, 0x04), 0x0400);
     assert_eq!(r.fake.config()[5] & 0x04, 0x04, "the device sees the bit");
-    assert!(!r.dev.state().intx_pending);
+    assert!(!r.dev.save().intx_pending);
     r.fake.fire(IRQ_INTX, 0).unwrap();
-    assert!(r.dev.state().intx_pending, "held in the trigger eventfd");
+    assert!(r.dev.save().intx_pending, "held in the trigger eventfd");
     r.fake.take_calls();
     w16(&r.dev, 0x04, 0x0000);
     // Registering the irqfd again hands KVM the count (KVM checks the eventfd then).
@@ -300,7 +301,7 @@ fn wired_on(gsi: u32) -> (Rig, Arc<LevelRecorder>) {
 #[test]
 fn the_routing_is_saved_and_a_device_routed_elsewhere_is_refused() {
     let (a, _) = wired_on(17);
-    let s = a.dev.state();
+    let s = a.dev.save();
     assert_eq!(s.layout.intx, Some(IntxRouting { pin: 1, gsi: 17 }));
     let (b, _) = wired_on(19);
     let e = b.dev.restore(&s).unwrap_err();
@@ -319,7 +320,7 @@ fn restore_rearms_intx_unmasks_it_and_remakes_a_held_back_signal() {
     let (a, _) = wired_on(17);
     w16(&a.dev, 0x04, 0x0400);
     a.fake.fire(IRQ_INTX, 0).unwrap();
-    let s = a.dev.state();
+    let s = a.dev.save();
     assert!(s.intx_pending);
 
     let (b, rec) = wired_on(17);
@@ -329,10 +330,7 @@ fn restore_rearms_intx_unmasks_it_and_remakes_a_held_back_signal() {
         Some((true, false)),
         "INTx Disable came along"
     );
-    assert!(
-        b.dev.state().intx_pending,
-        "the held-back signal came along"
-    );
+    assert!(b.dev.save().intx_pending, "the held-back signal came along");
     assert!(b.fake.take_calls().contains(&UNMASK));
     w16(&b.dev, 0x04, 0x0000);
     assert!(matches!(&rec.take()[..], [.., Level::On(17, _)]));
@@ -340,7 +338,7 @@ fn restore_rearms_intx_unmasks_it_and_remakes_a_held_back_signal() {
     // A source with MSI-X on: the destination's INTx ends off at its device.
     let (c, _) = wired_on(17);
     w16(&c.dev, 0x52, 0x8000);
-    let s = c.dev.state();
+    let s = c.dev.save();
     let (d, _) = wired_on(17);
     d.dev.restore(&s).unwrap();
     assert_eq!(d.dev.intx_live(), Some((false, false)));
@@ -386,7 +384,7 @@ fn a_device_that_does_not_mask_itself_is_never_sent_an_unmask() {
         !r.fake.take_calls().contains(&UNMASK),
         "no UNMASK, after an EOI or a re-route"
     );
-    let s = r.dev.state();
+    let s = r.dev.save();
     let (b, _) = {
         let mut fake = FakeBackend::standard().unwrap();
         Arc::get_mut(&mut fake).unwrap().irq_flags[IRQ_INTX as usize] =

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use crate::persist::Persist;
 use resources::memslots::MemSlots;
 
 use super::{bus_line, r16, r32, rig, rig_on, w16, w32, Rig};
@@ -161,7 +162,7 @@ fn the_io_bar_address_is_saved_and_placed_again_on_restore() {
     let a = rig();
     w32(&a.dev, 0x20, 0xc040);
     w16(&a.dev, 0x04, COMMAND_IO | COMMAND_MEMORY);
-    let text = serde_json::to_string(&a.dev.state()).unwrap();
+    let text = serde_json::to_string(&a.dev.save()).unwrap();
     let s: crate::vfio::VfioPciState = serde_json::from_str(&text).unwrap();
     assert_eq!(s.bar_regs[4], 0xc041);
 
@@ -183,7 +184,7 @@ fn restoring_an_io_bar_on_a_taken_port_range_fails_naming_it() {
     let a = rig();
     w32(&a.dev, 0x20, 0xc040);
     w16(&a.dev, 0x04, COMMAND_IO);
-    let s = a.dev.state();
+    let s = a.dev.save();
     let b = rig();
     b.bus
         .register_pio("squatter", 0xc040, 4, Arc::new(Squatter))

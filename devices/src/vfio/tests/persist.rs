@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use crate::persist::Persist;
 use resources::memslots::MemSlots;
 
 use super::{bus_line, msix_entry, place, r16, r32, w16, w32, Rig};
@@ -65,7 +66,7 @@ fn programmed_source() -> Rig {
 #[test]
 fn msix_bars_and_traps_come_back_on_another_device() {
     let a = programmed_source();
-    let s = json(&a.dev.state());
+    let s = json(&a.dev.save());
     assert_eq!(s.pending_vectors, vec![1]);
     assert_eq!(s.traps.len(), 1);
     assert_eq!(
@@ -77,7 +78,7 @@ fn msix_bars_and_traps_come_back_on_another_device() {
     b.dev.restore(&s).unwrap();
 
     // The same state reads back, and the guest sees the same configuration space.
-    assert_eq!(b.dev.state(), s);
+    assert_eq!(b.dev.save(), s);
     assert_eq!(config_image(&b.dev), config_image(&a.dev));
     // BARs on the bus and in memory slots, with the trap punched out of BAR0's slot.
     for name in ["vf0/bar0", "vf0/bar2"] {
@@ -149,7 +150,7 @@ fn msi_comes_back_into_a_device_already_programmed_elsewhere() {
     w16(&a.dev, 0x8c, 0x30);
     w32(&a.dev, 0x90, 0b0100); // vector 2 masked
     w16(&a.dev, 0x82, 0x0184 | 0x21); // enable, 4 vectors
-    let s = json(&a.dev.state());
+    let s = json(&a.dev.save());
     assert!(s.msi.is_some() && s.traps.is_empty());
 
     // The destination's firmware already placed the BARs somewhere else.
@@ -157,7 +158,7 @@ fn msi_comes_back_into_a_device_already_programmed_elsewhere() {
     place(&b.dev, 0x1_0000_0000, 0xc000_0000);
     b.fake.take_calls();
     b.dev.restore(&s).unwrap();
-    assert_eq!(b.dev.state(), s);
+    assert_eq!(b.dev.save(), s);
     assert_eq!(config_image(&b.dev), config_image(&a.dev));
     assert_eq!(b.dev.mapped_areas(0), vec![(0x2_0000_4000, 0x8000)]);
     assert_eq!(b.dev.mapped_areas(2), vec![(0xd000_0000, 0x2000)]);
@@ -197,12 +198,12 @@ type Slots = Vec<(u64, u64, u64, u32)>;
 /// restore changed nothing.
 fn snapshot(r: &Rig) -> (VfioPciState, Vec<u32>, usize, Slots) {
     let lines = r.bus.stats().len();
-    (r.dev.state(), config_image(&r.dev), lines, r.slots.live())
+    (r.dev.save(), config_image(&r.dev), lines, r.slots.live())
 }
 
 #[test]
 fn a_device_with_another_bar_size_is_refused_unchanged() {
-    let s = programmed_source().dev.state();
+    let s = programmed_source().dev.save();
     let mut fake = FakeBackend::standard().unwrap();
     Arc::get_mut(&mut fake).unwrap().regions[2].size = 0x8000;
     let b = rig_with(fake);
@@ -224,7 +225,7 @@ fn a_device_with_another_bar_size_is_refused_unchanged() {
 
 #[test]
 fn other_vector_counts_and_layouts_are_named() {
-    let s = programmed_source().dev.state();
+    let s = programmed_source().dev.save();
     let mut fake = FakeBackend::standard().unwrap();
     Arc::get_mut(&mut fake).unwrap().irq_counts = [1, 2, 8, 0, 0];
     let b = rig_with(fake);
@@ -248,7 +249,7 @@ fn other_vector_counts_and_layouts_are_named() {
 
 #[test]
 fn inconsistent_states_are_refused_unchanged() {
-    let s = programmed_source().dev.state();
+    let s = programmed_source().dev.save();
     let b = rig_with(FakeBackend::standard().unwrap());
     b.fake.take_calls();
     let before = snapshot(&b);
@@ -270,7 +271,7 @@ fn inconsistent_states_are_refused_unchanged() {
 
 #[test]
 fn a_bus_conflict_on_the_destination_is_reported() {
-    let s = programmed_source().dev.state();
+    let s = programmed_source().dev.save();
     let b = rig_with(FakeBackend::standard().unwrap());
     // Something else already sits where BAR2 must go.
     b.bus
@@ -285,7 +286,7 @@ fn a_bus_conflict_on_the_destination_is_reported() {
 
 #[test]
 fn a_route_kvm_refuses_is_reported() {
-    let s = programmed_source().dev.state();
+    let s = programmed_source().dev.save();
     let b = rig_with(FakeBackend::standard().unwrap());
     b.routes.lock().fail_route.insert(35);
     let e = b.dev.restore(&s).unwrap_err().to_string();
