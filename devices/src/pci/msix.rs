@@ -541,7 +541,9 @@ fn within(offset: u64, len: usize, size: u64) -> bool {
             .is_some_and(|end| end <= size)
 }
 
-/// A recorder of [`InterruptRoutes`] calls, for tests of devices with MSI/MSI-X.
+/// A recorder of [`InterruptRoutes`] calls, for tests of devices with MSI/MSI-X (with the
+/// `testing` feature only).
+#[cfg(any(test, feature = "testing"))]
 pub mod testing {
     use std::collections::{BTreeMap, BTreeSet};
     use std::os::fd::AsRawFd;

@@ -37,6 +37,7 @@ pub mod pci;
 mod placement;
 mod ranges;
 pub mod region_migration;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod trap_all;
 pub mod user;

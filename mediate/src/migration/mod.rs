@@ -14,6 +14,7 @@
 //! - [`testing`]: [`testing::FakeOps`], a fake mediator for tests.
 
 mod region;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 pub use region::{MigrationOps, MigrationRegion, RegionError};
