@@ -3,10 +3,12 @@
 
 mod api;
 mod boot;
+mod builder;
 mod cli;
 mod config;
 mod console;
 mod ctl;
+mod device_manager;
 mod device_setup;
 mod event_loop;
 mod exit;
