@@ -343,36 +343,7 @@ impl Vmm {
         let sample_ms: Option<u64> = std::env::var("VMM_SAMPLE_RIP_MS")
             .ok()
             .and_then(|v| v.parse().ok());
-        let mut threads = Vec::new();
-        let mut handles = Vec::new();
-        for (id, fd) in std::mem::take(&mut self.vcpu_fds).into_iter().enumerate() {
-            let pause = Arc::new(crate::pause::PauseControl::default());
-            let ctx = VcpuContext {
-                bus: self.devices.bus.clone(),
-                exit: exit.clone(),
-                stop: stop.clone(),
-                counters: counters.clone(),
-                sample_rip: sample_ms.is_some(),
-                pause: pause.clone(),
-                caps: self.caps.clone(),
-            };
-            match vcpu::spawn(id as u8, fd, ctx) {
-                Ok(t) => {
-                    handles.push(crate::machine::VcpuHandle {
-                        id: id as u8,
-                        pause,
-                        kicker: crate::machine::Kicker(t.pthread()),
-                    });
-                    threads.push(t)
-                }
-                Err(e) => {
-                    exit.trigger(ExitReason::Error(format!(
-                        "cannot start vCPU thread {id}: {e}"
-                    )));
-                    break;
-                }
-            }
-        }
+        let (threads, handles) = self.spawn_vcpus(&stop, &counters, sample_ms.is_some());
 
         let machine = Arc::new(crate::machine::Machine::new(
             self.cpus,
@@ -404,46 +375,9 @@ impl Vmm {
             }
         };
 
-        if let Some(r) = &mut self.reply {
-            if let Err(e) = r.resumed() {
-                // The guest runs here already; the source will see the connection close.
-                tracing::warn!("{e}");
-            }
-            tracing::info!("migration complete: the guest runs here");
-            if let Some((l, read_at)) = self.restored.as_ref().and_then(|l| Some((l, l.read_at?))) {
-                let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
-                let total = read_at.elapsed();
-                let restoring = l.kvm_state + l.device_config + l.devices_running;
-                tracing::info!(
-                    "resumed {:.1} ms after the source's last section: KVM state {:.1} ms, device PCI config {:.1} ms, devices running {:.1} ms, threads and API {:.1} ms",
-                    ms(total),
-                    ms(l.kvm_state),
-                    ms(l.device_config),
-                    ms(l.devices_running),
-                    ms(total.saturating_sub(restoring)),
-                );
-            }
-        }
+        self.tell_source_resumed();
 
-        let mut next_sample = std::time::Instant::now();
-        let reason = loop {
-            if let Some(r) = exit.reason() {
-                break r;
-            }
-            if let Some(ms) = sample_ms {
-                if std::time::Instant::now() >= next_sample {
-                    threads.iter().for_each(|t| t.kick());
-                    next_sample += std::time::Duration::from_millis(ms);
-                }
-                if let Err(e) = em.run_with_timeout(ms as i32) {
-                    break ExitReason::Error(format!("event loop failed: {e:?}"));
-                }
-                continue;
-            }
-            if let Err(e) = em.run() {
-                break ExitReason::Error(format!("event loop failed: {e:?}"));
-            }
-        };
+        let reason = wait(&mut em, &exit, &threads, sample_ms);
 
         stop.store(true, Ordering::Release);
         for t in &threads {
@@ -468,5 +402,101 @@ impl Vmm {
         // then guest RAM's slots, the VM and RAM itself: the Vmm's field order.
         drop(self);
         Ok((reason, stats))
+    }
+
+    /// Starts a thread per vCPU; a vCPU that cannot start ends the VM (the ones started
+    /// are stopped with the rest).
+    fn spawn_vcpus(
+        &mut self,
+        stop: &Arc<AtomicBool>,
+        counters: &Arc<ExitCounters>,
+        sample_rip: bool,
+    ) -> (Vec<vcpu::VcpuThread>, Vec<crate::machine::VcpuHandle>) {
+        let mut threads = Vec::new();
+        let mut handles = Vec::new();
+        for (id, fd) in std::mem::take(&mut self.vcpu_fds).into_iter().enumerate() {
+            let pause = Arc::new(crate::pause::PauseControl::default());
+            let ctx = VcpuContext {
+                bus: self.devices.bus.clone(),
+                exit: self.exit.clone(),
+                stop: stop.clone(),
+                counters: counters.clone(),
+                sample_rip,
+                pause: pause.clone(),
+                caps: self.caps.clone(),
+            };
+            match vcpu::spawn(id as u8, fd, ctx) {
+                Ok(t) => {
+                    handles.push(crate::machine::VcpuHandle {
+                        id: id as u8,
+                        pause,
+                        kicker: crate::machine::Kicker(t.pthread()),
+                    });
+                    threads.push(t)
+                }
+                Err(e) => {
+                    self.exit.trigger(ExitReason::Error(format!(
+                        "cannot start vCPU thread {id}: {e}"
+                    )));
+                    break;
+                }
+            }
+        }
+
+        (threads, handles)
+    }
+
+    /// Tells a live migration's source that the guest runs here, and logs where the
+    /// time after its last section went.
+    fn tell_source_resumed(&mut self) {
+        if let Some(r) = &mut self.reply {
+            if let Err(e) = r.resumed() {
+                // The guest runs here already; the source will see the connection close.
+                tracing::warn!("{e}");
+            }
+            tracing::info!("migration complete: the guest runs here");
+            if let Some((l, read_at)) = self.restored.as_ref().and_then(|l| Some((l, l.read_at?))) {
+                let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+                let total = read_at.elapsed();
+                let restoring = l.kvm_state + l.device_config + l.devices_running;
+                tracing::info!(
+                    "resumed {:.1} ms after the source's last section: KVM state {:.1} ms, device PCI config {:.1} ms, devices running {:.1} ms, threads and API {:.1} ms",
+                    ms(total),
+                    ms(l.kvm_state),
+                    ms(l.device_config),
+                    ms(l.devices_running),
+                    ms(total.saturating_sub(restoring)),
+                );
+            }
+        }
+    }
+}
+
+/// Runs the event loop until the VM's end is recorded (kicking every vCPU every
+/// `sample_ms` ms, if asked, so each logs where it is).
+fn wait(
+    em: &mut EventManager<Box<dyn MutEventSubscriber + Send>>,
+    exit: &VmExit,
+    threads: &[vcpu::VcpuThread],
+    sample_ms: Option<u64>,
+) -> ExitReason {
+    let mut next_sample = std::time::Instant::now();
+    loop {
+        if let Some(r) = exit.reason() {
+            break r;
+        }
+        if let Some(ms) = sample_ms {
+            if std::time::Instant::now() >= next_sample {
+                threads.iter().for_each(|t| t.kick());
+                next_sample += std::time::Duration::from_millis(ms);
+            }
+            if let Err(e) = em.run_with_timeout(ms as i32) {
+                break ExitReason::Error(format!("event loop failed: {e:?}"));
+            }
+            continue;
+        }
+        if let Err(e) = em.run() {
+            break ExitReason::Error(format!("event loop failed: {e:?}"));
+        }
     }
 }
