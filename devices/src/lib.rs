@@ -9,10 +9,10 @@
 //!
 //! Every device's guest-visible state can be saved and restored as a plain serde struct.
 //! What the VMM saves goes through [`Persist`]: [`legacy::SerialPortState`],
-//! [`legacy::I8042State`] and [`vfio::VfioPciState`] (a passed-through function's
-//! virtualized configuration). [`pci::PciRootState`] (the CONFIG_ADDRESS latch) and the host
-//! bridge's [`pci::ConfigSpaceState`] have `state()` / `restore()` but are not saved yet
-//! (the device manager that will own them comes next). The stream that carries the states
+//! [`legacy::I8042State`], [`pci::PciRootState`] (the CONFIG_ADDRESS latch) and
+//! [`vfio::VfioPciState`] (a passed-through function's virtualized configuration). The host
+//! bridge's [`pci::ConfigSpaceState`] has `state()` / `restore()` but is not saved (its only
+//! guest-writable registers, command and cache line size, change nothing here). The stream that carries the states
 //! is versioned by the `migration` crate; a passed-through device's internal state travels
 //! through [`vfio::migration::DeviceMigration`].
 

@@ -115,6 +115,7 @@ fn devices_named_serial0_and_i8042_keep_their_state_across_snapshot_and_restore(
         "legacy/serial0",
         "legacy/serial1",
         "legacy/i8042",
+        "legacy/pci-config",
     ] {
         assert!(ids.contains(&want), "no section {want:?} in {ids:?}");
     }

@@ -289,8 +289,7 @@ impl Vmm {
                     vcpus: &self.vcpu_fds,
                     caps,
                     devices: &self.devices.passthrough,
-                    serials: &self.devices.serials,
-                    i8042: &self.devices.i8042,
+                    emulated: &self.devices.emulated,
                 },
                 |iteration| match reply.as_mut() {
                     Some(r) => r
@@ -353,8 +352,7 @@ impl Vmm {
             self.memslots.clone(),
             self.caps.clone(),
             self.devices.passthrough.clone(),
-            self.devices.serials.clone(),
-            self.devices.i8042.clone(),
+            self.devices.emulated.clone(),
             counters.clone(),
             exit.clone(),
             handles,

@@ -37,6 +37,18 @@ pub struct DeviceConfig<'a> {
     pub mem_size: u64,
 }
 
+/// The devices the VMM emulates itself, whose state goes into the stream through
+/// [`devices::Persist`]: handles shared with the machine the API and migration use.
+#[derive(Clone)]
+pub struct Emulated {
+    /// COM1 and COM2.
+    pub serials: Vec<Arc<SerialPort>>,
+    /// The i8042 controller.
+    pub i8042: Arc<I8042>,
+    /// The PCI root (its configuration address latch).
+    pub pci: Arc<PciRoot>,
+}
+
 /// The VM's devices. Fields drop in order: the passed-through functions (their BAR slots
 /// and mappings) first, then the bus holding the PCI root, then the mediators (a mediator
 /// outlives the devices that use it).
@@ -45,10 +57,8 @@ pub struct DeviceManager {
     pub passthrough: Arc<Vec<PciPassthrough>>,
     /// The port-I/O and MMIO bus.
     pub bus: Arc<Bus>,
-    /// COM1 and COM2.
-    pub serials: Vec<Arc<SerialPort>>,
-    /// The i8042 controller.
-    pub i8042: Arc<I8042>,
+    /// The legacy devices and the PCI root.
+    pub emulated: Emulated,
     /// COM1 and COM2's host input, for the event loop.
     serial_inputs: Vec<SerialInput>,
     /// The i8042's reset line, for the event loop.
@@ -132,13 +142,16 @@ impl DeviceManager {
             "pci-config",
             devices::pci::root::CONFIG_ADDRESS_PORT,
             devices::pci::root::CONFIG_PORTS,
-            pci,
+            pci.clone(),
         )?;
         Ok(DeviceManager {
             passthrough: Arc::new(passthrough),
             bus,
-            serials,
-            i8042,
+            emulated: Emulated {
+                serials,
+                i8042,
+                pci,
+            },
             serial_inputs,
             reset: Some(reset),
             _routes: routes,

@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use devices::legacy::{SerialPort, I8042};
+use crate::device_manager::Emulated;
 use kvm_ioctls::VmFd;
 use vm_memory::GuestMemoryMmap;
 
@@ -55,10 +55,8 @@ pub struct Machine {
     pub caps: Option<Arc<KvmCaps>>,
     /// The passed-through devices.
     pub devices: Arc<Vec<PciPassthrough>>,
-    /// COM1 and COM2.
-    pub serials: Vec<Arc<SerialPort>>,
-    /// The i8042 controller.
-    pub i8042: Arc<I8042>,
+    /// The legacy devices and the PCI root.
+    pub emulated: Emulated,
     /// KVM exit counters.
     pub exits: Arc<ExitCounters>,
     /// Where the VM's end is recorded (a completed migration ends the source).
@@ -96,8 +94,7 @@ impl Machine {
         memslots: Arc<resources::memslots::MemSlots>,
         caps: Option<Arc<KvmCaps>>,
         devices: Arc<Vec<PciPassthrough>>,
-        serials: Vec<Arc<SerialPort>>,
-        i8042: Arc<I8042>,
+        emulated: Emulated,
         exits: Arc<ExitCounters>,
         exit: Arc<VmExit>,
         vcpus: Vec<VcpuHandle>,
@@ -110,8 +107,7 @@ impl Machine {
             memslots,
             caps,
             devices,
-            serials,
-            i8042,
+            emulated,
             exits,
             exit,
             vcpus,

@@ -14,6 +14,7 @@ use super::config::{ConfigSpace, CONFIG_SPACE_SIZE};
 use super::host_bridge::HostBridge;
 use super::msi::MsiCap;
 use super::root::{PciRoot, CONFIG_ADDRESS_PORT};
+use crate::persist::Persist;
 
 /// Bits of CONFIG_ADDRESS that the configuration mechanism keeps (enable, bus, device,
 /// function, register).
@@ -114,9 +115,12 @@ pub struct PciRootState {
     pub config_address: u32,
 }
 
-impl PciRoot {
-    /// The address latch, for saving. The functions on the bus save their own state.
-    pub fn state(&self) -> PciRootState {
+impl Persist for PciRoot {
+    type State = PciRootState;
+    type Error = PciPersistError;
+
+    /// The address latch. The functions on the bus save their own state.
+    fn save(&self) -> PciRootState {
         let mut d = [0u8; 4];
         self.pio_read(PioAddress(CONFIG_ADDRESS_PORT), 0, &mut d);
         PciRootState {
@@ -125,7 +129,7 @@ impl PciRoot {
     }
 
     /// Restores the address latch through the guest's write path.
-    pub fn restore(&self, state: &PciRootState) -> Result<(), PciPersistError> {
+    fn restore(&self, state: &PciRootState) -> Result<(), PciPersistError> {
         if state.config_address & !CONFIG_ADDRESS_MASK != 0 {
             return Err(PciPersistError::ConfigAddress(state.config_address));
         }
@@ -268,19 +272,19 @@ mod tests {
     fn root_address_latch_round_trip() {
         let a = PciRoot::new();
         a.pio_write(PioAddress(0xcf8), 0, &0x8000_1810u32.to_le_bytes());
-        let s = a.state();
+        let s = a.save();
         json(&s);
         assert_eq!(s.config_address, 0x8000_1810);
         let b = PciRoot::new();
         b.restore(&s).unwrap();
-        assert_eq!(b.state(), s);
+        assert_eq!(b.save(), s);
         let e = b
             .restore(&PciRootState {
                 config_address: 0x7f00_0001,
             })
             .unwrap_err();
         assert!(e.to_string().contains("reserved bits"), "{e}");
-        assert_eq!(b.state(), s);
+        assert_eq!(b.save(), s);
     }
 
     #[test]

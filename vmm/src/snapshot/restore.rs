@@ -29,10 +29,8 @@ pub struct Target<'a> {
     pub caps: &'a KvmCaps,
     /// The devices, built from this VMM's `--device` options.
     pub devices: &'a [PciPassthrough],
-    /// COM1 and COM2.
-    pub serials: &'a [std::sync::Arc<devices::legacy::SerialPort>],
-    /// The i8042.
-    pub i8042: &'a devices::legacy::I8042,
+    /// The legacy devices and the PCI root.
+    pub emulated: &'a crate::device_manager::Emulated,
 }
 
 /// The legacy and PCI configuration states from the stream, applied after the KVM state.
@@ -40,6 +38,7 @@ pub struct Target<'a> {
 struct Configs {
     serials: Vec<(usize, Vec<u8>)>,
     i8042: Option<Vec<u8>>,
+    pci_root: Option<Vec<u8>>,
     pci: Vec<(String, Vec<u8>)>,
 }
 
@@ -49,6 +48,7 @@ impl Configs {
         match key {
             SectionKey::Serial(n) => self.serials.push((*n, data.to_vec())),
             SectionKey::I8042 => self.i8042 = Some(data.to_vec()),
+            SectionKey::PciRoot => self.pci_root = Some(data.to_vec()),
             SectionKey::PciConfig(dev) => self.pci.push((dev.clone(), data.to_vec())),
             SectionKey::Passthrough(_) => return false,
         }
@@ -59,13 +59,27 @@ impl Configs {
         for (n, data) in &self.serials {
             let key = SectionKey::Serial(*n);
             let port = t
+                .emulated
                 .serials
                 .get(*n)
                 .ok_or_else(|| SnapshotError::Mismatch(format!("no {} here", key.encode())))?;
             restore_device(&**port, &key, data, "restoring its registers")?;
         }
         if let Some(data) = &self.i8042 {
-            restore_device(t.i8042, &SectionKey::I8042, data, "restoring its registers")?;
+            restore_device(
+                &*t.emulated.i8042,
+                &SectionKey::I8042,
+                data,
+                "restoring its registers",
+            )?;
+        }
+        if let Some(data) = &self.pci_root {
+            restore_device(
+                &*t.emulated.pci,
+                &SectionKey::PciRoot,
+                data,
+                "restoring the configuration address latch",
+            )?;
         }
         for (id, data) in &self.pci {
             let dev = t.devices.iter().find(|d| &d.id == id).ok_or_else(|| {

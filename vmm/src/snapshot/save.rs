@@ -279,10 +279,11 @@ pub fn write_final_state<W: Write>(
     }
     let vm = VmState::capture(&m.vm)?;
     w.write_irqchip(&vm.to_bytes()?)?;
-    for (i, s) in m.serials.iter().enumerate() {
+    for (i, s) in m.emulated.serials.iter().enumerate() {
         save_device(w, &SectionKey::Serial(i), &**s)?;
     }
-    save_device(w, &SectionKey::I8042, &*m.i8042)?;
+    save_device(w, &SectionKey::I8042, &*m.emulated.i8042)?;
+    save_device(w, &SectionKey::PciRoot, &*m.emulated.pci)?;
     for d in m.devices.iter() {
         save_device(w, &SectionKey::PciConfig(d.id.clone()), &*d.device)?;
     }

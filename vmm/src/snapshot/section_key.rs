@@ -18,6 +18,8 @@ pub enum SectionKey {
     Serial(usize),
     /// The i8042 controller: `legacy/i8042`.
     I8042,
+    /// The PCI configuration mechanism's address latch (port 0xCF8): `legacy/pci-config`.
+    PciRoot,
 }
 
 impl SectionKey {
@@ -28,6 +30,7 @@ impl SectionKey {
             SectionKey::PciConfig(id) => format!("pci/{id}"),
             SectionKey::Serial(n) => format!("legacy/serial{n}"),
             SectionKey::I8042 => "legacy/i8042".to_owned(),
+            SectionKey::PciRoot => "legacy/pci-config".to_owned(),
         }
     }
 
@@ -39,6 +42,9 @@ impl SectionKey {
         if let Some(name) = wire.strip_prefix("legacy/") {
             if name == "i8042" {
                 return Some(SectionKey::I8042);
+            }
+            if name == "pci-config" {
+                return Some(SectionKey::PciRoot);
             }
             let n = name.strip_prefix("serial")?;
             // Digits only, no sign or leading zero: one spelling per port.
@@ -72,6 +78,7 @@ mod tests {
             SectionKey::Serial(1),
             SectionKey::Serial(12),
             SectionKey::I8042,
+            SectionKey::PciRoot,
         ] {
             assert_eq!(
                 SectionKey::parse(&key.encode()),
