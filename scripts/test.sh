@@ -23,9 +23,16 @@ cargo build --workspace --locked -q
 export VMM_BIN="$(realpath "${CARGO_TARGET_DIR:-target}")/debug/vmm"
 
 step "tests"
-# Guest tests boot real guests (minutes each on this nested KVM); run test binaries one
-# test at a time so two guests never share the machine's two cores.
-cargo test --workspace --locked -- --test-threads=1
+# Everything but vmm-tests' integration tests, one test at a time.
+cargo test --workspace --locked --exclude vmm-tests -- --test-threads=1
+cargo test -p vmm-tests --locked --lib --bins -- --test-threads=1
+cargo test -p vmm-tests --locked --doc
+step "guest tests"
+# vmm-tests' integration tests start real guests (most restore a golden snapshot; a boot
+# is 80-100 s of emulated kernel work here): two lanes at once, one guest test at a time
+# in each, so at most two guests share the machine's two cores (scripts/lib/lanes.sh).
+. scripts/lib/lanes.sh
+run_guest_test_lanes
 # The vfio-user backend's unit tests against QEMU's vfio-user server (ignored by a plain
 # `cargo test`, which has no peers).
 cargo test -p devices --locked -- --ignored qemu_server --test-threads=1

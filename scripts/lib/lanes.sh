@@ -1,0 +1,65 @@
+# Runs the vmm-tests integration test binaries (the guest tests) in two lanes at once. A
+# lane runs its binaries one after another, each one test at a time, so at most two guests
+# run at once: one per core of these 2-core machines (a guest has one vCPU; a booting guest
+# keeps one core busy, a restored one mostly waits). Lane A takes the binaries named in
+# LANE_A; lane B every other one, so a new test file is never left out. Each lane's output
+# goes to its own log, printed when both are done, with one line per binary and its time.
+#
+# Usage (from the workspace root, after the test binaries are built): run_guest_test_lanes
+# Sourced by scripts/test.sh.
+
+# Balanced by their warm-cache times (s): guest_boot 272 (three boots), peer_libvfio_user
+# ~150 (a boot), passthrough ~90 (a boot), snapshot ~30, golden ~27; lane B: migrate ~270,
+# mediated ~155 (a boot), peer_qemu ~90 (a boot), vfsim_death ~60, the quick ones.
+LANE_A=(guest_boot peer_libvfio_user passthrough snapshot golden)
+
+# The integration test executables of vmm-tests, as "name path" lines.
+guest_test_executables() {
+    cargo test -p vmm-tests --locked --tests --no-run 2>&1 |
+        sed -n 's|^ *Executable tests/\([a-z0-9_]*\)\.rs (\(.*\))$|\1 \2|p'
+}
+
+# Runs the executables "$@" (name path pairs, flattened) one after another into log $1;
+# fails if any failed, after running them all.
+run_lane() {
+    local log=$1 rc=0 name exe start
+    shift
+    : >"$log"
+    while [ $# -ge 2 ]; do
+        name=$1 exe=$2
+        shift 2
+        start=$(date +%s)
+        exe=$(realpath "$exe")
+        # Cargo runs a test binary in its package's directory.
+        if (cd tests && "$exe" --test-threads=1) >>"$log" 2>&1; then
+            echo "lane: $name ok ($(( $(date +%s) - start )) s)" >>"$log"
+        else
+            echo "lane: $name FAILED ($(( $(date +%s) - start )) s)" >>"$log"
+            rc=1
+        fi
+    done
+    return $rc
+}
+
+run_guest_test_lanes() {
+    local a=() b=() name exe logs rc_a=0 rc_b=0 pid
+    while read -r name exe; do
+        if [[ " ${LANE_A[*]} " == *" $name "* ]]; then a+=("$name" "$exe"); else b+=("$name" "$exe"); fi
+    done < <(guest_test_executables)
+    [ ${#a[@]} -gt 0 ] && [ ${#b[@]} -gt 0 ] || {
+        echo "lanes: found no vmm-tests test binaries (cargo test --no-run printed no Executable lines)" >&2
+        return 1
+    }
+    logs=$(mktemp -d)
+    run_lane "$logs/a.log" "${a[@]}" &
+    pid=$!
+    run_lane "$logs/b.log" "${b[@]}" || rc_b=$?
+    wait "$pid" || rc_a=$?
+    for lane in a b; do
+        echo "---- lane ${lane^^} ----"
+        cat "$logs/$lane.log"
+    done
+    grep -h '^lane: ' "$logs"/*.log
+    rm -rf "$logs"
+    [ "$rc_a" -eq 0 ] && [ "$rc_b" -eq 0 ]
+}
