@@ -223,7 +223,7 @@ fn region_info_with_two_fds_is_a_protocol_error() {
         }
         .to_bytes()
         .unwrap();
-        let (a, b) = (memfd(4096), memfd(4096));
+        let (a, b) = (memfd(4096).unwrap(), memfd(4096).unwrap());
         let h = Header::reply(&req.header, reply.len()).unwrap();
         s.channel
             .send(&h, &reply, &[a.as_fd(), b.as_fd()], deadline(5))
@@ -261,7 +261,7 @@ fn region_info_with_one_fd_per_sparse_area_is_accepted() {
         }
         .to_bytes()
         .unwrap();
-        let file = memfd(0x3000);
+        let file = memfd(0x3000).unwrap();
         let view = Mapping::new(file.as_fd(), 0, 0x3000).unwrap();
         assert!(view.write(0x2000, b"area two"));
         let h = Header::reply(&req.header, reply.len()).unwrap();
@@ -304,7 +304,7 @@ fn a_v1_migration_region_is_found_by_its_type_capability() {
         }
         .to_bytes()
         .unwrap();
-        let file = memfd(0x3000);
+        let file = memfd(0x3000).unwrap();
         let h = Header::reply(&req.header, reply.len()).unwrap();
         s.channel
             .send(&h, &reply, &[file.as_fd()], deadline(5))

@@ -401,8 +401,7 @@ fn a_report_too_large_for_one_transfer_is_refused_by_the_server() {
 fn a_device_without_migration_refuses_everything_and_the_connection_lives() {
     let path = SocketPath::new("nomig");
     let listener = std::os::unix::net::UnixListener::bind(&path.0).unwrap();
-    let stats = Arc::new(Stats::default());
-    let mut dev = TestDevice::new(stats);
+    let mut dev = test_device();
     thread::spawn(move || {
         let _ = vfio_user::accept_and_serve(&listener, &mut dev, &ServerConfig::default());
     });

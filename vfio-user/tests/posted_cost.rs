@@ -8,7 +8,6 @@
 mod common;
 
 use std::os::unix::net::UnixStream;
-use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -32,7 +31,7 @@ fn per_call(f: impl FnMut(u32)) -> f64 {
 fn burst(spin_window: Duration, gap: Duration, count: u32) -> f64 {
     let (a, b) = UnixStream::pair().unwrap();
     let server = thread::spawn(move || {
-        let mut dev = TestDevice::new(Arc::new(Stats::default()));
+        let mut dev = test_device();
         let config = ServerConfig {
             spin_window,
             ..ServerConfig::default()
@@ -82,7 +81,7 @@ fn posted_burst_cost() {
 fn posted_write_cost() {
     let (a, b) = UnixStream::pair().unwrap();
     let server = thread::spawn(move || {
-        let mut dev = TestDevice::new(Arc::new(Stats::default()));
+        let mut dev = test_device();
         serve(b, &mut dev, &ServerConfig::default())
     });
     let client = Client::from_stream(a, Duration::from_secs(5)).unwrap();
