@@ -76,13 +76,14 @@ impl FakeDeviceBuilder {
             .into_iter()
             .map(|(index, spec)| Ok((index, RegionStore::new(spec)?)))
             .collect::<Result<_, FakeError>>()?;
+        let probe = Probe::default();
+        probe.lock().irqs = Irqs::new(&self.irqs, self.info.num_irqs);
         Ok(FakeDevice {
             info: self.info,
             regions,
-            irqs: Irqs::new(&self.irqs, self.info.num_irqs),
             dma: DmaTable::default(),
             migration: self.migration,
-            probe: Probe::default(),
+            probe,
         })
     }
 }

@@ -5,9 +5,8 @@ use std::collections::BTreeMap;
 
 use super::builder::FakeDeviceBuilder;
 use super::dma::DmaTable;
-use super::irq::Irqs;
 use super::migration::Migration;
-use super::probe::{DmaMapRecord, Probe, SetIrqsRecord};
+use super::probe::{DmaMapRecord, Probe, RegionWriteRecord, SetIrqsRecord};
 use super::region::{RegionStore, Trigger};
 use crate::device::{Device, DeviceResult, DmaMapping, Errno, IrqData};
 use crate::proto::{DmaLoggingRange, MigState};
@@ -20,7 +19,6 @@ use crate::types::{DeviceInfo, IrqInfo, RegionInfo};
 pub struct FakeDevice {
     pub(crate) info: DeviceInfo,
     pub(crate) regions: BTreeMap<u32, RegionStore>,
-    pub(crate) irqs: Irqs,
     pub(crate) dma: DmaTable,
     pub(crate) migration: Option<Migration>,
     pub(crate) probe: Probe,
@@ -47,7 +45,7 @@ impl FakeDevice {
 
     fn run(&mut self, index: u32, trigger: Trigger, value: u8) -> DeviceResult<()> {
         match trigger {
-            Trigger::Irq { index } => self.irqs.raise(index, u32::from(value)),
+            Trigger::Irq { index } => self.probe.raise(index, u32::from(value)),
             Trigger::DmaFill { addr, len } => {
                 let region = self.region(index)?;
                 let addr = region.register(addr, 8)?;
@@ -84,6 +82,13 @@ impl Device for FakeDevice {
     }
 
     fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> DeviceResult<()> {
+        if self.region(index)?.records_writes() {
+            self.probe.lock().region_writes.push(RegionWriteRecord {
+                index,
+                offset,
+                data: data.to_vec(),
+            });
+        }
         match self.region(index)?.write(offset, data)? {
             Some(trigger) => self.run(index, trigger, data.first().copied().unwrap_or(0)),
             None => Ok(()),
@@ -107,7 +112,7 @@ impl Device for FakeDevice {
     }
 
     fn irq_info(&mut self, index: u32) -> DeviceResult<IrqInfo> {
-        self.irqs.info(index)
+        self.probe.lock().irqs.info(index)
     }
 
     fn set_irqs(
@@ -122,14 +127,15 @@ impl Device for FakeDevice {
             IrqData::Eventfds(fds) => fds.len(),
             _ => 0,
         };
-        self.probe.lock().set_irqs.push(SetIrqsRecord {
+        let mut state = self.probe.lock();
+        state.set_irqs.push(SetIrqsRecord {
             index,
             flags,
             start,
             count,
             fds,
         });
-        self.irqs.set(index, flags, start, count, data)
+        state.irqs.set(index, flags, start, count, data)
     }
 
     fn reset(&mut self) -> DeviceResult<()> {
@@ -198,7 +204,8 @@ impl Device for FakeDevice {
 
     fn client_disconnected(&mut self) {
         self.dma.clear();
-        self.irqs.clear();
-        self.probe.lock().disconnects += 1;
+        let mut state = self.probe.lock();
+        state.irqs.clear();
+        state.disconnects += 1;
     }
 }

@@ -14,12 +14,15 @@ use crate::device::{DeviceResult, Errno, IrqData};
 use crate::types::IrqInfo;
 
 /// One IRQ type: its `VFIO_IRQ_INFO_*` flags and its vectors' eventfds.
+#[derive(Debug)]
 struct IrqType {
     flags: u32,
     vectors: Vec<Option<OwnedFd>>,
 }
 
-/// Every IRQ type the device has.
+/// Every IRQ type the device has (kept in its shared state, so that the test can raise
+/// an interrupt too).
+#[derive(Debug, Default)]
 pub(crate) struct Irqs {
     types: BTreeMap<u32, IrqType>,
     /// Types below this index that were not described exist with no vectors.

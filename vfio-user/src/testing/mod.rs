@@ -36,7 +36,7 @@ pub use eventfd::{eventfd, signal, wait_event};
 pub use fault::{Fault, Inject, Outgoing};
 pub use memfd::{memfd, Mapping};
 pub use migration::{Arcs, Migration, MigrationData};
-pub use probe::{DmaMapRecord, FakeState, Probe, SetIrqsRecord};
+pub use probe::{DmaMapRecord, FakeState, Probe, RegionWriteRecord, SetIrqsRecord};
 pub use region::{Region, Trigger};
 pub use server::{FakeServer, FakeServerBuilder};
 pub use transcript::Received;

@@ -1,10 +1,13 @@
 //! [`Probe`]: the test's view of a fake device that a server thread owns. It holds what
-//! the device recorded (resets, DMA maps, `SET_IRQS`, disconnects) and its migration
-//! state, which the test may also change (e.g. the state to hand out, dirty pages).
+//! the device recorded (resets, DMA maps, `SET_IRQS`, region writes, disconnects) and
+//! its migration state, which the test may also change (e.g. the state to hand out,
+//! dirty pages), and raises the device's interrupts.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use super::irq::Irqs;
 use super::migration::MigrationData;
+use crate::device::DeviceResult;
 
 /// One `DMA_MAP` the device accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +37,17 @@ pub struct SetIrqsRecord {
     pub fds: usize,
 }
 
+/// One write to a region made with [`Region::record_writes`](super::Region::record_writes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionWriteRecord {
+    /// The region.
+    pub index: u32,
+    /// Where in it.
+    pub offset: u64,
+    /// What was written.
+    pub data: Vec<u8>,
+}
+
 /// What the device did and holds.
 #[derive(Debug, Default)]
 pub struct FakeState {
@@ -43,10 +57,14 @@ pub struct FakeState {
     pub dma_maps: Vec<DmaMapRecord>,
     /// `SET_IRQS` requests, in order.
     pub set_irqs: Vec<SetIrqsRecord>,
+    /// Writes to the regions that record them, in order (refused ones included).
+    pub region_writes: Vec<RegionWriteRecord>,
     /// How often a client went away.
     pub disconnects: u32,
     /// Migration state (unused by a device without migration).
     pub migration: MigrationData,
+    /// The interrupts and the eventfds the client set.
+    pub(crate) irqs: Irqs,
 }
 
 /// A handle on a fake device's [`FakeState`], shared with the device.
@@ -58,5 +76,11 @@ impl Probe {
     /// test still gets to see it).
     pub fn lock(&self) -> MutexGuard<'_, FakeState> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The device raises vector `vector` of IRQ type `index`, as its own interrupt
+    /// logic would (`ENXIO` when the client set no eventfd for it).
+    pub fn raise(&self, index: u32, vector: u32) -> DeviceResult<()> {
+        self.lock().irqs.raise(index, vector)
     }
 }

@@ -53,6 +53,7 @@ pub struct Region {
     contents: Vec<(u64, Vec<u8>)>,
     read_only: Vec<Range<u64>>,
     triggers: Vec<(u64, Trigger)>,
+    record_writes: bool,
 }
 
 impl Region {
@@ -70,6 +71,7 @@ impl Region {
             contents: Vec::new(),
             read_only: Vec::new(),
             triggers: Vec::new(),
+            record_writes: false,
         }
     }
 
@@ -132,6 +134,13 @@ impl Region {
     /// Makes a write starting at `offset` do `trigger`.
     pub fn on_write(mut self, offset: u64, trigger: Trigger) -> Self {
         self.triggers.push((offset, trigger));
+        self
+    }
+
+    /// Records every write in the device's [`FakeState`](super::FakeState), for tests
+    /// that check what reached the region.
+    pub fn record_writes(mut self) -> Self {
+        self.record_writes = true;
         self
     }
 
@@ -209,6 +218,11 @@ impl RegionStore {
             sparse_areas: self.spec.sparse_areas.clone(),
             fd,
         })
+    }
+
+    /// Whether writes are to be recorded.
+    pub(crate) fn records_writes(&self) -> bool {
+        self.spec.record_writes
     }
 
     /// Reads `data.len()` bytes at `offset`.
