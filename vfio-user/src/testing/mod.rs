@@ -27,6 +27,8 @@ mod probe;
 mod region;
 mod relay;
 mod server;
+#[cfg(test)]
+mod tests;
 mod transcript;
 
 pub use builder::FakeDeviceBuilder;

@@ -245,7 +245,14 @@ impl Relay {
     fn write_raw(&self, bytes: &[u8]) -> Result<Flow, FakeError> {
         match (&self.client_raw).write_all(bytes) {
             Ok(()) => Ok(Flow::Continue),
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(Flow::Gone),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                Ok(Flow::Gone)
+            }
             Err(e) => Err(FakeError::Socket(e)),
         }
     }
