@@ -4,7 +4,8 @@
 //! - [`proto`]: the wire format (header, command numbers, payloads);
 //! - [`socket`]: a framed message channel with file-descriptor passing and deadlines;
 //! - [`client`]: [`Client`], what a VMM uses to drive a device;
-//! - [`server`]: [`serve`], the loop a device process runs around its [`Device`].
+//! - [`server`]: [`serve`], the loop a device process runs around its [`Device`];
+//! - `testing` (feature `testing`, for tests only): a configurable fake device and server.
 
 #![deny(missing_docs)]
 
@@ -14,6 +15,8 @@ mod dispatch;
 pub mod proto;
 pub mod server;
 pub mod socket;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 mod types;
 
 pub use client::{Client, ClientError, FeatureOp, Negotiated, ServerRequests, DEFAULT_TIMEOUT};

@@ -9,25 +9,24 @@ use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use common::*;
 use vfio_user::server::DEFAULT_SPIN_WINDOW;
 use vfio_user::socket::SocketError;
+use vfio_user::testing::Probe;
 use vfio_user::{serve, Client, ServerConfig, ServerError, DEFAULT_TIMEOUT};
 
 type Server = JoinHandle<Result<(), ServerError>>;
 
-/// A client, a raw handle on its socket, the device's counters and the server thread.
-fn start(spin_window: Duration) -> (Client, UnixStream, Arc<Stats>, Server) {
+/// A client, a raw handle on its socket, the device's probe and the server thread (the
+/// test's own: its CPU time is measured).
+fn start(spin_window: Duration) -> (Client, UnixStream, Probe, Server) {
     let (a, b) = UnixStream::pair().unwrap();
-    let stats = Arc::new(Stats::default());
-    let s = stats.clone();
+    let mut dev = test_device();
+    let probe = dev.probe();
     let server = thread::spawn(move || {
-        let mut dev = TestDevice::new(s);
         let config = ServerConfig {
             spin_window,
             message_timeout: Duration::from_millis(200),
@@ -37,7 +36,7 @@ fn start(spin_window: Duration) -> (Client, UnixStream, Arc<Stats>, Server) {
     });
     let raw = a.try_clone().unwrap();
     let client = Client::from_stream(a, DEFAULT_TIMEOUT).expect("negotiate");
-    (client, raw, stats, server)
+    (client, raw, probe, server)
 }
 
 fn read_u32(client: &Client, offset: u64) -> u32 {
@@ -95,7 +94,7 @@ fn an_idle_server_blocks_after_the_window() {
 #[test]
 fn a_burst_in_the_window_keeps_order_and_descriptors() {
     for window in [DEFAULT_SPIN_WINDOW, Duration::from_secs(10)] {
-        let (client, raw, stats, server) = start(window);
+        let (client, raw, probe, server) = start(window);
         const IOVA: u64 = 0x10_0000;
         const SIZE: u64 = 0x4000;
         for round in 0..50u32 {
@@ -115,7 +114,7 @@ fn a_burst_in_the_window_keeps_order_and_descriptors() {
                 wait_event(fds[vector as usize].as_fd(), Duration::from_secs(5)),
                 Some(1)
             );
-            let ram = memfd(SIZE);
+            let ram = memfd(SIZE).unwrap();
             let view = Mapping::new(ram.as_fd(), 0, SIZE as usize).unwrap();
             client
                 .dma_map(IOVA, SIZE, ram.as_fd(), 0, true, true)
@@ -139,7 +138,7 @@ fn a_burst_in_the_window_keeps_order_and_descriptors() {
             // The last posted write wins.
             assert_eq!(read_u32(&client, REG_SCRATCH), round * 100 + 99);
         }
-        assert_eq!(stats.dma_maps.load(Ordering::SeqCst), 50);
+        assert_eq!(probe.lock().dma_maps.len(), 50);
         drop(client);
         drop(raw);
         server.join().unwrap().unwrap();
@@ -149,7 +148,7 @@ fn a_burst_in_the_window_keeps_order_and_descriptors() {
 #[test]
 fn a_disconnect_in_the_window_ends_the_loop() {
     // A window far longer than the test: the server is polling when the client leaves.
-    let (client, raw, stats, server) = start(Duration::from_secs(10));
+    let (client, raw, probe, server) = start(Duration::from_secs(10));
     client
         .region_write_posted(REG_REGION, REG_SCRATCH, &1u32.to_ne_bytes())
         .unwrap();
@@ -158,7 +157,7 @@ fn a_disconnect_in_the_window_ends_the_loop() {
     drop(raw);
     server.join().unwrap().unwrap();
     assert!(start.elapsed() < Duration::from_secs(2));
-    assert!(stats.disconnected.load(Ordering::SeqCst));
+    assert_eq!(probe.lock().disconnects, 1);
 }
 
 #[test]

@@ -1,46 +1,53 @@
-//! The client against hand-driven servers that misbehave: error replies, death in the
-//! middle of a request, malformed replies, silence, and commands from the server. The
-//! client must report a distinct error quickly, never hang or panic, and fail fast once
-//! broken.
-
-mod common;
+//! The client against servers that misbehave: error replies, death in the middle of a
+//! request, malformed replies, silence, and commands from the server. The client must
+//! report a distinct error quickly, never hang or panic, and fail fast once broken. The
+//! servers are the crate's fake device with scripted faults.
 
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
-use std::thread;
 use std::time::{Duration, Instant};
 
-use common::*;
 use vfio_bindings::bindings::vfio::{
     VFIO_REGION_SUBTYPE_MIGRATION_DEPRECATED, VFIO_REGION_TYPE_MIGRATION_DEPRECATED,
 };
 use vfio_user::proto::{
-    Capabilities, Command, DeviceInfo as DeviceInfoMsg, DmaAccess, Header, RegionInfoReply,
-    RegionInfoRequest, RegionType, Version, FLAGS_NO_REPLY,
+    Capabilities, Command, Header, RegionInfoRequest, RegionType, Version, FLAGS_NO_REPLY,
 };
-use vfio_user::{Client, ClientError, SparseArea};
+use vfio_user::testing::{memfd, FakeDevice, FakeServer, Fault, Inject, Mapping, Region};
+use vfio_user::{Client, ClientError, ServerConfig, SparseArea};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Runs `script` as the server of a fresh client (with `timeout`) and returns the client.
-fn with_fake<F>(timeout: Duration, script: F) -> (Client, thread::JoinHandle<()>)
-where
-    F: FnOnce(FakeServer) + Send + 'static,
-{
-    let (a, b) = UnixStream::pair().unwrap();
-    let server = thread::spawn(move || script(FakeServer::handshake(b)));
-    let client = Client::from_stream(a, timeout).expect("negotiate");
-    (client, server)
+/// The scripted servers' configuration: 4 KiB transfers, 4 descriptors.
+fn small_config() -> ServerConfig {
+    ServerConfig {
+        max_data_xfer_size: 4096,
+        max_msg_fds: 4,
+        ..ServerConfig::default()
+    }
 }
 
-fn device_info_reply() -> Vec<u8> {
-    DeviceInfoMsg {
-        argsz: 16,
-        flags: 0,
-        num_regions: 9,
-        num_irqs: 5,
-    }
-    .to_bytes()
+/// A fresh client (with `timeout`) of `device` served with `faults`, and its server.
+fn fake_device_with(
+    device: FakeDevice,
+    timeout: Duration,
+    faults: impl IntoIterator<Item = Fault>,
+) -> (Client, FakeServer) {
+    let builder = FakeServer::builder(device).config(small_config()).record();
+    let (ours, server) = faults
+        .into_iter()
+        .fold(builder, |b, f| b.fault(f))
+        .pair()
+        .unwrap();
+    (
+        Client::from_stream(ours, timeout).expect("negotiate"),
+        server,
+    )
+}
+
+/// [`fake_device_with`] a plain fake device.
+fn with_faults(timeout: Duration, faults: impl IntoIterator<Item = Fault>) -> (Client, FakeServer) {
+    fake_device_with(FakeDevice::builder().build().unwrap(), timeout, faults)
 }
 
 /// The next call fails at once with `Broken`.
@@ -56,15 +63,15 @@ fn assert_broken(client: &Client) {
 
 #[test]
 fn error_reply_is_remote_not_a_hang() {
-    let (client, server) = with_fake(TIMEOUT, |s| {
-        let req = s.recv();
-        s.send_raw(&Header::error_reply(&req.header, libc::EPERM).to_bytes());
-        let req = s.recv();
-        s.reply(&req.header, &device_info_reply());
-        // Error bit with errno 0 still is an error.
-        let req = s.recv();
-        s.send_raw(&Header::error_reply(&req.header, 0).to_bytes());
-    });
+    let reset = || Fault::on(Command::DeviceReset);
+    let (client, server) = with_faults(
+        TIMEOUT,
+        [
+            reset().nth(0).error(libc::EPERM),
+            // Error bit with errno 0 still is an error.
+            reset().nth(1).error(0),
+        ],
+    );
     let start = Instant::now();
     match client.reset() {
         Err(ClientError::Remote { command, errno }) => {
@@ -79,15 +86,17 @@ fn error_reply_is_remote_not_a_hang() {
         client.reset(),
         Err(ClientError::Remote { errno: 0, .. })
     ));
-    server.join().unwrap();
+    drop(client);
+    server.finish(TIMEOUT).unwrap();
 }
 
 #[test]
 fn server_dying_mid_request_is_a_quick_disconnect() {
-    let (client, server) = with_fake(TIMEOUT, |s| {
-        let _request = s.recv();
-        // Dies without answering.
-    });
+    // Dies without answering.
+    let (client, server) = with_faults(
+        TIMEOUT,
+        [Fault::on(Command::DeviceGetInfo).silent().then_close()],
+    );
     let start = Instant::now();
     match client.device_info() {
         Err(ClientError::Disconnected { command }) => assert_eq!(command, Command::DeviceGetInfo),
@@ -98,33 +107,33 @@ fn server_dying_mid_request_is_a_quick_disconnect() {
         "{:?}",
         start.elapsed()
     );
-    server.join().unwrap();
+    server.finish(TIMEOUT).unwrap();
     assert_broken(&client);
 }
 
 #[test]
 fn server_dying_mid_reply_is_a_disconnect() {
-    let (client, server) = with_fake(TIMEOUT, |s| {
-        let req = s.recv();
-        let h = Header::reply(&req.header, 16).unwrap();
-        s.send_raw(&h.to_bytes());
-        s.send_raw(&[0u8; 5]);
-    });
+    // A header announcing 16 bytes, 5 of them, and the end.
+    let half = Fault::on(Command::DeviceGetInfo)
+        .raw(|h| {
+            let mut bytes = Header::reply(h, 16).unwrap().to_bytes().to_vec();
+            bytes.extend([0u8; 5]);
+            bytes
+        })
+        .then_close();
+    let (client, server) = with_faults(TIMEOUT, [half]);
     assert!(matches!(
         client.device_info(),
         Err(ClientError::Disconnected { .. })
     ));
-    server.join().unwrap();
+    server.finish(TIMEOUT).unwrap();
 }
 
 #[test]
 fn silent_server_times_out_within_the_timeout() {
     let timeout = Duration::from_millis(300);
-    let (client, server) = with_fake(timeout, |s| {
-        let _request = s.recv();
-        // Silent until the client gives up and shuts the socket down.
-        let _ = s.channel.recv(LIMITS, deadline(10));
-    });
+    // Silent until the client gives up and shuts the socket down.
+    let (client, server) = with_faults(timeout, [Fault::on(Command::DeviceReset).silent()]);
     let start = Instant::now();
     match client.reset() {
         Err(
@@ -146,54 +155,50 @@ fn silent_server_times_out_within_the_timeout() {
     assert!(waited >= timeout, "{waited:?}");
     assert!(waited < timeout + Duration::from_secs(2), "{waited:?}");
     assert_broken(&client);
-    server.join().unwrap();
+    server.finish(Duration::from_secs(10)).unwrap();
 }
 
 #[test]
 fn malformed_replies_are_protocol_errors() {
-    type Script = fn(&FakeServer, &Header);
-    let scripts: [(&str, Script); 7] = [
-        ("garbage bytes", |s, _| s.send_raw(&[0xff; 40])),
-        ("payload of the wrong size", |s, h| s.reply(h, &[0; 8])),
-        ("trailing bytes", |s, h| {
-            s.reply(h, &[device_info_reply(), vec![0]].concat())
+    fn info() -> Fault {
+        Fault::on(Command::DeviceGetInfo)
+    }
+    type MakeFault = fn() -> Fault;
+    let faults: [(&str, MakeFault); 7] = [
+        ("garbage bytes", || info().raw(|_| vec![0xff; 40])),
+        ("payload of the wrong size", || info().reply(vec![0; 8])),
+        ("trailing bytes", || {
+            info().rewrite(|_, out| out.payload.push(0))
         }),
-        ("wrong message id", |s, h| {
-            let other = Header {
-                msg_id: h.msg_id.wrapping_add(1),
-                ..*h
-            };
-            s.reply(&other, &device_info_reply())
+        ("wrong message id", || {
+            info().rewrite(|_, out| out.header.msg_id = out.header.msg_id.wrapping_add(1))
         }),
-        ("wrong command", |s, h| {
-            let other = Header {
-                command: Command::DeviceReset as u16,
-                ..*h
-            };
-            s.reply(&other, &device_info_reply())
+        ("wrong command", || {
+            info().rewrite(|_, out| out.header.command = Command::DeviceReset as u16)
         }),
-        ("message too large", |s, h| {
-            let huge = Header {
-                msg_size: 512 << 20,
-                ..Header::reply(h, 0).unwrap()
-            };
-            s.send_raw(&huge.to_bytes())
+        ("message too large", || {
+            info().raw(|h| {
+                let huge = Header {
+                    msg_size: 512 << 20,
+                    ..Header::reply(h, 0).unwrap()
+                };
+                huge.to_bytes().to_vec()
+            })
         }),
-        ("size smaller than a header", |s, h| {
-            let tiny = Header {
-                msg_size: 8,
-                ..Header::reply(h, 0).unwrap()
-            };
-            s.send_raw(&tiny.to_bytes())
+        ("size smaller than a header", || {
+            info().raw(|h| {
+                let tiny = Header {
+                    msg_size: 8,
+                    ..Header::reply(h, 0).unwrap()
+                };
+                tiny.to_bytes().to_vec()
+            })
         }),
     ];
-    for (name, script) in scripts {
-        let (client, server) = with_fake(TIMEOUT, move |s| {
-            let req = s.recv();
-            script(&s, &req.header);
-            // Keep the socket open until the client gives up: it must not need EOF.
-            let _ = s.channel.recv(LIMITS, deadline(10));
-        });
+    for (name, fault) in faults {
+        // The server keeps the socket open until the client gives up: it must not need
+        // EOF.
+        let (client, server) = with_faults(TIMEOUT, [fault()]);
         let start = Instant::now();
         match client.device_info() {
             Err(ClientError::Protocol { command, reason }) => {
@@ -204,123 +209,76 @@ fn malformed_replies_are_protocol_errors() {
         }
         assert!(start.elapsed() < Duration::from_secs(2), "{name}");
         assert_broken(&client);
-        server.join().unwrap();
+        server.finish(Duration::from_secs(10)).unwrap();
     }
 }
 
 #[test]
 fn region_info_with_two_fds_is_a_protocol_error() {
-    let (client, server) = with_fake(TIMEOUT, |s| {
-        let req = s.recv();
-        let reply = RegionInfoReply {
-            argsz: 0,
-            flags: 0,
-            index: 0,
-            size: 0x1000,
-            offset: 0,
-            sparse_areas: vec![],
-            region_type: None,
-        }
-        .to_bytes()
+    let device = FakeDevice::builder()
+        .region(0, Region::new(0x1000).flags(0))
+        .build()
         .unwrap();
-        let (a, b) = (memfd(4096), memfd(4096));
-        let h = Header::reply(&req.header, reply.len()).unwrap();
-        s.channel
-            .send(&h, &reply, &[a.as_fd(), b.as_fd()], deadline(5))
-            .unwrap();
+    let two_fds = Fault::on_region_info(0).rewrite(|_, out| {
+        out.fds = (0..2).filter_map(|_| memfd(4096).ok()).collect();
     });
+    let (client, server) = fake_device_with(device, TIMEOUT, [two_fds]);
     assert!(matches!(
         client.region_info(0),
         Err(ClientError::Protocol { .. })
     ));
-    server.join().unwrap();
+    drop(client);
+    server.finish(TIMEOUT).unwrap();
 }
 
 #[test]
 fn region_info_with_one_fd_per_sparse_area_is_accepted() {
     // libvfio-user passes the region's descriptor once per sparse area.
-    let (client, server) = with_fake(TIMEOUT, |s| {
-        let req = s.recv();
-        let reply = RegionInfoReply {
-            argsz: 0,
-            flags: 7,
-            index: 2,
-            size: 0x3000,
+    let region = Region::memory(0x3000)
+        .sparse(SparseArea {
             offset: 0,
-            sparse_areas: vec![
-                SparseArea {
-                    offset: 0,
-                    size: 0x1000,
-                },
-                SparseArea {
-                    offset: 0x2000,
-                    size: 0x1000,
-                },
-            ],
-            region_type: None,
-        }
-        .to_bytes()
-        .unwrap();
-        let file = memfd(0x3000);
-        let view = Mapping::new(file.as_fd(), 0, 0x3000).unwrap();
-        assert!(view.write(0x2000, b"area two"));
-        let h = Header::reply(&req.header, reply.len()).unwrap();
-        s.channel
-            .send(&h, &reply, &[file.as_fd(), file.as_fd()], deadline(5))
-            .unwrap();
-        // Wait for the client to go away.
-        let _ = s.channel.recv(LIMITS, deadline(5));
+            size: 0x1000,
+        })
+        .sparse(SparseArea {
+            offset: 0x2000,
+            size: 0x1000,
+        })
+        .contents(0x2000, b"area two");
+    let device = FakeDevice::builder().region(2, region).build().unwrap();
+    let fd_per_area = Fault::on_region_info(2).rewrite(|_, out| {
+        let copy = out.fds.first().and_then(|fd| fd.try_clone().ok());
+        out.fds.extend(copy);
     });
+    let (client, server) = fake_device_with(device, TIMEOUT, [fd_per_area]);
     let info = client.region_info(2).unwrap();
+    assert_eq!(info.flags & 7, 7);
     assert_eq!(info.sparse_areas.len(), 2);
     let map = Mapping::new(info.fd.unwrap().as_fd(), 0x2000, 0x1000).unwrap();
     let mut seen = [0u8; 8];
     assert!(map.read(0, &mut seen));
     assert_eq!(&seen, b"area two");
     drop(client);
-    server.join().unwrap();
+    server.finish(TIMEOUT).unwrap();
 }
 
 #[test]
 fn a_v1_migration_region_is_found_by_its_type_capability() {
     // libvfio-user 0.1's migration region: the type capability, then the sparse areas,
     // one descriptor per area.
-    let (client, server) = with_fake(TIMEOUT, |s| {
-        let req = s.recv();
-        let reply = RegionInfoReply {
-            argsz: 0,
-            flags: 7,
-            index: 9,
-            size: 0x3000,
-            offset: 0,
-            sparse_areas: vec![SparseArea {
-                offset: 0x1000,
-                size: 0x2000,
-            }],
-            region_type: Some(RegionType {
-                type_: VFIO_REGION_TYPE_MIGRATION_DEPRECATED,
-                subtype: VFIO_REGION_SUBTYPE_MIGRATION_DEPRECATED,
-            }),
-        }
-        .to_bytes()
-        .unwrap();
-        let file = memfd(0x3000);
-        let h = Header::reply(&req.header, reply.len()).unwrap();
-        s.channel
-            .send(&h, &reply, &[file.as_fd()], deadline(5))
-            .unwrap();
-        let req = s.recv();
-        let plain = RegionInfoReply {
-            argsz: 0,
-            flags: 3,
-            index: 0,
-            size: 0x100,
-            offset: 0,
-            sparse_areas: vec![],
-            region_type: None,
-        };
-        s.reply(&req.header, &plain.to_bytes().unwrap());
+    let migration_region = Region::memory(0x3000).sparse(SparseArea {
+        offset: 0x1000,
+        size: 0x2000,
     });
+    let device = FakeDevice::builder()
+        .region(9, migration_region)
+        .region(0, Region::new(0x100))
+        .build()
+        .unwrap();
+    let typed = Fault::on_region_info(9).region_type(
+        VFIO_REGION_TYPE_MIGRATION_DEPRECATED,
+        VFIO_REGION_SUBTYPE_MIGRATION_DEPRECATED,
+    );
+    let (client, server) = fake_device_with(device, TIMEOUT, [typed]);
     let (info, kind) = client.region_info_with_type(9).unwrap();
     assert_eq!(
         kind,
@@ -332,7 +290,8 @@ fn a_v1_migration_region_is_found_by_its_type_capability() {
     assert_eq!(info.sparse_areas.len(), 1);
     assert!(info.fd.is_some());
     assert_eq!(client.region_info_with_type(0).unwrap().1, None);
-    server.join().unwrap();
+    drop(client);
+    server.finish(TIMEOUT).unwrap();
 }
 
 #[test]
@@ -343,64 +302,57 @@ fn truncated_region_info_is_asked_again_with_the_size_needed() {
             size: 0x800,
         })
         .collect();
-    let expected = areas.clone();
-    let (client, server) = with_fake(TIMEOUT, move |s| {
-        let reply = RegionInfoReply {
-            argsz: 0,
-            flags: 0,
-            index: 3,
-            size: 0x40000,
-            offset: 0x1000,
-            sparse_areas: areas,
-            region_type: None,
-        };
-        for _ in 0..2 {
-            let req = s.recv();
-            let q = RegionInfoRequest::parse(&req.payload).unwrap();
-            // Padded to the command's argsz when truncated, as libvfio-user does.
-            let mut bytes = reply.to_bytes_within(q.argsz).unwrap();
-            if bytes.len() < q.argsz as usize {
-                bytes.resize(q.argsz as usize, 0);
+    let region = areas
+        .iter()
+        .fold(Region::new(0x40000).flags(0).offset(0x1000), |r, a| {
+            r.sparse(*a)
+        });
+    let device = FakeDevice::builder().region(3, region).build().unwrap();
+    // Padded to the command's argsz when truncated, as libvfio-user does.
+    let padded = Fault::on_region_info(3).rewrite(|request, out| {
+        if let Ok(q) = RegionInfoRequest::parse(&request.payload) {
+            if out.payload.len() < q.argsz as usize {
+                out.payload.resize(q.argsz as usize, 0);
             }
-            s.reply(&req.header, &bytes);
         }
     });
+    let (client, server) = fake_device_with(device, TIMEOUT, [padded]);
     let info = client.region_info(3).unwrap();
-    assert_eq!(info.sparse_areas, expected);
+    assert_eq!(info.sparse_areas, areas);
     assert_eq!(info.offset, 0x1000);
-    server.join().unwrap();
+    drop(client);
+    server.finish(TIMEOUT).unwrap();
+    assert_eq!(
+        server.sequence(),
+        ["Version", "DeviceGetRegionInfo", "DeviceGetRegionInfo"]
+    );
 }
 
 #[test]
 fn server_commands_are_refused_without_losing_the_reply() {
-    let (client, server) = with_fake(TIMEOUT, |s| {
-        let req = s.recv();
-        // A DMA read from the server, then one that wants no reply.
-        let dma = DmaAccess {
-            address: 0x1000,
-            count: 8,
-        }
-        .to_bytes();
-        let h = Header::command(77, Command::DmaRead, dma.len()).unwrap();
-        s.channel.send(&h, &dma, &[], deadline(5)).unwrap();
-        let answer = s.recv();
-        assert!(answer.header.is_reply() && answer.header.is_error());
-        assert_eq!(answer.header.msg_id, 77);
-        assert_eq!(answer.header.error, libc::ENOTSUP as u32);
-        let quiet = Header {
-            flags: FLAGS_NO_REPLY,
-            ..Header::command(78, Command::DmaWrite, 0).unwrap()
-        };
-        s.channel.send(&quiet, &[], &[], deadline(5)).unwrap();
-        s.reply(&req.header, &device_info_reply());
-        // The next message is the client's next command, not a reply to 78.
-        let next = s.recv();
-        assert_eq!(next.header.command, Command::DeviceReset as u16);
-        s.reply(&next.header, &[]);
-    });
+    // A DMA read from the server, then one that wants no reply, before the reply.
+    let quiet = Header {
+        flags: FLAGS_NO_REPLY,
+        ..Header::command(78, Command::DmaWrite, 0).unwrap()
+    };
+    let commands = Fault::on(Command::DeviceGetInfo).before([
+        Inject::dma_read(77, 0x1000, 8),
+        Inject::message(quiet, vec![]),
+    ]);
+    let (client, server) = with_faults(TIMEOUT, [commands]);
     assert_eq!(client.device_info().unwrap().num_regions, 9);
     client.reset().unwrap();
-    server.join().unwrap();
+    drop(client);
+    server.finish(TIMEOUT).unwrap();
+    let answer = server.reply_to(77).expect("an answer");
+    assert!(answer.header.is_reply() && answer.header.is_error());
+    assert_eq!(answer.header.msg_id, 77);
+    assert_eq!(answer.header.error, libc::ENOTSUP as u32);
+    // The next message is the client's next command, not a reply to 78.
+    assert_eq!(
+        server.sequence(),
+        ["Version", "DeviceGetInfo", "reply 77", "DeviceReset"]
+    );
 }
 
 /// Runs a handshake against a server that answers the proposal with `major.minor` and the
@@ -411,31 +363,27 @@ fn handshake_with(
     json: &str,
     fds: Vec<std::os::fd::OwnedFd>,
 ) -> (Version, Result<Client, ClientError>) {
-    let (a, b) = UnixStream::pair().unwrap();
-    let json = json.to_string();
-    let server = thread::spawn(move || {
-        let ch = vfio_user::socket::Channel::new(b);
-        let req = ch.recv(LIMITS, deadline(5)).unwrap();
-        let mut v = Vec::new();
-        v.extend_from_slice(&major.to_ne_bytes());
-        v.extend_from_slice(&minor.to_ne_bytes());
-        v.extend_from_slice(json.as_bytes());
-        v.push(0);
-        let h = Header::reply(&req.header, v.len()).unwrap();
-        let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
-        ch.send(&h, &v, &borrowed, deadline(5)).unwrap();
-        // Serve one reset, if the client survived the handshake.
-        if let Ok(req) = ch.recv(LIMITS, deadline(5)) {
-            let h = Header::reply(&req.header, 0).unwrap();
-            ch.send(&h, &[], &[], deadline(5)).unwrap();
-        }
-        Version::parse(&req.payload).unwrap()
+    let mut v = Vec::new();
+    v.extend_from_slice(&major.to_ne_bytes());
+    v.extend_from_slice(&minor.to_ne_bytes());
+    v.extend_from_slice(json.as_bytes());
+    v.push(0);
+    let mut fds = Some(fds);
+    // The device still negotiates (its own answer is dropped), so it serves the reset.
+    let answer = Fault::on(Command::Version).rewrite(move |_, out| {
+        out.payload = v.clone();
+        out.fds = fds.take().unwrap_or_default();
     });
-    let client = Client::from_stream(a, TIMEOUT);
+    let (ours, server) = FakeServer::builder(FakeDevice::builder().build().unwrap())
+        .fault(answer)
+        .pair()
+        .unwrap();
+    let client = Client::from_stream(ours, TIMEOUT);
     if let Ok(c) = &client {
         c.reset().unwrap();
     }
-    (server.join().unwrap(), client)
+    let proposal = server.transcript()[0].payload.clone();
+    (Version::parse(&proposal).unwrap(), client)
 }
 
 #[test]
@@ -477,80 +425,67 @@ fn a_higher_minor_or_an_unoffered_twin_socket_fails_negotiation() {
     }
 }
 
+/// A client's handshake with a server whose answer to the proposal is `fault`'s.
+fn negotiate_with(fault: Fault, timeout: Duration) -> Result<Client, ClientError> {
+    let (ours, _server) = FakeServer::builder(FakeDevice::builder().build().unwrap())
+        .fault(fault)
+        .pair()
+        .unwrap();
+    Client::from_stream(ours, timeout)
+}
+
 #[test]
 fn negotiation_failures() {
+    let version = || Fault::on(Command::Version);
     // Another major version.
-    let (a, b) = UnixStream::pair().unwrap();
-    let server = thread::spawn(move || {
-        let ch = vfio_user::socket::Channel::new(b);
-        let req = ch.recv(LIMITS, deadline(5)).unwrap();
-        let v = Version {
-            major: 1,
-            minor: 0,
-            capabilities: Some(Capabilities::default()),
-        }
-        .to_bytes();
-        let h = Header::reply(&req.header, v.len()).unwrap();
-        ch.send(&h, &v, &[], deadline(5)).unwrap();
-    });
+    let v = Version {
+        major: 1,
+        minor: 0,
+        capabilities: Some(Capabilities::default()),
+    };
     assert!(matches!(
-        Client::from_stream(a, TIMEOUT),
+        negotiate_with(version().reply(v.to_bytes()), TIMEOUT),
         Err(ClientError::Negotiation(_))
     ));
-    server.join().unwrap();
 
     // Server closes instead of answering.
-    let (a, b) = UnixStream::pair().unwrap();
-    let server = thread::spawn(move || {
-        let ch = vfio_user::socket::Channel::new(b);
-        let _ = ch.recv(LIMITS, deadline(5)).unwrap();
-    });
     assert!(matches!(
-        Client::from_stream(a, TIMEOUT),
+        negotiate_with(version().silent().then_close(), TIMEOUT),
         Err(ClientError::Disconnected {
             command: Command::Version
         })
     ));
-    server.join().unwrap();
 
     // Server refuses the version.
-    let (a, b) = UnixStream::pair().unwrap();
-    let server = thread::spawn(move || {
-        let ch = vfio_user::socket::Channel::new(b);
-        let req = ch.recv(LIMITS, deadline(5)).unwrap();
-        let h = Header::error_reply(&req.header, libc::ENOTSUP);
-        ch.send(&h, &[], &[], deadline(5)).unwrap();
-    });
     assert!(matches!(
-        Client::from_stream(a, TIMEOUT),
+        negotiate_with(version().error(libc::ENOTSUP), TIMEOUT),
         Err(ClientError::Remote {
             command: Command::Version,
             errno: libc::ENOTSUP
         })
     ));
-    server.join().unwrap();
 
     // Server never answers.
-    let (a, b) = UnixStream::pair().unwrap();
     let start = Instant::now();
     assert!(matches!(
-        Client::from_stream(a, Duration::from_millis(200)),
+        negotiate_with(version().silent(), Duration::from_millis(200)),
         Err(ClientError::Timeout { .. })
     ));
     assert!(start.elapsed() < Duration::from_secs(2));
-    drop(b);
 }
 
 #[test]
 fn posted_write_carries_no_reply_and_a_server_dying_after_it_fails_the_next_call() {
-    let (client, server) = with_fake(TIMEOUT, |s| {
-        let req = s.recv();
-        assert_eq!(req.header.command, Command::RegionWrite as u16);
-        assert_ne!(req.header.flags & FLAGS_NO_REPLY, 0, "{:?}", req.header);
-        // Takes the write in, then dies without a word.
-    });
+    // Takes the write in, then dies without a word.
+    let (client, server) = with_faults(
+        TIMEOUT,
+        [Fault::on(Command::RegionWrite).silent().then_close()],
+    );
     client.region_write_posted(0, 0x10, &[1, 2, 3, 4]).unwrap();
-    server.join().unwrap();
+    server.finish(TIMEOUT).unwrap();
+    let write = &server.transcript()[1];
+    assert_eq!(write.header.command, Command::RegionWrite as u16);
+    assert_ne!(write.header.flags & FLAGS_NO_REPLY, 0, "{:?}", write.header);
     let start = Instant::now();
     match client.device_info() {
         Err(ClientError::Disconnected { command }) => assert_eq!(command, Command::DeviceGetInfo),
@@ -563,12 +498,8 @@ fn posted_write_carries_no_reply_and_a_server_dying_after_it_fails_the_next_call
 #[test]
 fn posted_writes_to_a_server_that_stops_reading_time_out() {
     let timeout = Duration::from_millis(300);
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
-    let (client, server) = with_fake(timeout, move |s| {
-        // Alive but not reading: the socket's buffer fills up.
-        let _ = rx.recv();
-        drop(s);
-    });
+    // Alive but not reading: the socket's buffer fills up.
+    let (client, server) = with_faults(timeout, [Fault::on(Command::Version).then_stall()]);
     let start = Instant::now();
     let data = vec![0u8; 64 << 10];
     let err = loop {
@@ -595,8 +526,8 @@ fn posted_writes_to_a_server_that_stops_reading_time_out() {
         other => panic!("unexpected {other:?}"),
     }
     assert!(start.elapsed() < Duration::from_secs(5));
-    tx.send(()).unwrap();
-    server.join().unwrap();
+    server.release();
+    server.finish(TIMEOUT).unwrap();
     assert_broken(&client);
 }
 

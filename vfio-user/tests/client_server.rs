@@ -1,11 +1,11 @@
-//! The client against the real server loop and the test device, across real Unix sockets
-//! (a socket path and socket pairs) between threads.
+//! The client against the real server loop and the test device (the crate's fake device,
+//! `common::test_device`), across real Unix sockets (a socket path and socket pairs)
+//! between threads.
 
 mod common;
 
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -17,22 +17,20 @@ use vfio_bindings::bindings::vfio::{
     VFIO_IRQ_SET_DATA_NONE, VFIO_REGION_INFO_FLAG_CAPS, VFIO_REGION_INFO_FLAG_MMAP,
 };
 use vfio_user::proto::Command;
+use vfio_user::testing::Probe;
 use vfio_user::{
     accept_and_serve, serve, Client, ClientError, ServerConfig, ServerError, DEFAULT_TIMEOUT,
 };
 
 type Server = JoinHandle<Result<(), ServerError>>;
 
-fn start(config: ServerConfig) -> (Client, Arc<Stats>, Server) {
+fn start(config: ServerConfig) -> (Client, Probe, Server) {
     let (a, b) = UnixStream::pair().unwrap();
-    let stats = Arc::new(Stats::default());
-    let s = stats.clone();
-    let server = thread::spawn(move || {
-        let mut dev = TestDevice::new(s);
-        serve(b, &mut dev, &config)
-    });
+    let mut dev = test_device();
+    let probe = dev.probe();
+    let server = thread::spawn(move || serve(b, &mut dev, &config));
     let client = Client::from_stream(a, DEFAULT_TIMEOUT).expect("negotiate");
-    (client, stats, server)
+    (client, probe, server)
 }
 
 fn read_u32(client: &Client, offset: u64) -> Result<u32, ClientError> {
@@ -52,12 +50,10 @@ fn remote_errno(r: Result<impl std::fmt::Debug, ClientError>) -> (Command, i32) 
 fn connect_by_path_negotiates_and_reports_device_info() {
     let path = SocketPath::new("connect");
     let listener = UnixListener::bind(&path.0).unwrap();
-    let stats = Arc::new(Stats::default());
-    let s = stats.clone();
-    let server = thread::spawn(move || {
-        let mut dev = TestDevice::new(s);
-        accept_and_serve(&listener, &mut dev, &ServerConfig::default())
-    });
+    let mut dev = test_device();
+    let probe = dev.probe();
+    let server =
+        thread::spawn(move || accept_and_serve(&listener, &mut dev, &ServerConfig::default()));
     let client = Client::connect(&path.0, Duration::from_secs(5)).unwrap();
     let n = client.negotiated();
     assert_eq!((n.major, n.minor), (0, 1));
@@ -72,7 +68,7 @@ fn connect_by_path_negotiates_and_reports_device_info() {
 
     drop(client);
     server.join().unwrap().expect("clean disconnect");
-    assert!(stats.disconnected.load(Ordering::SeqCst));
+    assert_eq!(probe.lock().disconnects, 1);
 }
 
 #[test]
@@ -182,16 +178,16 @@ fn error_reply_becomes_remote_and_the_client_stays_usable() {
 
 #[test]
 fn dma_map_shares_client_memory_with_the_device() {
-    let (client, stats, _server) = start(ServerConfig::default());
+    let (client, probe, _server) = start(ServerConfig::default());
     const IOVA: u64 = 0x10_0000;
     const SIZE: u64 = 0x4000;
-    let ram = memfd(SIZE);
+    let ram = memfd(SIZE).unwrap();
     let view = Mapping::new(ram.as_fd(), 0, SIZE as usize).unwrap();
 
     client
         .dma_map(IOVA, SIZE, ram.as_fd(), 0, true, true)
         .unwrap();
-    assert_eq!(stats.dma_maps.load(Ordering::SeqCst), 1);
+    assert_eq!(probe.lock().dma_maps.len(), 1);
 
     // The device fills 16 bytes at IOVA + 0x1000 with 0xab.
     client
@@ -258,7 +254,7 @@ fn set_irqs_passes_eventfds_the_server_signals() {
         (Command::DeviceGetIrqInfo, libc::EINVAL)
     );
 
-    let fds: Vec<_> = (0..MSIX_COUNT).map(|_| eventfd()).collect();
+    let fds: Vec<_> = (0..MSIX_COUNT).map(|_| eventfd().unwrap()).collect();
     let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
     let eventfd_trigger = VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER;
     client
@@ -302,12 +298,12 @@ fn set_irqs_passes_eventfds_the_server_signals() {
 
 #[test]
 fn reset_reaches_the_device() {
-    let (client, stats, _server) = start(ServerConfig::default());
+    let (client, probe, _server) = start(ServerConfig::default());
     client
         .region_write(REG_REGION, REG_SCRATCH, &7u32.to_ne_bytes())
         .unwrap();
     client.reset().unwrap();
-    assert_eq!(stats.resets.load(Ordering::SeqCst), 1);
+    assert_eq!(probe.lock().resets, 1);
     assert_eq!(read_u32(&client, REG_SCRATCH).unwrap(), 0);
 }
 
@@ -383,13 +379,9 @@ fn a_refused_posted_write_goes_unanswered_and_the_client_stays_usable() {
 #[test]
 fn posted_write_to_a_dead_server_fails_the_next_call_without_hanging() {
     let (a, b) = UnixStream::pair().unwrap();
-    let stats = Arc::new(Stats::default());
-    let s = stats.clone();
     let killer = b.try_clone().unwrap();
-    let server = thread::spawn(move || {
-        let mut dev = TestDevice::new(s);
-        serve(b, &mut dev, &ServerConfig::default())
-    });
+    let mut dev = test_device();
+    let server = thread::spawn(move || serve(b, &mut dev, &ServerConfig::default()));
     let client = Client::from_stream(a, Duration::from_secs(5)).expect("negotiate");
     client
         .region_write_posted(REG_REGION, REG_SCRATCH, &1u32.to_ne_bytes())

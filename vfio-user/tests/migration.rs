@@ -1,15 +1,12 @@
 //! The migration messages across a real socket: the project's client against the
 //! project's server with a device that migrates (device features, the v2 state machine,
 //! migration data, DMA logging), against a device that does not (everything refused,
-//! the connection lives on), against hand-driven servers that answer wrongly (protocol
+//! the connection lives on), against servers scripted to answer wrongly (protocol
 //! errors, the client breaks), and random feature requests the server must survive.
+//! The devices are the crate's fake device; the wrong answers are its faults.
 
 mod common;
 
-use std::collections::BTreeSet;
-use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex};
-use std::thread;
 use std::time::Duration;
 
 use common::*;
@@ -19,156 +16,37 @@ use vfio_bindings::bindings::vfio::{
     VFIO_DEVICE_FEATURE_SET, VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY,
 };
 use vfio_user::proto::{
-    dirty_bitmap, Command, DeviceFeature, DmaLoggingReport, FeatureMigDeviceState,
-    FeatureMigration, Header, MigData,
+    Command, DeviceFeature, DmaLoggingReport, FeatureMigDeviceState, FeatureMigration, Header,
+    MigData,
 };
-use vfio_user::{
-    Client, ClientError, Device, DeviceInfo, DeviceResult, DmaLoggingRange, DmaMapping, Errno,
-    FeatureOp, IrqData, IrqInfo, MigState, RegionInfo, ServerConfig,
-};
+use vfio_user::testing::{FakeDevice, FakeServer, Fault, Migration, Probe};
+use vfio_user::{Client, ClientError, DmaLoggingRange, FeatureOp, MigState, ServerConfig};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 const FLAGS: u64 = (VFIO_MIGRATION_STOP_COPY | VFIO_MIGRATION_PRE_COPY) as u64;
 
-/// A device with migration: STOP_COPY hands out `saved`, RESUMING collects `restored`;
-/// direct arcs only (anything else is `EINVAL`), and a DMA log the test fills.
-#[derive(Default)]
-struct Mig {
-    state: Option<MigState>,
-    saved: Vec<u8>,
-    read_at: usize,
-    restored: Vec<u8>,
-    dirty: Option<BTreeSet<u64>>,
-    last_report: Option<(u64, u64, u64)>,
+/// A migrating device as these tests use it: pre-copy offered, single arcs only (any
+/// other transition is `EINVAL`), DMA logging.
+fn migrating_device() -> FakeDevice {
+    FakeDevice::builder()
+        .info(0, 9, 5)
+        .migration(Migration::new(FLAGS).direct_arcs_only())
+        .build()
+        .unwrap()
 }
 
-struct MigDevice(Arc<Mutex<Mig>>);
-
-impl Device for MigDevice {
-    fn device_info(&mut self) -> DeviceInfo {
-        DeviceInfo {
-            flags: 0,
-            num_regions: 9,
-            num_irqs: 5,
-        }
-    }
-    fn region_info(&mut self, _: u32) -> DeviceResult<RegionInfo> {
-        Err(Errno(libc::EINVAL))
-    }
-    fn region_read(&mut self, _: u32, _: u64, _: &mut [u8]) -> DeviceResult<()> {
-        Err(Errno(libc::EINVAL))
-    }
-    fn region_write(&mut self, _: u32, _: u64, _: &[u8]) -> DeviceResult<()> {
-        Err(Errno(libc::EINVAL))
-    }
-    fn dma_map(&mut self, _: DmaMapping) -> DeviceResult<()> {
-        Ok(())
-    }
-    fn dma_unmap(&mut self, _: u64, _: u64) -> DeviceResult<()> {
-        Ok(())
-    }
-    fn irq_info(&mut self, _: u32) -> DeviceResult<IrqInfo> {
-        Err(Errno(libc::EINVAL))
-    }
-    fn set_irqs(&mut self, _: u32, _: u32, _: u32, _: u32, _: IrqData) -> DeviceResult<()> {
-        Ok(())
-    }
-    fn reset(&mut self) -> DeviceResult<()> {
-        self.0.lock().unwrap().state = None;
-        Ok(())
-    }
-    fn migration_flags(&mut self) -> DeviceResult<u64> {
-        Ok(FLAGS)
-    }
-    fn mig_state(&mut self) -> DeviceResult<MigState> {
-        Ok(self.0.lock().unwrap().state.unwrap_or(MigState::Running))
-    }
-    fn set_mig_state(&mut self, to: MigState) -> DeviceResult<()> {
-        use MigState::*;
-        let mut m = self.0.lock().unwrap();
-        let from = m.state.unwrap_or(Running);
-        let legal = matches!(
-            (from, to),
-            (Running, Stop)
-                | (StopCopy, Stop)
-                | (Resuming, Stop)
-                | (PreCopy, Running)
-                | (Stop, Running)
-                | (Running, PreCopy)
-                | (Stop, StopCopy)
-                | (PreCopy, StopCopy)
-                | (Stop, Resuming)
-        );
-        if !legal {
-            return Err(Errno(libc::EINVAL));
-        }
-        m.read_at = 0;
-        m.state = Some(to);
-        Ok(())
-    }
-    fn mig_data_read(&mut self, size: u32) -> DeviceResult<Vec<u8>> {
-        let mut m = self.0.lock().unwrap();
-        if m.state != Some(MigState::StopCopy) {
-            return Err(Errno(libc::EINVAL));
-        }
-        let end = m.saved.len().min(m.read_at + size as usize);
-        let out = m.saved[m.read_at..end].to_vec();
-        m.read_at = end;
-        Ok(out)
-    }
-    fn mig_data_write(&mut self, data: &[u8]) -> DeviceResult<()> {
-        let mut m = self.0.lock().unwrap();
-        if m.state != Some(MigState::Resuming) {
-            return Err(Errno(libc::EINVAL));
-        }
-        m.restored.extend_from_slice(data);
-        Ok(())
-    }
-    fn dma_logging_supported(&mut self) -> bool {
-        true
-    }
-    fn dma_logging_start(&mut self, page_size: u64, _: &[DmaLoggingRange]) -> DeviceResult<u64> {
-        let mut m = self.0.lock().unwrap();
-        if m.dirty.is_some() {
-            return Err(Errno(libc::EBUSY));
-        }
-        m.dirty = Some(BTreeSet::new());
-        Ok(page_size.max(4096))
-    }
-    fn dma_logging_stop(&mut self) -> DeviceResult<()> {
-        self.0.lock().unwrap().dirty = None;
-        Ok(())
-    }
-    fn dma_logging_report(
-        &mut self,
-        iova: u64,
-        length: u64,
-        page_size: u64,
-    ) -> DeviceResult<Vec<u64>> {
-        let mut m = self.0.lock().unwrap();
-        m.last_report = Some((iova, length, page_size));
-        let dirty = m.dirty.as_mut().ok_or(Errno(libc::EINVAL))?;
-        let pages: Vec<u64> = dirty.range(iova..iova + length).copied().collect();
-        for p in &pages {
-            dirty.remove(p);
-        }
-        Ok(dirty_bitmap::encode(&pages, iova, length, page_size))
-    }
-}
-
-/// A client of a [`MigDevice`] served with `max_xfer` on another thread.
-fn connect(max_xfer: u32) -> (Client, Arc<Mutex<Mig>>) {
-    let (ours, theirs) = UnixStream::pair().unwrap();
-    let mig = Arc::new(Mutex::new(Mig::default()));
-    let mut dev = MigDevice(mig.clone());
-    thread::spawn(move || {
-        let config = ServerConfig {
-            max_data_xfer_size: max_xfer,
-            ..ServerConfig::default()
-        };
-        let _ = vfio_user::serve(theirs, &mut dev, &config);
-    });
-    (Client::from_stream(ours, TIMEOUT).unwrap(), mig)
+/// A client of a [`migrating_device`] served with `max_xfer` on another thread.
+fn connect(max_xfer: u32) -> (Client, Probe) {
+    let config = ServerConfig {
+        max_data_xfer_size: max_xfer,
+        ..ServerConfig::default()
+    };
+    let (ours, server) = FakeServer::builder(migrating_device())
+        .config(config)
+        .pair()
+        .unwrap();
+    let probe = server.probe().clone();
+    (Client::from_stream(ours, TIMEOUT).unwrap(), probe)
 }
 
 fn remote_errno(e: ClientError) -> i32 {
@@ -205,7 +83,7 @@ fn features_are_probed_and_read() {
 fn the_state_machine_and_the_data_stream() {
     let (c, mig) = connect(4096);
     let saved: Vec<u8> = (0..10_000u32).map(|i| (i * 13) as u8).collect();
-    mig.lock().unwrap().saved = saved.clone();
+    mig.lock().migration.saved = saved.clone();
     assert_eq!(c.mig_state().unwrap(), MigState::Running);
     // Reading outside a saving state, an illegal arc: error replies, nothing changes.
     assert_eq!(remote_errno(c.mig_data_read(16).unwrap_err()), libc::EINVAL);
@@ -243,7 +121,7 @@ fn the_state_machine_and_the_data_stream() {
     c.set_mig_state(MigState::Resuming).unwrap();
     c.mig_data_write(&saved).unwrap();
     assert_eq!(
-        mig.lock().unwrap().restored,
+        mig.lock().migration.restored,
         saved,
         "split into 4 KiB messages"
     );
@@ -280,7 +158,7 @@ fn dma_logging_reports_bitmaps_split_to_the_transfer_size() {
         base + 0x800_0000,
         base + (1 << 30) - 4096,
     ];
-    mig.lock().unwrap().dirty.as_mut().unwrap().extend(pages);
+    mig.lock().migration.dirty.as_mut().unwrap().extend(pages);
     // 1 GiB at 4 KiB is 32 KiB of bitmap: several requests of whole words.
     let bitmap = c.dma_logging_report(base, 1 << 30, 4096).unwrap();
     assert_eq!(bitmap.len(), (1 << 30) / 4096 / 64);
@@ -289,7 +167,7 @@ fn dma_logging_reports_bitmaps_split_to_the_transfer_size() {
         .map(|n| base + n * 4096)
         .collect();
     assert_eq!(set, pages);
-    let (iova, length, _) = mig.lock().unwrap().last_report.unwrap();
+    let (iova, length, _) = mig.lock().migration.last_report.unwrap();
     assert!(iova > base && length < 1 << 30, "the last piece");
     assert!(c
         .dma_logging_report(base, 1 << 30, 4096)
@@ -314,12 +192,7 @@ fn dma_logging_reports_bitmaps_split_to_the_transfer_size() {
 
 #[test]
 fn a_report_too_large_for_one_transfer_is_refused_by_the_server() {
-    let (ours, theirs) = UnixStream::pair().unwrap();
-    let mig = Arc::new(Mutex::new(Mig::default()));
-    let mut dev = MigDevice(mig.clone());
-    thread::spawn(move || {
-        let _ = vfio_user::serve(theirs, &mut dev, &ServerConfig::default());
-    });
+    let (ours, server) = FakeServer::builder(migrating_device()).pair().unwrap();
     let channel = vfio_user::socket::Channel::new(ours);
     let send = |id: u16, command: Command, payload: &[u8]| {
         let h = Header::command(id, command, payload.len()).unwrap();
@@ -361,7 +234,7 @@ fn a_report_too_large_for_one_transfer_is_refused_by_the_server() {
     let r = send(2, Command::DeviceFeature, &huge.to_bytes().unwrap());
     assert!(r.header.is_error());
     assert_eq!(r.header.error, libc::E2BIG as u32);
-    assert!(mig.lock().unwrap().last_report.is_none());
+    assert!(server.probe().lock().migration.last_report.is_none());
     // A reply that does not fit the request's argsz: E2BIG.
     let small = DeviceFeature {
         argsz: 8,
@@ -400,12 +273,7 @@ fn a_report_too_large_for_one_transfer_is_refused_by_the_server() {
 #[test]
 fn a_device_without_migration_refuses_everything_and_the_connection_lives() {
     let path = SocketPath::new("nomig");
-    let listener = std::os::unix::net::UnixListener::bind(&path.0).unwrap();
-    let stats = Arc::new(Stats::default());
-    let mut dev = TestDevice::new(stats);
-    thread::spawn(move || {
-        let _ = vfio_user::accept_and_serve(&listener, &mut dev, &ServerConfig::default());
-    });
+    let _server = FakeServer::builder(test_device()).listen(&path.0).unwrap();
     let c = Client::connect(&path.0, TIMEOUT).unwrap();
     assert_eq!(
         remote_errno(c.migration_flags().unwrap_err()),
@@ -436,14 +304,34 @@ fn a_device_without_migration_refuses_everything_and_the_connection_lives() {
     assert_eq!(c.device_info().unwrap().num_regions, 9);
 }
 
-/// Runs `script` as the server of a fresh client and returns the client.
-fn with_fake<F>(script: F) -> Client
-where
-    F: FnOnce(FakeServer) + Send + 'static,
-{
-    let (a, b) = UnixStream::pair().unwrap();
-    thread::spawn(move || script(FakeServer::handshake(b)));
-    Client::from_stream(a, TIMEOUT).expect("negotiate")
+/// The configuration of the scripted servers: 4 KiB transfers, 4 descriptors.
+fn small_config() -> ServerConfig {
+    ServerConfig {
+        max_data_xfer_size: 4096,
+        max_msg_fds: 4,
+        ..ServerConfig::default()
+    }
+}
+
+/// A client of a device without migration served with `faults`, and its server
+/// (recording what the client sends).
+fn with_faults(faults: impl IntoIterator<Item = Fault>) -> (Client, FakeServer) {
+    let device = FakeDevice::builder().build().unwrap();
+    let builder = FakeServer::builder(device).config(small_config()).record();
+    let (ours, server) = faults
+        .into_iter()
+        .fold(builder, |b, f| b.fault(f))
+        .pair()
+        .unwrap();
+    (
+        Client::from_stream(ours, TIMEOUT).expect("negotiate"),
+        server,
+    )
+}
+
+/// A client whose server answers the first command after the handshake with `payload`.
+fn answering(payload: Vec<u8>) -> Client {
+    with_faults([Fault::any().nth(1).reply(payload)]).0
 }
 
 fn feature_reply(flags: u32, data: Vec<u8>) -> Vec<u8> {
@@ -468,16 +356,16 @@ fn assert_protocol(r: Result<impl std::fmt::Debug, ClientError>, needle: &str, c
 
 #[test]
 fn an_error_reply_to_a_migration_request_leaves_the_client_usable() {
-    let c = with_fake(|s| {
-        let req = s.recv();
-        s.send_raw(&Header::error_reply(&req.header, libc::EBUSY).to_bytes());
-        let req = s.recv();
-        let get = VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_MIGRATION;
-        s.reply(
-            &req.header,
-            &feature_reply(get, FeatureMigration { flags: 1 }.to_bytes()),
-        );
-    });
+    // A device that migrates with STOP_COPY only (flags 1); its first answer is an error.
+    let device = FakeDevice::builder()
+        .migration(Migration::new(VFIO_MIGRATION_STOP_COPY.into()))
+        .build()
+        .unwrap();
+    let (ours, _server) = FakeServer::builder(device)
+        .fault(Fault::on(Command::MigDataRead).error(libc::EBUSY))
+        .pair()
+        .unwrap();
+    let c = Client::from_stream(ours, TIMEOUT).unwrap();
     assert_eq!(remote_errno(c.mig_data_read(8).unwrap_err()), libc::EBUSY);
     assert!(!c.is_broken());
     assert_eq!(c.migration_flags().unwrap(), 1);
@@ -496,15 +384,12 @@ fn padded_mig_data(got: &[u8], asked: usize) -> Vec<u8> {
 
 #[test]
 fn padded_mig_data_read_replies_are_accepted() {
-    let c = with_fake(|s| {
-        let r = s.recv();
-        s.reply(&r.header, &padded_mig_data(b"state", 64));
+    let read = || Fault::on(Command::MigDataRead);
+    let (c, _server) = with_faults([
+        read().nth(0).reply(padded_mig_data(b"state", 64)),
         // The end of the stream: nothing read, still padded.
-        let r = s.recv();
-        s.reply(&r.header, &padded_mig_data(b"", 64));
-        let r = s.recv();
-        s.reply(&r.header, &[]);
-    });
+        read().nth(1).reply(padded_mig_data(b"", 64)),
+    ]);
     assert_eq!(c.mig_data_read(64).unwrap(), b"state");
     assert!(c.mig_data_read(64).unwrap().is_empty());
     c.reset().unwrap();
@@ -513,26 +398,17 @@ fn padded_mig_data_read_replies_are_accepted() {
 #[test]
 fn mig_data_read_replies_with_lying_sizes_break_only_the_connection() {
     // `size` above what was asked.
-    let c = with_fake(|s| {
-        let r = s.recv();
-        let mut b = padded_mig_data(&[1; 16], 16);
-        b[4..8].copy_from_slice(&24u32.to_ne_bytes());
-        s.reply(&r.header, &b);
-    });
+    let mut b = padded_mig_data(&[1; 16], 16);
+    b[4..8].copy_from_slice(&24u32.to_ne_bytes());
+    let c = answering(b);
     assert_protocol(c.mig_data_read(16), "larger than the size requested", &c);
     // `size` beyond the payload.
-    let c = with_fake(|s| {
-        let r = s.recv();
-        let mut b = padded_mig_data(&[1; 4], 4);
-        b[4..8].copy_from_slice(&12u32.to_ne_bytes());
-        s.reply(&r.header, &b);
-    });
+    let mut b = padded_mig_data(&[1; 4], 4);
+    b[4..8].copy_from_slice(&12u32.to_ne_bytes());
+    let c = answering(b);
     assert_protocol(c.mig_data_read(16), "larger than the data present", &c);
     // Padding past the size asked.
-    let c = with_fake(|s| {
-        let r = s.recv();
-        s.reply(&r.header, &padded_mig_data(&[1; 4], 17));
-    });
+    let c = answering(padded_mig_data(&[1; 4], 17));
     assert_protocol(c.mig_data_read(16), "trailing", &c);
 }
 
@@ -550,52 +426,31 @@ fn malformed_migration_replies_break_the_client() {
         .to_bytes()
     };
     // Flags that do not echo the request.
-    let c = with_fake(move |s| {
-        let r = s.recv();
-        s.reply(&r.header, &feature_reply(get_state, state(2)));
-    });
+    let c = answering(feature_reply(get_state, state(2)));
     assert_protocol(c.migration_flags(), "flags", &c);
     // Migration flags without STOP_COPY.
-    let c = with_fake(move |s| {
-        let r = s.recv();
-        s.reply(
-            &r.header,
-            &feature_reply(get_mig, FeatureMigration { flags: 4 }.to_bytes()),
-        );
-    });
+    let c = answering(feature_reply(
+        get_mig,
+        FeatureMigration { flags: 4 }.to_bytes(),
+    ));
     assert_protocol(c.migration_flags(), "STOP_COPY", &c);
     // An undefined state.
-    let c = with_fake(move |s| {
-        let r = s.recv();
-        s.reply(&r.header, &feature_reply(get_state, state(9)));
-    });
+    let c = answering(feature_reply(get_state, state(9)));
     assert_protocol(c.mig_state(), "undefined", &c);
     // A successful SET that reports another state.
-    let c = with_fake(move |s| {
-        let r = s.recv();
-        s.reply(&r.header, &feature_reply(set_state, state(2)));
-    });
+    let c = answering(feature_reply(set_state, state(2)));
     assert_protocol(
         c.set_mig_state(MigState::Stop),
         "after a successful move",
         &c,
     );
     // More migration data than asked.
-    let c = with_fake(|s| {
-        let r = s.recv();
-        s.reply(
-            &r.header,
-            &MigData { data: vec![0; 32] }.to_bytes().unwrap(),
-        );
-    });
+    let c = answering(MigData { data: vec![0; 32] }.to_bytes().unwrap());
     assert_protocol(c.mig_data_read(16), "trailing", &c);
     // A migration data reply whose size field lies.
-    let c = with_fake(|s| {
-        let r = s.recv();
-        let mut b = MigData { data: vec![0; 8] }.to_bytes().unwrap();
-        b[4] = 9;
-        s.reply(&r.header, &b);
-    });
+    let mut b = MigData { data: vec![0; 8] }.to_bytes().unwrap();
+    b[4] = 9;
+    let c = answering(b);
     assert_protocol(c.mig_data_read(16), "size", &c);
     // A bitmap of the wrong size, another range, bits beyond the range.
     let bad_reports: [(DmaLoggingReport, &str); 3] = [
@@ -633,19 +488,13 @@ fn malformed_migration_replies_break_the_client() {
         } else {
             64 * 4096
         };
-        let c = with_fake(move |s| {
-            let r = s.recv();
-            s.reply(&r.header, &feature_reply(report, bad.to_bytes()));
-        });
+        let c = answering(feature_reply(report, bad.to_bytes()));
         assert_protocol(c.dma_logging_report(0, length, 4096), needle, &c);
     }
     // Feature data on a reply to STOP, which has none.
-    let c = with_fake(|s| {
-        let r = s.recv();
-        let stop = VFIO_DEVICE_FEATURE_SET
-            | vfio_bindings::bindings::vfio::VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP;
-        s.reply(&r.header, &feature_reply(stop, vec![0; 8]));
-    });
+    let stop = VFIO_DEVICE_FEATURE_SET
+        | vfio_bindings::bindings::vfio::VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP;
+    let c = answering(feature_reply(stop, vec![0; 8]));
     assert_protocol(c.dma_logging_stop(), "at most 0", &c);
 }
 
@@ -654,16 +503,14 @@ fn malformed_migration_replies_break_the_client() {
 /// server never panics.
 #[test]
 fn random_migration_requests_never_break_the_server() {
-    let (ours, theirs) = UnixStream::pair().unwrap();
-    let mig = Arc::new(Mutex::new(Mig::default()));
-    let mut dev = MigDevice(mig);
-    let server = thread::spawn(move || {
-        let config = ServerConfig {
-            max_data_xfer_size: 1 << 16,
-            ..ServerConfig::default()
-        };
-        vfio_user::serve(theirs, &mut dev, &config)
-    });
+    let config = ServerConfig {
+        max_data_xfer_size: 1 << 16,
+        ..ServerConfig::default()
+    };
+    let (ours, server) = FakeServer::builder(migrating_device())
+        .config(config)
+        .pair()
+        .unwrap();
     let channel = vfio_user::socket::Channel::new(ours);
     let version = vfio_user::proto::Version {
         major: 0,
@@ -746,36 +593,25 @@ fn random_migration_requests_never_break_the_server() {
         assert_eq!(reply.header.msg_id, id);
     }
     drop(channel);
-    server.join().unwrap().unwrap();
+    server.finish(Duration::from_secs(5)).unwrap();
 }
 
 #[test]
 fn dirty_pages_start_get_and_stop_against_a_libvfio_user_style_server() {
     use vfio_user::proto::dirty_pages::{self, BitmapRange, DirtyPages};
-    let c = with_fake(|s| {
-        for flags in [1u32, 4, 2] {
-            let r = s.recv();
-            assert_eq!(r.header.command, Command::DirtyPages as u16);
-            assert_eq!(r.header.command, 14);
-            let head = DirtyPages::parse_prefix(&r.payload).unwrap();
-            assert_eq!(head.flags, flags);
-            if flags != 4 {
-                assert_eq!(r.payload, [8, 0, 0, 0, flags as u8, 0, 0, 0]);
-                s.reply(&r.header, &[]);
-                continue;
-            }
-            let range = BitmapRange::parse(&r.payload[8..]).unwrap();
-            assert_eq!(
-                (range.iova, range.size, range.pgsize),
-                (0x10_0000, 0x8_2000, 4096)
-            );
-            assert_eq!(range.bitmap_size, 24);
-            assert_eq!(head.argsz, 8 + 32 + 24);
+    // The crate's server refuses DIRTY_PAGES: the fake answers as libvfio-user 0.1 would.
+    let dirty = || Fault::on(Command::DirtyPages);
+    let (c, server) = with_faults([
+        dirty().nth(0).reply(vec![]),
+        dirty().nth(1).reply_with(|r| {
             // Pages 0, 2, 64 and 129 (the last) are dirty.
             let bitmap = [0b101, 1, 1 << 1];
-            s.reply(&r.header, &dirty_pages::bitmap_reply(&range, &bitmap));
-        }
-    });
+            BitmapRange::parse(r.payload.get(8..).unwrap_or_default())
+                .map(|range| dirty_pages::bitmap_reply(&range, &bitmap))
+                .unwrap_or_default()
+        }),
+        dirty().nth(2).reply(vec![]),
+    ]);
     c.dirty_pages_start().unwrap();
     assert_eq!(
         c.dirty_pages_get(0x10_0000, 0x8_2000, 4096).unwrap(),
@@ -783,38 +619,48 @@ fn dirty_pages_start_get_and_stop_against_a_libvfio_user_style_server() {
     );
     c.dirty_pages_stop().unwrap();
     assert!(!c.is_broken());
+    // What the server received: start, get, stop.
+    let requests: Vec<_> = server.transcript().into_iter().skip(1).collect();
+    assert_eq!(requests.len(), 3);
+    for (r, flags) in requests.iter().zip([1u32, 4, 2]) {
+        assert_eq!(r.header.command, Command::DirtyPages as u16);
+        assert_eq!(r.header.command, 14);
+        let head = DirtyPages::parse_prefix(&r.payload).unwrap();
+        assert_eq!(head.flags, flags);
+        if flags != 4 {
+            assert_eq!(r.payload, [8, 0, 0, 0, flags as u8, 0, 0, 0]);
+            continue;
+        }
+        let range = BitmapRange::parse(&r.payload[8..]).unwrap();
+        assert_eq!(
+            (range.iova, range.size, range.pgsize),
+            (0x10_0000, 0x8_2000, 4096)
+        );
+        assert_eq!(range.bitmap_size, 24);
+        assert_eq!(head.argsz, 8 + 32 + 24);
+    }
 }
 
 #[test]
 fn dirty_pages_replies_that_lie_break_the_client_and_bad_requests_send_nothing() {
     use vfio_user::proto::dirty_pages::{self, BitmapRange};
     // Another range in the reply.
-    let c = with_fake(|s| {
-        let r = s.recv();
-        let other = BitmapRange::new(0, 0x1000 * 64, 4096).unwrap();
-        s.reply(&r.header, &dirty_pages::bitmap_reply(&other, &[1]));
-    });
+    let other = BitmapRange::new(0, 0x1000 * 64, 4096).unwrap();
+    let c = answering(dirty_pages::bitmap_reply(&other, &[1]));
     assert_protocol(c.dirty_pages_get(0x1000, 0x1000 * 64, 4096), "range", &c);
     // A bit past the last page.
-    let c = with_fake(|s| {
-        let r = s.recv();
-        let range = BitmapRange::parse(&r.payload[8..]).unwrap();
-        s.reply(&r.header, &dirty_pages::bitmap_reply(&range, &[1 << 3]));
-    });
+    let (c, _server) = with_faults([Fault::any().nth(1).reply_with(|r| {
+        BitmapRange::parse(r.payload.get(8..).unwrap_or_default())
+            .map(|range| dirty_pages::bitmap_reply(&range, &[1 << 3]))
+            .unwrap_or_default()
+    })]);
     assert_protocol(c.dirty_pages_get(0, 3 * 4096, 4096), "beyond", &c);
     // A reply to START with a payload.
-    let c = with_fake(|s| {
-        let r = s.recv();
-        s.reply(&r.header, &[0; 4]);
-    });
+    let c = answering(vec![0; 4]);
     assert_protocol(c.dirty_pages_start(), "expected", &c);
     // Refused before sending: a bitmap over the transfer size (4096 here), a bad page
     // size, an empty range. The server sees only the reset after them.
-    let c = with_fake(|s| {
-        let r = s.recv();
-        assert_eq!(r.header.command, Command::DeviceReset as u16);
-        s.reply(&r.header, &[]);
-    });
+    let (c, server) = with_faults([]);
     for (iova, size, pgsize) in [(0, 4096 * 8 * 4097, 4096), (0, 4096, 3000), (0, 0, 4096)] {
         assert!(matches!(
             c.dirty_pages_get(iova, size, pgsize),
@@ -822,4 +668,5 @@ fn dirty_pages_replies_that_lie_break_the_client_and_bad_requests_send_nothing()
         ));
     }
     c.reset().unwrap();
+    assert_eq!(server.sequence(), ["Version", "DeviceReset"]);
 }

@@ -1,17 +1,16 @@
 //! Commands from the server (`DMA_READ`, `DMA_WRITE`) served by the client's handler:
 //! inline while a call waits for its reply, by the reader thread while the client is idle,
-//! refused cleanly when they are bad, and never leaving the stream out of step.
+//! refused cleanly when they are bad, and never leaving the stream out of step. The
+//! server is the crate's fake device; the commands are injected by its faults, and what
+//! the client answered is read from its transcript.
 
-mod common;
-
-use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::*;
 use vfio_user::proto::{Command, DmaAccess, DmaAccessData, Header, FLAGS_NO_REPLY};
-use vfio_user::{Client, ClientError, Errno, ServerRequests};
+use vfio_user::testing::{FakeDevice, FakeServer, Fault, Inject};
+use vfio_user::{Client, ClientError, Errno, ServerConfig, ServerRequests};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 /// Guest memory of the tests: 64 KiB at DMA address `BASE`.
@@ -66,15 +65,30 @@ impl ServerRequests for Memory {
     }
 }
 
-/// A client over a fake server running `script`, with `memory` as its handler and, if
+/// The scripted servers' configuration: 4 KiB transfers, 4 descriptors.
+fn small_config() -> ServerConfig {
+    ServerConfig {
+        max_data_xfer_size: 4096,
+        max_msg_fds: 4,
+        ..ServerConfig::default()
+    }
+}
+
+/// A client of a fake device served with `faults`, with `memory` as its handler and, if
 /// `reader`, its reader thread started.
-fn client_with<F>(memory: &Arc<Memory>, reader: bool, script: F) -> (Client, thread::JoinHandle<()>)
-where
-    F: FnOnce(FakeServer) + Send + 'static,
-{
-    let (a, b) = UnixStream::pair().unwrap();
-    let server = thread::spawn(move || script(FakeServer::handshake(b)));
-    let client = Client::from_stream(a, TIMEOUT).expect("negotiate");
+fn client_with(
+    memory: &Arc<Memory>,
+    reader: bool,
+    faults: impl IntoIterator<Item = Fault>,
+) -> (Client, FakeServer) {
+    let builder =
+        FakeServer::builder(FakeDevice::builder().build().unwrap()).config(small_config());
+    let (ours, server) = faults
+        .into_iter()
+        .fold(builder, |b, f| b.fault(f))
+        .pair()
+        .unwrap();
+    let client = Client::from_stream(ours, TIMEOUT).expect("negotiate");
     client.set_server_requests(memory.clone());
     if reader {
         client.spawn_reader().unwrap();
@@ -82,32 +96,14 @@ where
     (client, server)
 }
 
-fn send_command(s: &FakeServer, id: u16, command: Command, payload: &[u8]) {
-    let h = Header::command(id, command, payload.len()).unwrap();
-    s.channel.send(&h, payload, &[], deadline(5)).unwrap();
+/// Commands sent to the client right after the handshake, while it is idle.
+fn at_start(injects: impl IntoIterator<Item = Inject>) -> Fault {
+    Fault::on(Command::Version).after(injects)
 }
 
-fn dma_read(s: &FakeServer, id: u16, address: u64, count: u64) {
-    send_command(
-        s,
-        id,
-        Command::DmaRead,
-        &DmaAccess { address, count }.to_bytes(),
-    );
-}
-
-fn dma_write(s: &FakeServer, id: u16, address: u64, data: &[u8]) {
-    let p = DmaAccessData {
-        address,
-        data: data.to_vec(),
-    }
-    .to_bytes();
-    send_command(s, id, Command::DmaWrite, &p);
-}
-
-/// Receives the reply to server command `id`; `Err(errno)` if it is an error reply.
+/// The client's reply to server command `id`; `Err(errno)` if it is an error reply.
 fn reply_to(s: &FakeServer, id: u16) -> Result<Vec<u8>, u32> {
-    let m = s.recv();
+    let m = s.wait_for_reply(id, TIMEOUT).expect("a reply");
     assert!(m.header.is_reply(), "expected a reply, got {:?}", m.header);
     assert_eq!(m.header.msg_id, id);
     if m.header.is_error() {
@@ -117,28 +113,24 @@ fn reply_to(s: &FakeServer, id: u16) -> Result<Vec<u8>, u32> {
     Ok(m.payload)
 }
 
-/// Answers the client's next command (a reset) with an empty reply.
-fn serve_reset(s: &FakeServer) {
-    let req = s.recv();
-    assert_eq!(req.header.command, Command::DeviceReset as u16);
-    s.reply(&req.header, &[]);
-}
-
-/// Keeps the connection open until the client goes away (a hang-up would break it).
-fn wait_for_the_client(s: &FakeServer) {
-    let _ = s.channel.recv(LIMITS, deadline(5));
+/// Ends the connection and waits for the server to see the client go.
+fn finish(client: Client, server: &FakeServer) {
+    drop(client);
+    server.finish(TIMEOUT).unwrap();
 }
 
 #[test]
 fn a_dma_write_while_the_client_is_idle_is_served_by_the_reader() {
     let memory = Memory::new();
-    let (client, server) = client_with(&memory, true, |s| {
-        dma_write(&s, 7, BASE + 0x100, b"written while idle");
-        let echo = DmaAccess::parse(&reply_to(&s, 7).unwrap()).unwrap();
-        assert_eq!((echo.address, echo.count), (BASE + 0x100, 18));
-        serve_reset(&s);
-        wait_for_the_client(&s);
-    });
+    let (client, server) = client_with(
+        &memory,
+        true,
+        [at_start([Inject::dma_write(
+            7,
+            BASE + 0x100,
+            b"written while idle",
+        )])],
+    );
     // The client makes no call until the server has its reply.
     let start = Instant::now();
     while memory.calls().is_empty() {
@@ -151,27 +143,21 @@ fn a_dma_write_while_the_client_is_idle_is_served_by_the_reader() {
     );
     client.reset().unwrap();
     assert!(!client.is_broken());
-    drop(client);
-    server.join().unwrap();
+    finish(client, &server);
+    let echo = DmaAccess::parse(&reply_to(&server, 7).unwrap()).unwrap();
+    assert_eq!((echo.address, echo.count), (BASE + 0x100, 18));
+    assert_eq!(server.sequence(), ["Version", "reply 7", "DeviceReset"]);
 }
 
 #[test]
 fn a_dma_read_before_the_reply_is_served_inline() {
     for reader in [false, true] {
         let memory = Memory::new();
-        let (client, server) = client_with(&memory, reader, |s| {
-            let req = s.recv();
-            dma_read(&s, 9, BASE + 0x20, 16);
-            let reply = DmaAccessData::parse(&reply_to(&s, 9).unwrap()).unwrap();
-            assert_eq!(reply.address, BASE + 0x20);
-            assert_eq!(
-                reply.data,
-                (0x20..0x30).map(|i| i as u8).collect::<Vec<_>>()
-            );
-            // Only now the reply to the client's request.
-            s.reply(&req.header, &[]);
-            serve_reset(&s);
-        });
+        // The DMA read comes after the client's first request, before its reply.
+        let fault = Fault::on(Command::DeviceReset)
+            .nth(0)
+            .before([Inject::dma_read(9, BASE + 0x20, 16)]);
+        let (client, server) = client_with(&memory, reader, [fault]);
         client.reset().unwrap();
         assert_eq!(
             memory.calls(),
@@ -179,42 +165,45 @@ fn a_dma_read_before_the_reply_is_served_inline() {
             "reader {reader}"
         );
         client.reset().unwrap();
-        server.join().unwrap();
+        finish(client, &server);
+        let reply = DmaAccessData::parse(&reply_to(&server, 9).unwrap()).unwrap();
+        assert_eq!(reply.address, BASE + 0x20);
+        assert_eq!(
+            reply.data,
+            (0x20..0x30).map(|i| i as u8).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            server.sequence(),
+            ["Version", "DeviceReset", "reply 9", "DeviceReset"]
+        );
     }
 }
 
 #[test]
 fn a_bad_address_gets_an_error_reply_and_the_connection_lives() {
     let memory = Memory::new();
-    let (client, server) = client_with(&memory, true, |s| {
-        dma_read(&s, 1, BASE + SIZE as u64 - 4, 8);
-        assert_eq!(reply_to(&s, 1), Err(libc::EFAULT as u32));
-        dma_write(&s, 2, 0x10, b"below");
-        assert_eq!(reply_to(&s, 2), Err(libc::EFAULT as u32));
-        // Malformed: a count that differs from the data, a range that wraps.
-        let mut bad = DmaAccessData {
-            address: BASE,
-            data: vec![1; 4],
-        }
-        .to_bytes();
-        bad[8] = 5;
-        send_command(&s, 3, Command::DmaWrite, &bad);
-        assert_eq!(reply_to(&s, 3), Err(libc::EINVAL as u32));
-        dma_read(&s, 4, u64::MAX - 1, 2);
-        assert_eq!(reply_to(&s, 4), Err(libc::EINVAL as u32));
-        // An unknown command, and one that wants no reply: nothing comes back for it.
-        send_command(&s, 5, Command::DeviceReset, &[]);
-        assert_eq!(reply_to(&s, 5), Err(libc::ENOTSUP as u32));
-        let quiet = Header {
-            flags: FLAGS_NO_REPLY,
-            ..Header::command(6, Command::DmaWrite, 0).unwrap()
-        };
-        s.channel.send(&quiet, &[], &[], deadline(5)).unwrap();
-        dma_read(&s, 7, BASE, 4);
-        assert_eq!(reply_to(&s, 7).unwrap().len(), 16 + 4);
-        serve_reset(&s);
-        wait_for_the_client(&s);
-    });
+    // Malformed: a count that differs from the data, a range that wraps.
+    let mut bad = DmaAccessData {
+        address: BASE,
+        data: vec![1; 4],
+    }
+    .to_bytes();
+    bad[8] = 5;
+    // An unknown command, and one that wants no reply: nothing comes back for it.
+    let quiet = Header {
+        flags: FLAGS_NO_REPLY,
+        ..Header::command(6, Command::DmaWrite, 0).unwrap()
+    };
+    let injects = [
+        Inject::dma_read(1, BASE + SIZE as u64 - 4, 8),
+        Inject::dma_write(2, 0x10, b"below"),
+        Inject::command(3, Command::DmaWrite, bad),
+        Inject::dma_read(4, u64::MAX - 1, 2),
+        Inject::command(5, Command::DeviceReset, vec![]),
+        Inject::message(quiet, vec![]),
+        Inject::dma_read(7, BASE, 4),
+    ];
+    let (client, server) = client_with(&memory, true, [at_start(injects)]);
     let start = Instant::now();
     while memory.calls().len() < 3 {
         assert!(start.elapsed() < Duration::from_secs(5), "not served");
@@ -222,72 +211,95 @@ fn a_bad_address_gets_an_error_reply_and_the_connection_lives() {
     }
     client.reset().unwrap();
     assert!(!client.is_broken());
-    drop(client);
-    server.join().unwrap();
+    finish(client, &server);
+    assert_eq!(reply_to(&server, 1), Err(libc::EFAULT as u32));
+    assert_eq!(reply_to(&server, 2), Err(libc::EFAULT as u32));
+    assert_eq!(reply_to(&server, 3), Err(libc::EINVAL as u32));
+    assert_eq!(reply_to(&server, 4), Err(libc::EINVAL as u32));
+    assert_eq!(reply_to(&server, 5), Err(libc::ENOTSUP as u32));
+    assert_eq!(reply_to(&server, 7).unwrap().len(), 16 + 4);
+    assert_eq!(
+        server.sequence(),
+        [
+            "Version",
+            "reply 1",
+            "reply 2",
+            "reply 3",
+            "reply 4",
+            "reply 5",
+            "reply 7",
+            "DeviceReset"
+        ]
+    );
 }
 
 #[test]
 fn transfers_over_the_advertised_size_are_refused_without_allocating_them() {
     let memory = Memory::new();
     let max = u64::from(vfio_user::proto::DEFAULT_MAX_DATA_XFER_SIZE);
-    let (done, refused) = std::sync::mpsc::channel();
-    let (client, server) = client_with(&memory, true, move |s| {
+    let injects = [
         // A read of 1 TiB: refused from its count alone.
-        dma_read(&s, 1, BASE, 1 << 40);
-        assert_eq!(reply_to(&s, 1), Err(libc::EINVAL as u32));
-        dma_read(&s, 2, BASE, max + 1);
-        assert_eq!(reply_to(&s, 2), Err(libc::EINVAL as u32));
+        Inject::dma_read(1, BASE, 1 << 40),
+        Inject::dma_read(2, BASE, max + 1),
         // A write whose message is over the client's receive limit: its payload is read
         // and dropped in pieces, and the stream stays in step.
-        let big = vec![0xee; 2 * max as usize];
-        dma_write(&s, 3, BASE, &big);
-        assert_eq!(reply_to(&s, 3), Err(libc::E2BIG as u32));
+        Inject::dma_write(3, BASE, &vec![0xee; 2 * max as usize]),
         // A write within the receive limit but over the transfer size.
-        dma_write(&s, 4, BASE, &vec![0xee; max as usize + 1]);
-        assert_eq!(reply_to(&s, 4), Err(libc::EINVAL as u32));
-        done.send(()).unwrap();
-        serve_reset(&s);
-        wait_for_the_client(&s);
-    });
-    refused.recv_timeout(Duration::from_secs(10)).unwrap();
+        Inject::dma_write(4, BASE, &vec![0xee; max as usize + 1]),
+    ];
+    let (client, server) = client_with(&memory, true, [at_start(injects)]);
+    server
+        .wait_for_reply(4, Duration::from_secs(10))
+        .expect("all refused");
     client.reset().unwrap();
     assert!(memory.calls().is_empty(), "{:?}", memory.calls());
     assert!(!client.is_broken());
-    drop(client);
-    server.join().unwrap();
+    finish(client, &server);
+    assert_eq!(reply_to(&server, 1), Err(libc::EINVAL as u32));
+    assert_eq!(reply_to(&server, 2), Err(libc::EINVAL as u32));
+    assert_eq!(reply_to(&server, 3), Err(libc::E2BIG as u32));
+    assert_eq!(reply_to(&server, 4), Err(libc::EINVAL as u32));
+    assert_eq!(
+        server.sequence(),
+        [
+            "Version",
+            "reply 1",
+            "reply 2",
+            "reply 3",
+            "reply 4",
+            "DeviceReset"
+        ]
+    );
 }
 
 #[test]
 fn without_a_handler_commands_are_refused_and_the_stream_stays_in_step() {
-    let (a, b) = UnixStream::pair().unwrap();
-    let (done, refused) = std::sync::mpsc::channel();
-    let server = thread::spawn(move || {
-        let s = FakeServer::handshake(b);
-        dma_write(&s, 1, BASE, b"x");
-        assert_eq!(reply_to(&s, 1), Err(libc::ENOTSUP as u32));
-        done.send(()).unwrap();
-        serve_reset(&s);
-    });
-    let client = Client::from_stream(a, TIMEOUT).unwrap();
+    let fault = at_start([Inject::dma_write(1, BASE, b"x")]);
+    let (ours, server) = FakeServer::builder(FakeDevice::builder().build().unwrap())
+        .config(small_config())
+        .fault(fault)
+        .pair()
+        .unwrap();
+    let client = Client::from_stream(ours, TIMEOUT).unwrap();
     client.spawn_reader().unwrap();
     client.spawn_reader().unwrap();
-    refused.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(reply_to(&server, 1), Err(libc::ENOTSUP as u32));
     client.reset().unwrap();
-    server.join().unwrap();
+    finish(client, &server);
+    assert_eq!(server.sequence(), ["Version", "reply 1", "DeviceReset"]);
 }
 
 #[test]
 fn a_reply_with_no_request_in_flight_closes_the_connection() {
     let memory = Memory::new();
-    let (client, server) = client_with(&memory, true, |s| {
-        let stray = Header::reply(&Header::command(40, Command::DeviceReset, 0).unwrap(), 0);
-        s.channel
-            .send(&stray.unwrap(), &[], &[], deadline(5))
-            .unwrap();
-        // The client shuts the connection down.
-        assert!(s.channel.recv(LIMITS, deadline(5)).is_err());
-    });
-    server.join().unwrap();
+    let stray = Header::reply(&Header::command(40, Command::DeviceReset, 0).unwrap(), 0);
+    let (client, server) = client_with(
+        &memory,
+        true,
+        [at_start([Inject::message(stray.unwrap(), vec![])])],
+    );
+    // The client shuts the connection down.
+    server.finish(TIMEOUT).unwrap();
     match client.reset() {
         Err(ClientError::Broken { reason }) => {
             assert!(reason.contains("no request in flight"), "{reason}")
@@ -299,8 +311,8 @@ fn a_reply_with_no_request_in_flight_closes_the_connection() {
 #[test]
 fn a_hang_up_while_idle_breaks_the_connection_at_once() {
     let memory = Memory::new();
-    let (client, server) = client_with(&memory, true, drop);
-    server.join().unwrap();
+    let (client, server) = client_with(&memory, true, [Fault::on(Command::Version).then_close()]);
+    server.finish(TIMEOUT).unwrap();
     let start = Instant::now();
     while !client.is_broken() {
         assert!(start.elapsed() < Duration::from_secs(5), "hang-up not seen");
@@ -317,19 +329,11 @@ fn a_hang_up_while_idle_breaks_the_connection_at_once() {
 #[test]
 fn dropping_the_client_stops_the_reader_and_closes_the_socket() {
     let memory = Memory::new();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let (client, server) = client_with(&memory, true, move |s| {
-        // End of file once the client is gone: the reader kept no copy of the socket.
-        let got = s.channel.recv(LIMITS, deadline(5));
-        tx.send(matches!(
-            got,
-            Err(vfio_user::socket::SocketError::Disconnected)
-        ))
-        .unwrap();
-    });
+    let (client, server) = client_with(&memory, true, []);
     drop(client);
-    assert!(rx.recv_timeout(Duration::from_secs(5)).unwrap());
-    server.join().unwrap();
+    // End of file once the client is gone (the server then ends cleanly): the reader
+    // kept no copy of the socket.
+    server.finish(TIMEOUT).unwrap();
     // The handler's only other owner was the reader's session: no reference is left.
     assert_eq!(Arc::strong_count(&memory), 1);
 }
@@ -340,15 +344,12 @@ fn a_command_right_after_a_reply_is_not_lost() {
     // while the caller may still hold the session; the reader must serve it anyway.
     const ROUNDS: u16 = 50;
     let memory = Memory::new();
-    let (client, server) = client_with(&memory, true, |s| {
-        for round in 0..ROUNDS {
-            let req = s.recv();
-            s.reply(&req.header, &[]);
-            dma_write(&s, round, BASE + u64::from(round), &[0xaa]);
-            assert!(reply_to(&s, round).is_ok());
-        }
-        wait_for_the_client(&s);
+    let faults = (0..ROUNDS).map(|round| {
+        Fault::on(Command::DeviceReset)
+            .nth(usize::from(round))
+            .after([Inject::dma_write(round, BASE + u64::from(round), &[0xaa])])
     });
+    let (client, server) = client_with(&memory, true, faults);
     for round in 0..usize::from(ROUNDS) {
         client.reset().unwrap();
         let start = Instant::now();
@@ -361,6 +362,11 @@ fn a_command_right_after_a_reply_is_not_lost() {
         }
     }
     assert!(!client.is_broken());
-    drop(client);
-    server.join().unwrap();
+    finish(client, &server);
+    let mut expected = vec!["Version".to_string()];
+    for round in 0..ROUNDS {
+        assert!(reply_to(&server, round).is_ok());
+        expected.extend(["DeviceReset".to_string(), format!("reply {round}")]);
+    }
+    assert_eq!(server.sequence(), expected);
 }

@@ -5,8 +5,6 @@ mod common;
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -21,6 +19,7 @@ use vfio_user::proto::{
     RegionIoFdsRequest, Version, FLAGS_NO_REPLY,
 };
 use vfio_user::socket::{Channel, Message, SocketError};
+use vfio_user::testing::Probe;
 use vfio_user::{serve, ServerConfig, ServerError};
 
 struct RawClient {
@@ -74,21 +73,20 @@ impl RawClient {
     }
 }
 
-fn start(config: ServerConfig) -> (RawClient, Arc<Stats>, JoinHandle<Result<(), ServerError>>) {
+/// A hand-driven client of the crate's server with the test device; the device's probe
+/// and the server thread.
+fn start(config: ServerConfig) -> (RawClient, Probe, JoinHandle<Result<(), ServerError>>) {
     let (a, b) = UnixStream::pair().unwrap();
-    let stats = Arc::new(Stats::default());
-    let s = stats.clone();
-    let server = thread::spawn(move || {
-        let mut dev = TestDevice::new(s);
-        serve(b, &mut dev, &config)
-    });
+    let mut dev = test_device();
+    let probe = dev.probe();
+    let server = thread::spawn(move || serve(b, &mut dev, &config));
     let raw = a.try_clone().unwrap();
     let client = RawClient {
         channel: Channel::new(a),
         raw,
         next_id: 1,
     };
-    (client, stats, server)
+    (client, probe, server)
 }
 
 fn device_info_request() -> Vec<u8> {
@@ -106,7 +104,7 @@ const ENOTSUP: u32 = libc::ENOTSUP as u32;
 
 #[test]
 fn bad_requests_get_error_replies_and_the_loop_goes_on() {
-    let (mut c, stats, server) = start(ServerConfig::default());
+    let (mut c, probe, server) = start(ServerConfig::default());
 
     // Before negotiation only VERSION is accepted; a bad proposal is refused.
     assert_eq!(
@@ -198,7 +196,7 @@ fn bad_requests_get_error_replies_and_the_loop_goes_on() {
         size: 0x1000,
     }
     .to_bytes();
-    let two = vec![memfd(0x1000), memfd(0x1000)];
+    let two = vec![memfd(0x1000).unwrap(), memfd(0x1000).unwrap()];
     assert_eq!(c.errno(Command::DmaMap as u16, &map, &two), EINVAL);
     let trigger = IrqSet {
         flags: VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER,
@@ -210,23 +208,27 @@ fn bad_requests_get_error_replies_and_the_loop_goes_on() {
     .to_bytes()
     .unwrap();
     assert_eq!(
-        c.errno(Command::DeviceSetIrqs as u16, &trigger, &[eventfd()]),
+        c.errno(
+            Command::DeviceSetIrqs as u16,
+            &trigger,
+            &[eventfd().unwrap()]
+        ),
         EINVAL
     );
     // Unexpected descriptors with a command that takes none are just closed.
     let info = c.call(
         Command::DeviceGetInfo as u16,
         &device_info_request(),
-        &[eventfd()],
+        &[eventfd().unwrap()],
     );
     assert!(!info.header.is_error());
     // More than the server's 16 per message: refused, stream still in step.
-    let many: Vec<_> = (0..20).map(|_| eventfd()).collect();
+    let many: Vec<_> = (0..20).map(|_| eventfd().unwrap()).collect();
     assert_eq!(
         c.errno(Command::DeviceGetInfo as u16, &device_info_request(), &many),
         EINVAL
     );
-    assert_eq!(stats.dma_maps.load(Ordering::SeqCst), 0);
+    assert_eq!(probe.lock().dma_maps.len(), 0);
 
     // Still serving.
     let info = c.call(Command::DeviceGetInfo as u16, &device_info_request(), &[]);
@@ -244,7 +246,7 @@ fn bad_requests_get_error_replies_and_the_loop_goes_on() {
 
     drop(c);
     server.join().unwrap().expect("clean end");
-    assert!(stats.disconnected.load(Ordering::SeqCst));
+    assert_eq!(probe.lock().disconnects, 1);
 }
 
 #[test]
@@ -264,7 +266,7 @@ fn small_argsz_gets_a_truncated_region_info() {
 
 #[test]
 fn no_reply_commands_get_no_reply() {
-    let (mut c, stats, _server) = start(ServerConfig::default());
+    let (mut c, probe, _server) = start(ServerConfig::default());
     c.negotiate();
     let quiet = Header {
         flags: FLAGS_NO_REPLY,
@@ -273,7 +275,7 @@ fn no_reply_commands_get_no_reply() {
     c.channel.send(&quiet, &[], &[], deadline(5)).unwrap();
     let reply = c.call(Command::DeviceGetInfo as u16, &device_info_request(), &[]);
     assert!(!reply.header.is_error());
-    assert_eq!(stats.resets.load(Ordering::SeqCst), 1);
+    assert_eq!(probe.lock().resets, 1);
 }
 
 #[test]
@@ -330,7 +332,7 @@ fn half_a_message_times_out() {
 
 #[test]
 fn garbage_header_ends_the_connection() {
-    let (mut c, stats, server) = start(ServerConfig::default());
+    let (mut c, probe, server) = start(ServerConfig::default());
     c.negotiate();
     use std::io::Write;
     c.raw.write_all(&[0xee; 16]).unwrap();
@@ -338,5 +340,5 @@ fn garbage_header_ends_the_connection() {
         server.join().unwrap(),
         Err(ServerError::Socket(SocketError::InvalidHeader(_)))
     ));
-    assert!(stats.disconnected.load(Ordering::SeqCst));
+    assert_eq!(probe.lock().disconnects, 1);
 }

@@ -1,12 +1,12 @@
 //! Client and server in two processes: this test binary re-executes itself with an
-//! environment variable naming the socket, and that child runs only `child_server`.
+//! environment variable naming the socket, and that child runs only `child_server` (the
+//! crate's server with the test device).
 
 mod common;
 
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixListener;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -24,7 +24,7 @@ fn child_server() {
         return;
     };
     let listener = UnixListener::bind(&path).expect("bind");
-    let mut dev = TestDevice::new(Arc::new(Stats::default()));
+    let mut dev = test_device();
     accept_and_serve(&listener, &mut dev, &ServerConfig::default()).expect("serve");
 }
 
@@ -89,7 +89,7 @@ fn client_and_server_in_two_processes() {
     assert_eq!(&seen, b"other process");
 
     // So is the client's memory, for DMA.
-    let ram = memfd(0x2000);
+    let ram = memfd(0x2000).unwrap();
     let view = Mapping::new(ram.as_fd(), 0, 0x2000).unwrap();
     client
         .dma_map(0x4000, 0x2000, ram.as_fd(), 0, true, true)

@@ -1,84 +1,36 @@
-//! A KVM-only test of the device set-up: a VM without vCPUs, a fake vfio-user device on a
-//! socket, and the function built, placed and DMA-mapped as at start-up.
+//! A KVM-only test of the device set-up: a VM without vCPUs, a fake vfio-user device
+//! (`vfio_user::testing`) on a socket, and the function built, placed and DMA-mapped as
+//! at start-up.
 
-use std::os::unix::net::UnixListener;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use devices::pci::PciRoot;
 use devices::Bus;
 use resources::memslots::MemSlots;
-use vfio_bindings::bindings::vfio::{VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE};
-use vfio_user::{Device, DeviceResult, Errno, IrqData, ServerConfig};
+use vfio_bindings::bindings::vfio::{
+    VFIO_IRQ_INFO_EVENTFD, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+};
+use vfio_user::testing::{FakeDevice, FakeDeviceBuilder, FakeServer, Region};
 
 use super::*;
 use crate::config::device::{DeviceKind, DeviceSpec};
 
-/// `(iova, size, file offset, had an fd)` of each DMA map.
-type Maps = Arc<Mutex<Vec<(u64, u64, u64, bool)>>>;
-
-/// An endpoint 1234:5678 with one 32-bit 64 KiB memory BAR and no interrupts.
-struct Endpoint {
-    config: [u8; 256],
-    maps: Maps,
+/// Regions 1-8 readable, writable and empty, as the fake endpoints' other regions are.
+fn empty_regions(builder: FakeDeviceBuilder) -> FakeDeviceBuilder {
+    let rw = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
+    (1..=8).fold(builder, |b, i| b.region(i, Region::new(0).flags(rw)))
 }
 
-impl Device for Endpoint {
-    fn device_info(&mut self) -> vfio_user::DeviceInfo {
-        vfio_user::DeviceInfo {
-            flags: 2,
-            num_regions: 9,
-            num_irqs: 5,
-        }
-    }
-    fn region_info(&mut self, index: u32) -> DeviceResult<vfio_user::RegionInfo> {
-        let size = match index {
-            0 => 0x1_0000,
-            7 => 256,
-            1..=8 => 0,
-            _ => return Err(Errno(libc::EINVAL)),
-        };
-        Ok(vfio_user::RegionInfo {
-            index,
-            flags: VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE,
-            size,
-            offset: 0,
-            sparse_areas: vec![],
-            fd: None,
-        })
-    }
-    fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> DeviceResult<()> {
-        let o = offset as usize;
-        match (index, self.config.get(o..o + data.len())) {
-            (7, Some(src)) => data.copy_from_slice(src),
-            _ => data.fill(0),
-        }
-        Ok(())
-    }
-    fn region_write(&mut self, _index: u32, _offset: u64, _data: &[u8]) -> DeviceResult<()> {
-        Ok(())
-    }
-    fn dma_map(&mut self, m: vfio_user::DmaMapping) -> DeviceResult<()> {
-        let entry = (m.iova, m.size, m.file_offset, m.fd.is_some());
-        self.maps.lock().unwrap().push(entry);
-        Ok(())
-    }
-    fn dma_unmap(&mut self, _iova: u64, _size: u64) -> DeviceResult<()> {
-        Ok(())
-    }
-    fn irq_info(&mut self, index: u32) -> DeviceResult<vfio_user::IrqInfo> {
-        Ok(vfio_user::IrqInfo {
-            index,
-            flags: 0,
-            count: 0,
-        })
-    }
-    fn set_irqs(&mut self, _: u32, _: u32, _: u32, _: u32, _: IrqData) -> DeviceResult<()> {
-        Ok(())
-    }
-    fn reset(&mut self) -> DeviceResult<()> {
-        Ok(())
-    }
+/// An endpoint 1234:5678 with one 32-bit 64 KiB memory BAR and no interrupts.
+fn endpoint() -> FakeDevice {
+    let mut config = [0u8; 256];
+    config[0..4].copy_from_slice(&[0x34, 0x12, 0x78, 0x56]);
+    empty_regions(FakeDevice::builder().info(2, 9, 5))
+        .region(0, Region::new(0x1_0000))
+        .region(7, Region::new(256).contents(0, &config))
+        .build()
+        .unwrap()
 }
 
 #[test]
@@ -96,17 +48,7 @@ fn a_vfio_user_device_is_placed_and_gets_guest_ram() {
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("dev.sock");
     let _ = std::fs::remove_file(&socket);
-    let listener = UnixListener::bind(&socket).unwrap();
-    let maps = Maps::default();
-    let mut config = [0u8; 256];
-    config[0..4].copy_from_slice(&[0x34, 0x12, 0x78, 0x56]);
-    let mut dev = Endpoint {
-        config,
-        maps: maps.clone(),
-    };
-    let server = std::thread::spawn(move || {
-        let _ = vfio_user::accept_and_serve(&listener, &mut dev, &ServerConfig::default());
-    });
+    let server = FakeServer::builder(endpoint()).listen(&socket).unwrap();
 
     let bus = Arc::new(Bus::new());
     let memslots = Arc::new(MemSlots::new(vm.clone()));
@@ -148,7 +90,14 @@ fn a_vfio_user_device_is_placed_and_gets_guest_ram() {
     assert!(bus.mmio_read(PCI_MMIO32_START, &mut word));
     assert_eq!(built[0].device.bar_stats()[0].reads, 1);
     // Guest RAM (one region here) was shared with its file.
-    assert_eq!(maps.lock().unwrap().clone(), vec![(0, mem_size, 0, true)]);
+    let maps: Vec<_> = server
+        .probe()
+        .lock()
+        .dma_maps
+        .iter()
+        .map(|m| (m.iova, m.size, m.file_offset, m.had_fd))
+        .collect();
+    assert_eq!(maps, vec![(0, mem_size, 0, true)]);
 
     // A second device on the same (now closed) socket fails with a message naming it.
     let specs = [DeviceSpec {
@@ -167,122 +116,30 @@ fn a_vfio_user_device_is_placed_and_gets_guest_ram() {
     // and the server returns.
     drop(built);
     drop(pci);
-    server.join().unwrap();
+    server.finish(Duration::from_secs(5)).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// What the INTx endpoint saw: `(index, flags, start, count, descriptors)` of each
-/// SET_IRQS, and its INTx trigger eventfd.
-#[derive(Default)]
-struct IntxLog {
-    set_irqs: Vec<(u32, u32, u32, u32, usize)>,
-    trigger: Option<std::os::fd::OwnedFd>,
-    io: Vec<(u32, u64, Vec<u8>)>,
-}
-
 /// An endpoint 494f:0dc8 as libvfio-user's `gpio-pci-idio-16` sample presents itself:
-/// BAR2 an I/O BAR of 0x100 bytes (no MEM flag, so I/O space), INTA with one INTx vector,
-/// no MSI; plus BAR0, an I/O region of 0x3000 bytes (as the `server` sample's BAR1), which
-/// is more than an I/O BAR may have.
-struct IntxEndpoint {
-    config: [u8; 256],
-    log: Arc<Mutex<IntxLog>>,
-}
-
-impl IntxEndpoint {
-    fn new(log: Arc<Mutex<IntxLog>>) -> Self {
-        let mut config = [0u8; 256];
-        config[0..4].copy_from_slice(&[0x4f, 0x49, 0xc8, 0x0d]);
-        config[0x10] = 0x1; // BAR0: I/O
-        config[0x18] = 0x1; // BAR2: I/O
-        config[0x3d] = 1; // INTA
-        IntxEndpoint { config, log }
-    }
-}
-
-impl Device for IntxEndpoint {
-    fn device_info(&mut self) -> vfio_user::DeviceInfo {
-        vfio_user::DeviceInfo {
-            flags: 2,
-            num_regions: 9,
-            num_irqs: 5,
-        }
-    }
-    fn region_info(&mut self, index: u32) -> DeviceResult<vfio_user::RegionInfo> {
-        let size = match index {
-            0 => 0x3000,
-            2 => 0x100,
-            7 => 256,
-            1..=8 => 0,
-            _ => return Err(Errno(libc::EINVAL)),
-        };
-        Ok(vfio_user::RegionInfo {
-            index,
-            flags: VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE,
-            size,
-            offset: 0,
-            sparse_areas: vec![],
-            fd: None,
-        })
-    }
-    fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> DeviceResult<()> {
-        let o = offset as usize;
-        match (index, self.config.get(o..o + data.len())) {
-            (7, Some(src)) => data.copy_from_slice(src),
-            (2, _) => data.fill(0x5a),
-            _ => data.fill(0),
-        }
-        Ok(())
-    }
-    fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> DeviceResult<()> {
-        if index != 7 {
-            self.log
-                .lock()
-                .unwrap()
-                .io
-                .push((index, offset, data.to_vec()));
-        }
-        Ok(())
-    }
-    fn dma_map(&mut self, _m: vfio_user::DmaMapping) -> DeviceResult<()> {
-        Ok(())
-    }
-    fn dma_unmap(&mut self, _iova: u64, _size: u64) -> DeviceResult<()> {
-        Ok(())
-    }
-    fn irq_info(&mut self, index: u32) -> DeviceResult<vfio_user::IrqInfo> {
-        // As libvfio-user answers: eventfd signalling, neither maskable nor automasked.
-        Ok(vfio_user::IrqInfo {
-            index,
-            flags: vfio_bindings::bindings::vfio::VFIO_IRQ_INFO_EVENTFD,
-            count: u32::from(index == 0),
-        })
-    }
-    fn set_irqs(
-        &mut self,
-        index: u32,
-        flags: u32,
-        start: u32,
-        count: u32,
-        data: IrqData,
-    ) -> DeviceResult<()> {
-        let mut log = self.log.lock().unwrap();
-        let fds = match data {
-            IrqData::Eventfds(mut fds) => {
-                let n = fds.len();
-                if index == 0 {
-                    log.trigger = fds.pop();
-                }
-                n
-            }
-            _ => 0,
-        };
-        log.set_irqs.push((index, flags, start, count, fds));
-        Ok(())
-    }
-    fn reset(&mut self) -> DeviceResult<()> {
-        Ok(())
-    }
+/// BAR2 an I/O BAR of 0x100 bytes (no MEM flag, so I/O space) reading 0x5a, INTA with
+/// one INTx vector, no MSI; plus BAR0, an I/O region of 0x3000 bytes (as the `server`
+/// sample's BAR1), which is more than an I/O BAR may have. Writes to both are recorded.
+fn intx_endpoint() -> FakeDevice {
+    let mut config = [0u8; 256];
+    config[0..4].copy_from_slice(&[0x4f, 0x49, 0xc8, 0x0d]);
+    config[0x10] = 0x1; // BAR0: I/O
+    config[0x18] = 0x1; // BAR2: I/O
+    config[0x3d] = 1; // INTA
+                      // As libvfio-user answers: eventfd signalling, neither maskable nor automasked.
+    let irqs = (0..5).fold(FakeDevice::builder().info(2, 9, 5), |b, i| {
+        b.irq(i, VFIO_IRQ_INFO_EVENTFD, u32::from(i == 0))
+    });
+    empty_regions(irqs)
+        .region(0, Region::new(0x3000).record_writes())
+        .region(2, Region::new(0x100).fill(0x5a).record_writes())
+        .region(7, Region::new(256).contents(0, &config))
+        .build()
+        .unwrap()
 }
 
 #[test]
@@ -301,12 +158,10 @@ fn an_intx_function_gets_ports_an_ioapic_line_and_an_mp_entry() {
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("gpio.sock");
     let _ = std::fs::remove_file(&socket);
-    let listener = UnixListener::bind(&socket).unwrap();
-    let log = Arc::new(Mutex::new(IntxLog::default()));
-    let mut dev = IntxEndpoint::new(log.clone());
-    let server = std::thread::spawn(move || {
-        let _ = vfio_user::accept_and_serve(&listener, &mut dev, &ServerConfig::default());
-    });
+    let server = FakeServer::builder(intx_endpoint())
+        .listen(&socket)
+        .unwrap();
+    let probe = server.probe().clone();
 
     let bus = Arc::new(Bus::new());
     let memslots = Arc::new(MemSlots::new(vm.clone()));
@@ -366,31 +221,27 @@ fn an_intx_function_gets_ports_an_ioapic_line_and_an_mp_entry() {
     let mut b = [0u8; 1];
     assert!(bus.pio_read(0xc000, &mut b));
     assert_eq!(b, [0x5a]);
-    assert_eq!(log.lock().unwrap().io, vec![(2, 4, vec![0xa5])]);
+    let io: Vec<_> = probe
+        .lock()
+        .region_writes
+        .iter()
+        .map(|w| (w.index, w.offset, w.data.clone()))
+        .collect();
+    assert_eq!(io, vec![(2, 4, vec![0xa5])]);
 
     // INTx: the trigger eventfd, and no UNMASK: like libvfio-user's, this INTx does not
     // mask itself (no VFIO_IRQ_INFO_AUTOMASKED).
-    let calls = log.lock().unwrap().set_irqs.clone();
+    let calls: Vec<_> = probe
+        .lock()
+        .set_irqs
+        .iter()
+        .map(|c| (c.index, c.flags, c.start, c.count, c.fds))
+        .collect();
     let trigger = VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER;
     assert_eq!(calls, vec![(0, trigger, 0, 1, 1)]);
-    // The server's signal asserts IOAPIC pin 17 and holds it (level).
-    let trigger = log
-        .lock()
-        .unwrap()
-        .trigger
-        .take()
-        .expect("a trigger eventfd");
-    let one = 1u64.to_ne_bytes();
-    // SAFETY: `trigger` is an eventfd this test owns (the server's copy of the VMM's);
-    // writing 8 bytes from a valid buffer only adds to its counter.
-    let n = unsafe {
-        libc::write(
-            std::os::fd::AsRawFd::as_raw_fd(&trigger),
-            one.as_ptr().cast(),
-            one.len(),
-        )
-    };
-    assert_eq!(n, 8);
+    // The server's signal (on the trigger eventfd the VMM gave it) asserts IOAPIC pin 17
+    // and holds it (level).
+    probe.raise(0, 0).expect("a trigger eventfd");
     let deadline = std::time::Instant::now() + Duration::from_secs(2);
     let irr = loop {
         let mut chip = kvm_bindings::kvm_irqchip {
@@ -409,6 +260,6 @@ fn an_intx_function_gets_ports_an_ioapic_line_and_an_mp_entry() {
 
     drop(built);
     drop(pci);
-    server.join().unwrap();
+    server.finish(Duration::from_secs(5)).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }

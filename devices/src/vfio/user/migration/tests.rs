@@ -1,220 +1,42 @@
 //! Tests of [`VfioUserMigration`] against the vfio-user crate's server over a socket pair,
-//! with a small device that implements the migration messages.
+//! serving the crate's fake device with migration (`vfio_user::testing`).
 
-use std::collections::BTreeSet;
-use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use vfio_bindings::bindings::vfio::{VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY};
-use vfio_user::proto::dirty_bitmap;
-use vfio_user::{
-    Device, DeviceInfo, DeviceResult, DmaLoggingRange, DmaMapping, Errno, IrqData, IrqInfo,
-    MigState, RegionInfo, ServerConfig,
-};
+use vfio_user::testing::{FakeDevice, FakeServer, Migration, Probe};
+use vfio_user::{DmaLoggingRange, MigState, ServerConfig};
 
 use super::*;
 
-/// What the device holds, shared with the test.
-#[derive(Default)]
-struct Shared {
-    state: Option<MigState>,
-    /// The saved state handed out in STOP_COPY, and pre-copy data in PRE_COPY.
-    saved: Vec<u8>,
-    pre_copy: Vec<u8>,
-    read_at: usize,
-    restored: Vec<u8>,
-    /// Dirty 4 KiB pages; `None` while logging is off.
-    dirty: Option<BTreeSet<u64>>,
-    log_ranges: Vec<DmaLoggingRange>,
-    fail_resume: bool,
-}
-
-struct MigDevice {
-    s: Arc<Mutex<Shared>>,
-    pre_copy: bool,
-}
-
-impl Device for MigDevice {
-    fn device_info(&mut self) -> DeviceInfo {
-        DeviceInfo {
-            flags: 0,
-            num_regions: 9,
-            num_irqs: 5,
-        }
-    }
-    fn region_info(&mut self, _index: u32) -> DeviceResult<RegionInfo> {
-        Err(Errno(libc::EINVAL))
-    }
-    fn region_read(&mut self, _: u32, _: u64, _: &mut [u8]) -> DeviceResult<()> {
-        Err(Errno(libc::EINVAL))
-    }
-    fn region_write(&mut self, _: u32, _: u64, _: &[u8]) -> DeviceResult<()> {
-        Err(Errno(libc::EINVAL))
-    }
-    fn dma_map(&mut self, _: DmaMapping) -> DeviceResult<()> {
-        Ok(())
-    }
-    fn dma_unmap(&mut self, _: u64, _: u64) -> DeviceResult<()> {
-        Ok(())
-    }
-    fn irq_info(&mut self, index: u32) -> DeviceResult<IrqInfo> {
-        Ok(IrqInfo {
-            index,
-            flags: 0,
-            count: 0,
-        })
-    }
-    fn set_irqs(&mut self, _: u32, _: u32, _: u32, _: u32, _: IrqData) -> DeviceResult<()> {
-        Ok(())
-    }
-    fn reset(&mut self) -> DeviceResult<()> {
-        self.s.lock().unwrap().state = Some(MigState::Running);
-        Ok(())
-    }
-    fn migration_flags(&mut self) -> DeviceResult<u64> {
-        let pre = if self.pre_copy {
-            VFIO_MIGRATION_PRE_COPY
-        } else {
-            0
-        };
-        Ok(u64::from(VFIO_MIGRATION_STOP_COPY | pre))
-    }
-    fn mig_state(&mut self) -> DeviceResult<MigState> {
-        Ok(self.s.lock().unwrap().state.unwrap_or(MigState::Running))
-    }
-    fn set_mig_state(&mut self, to: MigState) -> DeviceResult<()> {
-        let mut s = self.s.lock().unwrap();
-        let from = s.state.unwrap_or(MigState::Running);
-        if from == MigState::StopCopy && to == MigState::PreCopy {
-            return Err(Errno(libc::EINVAL));
-        }
-        if from == MigState::Resuming && to != MigState::Resuming && s.fail_resume {
-            return Err(Errno(libc::EINVAL));
-        }
-        s.read_at = 0;
-        if to == MigState::Resuming {
-            s.restored.clear();
-        }
-        s.state = Some(to);
-        Ok(())
-    }
-    fn mig_data_read(&mut self, size: u32) -> DeviceResult<Vec<u8>> {
-        let mut s = self.s.lock().unwrap();
-        let data = match s.state {
-            Some(MigState::StopCopy) => s.saved.clone(),
-            Some(MigState::PreCopy) => s.pre_copy.clone(),
-            _ => return Err(Errno(libc::EINVAL)),
-        };
-        let end = data.len().min(s.read_at + size as usize);
-        let out = data[s.read_at..end].to_vec();
-        s.read_at = end;
-        Ok(out)
-    }
-    fn mig_data_write(&mut self, data: &[u8]) -> DeviceResult<()> {
-        let mut s = self.s.lock().unwrap();
-        if s.state != Some(MigState::Resuming) {
-            return Err(Errno(libc::EINVAL));
-        }
-        s.restored.extend_from_slice(data);
-        Ok(())
-    }
-    fn dma_logging_supported(&mut self) -> bool {
-        true
-    }
-    fn dma_logging_start(
-        &mut self,
-        page_size: u64,
-        ranges: &[DmaLoggingRange],
-    ) -> DeviceResult<u64> {
-        let mut s = self.s.lock().unwrap();
-        s.dirty = Some(BTreeSet::new());
-        s.log_ranges = ranges.to_vec();
-        Ok(page_size)
-    }
-    fn dma_logging_stop(&mut self) -> DeviceResult<()> {
-        self.s.lock().unwrap().dirty = None;
-        Ok(())
-    }
-    fn dma_logging_report(
-        &mut self,
-        iova: u64,
-        length: u64,
-        page_size: u64,
-    ) -> DeviceResult<Vec<u64>> {
-        let mut s = self.s.lock().unwrap();
-        let dirty = s.dirty.as_mut().ok_or(Errno(libc::EINVAL))?;
-        let taken: Vec<u64> = dirty.range(iova..iova + length).copied().collect();
-        for p in &taken {
-            dirty.remove(p);
-        }
-        Ok(dirty_bitmap::encode(&taken, iova, length, page_size))
-    }
-}
-
 const RAM: [(u64, u64); 2] = [(0, 0x10_0000), (0x1_0000_0000, 0x4_0000)];
 
-fn connect(pre_copy: bool) -> (VfioUserMigration, Arc<Mutex<Shared>>) {
-    let (ours, theirs) = UnixStream::pair().unwrap();
-    let shared = Arc::new(Mutex::new(Shared::default()));
-    let mut dev = MigDevice {
-        s: shared.clone(),
-        pre_copy,
+/// A migration over the fake device (pre-copy offered if `pre_copy`; 4 KiB transfers)
+/// and the device's probe.
+fn connect(pre_copy: bool) -> (VfioUserMigration, Probe) {
+    let pre = if pre_copy { VFIO_MIGRATION_PRE_COPY } else { 0 };
+    let device = FakeDevice::builder()
+        .info(0, 9, 5)
+        .migration(Migration::new(u64::from(VFIO_MIGRATION_STOP_COPY | pre)))
+        .build()
+        .unwrap();
+    let config = ServerConfig {
+        max_data_xfer_size: 4096,
+        ..ServerConfig::default()
     };
-    std::thread::spawn(move || {
-        let config = ServerConfig {
-            max_data_xfer_size: 4096,
-            ..ServerConfig::default()
-        };
-        let _ = vfio_user::serve(theirs, &mut dev, &config);
-    });
+    let (ours, server) = FakeServer::builder(device).config(config).pair().unwrap();
     let client = Arc::new(Client::from_stream(ours, Duration::from_secs(5)).unwrap());
     let m = VfioUserMigration::probe(client, Path::new("/test.sock"), RAM.to_vec())
         .unwrap()
         .expect("the device offers migration");
-    (m, shared)
+    (m, server.probe().clone())
 }
 
 #[test]
 fn a_server_without_migration_has_none() {
-    struct Plain;
-    impl Device for Plain {
-        fn device_info(&mut self) -> DeviceInfo {
-            DeviceInfo {
-                flags: 0,
-                num_regions: 9,
-                num_irqs: 5,
-            }
-        }
-        fn region_info(&mut self, _: u32) -> DeviceResult<RegionInfo> {
-            Err(Errno(libc::EINVAL))
-        }
-        fn region_read(&mut self, _: u32, _: u64, _: &mut [u8]) -> DeviceResult<()> {
-            Err(Errno(libc::EINVAL))
-        }
-        fn region_write(&mut self, _: u32, _: u64, _: &[u8]) -> DeviceResult<()> {
-            Err(Errno(libc::EINVAL))
-        }
-        fn dma_map(&mut self, _: DmaMapping) -> DeviceResult<()> {
-            Ok(())
-        }
-        fn dma_unmap(&mut self, _: u64, _: u64) -> DeviceResult<()> {
-            Ok(())
-        }
-        fn irq_info(&mut self, _: u32) -> DeviceResult<IrqInfo> {
-            Err(Errno(libc::EINVAL))
-        }
-        fn set_irqs(&mut self, _: u32, _: u32, _: u32, _: u32, _: IrqData) -> DeviceResult<()> {
-            Ok(())
-        }
-        fn reset(&mut self) -> DeviceResult<()> {
-            Ok(())
-        }
-    }
-    let (ours, theirs) = UnixStream::pair().unwrap();
-    std::thread::spawn(move || {
-        let _ = vfio_user::serve(theirs, &mut Plain, &ServerConfig::default());
-    });
+    let plain = FakeDevice::builder().info(0, 9, 5).build().unwrap();
+    let (ours, _server) = FakeServer::builder(plain).pair().unwrap();
     let client = Arc::new(Client::from_stream(ours, Duration::from_secs(5)).unwrap());
     let m = VfioUserMigration::probe(client.clone(), Path::new("/p.sock"), RAM.to_vec()).unwrap();
     assert!(m.is_none());
@@ -226,9 +48,9 @@ fn save_in_chunks_until_the_stream_ends_then_restore() {
     let (m, s) = connect(true);
     let saved: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
     {
-        let mut s = s.lock().unwrap();
-        s.saved = saved.clone();
-        s.pre_copy = b"early".to_vec();
+        let mut s = s.lock();
+        s.migration.saved = saved.clone();
+        s.migration.pre_copy = b"early".to_vec();
     }
     assert_eq!(m.state().unwrap(), MigrationState::Running);
     assert_eq!(m.pending_bytes().unwrap(), 0);
@@ -237,7 +59,7 @@ fn save_in_chunks_until_the_stream_ends_then_restore() {
         Err(MigrationError::WrongState { .. })
     ));
     m.set_state(MigrationState::PreCopy).unwrap();
-    assert_eq!(s.lock().unwrap().state, Some(MigState::PreCopy));
+    assert_eq!(s.lock().migration.state, MigState::PreCopy);
     assert_eq!(m.save_chunk().unwrap(), Some(b"early".to_vec()));
     assert_eq!(m.save_chunk().unwrap(), None, "nothing more for now");
     m.set_state(MigrationState::StopCopy).unwrap();
@@ -259,14 +81,14 @@ fn save_in_chunks_until_the_stream_ends_then_restore() {
         Err(MigrationError::IllegalTransition { .. })
     ));
     m.set_state(MigrationState::Stopped).unwrap();
-    assert_eq!(s.lock().unwrap().state, Some(MigState::Stop));
+    assert_eq!(s.lock().migration.state, MigState::Stop);
 
     m.set_state(MigrationState::Resuming).unwrap();
     for chunk in saved.chunks(3000) {
         m.restore_chunk(chunk).unwrap();
     }
     assert_eq!(
-        s.lock().unwrap().restored,
+        s.lock().migration.restored,
         saved,
         "split to the transfer size"
     );
@@ -289,7 +111,8 @@ fn a_refused_transition_says_where_the_device_is() {
     );
     m.set_state(MigrationState::Resuming).unwrap();
     m.restore_chunk(b"garbage").unwrap();
-    s.lock().unwrap().fail_resume = true;
+    // The device refuses the state it was given: it cannot leave RESUMING.
+    s.lock().migration.refuse_to_leave = Some(MigState::Resuming);
     match m.set_state(MigrationState::Running) {
         Err(MigrationError::TransitionFailed {
             from,
@@ -310,7 +133,7 @@ fn a_refused_transition_says_where_the_device_is() {
         other => panic!("{other:?}"),
     }
     // A device reset behind the VMM's back is noticed.
-    s.lock().unwrap().state = Some(MigState::Running);
+    s.lock().migration.state = MigState::Running;
     assert_eq!(m.state().unwrap(), MigrationState::Running);
 }
 
@@ -320,18 +143,18 @@ fn dirty_pages_come_from_the_dma_log_of_each_ram_range() {
     assert!(m.take_dirty_pages().is_err(), "not started");
     m.start_dirty_tracking().unwrap();
     {
-        let s = s.lock().unwrap();
+        let s = s.lock();
         assert_eq!(
-            s.log_ranges,
+            s.migration.log_ranges,
             RAM.iter()
                 .map(|&(iova, length)| DmaLoggingRange { iova, length })
                 .collect::<Vec<_>>()
         );
     }
     let written = [0x0, 0x5000, 0xff000, 0x1_0000_0000, 0x1_0003_f000];
-    s.lock().unwrap().dirty.as_mut().unwrap().extend(written);
+    s.lock().migration.dirty.as_mut().unwrap().extend(written);
     assert_eq!(m.take_dirty_pages().unwrap(), written.to_vec());
     assert_eq!(m.take_dirty_pages().unwrap(), Vec::<u64>::new());
     m.stop_dirty_tracking().unwrap();
-    assert!(s.lock().unwrap().dirty.is_none());
+    assert!(s.lock().migration.dirty.is_none());
 }

@@ -1,18 +1,18 @@
-//! Tests of the vfio-user backend against the vfio-user crate's server over a socket pair.
+//! Tests of the vfio-user backend against the vfio-user crate's server over a socket pair,
+//! serving the crate's fake device (`vfio_user::testing`).
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use vfio_bindings::bindings::vfio::{
-    VFIO_IRQ_SET_ACTION_MASK, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_UNMASK,
-    VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE, VFIO_REGION_INFO_FLAG_MMAP,
+    VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_SET_ACTION_MASK, VFIO_IRQ_SET_ACTION_TRIGGER,
+    VFIO_IRQ_SET_ACTION_UNMASK, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE,
     VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
 };
-use vfio_user::{
-    Client, Device, DeviceResult, Errno, IrqData, ServerConfig, ServerRequests, SparseArea,
-};
+use vfio_user::testing::{FakeDevice, FakeServer, Fault, Inject, Region};
+use vfio_user::{Client, Errno, ServerConfig, ServerRequests, SparseArea};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -20,151 +20,52 @@ use crate::vfio::backend::DmaMapping;
 use crate::vfio::user::{DmaWriteLog, GuestDma, VfioUserBackend};
 use crate::vfio::{BackendError, VfioBackend};
 
-#[derive(Default)]
-struct Seen {
-    /// `(index, flags, start, count, number of fds)` of each SET_IRQS.
-    irqs: Vec<(u32, u32, u32, u32, usize)>,
-    /// `(iova, size, offset, had fd)` of each DMA_MAP.
-    dma: Vec<(u64, u64, u64, bool)>,
-    resets: usize,
-}
-
-struct Fake {
-    bar0: [u8; 16],
-    memfd: OwnedFd,
-    seen: Arc<Mutex<Seen>>,
-}
-
-impl Device for Fake {
-    fn device_info(&mut self) -> vfio_user::DeviceInfo {
-        vfio_user::DeviceInfo {
-            flags: 3,
-            num_regions: 9,
-            num_irqs: 5,
-        }
-    }
-
-    fn region_info(&mut self, index: u32) -> DeviceResult<vfio_user::RegionInfo> {
-        let rw = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
-        match index {
-            0 => Ok(vfio_user::RegionInfo {
-                index,
-                flags: rw | VFIO_REGION_INFO_FLAG_MMAP,
-                size: 0x4000,
-                offset: 0x1000,
-                sparse_areas: vec![SparseArea {
-                    offset: 0x2000,
-                    size: 0x2000,
-                }],
-                fd: Some(self.memfd.try_clone().map_err(|_| Errno(libc::EIO))?),
-            }),
-            1..=8 => Ok(vfio_user::RegionInfo {
-                index,
-                flags: rw,
-                size: 0,
-                offset: 0,
-                sparse_areas: vec![],
-                fd: None,
-            }),
-            _ => Err(Errno(libc::EINVAL)),
-        }
-    }
-
-    fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> DeviceResult<()> {
-        let o = offset as usize;
-        match self.bar0.get(o..o + data.len()) {
-            Some(src) if index == 0 => {
-                data.copy_from_slice(src);
-                Ok(())
-            }
-            _ => Err(Errno(libc::EINVAL)),
-        }
-    }
-
-    fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> DeviceResult<()> {
-        let o = offset as usize;
-        match self.bar0.get_mut(o..o + data.len()) {
-            Some(dst) if index == 0 => {
-                dst.copy_from_slice(data);
-                Ok(())
-            }
-            _ => Err(Errno(libc::EINVAL)),
-        }
-    }
-
-    fn dma_map(&mut self, m: vfio_user::DmaMapping) -> DeviceResult<()> {
-        let mut seen = self.seen.lock().unwrap();
-        seen.dma
-            .push((m.iova, m.size, m.file_offset, m.fd.is_some()));
-        Ok(())
-    }
-
-    fn dma_unmap(&mut self, _iova: u64, _size: u64) -> DeviceResult<()> {
-        Ok(())
-    }
-
-    fn irq_info(&mut self, index: u32) -> DeviceResult<vfio_user::IrqInfo> {
-        Ok(vfio_user::IrqInfo {
-            index,
-            flags: 1,
-            count: if index == 2 { 4 } else { 0 },
+/// The device these tests talk to: PCI with reset (flags 3), 9 regions, 5 IRQ types.
+/// Region 0 is 0x4000 bytes of memory at mmap offset 0x1000 with its second half
+/// mappable, of which only the first 16 bytes answer region accesses; regions 1-8 are
+/// readable, writable and empty; IRQ type 2 (MSI-X) has 4 vectors.
+fn fake_device() -> FakeDevice {
+    let rw = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
+    let bar0 = Region::memory(0x4000)
+        .offset(0x1000)
+        .sparse(SparseArea {
+            offset: 0x2000,
+            size: 0x2000,
         })
-    }
-
-    fn set_irqs(
-        &mut self,
-        index: u32,
-        flags: u32,
-        start: u32,
-        count: u32,
-        data: IrqData,
-    ) -> DeviceResult<()> {
-        let fds = match data {
-            IrqData::Eventfds(f) => f.len(),
-            _ => 0,
-        };
-        self.seen
-            .lock()
-            .unwrap()
-            .irqs
-            .push((index, flags, start, count, fds));
-        Ok(())
-    }
-
-    fn reset(&mut self) -> DeviceResult<()> {
-        self.seen.lock().unwrap().resets += 1;
-        Ok(())
-    }
+        .accessible(16);
+    let builder =
+        FakeDevice::builder()
+            .info(3, 9, 5)
+            .region(0, bar0)
+            .irq(2, VFIO_IRQ_INFO_EVENTFD, 4);
+    (1..=8)
+        .fold(builder, |b, i| b.region(i, Region::new(0).flags(rw)))
+        .build()
+        .unwrap()
 }
 
-/// A backend connected to a fake device served on another thread.
-fn connect() -> (
-    VfioUserBackend,
-    Arc<Mutex<Seen>>,
-    std::thread::JoinHandle<()>,
-) {
-    let (ours, theirs) = UnixStream::pair().unwrap();
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let memfd = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
-    let mut fake = Fake {
-        bar0: [0; 16],
-        memfd,
-        seen: seen.clone(),
-    };
-    let server = std::thread::spawn(move || {
-        let _ = vfio_user::serve(theirs, &mut fake, &ServerConfig::default());
-    });
+/// A backend connected to the fake device served on another thread.
+fn connect() -> (VfioUserBackend, FakeServer) {
+    let (ours, server) = FakeServer::builder(fake_device()).pair().unwrap();
     let client = Client::from_stream(ours, Duration::from_secs(5)).unwrap();
     (
         VfioUserBackend::from_client(client, "/test.sock".into()),
-        seen,
         server,
     )
 }
 
+/// `(index, flags, start, count, number of fds)` of each SET_IRQS the device received.
+fn set_irqs(server: &FakeServer) -> Vec<(u32, u32, u32, u32, usize)> {
+    let state = server.probe().lock();
+    let calls = state.set_irqs.iter();
+    calls
+        .map(|c| (c.index, c.flags, c.start, c.count, c.fds))
+        .collect()
+}
+
 #[test]
 fn regions_info_and_access() {
-    let (b, _seen, _server) = connect();
+    let (b, _server) = connect();
     let info = b.device_info().unwrap();
     assert_eq!((info.num_regions, info.num_irqs, info.flags), (9, 5, 3));
     let r = b.region_info(0).unwrap();
@@ -187,7 +88,7 @@ fn regions_info_and_access() {
 
 #[test]
 fn interrupts_are_set_in_runs_and_deassigned() {
-    let (b, seen, _server) = connect();
+    let (b, server) = connect();
     let fds: Vec<EventFd> = (0..4).map(|_| EventFd::new(0).unwrap()).collect();
     let all: Vec<Option<&EventFd>> = fds.iter().map(Some).collect();
     b.set_irq_eventfds(2, 0, &all).unwrap();
@@ -197,7 +98,7 @@ fn interrupts_are_set_in_runs_and_deassigned() {
     let ev = VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER;
     let none = VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER;
     assert_eq!(
-        seen.lock().unwrap().irqs,
+        set_irqs(&server),
         vec![
             (2, ev, 0, 4, 4),
             (2, ev, 0, 1, 1),
@@ -210,20 +111,20 @@ fn interrupts_are_set_in_runs_and_deassigned() {
 
 #[test]
 fn vectors_are_masked_and_unmasked_with_set_irqs_and_no_data() {
-    let (b, seen, _server) = connect();
+    let (b, server) = connect();
     b.mask_irqs(2, 1, 1, false).unwrap();
     b.mask_irqs(2, 3, 1, true).unwrap();
     let unmask = VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_UNMASK;
     let mask = VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_MASK;
     assert_eq!(
-        seen.lock().unwrap().irqs,
+        set_irqs(&server),
         vec![(2, unmask, 1, 1, 0), (2, mask, 3, 1, 0)]
     );
 }
 
 #[test]
 fn dma_maps_pass_the_file_and_reset_works() {
-    let (b, seen, _server) = connect();
+    let (b, server) = connect();
     let file = std::fs::File::open("/dev/null").unwrap();
     let mapping = DmaMapping {
         iova: 0x10_0000,
@@ -241,19 +142,21 @@ fn dma_maps_pass_the_file_and_reset_works() {
     let e = unsafe { b.dma_map(&anonymous) }.unwrap_err();
     assert!(matches!(e, BackendError::Unsupported { .. }), "{e}");
     b.reset().unwrap();
-    let s = seen.lock().unwrap();
-    assert_eq!(s.dma, vec![(0x10_0000, 0x20_0000, 0x10_0000, true)]);
+    let s = server.probe().lock();
+    let dma: Vec<_> = s
+        .dma_maps
+        .iter()
+        .map(|m| (m.iova, m.size, m.file_offset, m.had_fd))
+        .collect();
+    assert_eq!(dma, vec![(0x10_0000, 0x20_0000, 0x10_0000, true)]);
     assert_eq!(s.resets, 1);
 }
 
 #[test]
 fn a_dead_server_is_a_disconnected_backend() {
+    // The crate's server with the fake device, run here: the test kills its socket.
     let (ours, theirs) = UnixStream::pair().unwrap();
-    let mut fake = Fake {
-        bar0: [0; 16],
-        memfd: OwnedFd::from(std::fs::File::open("/dev/null").unwrap()),
-        seen: Arc::new(Mutex::new(Seen::default())),
-    };
+    let mut fake = fake_device();
     // The server negotiates, then its socket is shut down (as if the process died).
     let killer = theirs.try_clone().unwrap();
     let server = std::thread::spawn(move || {
@@ -274,7 +177,7 @@ fn a_dead_server_is_a_disconnected_backend() {
 
 #[test]
 fn bar_writes_are_posted_and_config_writes_wait() {
-    let (b, _seen, _server) = connect();
+    let (b, _server) = connect();
     // Out of range: the fake refuses it, but a posted BAR write has no reply to carry the
     // refusal (the server logs it), so it is not an error here...
     b.region_write(0, 14, &[1, 2, 3, 4]).unwrap();
@@ -290,12 +193,9 @@ fn bar_writes_are_posted_and_config_writes_wait() {
 
 #[test]
 fn a_posted_write_to_a_dead_server_is_a_disconnected_backend() {
+    // The crate's server with the fake device, run here: the test kills its socket.
     let (ours, theirs) = UnixStream::pair().unwrap();
-    let mut fake = Fake {
-        bar0: [0; 16],
-        memfd: OwnedFd::from(std::fs::File::open("/dev/null").unwrap()),
-        seen: Arc::new(Mutex::new(Seen::default())),
-    };
+    let mut fake = fake_device();
     let killer = theirs.try_clone().unwrap();
     let server = std::thread::spawn(move || {
         let _ = vfio_user::serve(theirs, &mut fake, &ServerConfig::default());
@@ -357,55 +257,16 @@ fn guest_dma_reaches_ram_and_refuses_what_is_outside() {
 
 #[test]
 fn a_server_dma_write_lands_in_guest_ram_while_the_client_is_idle() {
-    use vfio_user::proto::{Capabilities, Command, DmaAccess, DmaAccessData, Header, Version};
-    use vfio_user::socket::{Channel, RecvLimits};
+    use vfio_user::proto::{Command, DmaAccess};
 
     let dir = std::env::temp_dir().join(format!("vmm-guest-dma-{}", std::process::id()));
     let _ = std::fs::remove_file(&dir);
-    let listener = std::os::unix::net::UnixListener::bind(&dir).unwrap();
-    let limits = RecvLimits {
-        max_size: 1 << 16,
-        max_fds: 4,
-    };
-    let soon = || std::time::Instant::now() + Duration::from_secs(5);
-    let server = std::thread::spawn(move || {
-        let ch = Channel::new(listener.accept().unwrap().0);
-        let v = ch.recv(limits, soon()).unwrap();
-        let reply = Version {
-            major: 0,
-            minor: 1,
-            capabilities: Some(Capabilities::default()),
-        }
-        .to_bytes();
-        ch.send(
-            &Header::reply(&v.header, reply.len()).unwrap(),
-            &reply,
-            &[],
-            soon(),
-        )
+    // Right after the handshake, while the client is idle, the server writes guest RAM.
+    let write = Fault::on(Command::Version).after([Inject::dma_write(5, 0x2_0010, b"idle DMA")]);
+    let server = FakeServer::builder(FakeDevice::builder().build().unwrap())
+        .fault(write)
+        .listen(&dir)
         .unwrap();
-        let write = DmaAccessData {
-            address: 0x2_0010,
-            data: b"idle DMA".to_vec(),
-        }
-        .to_bytes();
-        let h = Header::command(5, Command::DmaWrite, write.len()).unwrap();
-        ch.send(&h, &write, &[], soon()).unwrap();
-        let answer = ch.recv(limits, soon()).unwrap();
-        assert!(answer.header.is_reply() && !answer.header.is_error());
-        assert_eq!(
-            DmaAccess::parse(&answer.payload).unwrap(),
-            DmaAccess {
-                address: 0x2_0010,
-                count: 8
-            }
-        );
-        // Then a reset from the client, answered.
-        let reset = ch.recv(limits, soon()).unwrap();
-        ch.send(&Header::reply(&reset.header, 0).unwrap(), &[], &[], soon())
-            .unwrap();
-        let _ = ch.recv(limits, soon());
-    });
     let mem = guest_ram();
     let b = VfioUserBackend::connect(&dir, Duration::from_secs(5), &mem).unwrap();
     let start = std::time::Instant::now();
@@ -420,7 +281,18 @@ fn a_server_dma_write_lands_in_guest_ram_while_the_client_is_idle() {
     }
     b.reset().unwrap();
     drop(b);
-    server.join().unwrap();
+    server.finish(Duration::from_secs(5)).unwrap();
+    let answer = server.reply_to(5).expect("an answer");
+    assert!(answer.header.is_reply() && !answer.header.is_error());
+    assert_eq!(
+        DmaAccess::parse(&answer.payload).unwrap(),
+        DmaAccess {
+            address: 0x2_0010,
+            count: 8
+        }
+    );
+    // Then a reset from the client, answered.
+    assert_eq!(server.sequence(), ["Version", "reply 5", "DeviceReset"]);
     let _ = std::fs::remove_file(&dir);
 }
 
