@@ -4,6 +4,7 @@ use std::time::Instant;
 
 use devices::vfio::migration::{DeviceMigration, MigrationState};
 
+use super::error::RequestError;
 use super::protocol::{MigrationOp, Response};
 use super::replies::{DirtyPages, Done, MigrationStateReply, StateFile};
 
@@ -16,37 +17,42 @@ pub fn run(
     m: &dyn DeviceMigration,
     op: MigrationOp,
     path: Option<&std::path::Path>,
-) -> Result<Response, String> {
-    let e = |e: devices::vfio::migration::MigrationError| e.to_string();
-    let path = || path.ok_or_else(|| format!("{op:?} needs \"path\": the state file"));
+) -> Result<Response, RequestError> {
+    let path = || path.ok_or(RequestError::NeedsPath(op));
     match op {
         MigrationOp::State => Ok(Response::reply(&MigrationStateReply {
-            state: m.state().map_err(e)?.to_string(),
+            state: m.state()?.to_string(),
         })),
         MigrationOp::StartDirtyTracking => {
-            m.start_dirty_tracking().map_err(e)?;
+            m.start_dirty_tracking()?;
             Ok(Response::reply(&Done {}))
         }
         MigrationOp::StopDirtyTracking => {
-            m.stop_dirty_tracking().map_err(e)?;
+            m.stop_dirty_tracking()?;
             Ok(Response::reply(&Done {}))
         }
         MigrationOp::TakeDirtyPages => Ok(Response::reply(&DirtyPages {
-            pages: m.take_dirty_pages().map_err(e)?,
+            pages: m.take_dirty_pages()?,
         })),
         MigrationOp::Save => save(m, path()?),
         MigrationOp::Restore => {
             let path = path()?;
-            let data = std::fs::read(path)
-                .map_err(|err| format!("cannot read {}: {err}", path.display()))?;
-            m.set_state(MigrationState::Resuming).map_err(e)?;
+            let data = std::fs::read(path).map_err(|source| RequestError::File {
+                what: "read",
+                path: path.to_path_buf(),
+                source,
+            })?;
+            m.set_state(MigrationState::Resuming)?;
             let r = m
                 .restore_chunk(&data)
                 .and_then(|()| m.set_state(MigrationState::Running));
-            if let Err(err) = r {
+            if let Err(source) = r {
                 // Leave the device stopped, not half-restored and running.
                 let _ = m.set_state(MigrationState::Stopped);
-                return Err(format!("restoring from {}: {err}", path.display()));
+                return Err(RequestError::Restore {
+                    path: path.to_path_buf(),
+                    source,
+                });
             }
             Ok(Response::reply(&StateFile {
                 bytes: data.len(),
@@ -57,7 +63,7 @@ pub fn run(
 }
 
 /// Pre-copy, stop-and-copy, then back to running; the device runs on whatever happens.
-fn save(m: &dyn DeviceMigration, path: &std::path::Path) -> Result<Response, String> {
+fn save(m: &dyn DeviceMigration, path: &std::path::Path) -> Result<Response, RequestError> {
     let mut data = Vec::new();
     let result = (|| {
         m.set_state(MigrationState::PreCopy)?;
@@ -72,10 +78,14 @@ fn save(m: &dyn DeviceMigration, path: &std::path::Path) -> Result<Response, Str
         Ok(d) => d,
         Err(err) => {
             let _ = m.set_state(MigrationState::Running);
-            return Err(format!("saving: {err} (the device was resumed)"));
+            return Err(RequestError::Save(err));
         }
     };
-    std::fs::write(path, &data).map_err(|err| format!("cannot write {}: {err}", path.display()))?;
+    std::fs::write(path, &data).map_err(|source| RequestError::File {
+        what: "write",
+        path: path.to_path_buf(),
+        source,
+    })?;
     Ok(Response::reply(&StateFile {
         bytes: data.len(),
         device_stopped_us: Some(stopped_for.as_micros() as u64),

@@ -17,8 +17,10 @@ use std::time::Duration;
 
 use crate::device_setup::PciPassthrough;
 use crate::machine::Machine;
+use error::RequestError;
 use protocol::{Request, Response};
 
+pub mod error;
 mod migration;
 pub mod replies;
 
@@ -148,7 +150,7 @@ fn serve_client(stream: UnixStream, state: &ApiState, stop: &AtomicBool) -> std:
             }
             Ok(text) => match protocol::parse(text.trim()) {
                 Ok(request) => handle(request, state),
-                Err(e) => Response::error(e),
+                Err(e) => Response::error(e.to_string()),
             },
             Err(_) => Response::error("request is not UTF-8"),
         };
@@ -166,19 +168,15 @@ fn respond(out: &mut UnixStream, r: &Response) -> std::io::Result<()> {
     out.write_all(text.as_bytes())
 }
 
-fn device<'a>(state: &'a ApiState, id: &str) -> Result<&'a PciPassthrough, String> {
+fn device<'a>(state: &'a ApiState, id: &str) -> Result<&'a PciPassthrough, RequestError> {
     let devices = &state.machine.devices;
-    devices.iter().find(|d| d.id == id).ok_or_else(|| {
-        let ids: Vec<&str> = devices.iter().map(|d| d.id.as_str()).collect();
-        format!(
-            "no device {id:?}; devices: {}",
-            if ids.is_empty() {
-                "none".into()
-            } else {
-                ids.join(", ")
-            }
-        )
-    })
+    devices
+        .iter()
+        .find(|d| d.id == id)
+        .ok_or_else(|| RequestError::UnknownDevice {
+            id: id.to_owned(),
+            known: devices.iter().map(|d| d.id.clone()).collect(),
+        })
 }
 
 /// Answers one request.
@@ -250,7 +248,7 @@ pub fn handle(request: Request, state: &ApiState) -> Response {
         } => {
             let d = match device(state, &id) {
                 Ok(d) => d,
-                Err(e) => return Response::error(e),
+                Err(e) => return Response::error(e.to_string()),
             };
             let Some(m) = &d.migration else {
                 return Response::error(format!(
@@ -272,7 +270,7 @@ pub fn handle(request: Request, state: &ApiState) -> Response {
         } => {
             let d = match device(state, &id) {
                 Ok(d) => d,
-                Err(e) => return Response::error(e),
+                Err(e) => return Response::error(e.to_string()),
             };
             let Some(m) = &d.mediated else {
                 return Response::error(format!(

@@ -129,10 +129,8 @@ impl Response {
 }
 
 /// Parses one request line; the error says what is wrong and what is accepted.
-pub fn parse(line: &str) -> Result<Request, String> {
-    serde_json::from_str(line).map_err(|e| {
-        format!("bad request ({e}); send one JSON object per line with \"request\": \"info\", \"device-stats\", \"pause\", \"resume\", \"snapshot\", \"migrate\", \"migration-status\", \"mediator\" or \"device-migration\"")
-    })
+pub fn parse(line: &str) -> Result<Request, super::error::RequestError> {
+    serde_json::from_str(line).map_err(super::error::RequestError::BadRequest)
 }
 
 #[cfg(test)]
@@ -141,18 +139,18 @@ mod tests {
 
     #[test]
     fn requests_parse_and_bad_ones_say_why() {
-        assert_eq!(parse(r#"{"request":"info"}"#), Ok(Request::Info {}));
+        assert_eq!(parse(r#"{"request":"info"}"#).ok(), Some(Request::Info {}));
         assert_eq!(
-            parse(r#"{"request":"mediator","device":"vf0","command":"stats"}"#),
-            Ok(Request::Mediator {
+            parse(r#"{"request":"mediator","device":"vf0","command":"stats"}"#).ok(),
+            Some(Request::Mediator {
                 device: "vf0".into(),
                 command: "stats".into(),
                 args: Value::Null
             })
         );
         assert_eq!(
-            parse(r#"{"request":"device-migration","device":"vf0","op":"save","path":"/x"}"#),
-            Ok(Request::DeviceMigration {
+            parse(r#"{"request":"device-migration","device":"vf0","op":"save","path":"/x"}"#).ok(),
+            Some(Request::DeviceMigration {
                 device: "vf0".into(),
                 op: MigrationOp::Save,
                 path: Some("/x".into()),
@@ -166,7 +164,7 @@ mod tests {
             r#"{"request":"info","x":1}"#,
             r#"{"request":"mediator"}"#,
         ] {
-            let e = parse(bad).unwrap_err();
+            let e = parse(bad).unwrap_err().to_string();
             assert!(e.starts_with("bad request"), "{bad}: {e}");
         }
         let r = serde_json::to_string(&Response::error("x")).unwrap();

@@ -1,0 +1,51 @@
+//! Why a control API request could not be done; the text is the error response.
+
+use std::io;
+use std::path::PathBuf;
+
+use devices::vfio::migration::MigrationError;
+
+use super::protocol::MigrationOp;
+
+/// Why a request failed (the VM runs on).
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The line is not a request.
+    #[error("bad request ({0}); send one JSON object per line with \"request\": \"info\", \"device-stats\", \"pause\", \"resume\", \"snapshot\", \"migrate\", \"migration-status\", \"mediator\" or \"device-migration\"")]
+    BadRequest(#[source] serde_json::Error),
+    /// No device has that id.
+    #[error("no device {id:?}; devices: {}", if .known.is_empty() { "none".to_owned() } else { .known.join(", ") })]
+    UnknownDevice {
+        /// The id asked for.
+        id: String,
+        /// The ids there are.
+        known: Vec<String>,
+    },
+    /// A device-migration step needs a file.
+    #[error("{0:?} needs \"path\": the state file")]
+    NeedsPath(MigrationOp),
+    /// A device-migration step failed.
+    #[error(transparent)]
+    Migration(#[from] MigrationError),
+    /// Saving a device's state failed; it runs on.
+    #[error("saving: {0} (the device was resumed)")]
+    Save(#[source] MigrationError),
+    /// Loading a device's state failed; it is left stopped.
+    #[error("restoring from {}: {source}", .path.display())]
+    Restore {
+        /// The state file.
+        path: PathBuf,
+        /// Why.
+        source: MigrationError,
+    },
+    /// The state file could not be read or written.
+    #[error("cannot {what} {}: {source}", .path.display())]
+    File {
+        /// `read` or `write`.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+}
