@@ -107,8 +107,9 @@ pub const MAGIC: [u8; 8] = *b"VMMSTRM\0";
 /// the layout of the header, a section or a payload this crate defines, or to what a
 /// section means (3: the device end-of-state marker; 4: the VMM's own device sections have a
 /// `/` in their ids, which a user's device id cannot have, e.g. `legacy/i8042`, `pci/vf0`,
-/// and every state payload the VMM writes, KVM's and its devices', is [`encode_state`]'s).
-pub const FORMAT_VERSION: u32 = 4;
+/// and every state payload the VMM writes, KVM's and its devices', is [`encode_state`]'s;
+/// 5: the host bridge's configuration, `legacy/host-bridge`).
+pub const FORMAT_VERSION: u32 = 5;
 
 /// Header flag: the stream is a live migration (control sections are expected), not a
 /// snapshot.

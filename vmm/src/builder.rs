@@ -344,33 +344,19 @@ impl Vmm {
             .and_then(|v| v.parse().ok());
         let (threads, handles) = self.spawn_vcpus(&stop, &counters, sample_ms.is_some());
 
-        let machine = Arc::new(crate::machine::Machine::new(
-            self.cpus,
-            self.mem_size,
-            self.vm.clone(),
-            self.mem.clone(),
-            self.memslots.clone(),
-            self.caps.clone(),
-            self.devices.passthrough.clone(),
-            self.devices.emulated.clone(),
-            counters.clone(),
-            exit.clone(),
-            handles,
-        ));
-        let api = self.api_socket.as_ref().map(|path| {
-            crate::api::ApiServer::start(
-                path,
-                crate::api::ApiState {
-                    machine: machine.clone(),
-                },
-            )
-        });
-        let api = match api.transpose() {
-            Ok(a) => a,
-            Err(e) => {
+        let machine = Arc::new(self.machine(counters.clone(), handles));
+        // The API's client threads hand requests to this thread's event loop.
+        let api = match self
+            .api_socket
+            .as_ref()
+            .map(|path| start_api(path, &machine, &mut em))
+        {
+            Some(Err(e)) => {
                 exit.trigger(ExitReason::Error(e.to_string()));
                 None
             }
+            Some(Ok(api)) => Some(api),
+            None => None,
         };
 
         self.tell_source_resumed();
@@ -384,7 +370,9 @@ impl Vmm {
         for v in &machine.vcpus {
             v.pause.wake();
         }
-        // The API may be kicking and pausing vCPUs: stop it before the threads are joined.
+        // No request is answered any more: clients still waiting are told the VM is
+        // shutting down, then the API's threads are stopped.
+        drop(em);
         drop(api);
         for t in threads {
             t.join();
@@ -400,6 +388,29 @@ impl Vmm {
         // then guest RAM's slots, the VM and RAM itself: the Vmm's field order.
         drop(self);
         Ok((reason, stats))
+    }
+
+    /// The running VM's shared view, for the API, snapshots and migrations.
+    fn machine(
+        &self,
+        exits: Arc<ExitCounters>,
+        vcpus: Vec<crate::machine::VcpuHandle>,
+    ) -> crate::machine::Machine {
+        crate::machine::Machine {
+            cpus: self.cpus,
+            mem_size: self.mem_size,
+            vm: self.vm.clone(),
+            mem: self.mem.clone(),
+            memslots: self.memslots.clone(),
+            caps: self.caps.clone(),
+            devices: self.devices.passthrough.clone(),
+            emulated: self.devices.emulated.clone(),
+            exits,
+            exit: self.exit.clone(),
+            vcpus,
+            migration: Default::default(),
+            paused: Default::default(),
+        }
     }
 
     /// Starts a thread per vCPU; a vCPU that cannot start ends the VM (the ones started
@@ -428,7 +439,7 @@ impl Vmm {
                     handles.push(crate::machine::VcpuHandle {
                         id: id as u8,
                         pause,
-                        kicker: crate::machine::Kicker(t.pthread()),
+                        kicker: t.kicker(),
                     });
                     threads.push(t)
                 }
@@ -468,6 +479,22 @@ impl Vmm {
             }
         }
     }
+}
+
+/// Serves the control API at `path`: its requests are answered by `machine` on the event
+/// loop `em` runs.
+fn start_api(
+    path: &std::path::Path,
+    machine: &Arc<crate::machine::Machine>,
+    em: &mut EventManager<Box<dyn MutEventSubscriber + Send>>,
+) -> Result<crate::api::ApiServer, VmError> {
+    let (to_owner, calls) =
+        crate::api::owner::channel().map_err(os_err("create the API's eventfd"))?;
+    em.add_subscriber(Box::new(crate::api::owner::Owner::new(
+        calls,
+        machine.clone(),
+    )));
+    Ok(crate::api::ApiServer::start(path, to_owner)?)
 }
 
 /// Runs the event loop until the VM's end is recorded (kicking every vCPU every

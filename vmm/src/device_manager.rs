@@ -47,6 +47,8 @@ pub struct Emulated {
     pub i8042: Arc<I8042>,
     /// The PCI root (its configuration address latch).
     pub pci: Arc<PciRoot>,
+    /// The host bridge at 00:00.0 (its command register).
+    pub host_bridge: Arc<Mutex<HostBridge>>,
 }
 
 /// The VM's devices. Fields drop in order: the passed-through functions (their BAR slots
@@ -121,7 +123,8 @@ impl DeviceManager {
             i8042.clone(),
         )?;
         let pci = Arc::new(PciRoot::new());
-        pci.add(0, 0, Arc::new(Mutex::new(HostBridge::new())))?;
+        let host_bridge = Arc::new(Mutex::new(HostBridge::new()));
+        pci.add(0, 0, host_bridge.clone())?;
         let routes = Arc::new(KvmRoutes::new(vm.clone())?);
         let mediators = mediate::Registry::with_bundled();
         let passthrough = device_setup::add_devices(
@@ -151,6 +154,7 @@ impl DeviceManager {
                 serials,
                 i8042,
                 pci,
+                host_bridge,
             },
             serial_inputs,
             reset: Some(reset),

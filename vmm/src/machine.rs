@@ -1,7 +1,13 @@
 //! [`Machine`]: the running VM's parts that the control API, snapshots and live migration
-//! work on, shared with the API thread while the main thread runs the event loop.
+//! work on. The VMM's main thread owns it and answers every API request (see
+//! [`crate::api`]); a live migration's thread shares it while it runs.
+//!
+//! Pause, resume and snapshot run on the main thread only, one request at a time, and are
+//! refused while a migration runs; the migration thread is then the only one that pauses
+//! or resumes the vCPUs. So no lock serialises them, and none is held across a migration.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use crate::device_manager::Emulated;
 use kvm_ioctls::VmFd;
@@ -13,22 +19,6 @@ use crate::pause::{PauseControl, PauseError};
 use crate::state::vcpu::{KvmCaps, VcpuState};
 use crate::vcpu::ExitCounters;
 
-/// Sends the kick signal to one vCPU thread.
-pub struct Kicker(pub libc::pthread_t);
-
-impl Kicker {
-    /// Makes the thread leave KVM_RUN.
-    pub fn kick(&self) {
-        // SAFETY: the pthread id belongs to a vCPU thread of this VM; `vm::run` stops the
-        // API (the only other user of kickers) before it joins the vCPU threads, so the
-        // thread has not been joined yet. The signal's handler only sets immediate_exit.
-        let r = unsafe { libc::pthread_kill(self.0, crate::vcpu::kick_signal()) };
-        if r != 0 {
-            tracing::warn!("cannot signal a vCPU thread: error {r}");
-        }
-    }
-}
-
 /// One vCPU as the VMM controls it from outside its thread.
 pub struct VcpuHandle {
     /// vCPU id.
@@ -36,7 +26,7 @@ pub struct VcpuHandle {
     /// Pause handshake.
     pub pause: Arc<PauseControl>,
     /// Kicks its thread.
-    pub kicker: Kicker,
+    pub kicker: crate::vcpu::Kicker,
 }
 
 /// The running VM.
@@ -65,8 +55,9 @@ pub struct Machine {
     pub vcpus: Vec<VcpuHandle>,
     /// The current or last outgoing migration.
     pub migration: crate::migrate::progress::Tracker,
-    /// Serialises pause, resume, snapshot and migration; true while paused by request.
-    paused: Mutex<bool>,
+    /// True while paused by request (or for good, once migrated away); read and written
+    /// through [`Machine::paused`] and [`Machine::set_paused`].
+    pub(crate) paused: AtomicBool,
 }
 
 /// Why the VM could not be paused or resumed.
@@ -80,57 +71,7 @@ pub enum MachineError {
     Already(&'static str),
 }
 
-/// Held while one operation pauses/resumes the VM; says whether it is paused.
-pub type PauseGuard<'a> = MutexGuard<'a, bool>;
-
 impl Machine {
-    /// A machine over its parts (vCPU handles are added once the threads run).
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        cpus: u8,
-        mem_size: u64,
-        vm: Arc<VmFd>,
-        mem: GuestMemoryMmap,
-        memslots: Arc<resources::memslots::MemSlots>,
-        caps: Option<Arc<KvmCaps>>,
-        devices: Arc<Vec<PciPassthrough>>,
-        emulated: Emulated,
-        exits: Arc<ExitCounters>,
-        exit: Arc<VmExit>,
-        vcpus: Vec<VcpuHandle>,
-    ) -> Self {
-        Machine {
-            cpus,
-            mem_size,
-            vm,
-            mem,
-            memslots,
-            caps,
-            devices,
-            emulated,
-            exits,
-            exit,
-            vcpus,
-            migration: Default::default(),
-            paused: Mutex::new(false),
-        }
-    }
-
-    /// Takes the pause lock: one pause/resume/snapshot/migration at a time.
-    pub fn lock(&self) -> PauseGuard<'_> {
-        self.paused.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Whether the VM is paused by request; `None` while a snapshot or migration holds the
-    /// pause lock (answering must not wait for it).
-    pub fn paused_now(&self) -> Option<bool> {
-        match self.paused.try_lock() {
-            Ok(p) => Some(*p),
-            Err(std::sync::TryLockError::Poisoned(p)) => Some(*p.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) => None,
-        }
-    }
-
     /// Pauses every vCPU (all or none: on failure the paused ones are resumed).
     pub fn pause_vcpus(&self) -> Result<(), MachineError> {
         for (n, v) in self.vcpus.iter().enumerate() {
@@ -163,25 +104,33 @@ impl Machine {
             .collect()
     }
 
+    /// Whether the VM is paused by request.
+    pub fn paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire)
+    }
+
+    /// Records whether the VM is paused by request.
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Release);
+    }
+
     /// The API's pause: stops the vCPUs until [`resume`](Self::resume).
     pub fn pause(&self) -> Result<(), MachineError> {
-        let mut paused = self.lock();
-        if *paused {
+        if self.paused() {
             return Err(MachineError::Already("paused"));
         }
         self.pause_vcpus()?;
-        *paused = true;
+        self.set_paused(true);
         Ok(())
     }
 
     /// The API's resume.
     pub fn resume(&self) -> Result<(), MachineError> {
-        let mut paused = self.lock();
-        if !*paused {
+        if !self.paused() {
             return Err(MachineError::Already("running"));
         }
         self.resume_vcpus()?;
-        *paused = false;
+        self.set_paused(false);
         Ok(())
     }
 }

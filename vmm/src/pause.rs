@@ -27,15 +27,18 @@ pub enum PauseError {
     #[error("vCPU {0} is not paused")]
     NotPaused(u8),
     /// KVM refused to give the state.
-    #[error("{0}")]
-    Capture(String),
+    #[error(transparent)]
+    Capture(#[from] crate::state::StateError),
+    /// The vCPU's state cannot be read: KVM's capabilities were not probed.
+    #[error("vCPU {0}: KVM capabilities were not probed")]
+    NoCaps(u8),
 }
 
 #[derive(Default)]
 struct Inner {
     paused: bool,
     capture: bool,
-    captured: Option<Result<VcpuState, String>>,
+    captured: Option<Result<VcpuState, PauseError>>,
 }
 
 /// The pause handshake of one vCPU thread.
@@ -95,7 +98,7 @@ impl PauseControl {
         let mut i = self.wait_until(id, "capture its state", |i| i.captured.is_some())?;
         match i.captured.take() {
             Some(Ok(s)) => Ok(s),
-            Some(Err(e)) => Err(PauseError::Capture(e)),
+            Some(Err(e)) => Err(e),
             None => Err(PauseError::Stuck(id, "capture its state")),
         }
     }
@@ -126,9 +129,9 @@ impl PauseControl {
                 i.capture = false;
                 i.captured = Some(match caps {
                     Some(caps) => {
-                        VcpuState::capture(vcpu, u32::from(id), caps).map_err(|e| e.to_string())
+                        VcpuState::capture(vcpu, u32::from(id), caps).map_err(PauseError::from)
                     }
-                    None => Err(format!("vCPU {id}: KVM capabilities were not probed")),
+                    None => Err(PauseError::NoCaps(id)),
                 });
                 self.cv.notify_all();
             }

@@ -4,14 +4,14 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use devices::Bus;
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::exit::{ExitReason, VmExit};
 use crate::pause::PauseControl;
@@ -95,23 +95,48 @@ pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
     register_signal_handler(kick_signal(), kick_handler)
 }
 
+/// Kicks one vCPU thread out of KVM_RUN, from any thread, for as long as that thread
+/// runs: the thread publishes its id when it starts and withdraws it (under the same lock)
+/// before it ends, so no kick can reach a finished thread whose pthread id may be reused.
+/// A migration thread can therefore hold one past the vCPUs' end.
+#[derive(Clone, Default)]
+pub struct Kicker(Arc<Mutex<Option<libc::pthread_t>>>);
+
+impl Kicker {
+    /// Makes the thread leave KVM_RUN (no-op once it has ended).
+    pub fn kick(&self) {
+        let tid = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = *tid {
+            // SAFETY: `t` is a live thread's id: the thread clears it under this lock
+            // before it returns, and the lock is held across the call. The signal's
+            // handler only sets immediate_exit.
+            let r = unsafe { libc::pthread_kill(t, kick_signal()) };
+            if r != 0 {
+                tracing::warn!("cannot signal a vCPU thread: error {r}");
+            }
+        }
+    }
+
+    fn set(&self, tid: Option<libc::pthread_t>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = tid;
+    }
+}
+
 /// A running vCPU thread.
 pub struct VcpuThread {
     handle: JoinHandle<()>,
+    kicker: Kicker,
 }
 
 impl VcpuThread {
     /// Makes the thread leave KVM_RUN (it then sees the stop flag).
     pub fn kick(&self) {
-        if let Err(e) = self.handle.kill(kick_signal()) {
-            tracing::warn!("cannot signal vCPU thread: {e}");
-        }
+        self.kicker.kick();
     }
 
-    /// The thread's pthread id (for kicks from other threads).
-    pub fn pthread(&self) -> libc::pthread_t {
-        use std::os::unix::thread::JoinHandleExt;
-        self.handle.as_pthread_t()
+    /// A kicker for other threads.
+    pub fn kicker(&self) -> Kicker {
+        self.kicker.clone()
     }
 
     /// Waits for the thread to finish.
@@ -142,14 +167,19 @@ pub struct VcpuContext {
 
 /// Starts vCPU `id` on its own thread.
 pub fn spawn(id: u8, mut vcpu: VcpuFd, ctx: VcpuContext) -> std::io::Result<VcpuThread> {
+    let kicker = Kicker::default();
+    let own = kicker.clone();
     let handle = std::thread::Builder::new()
         .name(format!("vcpu{id}"))
         .spawn(move || {
             KVM_RUN.with(|p| p.set(vcpu.get_kvm_run() as *mut kvm_run));
+            // SAFETY: pthread_self has no preconditions.
+            own.set(Some(unsafe { libc::pthread_self() }));
             run_loop(id, &mut vcpu, &ctx);
+            own.set(None);
             KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
         })?;
-    Ok(VcpuThread { handle })
+    Ok(VcpuThread { handle, kicker })
 }
 
 fn run_loop(id: u8, vcpu: &mut VcpuFd, ctx: &VcpuContext) {

@@ -94,16 +94,25 @@ impl ConfigSpace {
     }
 }
 
-impl HostBridge {
-    /// The bridge's configuration space (its command register and cache line size are
-    /// guest-writable), for saving.
-    pub fn state(&self) -> ConfigSpaceState {
-        self.config.state()
+/// The host bridge's configuration space (its command register and cache line size are
+/// guest-writable). It sits in a mutex because the PCI root shares it with the VMM.
+impl Persist for std::sync::Mutex<HostBridge> {
+    type State = ConfigSpaceState;
+    type Error = PciPersistError;
+
+    fn save(&self) -> ConfigSpaceState {
+        self.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .config
+            .state()
     }
 
-    /// Restores a state saved by [`state`](Self::state); see [`ConfigSpace::restore`].
-    pub fn restore(&mut self, state: &ConfigSpaceState) -> Result<(), PciPersistError> {
-        self.config.restore(state)
+    /// See [`ConfigSpace::restore`].
+    fn restore(&self, state: &ConfigSpaceState) -> Result<(), PciPersistError> {
+        self.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .config
+            .restore(state)
     }
 }
 
@@ -238,18 +247,21 @@ mod tests {
 
     #[test]
     fn host_bridge_round_trip_and_identity_check() {
-        let mut a = HostBridge::new();
-        a.config_write(0x04, &0x0006u16.to_le_bytes());
-        a.config_write(0x0c, &[0x10]);
-        a.config_write(0x3c, &[0x0b]);
-        let s = a.state();
+        let a = std::sync::Mutex::new(HostBridge::new());
+        {
+            let mut a = a.lock().unwrap();
+            a.config_write(0x04, &0x0006u16.to_le_bytes());
+            a.config_write(0x0c, &[0x10]);
+            a.config_write(0x3c, &[0x0b]);
+        }
+        let s = a.save();
         json(&s);
-        let mut b = HostBridge::new();
+        let b = std::sync::Mutex::new(HostBridge::new());
         b.restore(&s).unwrap();
         for reg in (0..256).step_by(4) {
             let (mut x, mut y) = ([0u8; 4], [0u8; 4]);
-            a.config_read(reg, &mut x);
-            b.config_read(reg, &mut y);
+            a.lock().unwrap().config_read(reg, &mut x);
+            b.lock().unwrap().config_read(reg, &mut y);
             assert_eq!(x, y, "dword {reg:#x}");
         }
         // Another device's state is refused and changes nothing.
@@ -261,7 +273,7 @@ mod tests {
             e.contains("dword 0x00") && e.contains("different device"),
             "{e}"
         );
-        assert_eq!(b.state(), s);
+        assert_eq!(b.save(), s);
         let e = b
             .restore(&ConfigSpaceState { regs: vec![0; 3] })
             .unwrap_err();

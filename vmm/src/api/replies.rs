@@ -16,8 +16,8 @@ pub struct Info {
     pub cpus: u8,
     /// Guest RAM in bytes.
     pub memory: u64,
-    /// Whether the vCPUs are paused (absent while a pause or resume is under way).
-    pub paused: Option<bool>,
+    /// Whether the vCPUs are paused by request (or for good, once migrated away).
+    pub paused: bool,
     /// The current or last migration's phase.
     pub migration: Phase,
     /// The passed-through devices.

@@ -208,16 +208,13 @@ fn migrate(
     tracing::info!("migration to {url}: destination ready");
 
     // From here on a failure must undo: the guest keeps running here.
-    let mut guard = m.lock();
-    let was_paused = *guard;
+    // No pause, resume or snapshot runs beside a migration (the API refuses them while
+    // it is busy), so the flag holds still until this thread changes it.
+    let was_paused = m.paused();
     let mut paused_here = false;
     let result = precopy_and_stop(m, &mut link, req, started, was_paused, &mut paused_here);
     match result {
-        Ok(()) => {
-            // The guest runs on the destination: stay stopped here until we exit.
-            *guard = true;
-            Ok(())
-        }
+        Ok(()) => Ok(()),
         Err(e) => {
             // Tell the destination why, if the link still carries it; a cut link must not
             // hold the guest here for more I/O timeouts (the buffered rest of the stream
@@ -402,6 +399,8 @@ fn precopy_and_stop(
         sent_ms: ms(sent),
         resumed_ms: downtime,
     };
+    // The guest runs on the destination: it stays stopped here until this VMM exits.
+    m.set_paused(true);
     let mut s = m.migration.lock();
     s.phase = Phase::Completed;
     s.pages += n;

@@ -25,7 +25,8 @@ pub struct Written {
 }
 
 /// Writes the VM to `path` (through `PATH.tmp`, renamed when complete). The VM runs on
-/// afterwards unless `stay_paused`; devices run on whatever happens.
+/// afterwards unless `stay_paused`; devices run on whatever happens. Runs on the VM's
+/// owner thread, never beside a pause, a resume or a migration (see [`crate::machine`]).
 pub fn snapshot(m: &Machine, path: &Path, stay_paused: bool) -> Result<Written, SnapshotError> {
     if m.caps.is_none() {
         return Err(SnapshotError::NoCaps(
@@ -34,8 +35,7 @@ pub fn snapshot(m: &Machine, path: &Path, stay_paused: bool) -> Result<Written, 
     }
     check_migratable(m)?;
     let started = Instant::now();
-    let mut paused = m.lock();
-    let was_paused = *paused;
+    let was_paused = m.paused();
     if !was_paused {
         m.pause_vcpus()?;
     }
@@ -53,7 +53,7 @@ pub fn snapshot(m: &Machine, path: &Path, stay_paused: bool) -> Result<Written, 
     })();
     restart_devices(m);
     if stay_paused || was_paused {
-        *paused = true;
+        m.set_paused(true);
     } else if let Err(e) = m.resume_vcpus() {
         tracing::error!("resuming after the snapshot: {e}");
     }
@@ -68,6 +68,6 @@ pub fn snapshot(m: &Machine, path: &Path, stay_paused: bool) -> Result<Written, 
         bytes,
         pages,
         ms,
-        paused: *paused,
+        paused: m.paused(),
     })
 }

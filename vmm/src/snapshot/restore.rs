@@ -39,6 +39,7 @@ struct Configs {
     serials: Vec<(usize, Vec<u8>)>,
     i8042: Option<Vec<u8>>,
     pci_root: Option<Vec<u8>>,
+    host_bridge: Option<Vec<u8>>,
     pci: Vec<(String, Vec<u8>)>,
 }
 
@@ -49,6 +50,7 @@ impl Configs {
             SectionKey::Serial(n) => self.serials.push((*n, data.to_vec())),
             SectionKey::I8042 => self.i8042 = Some(data.to_vec()),
             SectionKey::PciRoot => self.pci_root = Some(data.to_vec()),
+            SectionKey::HostBridge => self.host_bridge = Some(data.to_vec()),
             SectionKey::PciConfig(dev) => self.pci.push((dev.clone(), data.to_vec())),
             SectionKey::Passthrough(_) => return false,
         }
@@ -79,6 +81,14 @@ impl Configs {
                 &SectionKey::PciRoot,
                 data,
                 "restoring the configuration address latch",
+            )?;
+        }
+        if let Some(data) = &self.host_bridge {
+            restore_device(
+                &*t.emulated.host_bridge,
+                &SectionKey::HostBridge,
+                data,
+                "restoring its configuration space",
             )?;
         }
         for (id, data) in &self.pci {

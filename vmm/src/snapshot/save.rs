@@ -284,6 +284,7 @@ pub fn write_final_state<W: Write>(
     }
     save_device(w, &SectionKey::I8042, &*m.emulated.i8042)?;
     save_device(w, &SectionKey::PciRoot, &*m.emulated.pci)?;
+    save_device(w, &SectionKey::HostBridge, &*m.emulated.host_bridge)?;
     for d in m.devices.iter() {
         save_device(w, &SectionKey::PciConfig(d.id.clone()), &*d.device)?;
     }

@@ -20,6 +20,8 @@ pub enum SectionKey {
     I8042,
     /// The PCI configuration mechanism's address latch (port 0xCF8): `legacy/pci-config`.
     PciRoot,
+    /// The host bridge's configuration space: `legacy/host-bridge`.
+    HostBridge,
 }
 
 impl SectionKey {
@@ -31,6 +33,7 @@ impl SectionKey {
             SectionKey::Serial(n) => format!("legacy/serial{n}"),
             SectionKey::I8042 => "legacy/i8042".to_owned(),
             SectionKey::PciRoot => "legacy/pci-config".to_owned(),
+            SectionKey::HostBridge => "legacy/host-bridge".to_owned(),
         }
     }
 
@@ -45,6 +48,9 @@ impl SectionKey {
             }
             if name == "pci-config" {
                 return Some(SectionKey::PciRoot);
+            }
+            if name == "host-bridge" {
+                return Some(SectionKey::HostBridge);
             }
             let n = name.strip_prefix("serial")?;
             // Digits only, no sign or leading zero: one spelling per port.
@@ -78,6 +84,7 @@ mod tests {
             SectionKey::Serial(1),
             SectionKey::Serial(12),
             SectionKey::I8042,
+            SectionKey::HostBridge,
             SectionKey::PciRoot,
         ] {
             assert_eq!(
