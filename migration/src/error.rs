@@ -17,6 +17,9 @@ fn type_name(ty: u32) -> String {
 /// destination of a failed migration exits with it.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The snapshot file could not be made or opened safely.
+    #[error(transparent)]
+    File(#[from] crate::file::FileError),
     /// The underlying reader or writer failed.
     #[error("stream I/O error while {op}: {source}")]
     Io {

@@ -88,6 +88,7 @@
 #![deny(missing_docs)]
 
 mod error;
+pub mod file;
 mod ram;
 mod section;
 pub mod snapshot;

@@ -55,10 +55,8 @@ impl Source {
                 }
             }
             Start::Restore(path) => {
-                let file = std::fs::File::open(path).map_err(|source| VmError::Os {
-                    what: "open the snapshot (--restore)",
-                    source,
-                })?;
+                let (file, _) = migration::file::open_regular(path)
+                    .map_err(|e| crate::snapshot::SnapshotError::from(migration::Error::from(e)))?;
                 let r: Box<dyn std::io::Read + Send> = Box::new(std::io::BufReader::new(file));
                 let (reader, config) = crate::snapshot::restore::open(r)?;
                 Source::Stream {
@@ -84,6 +82,12 @@ impl Source {
                             config.vcpus
                         ))
                     })?;
+                // The same limits as --memory: a stream asking for more RAM than the host
+                // has (or an unaligned size) is refused before anything is allocated.
+                memory::validate_size(
+                    config.mem_size,
+                    &format!("the stream's memory size ({} bytes)", config.mem_size),
+                )?;
                 Ok((config.mem_size, cpus))
             }
         }

@@ -102,7 +102,7 @@ fn init_logging(filter: Option<&str>) {
 
 fn run(cli: &cli::Cli) -> anyhow::Result<u8> {
     let mem_size = memory::parse_size(&cli.memory)?;
-    memory::validate_size(mem_size, &cli.memory)?;
+    memory::validate_size(mem_size, &format!("--memory {}", cli.memory))?;
     for (opt, path) in [("--kernel", &cli.kernel), ("--restore", &cli.restore)] {
         let Some(path) = path else { continue };
         if !path.is_file() {

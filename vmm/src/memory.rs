@@ -9,12 +9,16 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 /// Errors creating guest memory.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
-    /// The size is not usable.
-    #[error("--memory {0}: {1}")]
+    /// The size is not usable: where it came from (`--memory 1M`, or the stream's) and why.
+    #[error("{0}: {1}")]
     BadSize(String, String),
     /// The host does not have that much memory.
-    #[error("--memory {requested_mib}M is more than this host's {host_mib} MiB of memory; choose a smaller size")]
-    TooLarge { requested_mib: u64, host_mib: u64 },
+    #[error("{what}: {requested_mib} MiB is more than this host's {host_mib} MiB of memory; choose a smaller size")]
+    TooLarge {
+        what: String,
+        requested_mib: u64,
+        host_mib: u64,
+    },
     /// memfd_create or ftruncate failed.
     #[error("cannot create the {size_mib} MiB memfd for guest RAM: {source}")]
     Memfd {
@@ -31,7 +35,7 @@ pub const MIN_MEMORY: u64 = 16 << 20;
 
 /// Parses a size such as `256M`, `1G`, `1048576` or `512K` (binary units).
 pub fn parse_size(s: &str) -> Result<u64, MemoryError> {
-    let bad = |why: &str| MemoryError::BadSize(s.to_string(), why.to_string());
+    let bad = |why: &str| MemoryError::BadSize(format!("--memory {s}"), why.to_string());
     let t = s.trim();
     let (digits, shift) = match t.chars().last() {
         Some('K' | 'k') => (&t[..t.len() - 1], 10),
@@ -46,8 +50,10 @@ pub fn parse_size(s: &str) -> Result<u64, MemoryError> {
     n.checked_mul(1u64 << shift).ok_or_else(|| bad("too large"))
 }
 
-/// Checks a requested RAM size against the minimum, page alignment and the host's memory.
-pub fn validate_size(size: u64, text: &str) -> Result<(), MemoryError> {
+/// Checks a requested RAM size against the minimum, page alignment and the host's memory;
+/// `what` says where it came from (`--memory 256M`, or a stream).
+pub fn validate_size(size: u64, what: &str) -> Result<(), MemoryError> {
+    let text = what;
     if size == 0 {
         return Err(MemoryError::BadSize(
             text.into(),
@@ -69,6 +75,7 @@ pub fn validate_size(size: u64, text: &str) -> Result<(), MemoryError> {
     if let Some(host) = host_memory() {
         if size > host {
             return Err(MemoryError::TooLarge {
+                what: what.to_owned(),
                 requested_mib: size >> 20,
                 host_mib: host >> 20,
             });

@@ -1,6 +1,5 @@
 //! Why a control API request could not be done; the text is the error response.
 
-use std::io;
 use std::path::PathBuf;
 
 use devices::vfio::migration::MigrationError;
@@ -39,13 +38,6 @@ pub enum RequestError {
         source: MigrationError,
     },
     /// The state file could not be read or written.
-    #[error("cannot {what} {}: {source}", .path.display())]
-    File {
-        /// `read` or `write`.
-        what: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: io::Error,
-    },
+    #[error(transparent)]
+    File(#[from] migration::file::FileError),
 }

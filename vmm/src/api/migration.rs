@@ -1,5 +1,6 @@
 //! The API's device-migration steps, over [`DeviceMigration`].
 
+use std::io::Write;
 use std::time::Instant;
 
 use devices::vfio::migration::{DeviceMigration, MigrationState};
@@ -37,11 +38,9 @@ pub fn run(
         MigrationOp::Save => save(m, path()?),
         MigrationOp::Restore => {
             let path = path()?;
-            let data = std::fs::read(path).map_err(|source| RequestError::File {
-                what: "read",
-                path: path.to_path_buf(),
-                source,
-            })?;
+            // The state goes to the device as one chunk, which a stream would carry as one
+            // section: no larger.
+            let data = migration::file::read_regular(path, migration::MAX_SECTION_LEN)?;
             m.set_state(MigrationState::Resuming)?;
             let r = m
                 .restore_chunk(&data)
@@ -81,11 +80,15 @@ fn save(m: &dyn DeviceMigration, path: &std::path::Path) -> Result<Response, Req
             return Err(RequestError::Save(err));
         }
     };
-    std::fs::write(path, &data).map_err(|source| RequestError::File {
-        what: "write",
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let mut file = migration::file::NewFile::create(path)?;
+    file.file()
+        .write_all(&data)
+        .map_err(|source| migration::file::FileError::Io {
+            what: "write",
+            path: path.to_path_buf(),
+            source,
+        })?;
+    file.commit(None)?;
     Ok(Response::reply(&StateFile {
         bytes: data.len(),
         device_stopped_us: Some(stopped_for.as_micros() as u64),

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use devices::vfio::migration::MigrationState;
 use kvm_ioctls::{VcpuFd, VmFd};
 use migration::{Control, Section, StreamReader, VmConfig};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::persist::restore_device;
 use super::section_key::SectionKey;
@@ -179,11 +179,22 @@ impl PageBits {
         self.0[page / 64] |= 1 << (page % 64);
     }
 
-    fn get(&self, gpa: u64) -> bool {
-        let page = (gpa / 4096) as usize;
-        self.0
-            .get(page / 64)
-            .is_some_and(|w| w & (1 << (page % 64)) != 0)
+    /// The addresses of the pages set among `pages` pages from `gpa`, skipping 64 clear
+    /// pages at a time.
+    fn set_in(&self, gpa: u64, pages: u64) -> impl Iterator<Item = u64> + '_ {
+        let first = gpa / 4096;
+        let end = first + pages;
+        let words = (first / 64) as usize..(end.div_ceil(64) as usize).min(self.0.len());
+        words
+            .map(move |w| (w, self.0[w]))
+            .filter(|&(_, bits)| bits != 0)
+            .flat_map(|(w, bits)| {
+                (0..64u64)
+                    .filter(move |b| bits & (1 << b) != 0)
+                    .map(move |b| w as u64 * 64 + b)
+            })
+            .filter(move |&p| p >= first && p < end)
+            .map(|p| p * 4096)
     }
 }
 
@@ -235,6 +246,14 @@ pub fn apply<R: Read>(
                         gpa: run.gpa,
                         reason: e,
                     };
+                    // Checked before any work: a run past guest RAM is a corrupt or hostile
+                    // stream, and the work below is bounded by RAM's size, not the run's.
+                    if !t.mem.check_range(GuestAddress(run.gpa), len as usize) {
+                        return Err(ram(format!(
+                            "a run of {} pages does not lie within guest RAM",
+                            run.pages
+                        )));
+                    }
                     match run.data {
                         Some(data) => {
                             t.mem
@@ -249,13 +268,10 @@ pub fn apply<R: Read>(
                             // wrote before need zeroing (writing the others would make
                             // the kernel allocate every page of the memfd).
                             let zeros = vec![0u8; migration::PAGE_SIZE];
-                            for i in 0..u64::from(run.pages) {
-                                let gpa = run.gpa + i * 4096;
-                                if written.get(gpa) {
-                                    t.mem
-                                        .write_slice(&zeros, GuestAddress(gpa))
-                                        .map_err(|e| ram(e.to_string()))?;
-                                }
+                            for gpa in written.set_in(run.gpa, u64::from(run.pages)) {
+                                t.mem
+                                    .write_slice(&zeros, GuestAddress(gpa))
+                                    .map_err(|e| ram(e.to_string()))?;
                             }
                         }
                     }
@@ -370,4 +386,26 @@ pub fn apply<R: Read>(
     }
     loaded.devices_running = step.elapsed();
     Ok(loaded)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PageBits;
+
+    #[test]
+    fn pages_set_in_a_range_are_found_and_only_those() {
+        let mut b = PageBits::default();
+        for page in [0u64, 63, 64, 65, 200, 1000] {
+            b.set(page * 4096);
+        }
+        let found: Vec<u64> = b.set_in(63 * 4096, 200 - 63).map(|g| g / 4096).collect();
+        assert_eq!(found, vec![63, 64, 65]);
+        let all: Vec<u64> = b.set_in(0, 2000).map(|g| g / 4096).collect();
+        assert_eq!(all, vec![0, 63, 64, 65, 200, 1000]);
+        // Far past what was ever set, and a huge run: nothing, and no work per page.
+        let t = std::time::Instant::now();
+        assert_eq!(b.set_in(0, u64::from(u32::MAX)).count(), 6);
+        assert_eq!(b.set_in(1 << 40, u64::from(u32::MAX)).count(), 0);
+        assert!(t.elapsed() < std::time::Duration::from_millis(50));
+    }
 }

@@ -23,6 +23,7 @@
 // these functions, only the tests do.
 #![allow(dead_code)]
 
+mod exact;
 pub mod vcpu;
 pub mod vm;
 

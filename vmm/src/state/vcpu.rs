@@ -233,10 +233,13 @@ pub struct VcpuState {
     /// destination may compare it with what its KVM supports.
     pub cpuid: Vec<CpuidEntry>,
     /// KVM_GET_MP_STATE (runnable, halted, waiting for INIT/SIPI, ...).
+    #[serde(deserialize_with = "super::exact::de")]
     pub mp_state: kvm_mp_state,
     /// General-purpose registers, RIP, RFLAGS.
+    #[serde(deserialize_with = "super::exact::de")]
     pub regs: kvm_regs,
     /// Segments, descriptor tables, control registers, EFER, APIC base, pending interrupt.
+    #[serde(deserialize_with = "super::exact::de")]
     pub sregs: kvm_sregs,
     /// Legacy FPU/SSE state (KVM_GET_FPU); restored when there is no XSAVE area. With XSAVE
     /// it is only the raw legacy area and may hold stale registers that XSAVE's XSTATE_BV
@@ -247,16 +250,20 @@ pub struct VcpuState {
     /// KVM_CAP_XSAVE. It includes the legacy FPU/SSE state.
     pub xsave: Option<Vec<u32>>,
     /// Extended control registers (XCR0), if KVM has KVM_CAP_XCRS.
+    #[serde(deserialize_with = "super::exact::de_opt")]
     pub xcrs: Option<kvm_xcrs>,
     /// DR0-DR3, DR6, DR7.
+    #[serde(deserialize_with = "super::exact::de")]
     pub debug_regs: kvm_debugregs,
     /// Local APIC registers (the 1 KiB register page).
+    #[serde(deserialize_with = "super::exact::de")]
     pub lapic: kvm_lapic_state,
     /// Every MSR in KVM_GET_MSR_INDEX_LIST that KVM_GET_MSRS could read on this vCPU,
     /// in that list's order (TSC, kvmclock, EFER, STAR/LSTAR, SYSENTER, PAT, MTRRs, TSC
     /// deadline, MISC_ENABLE, ...).
     pub msrs: Vec<MsrEntry>,
     /// Pending exception, interrupt, NMI, SMI state and interrupt shadow.
+    #[serde(deserialize_with = "super::exact::de")]
     pub vcpu_events: kvm_vcpu_events,
     /// Guest TSC frequency (KVM_GET_TSC_KHZ), if KVM reports it.
     pub tsc_khz: Option<u32>,

@@ -34,15 +34,20 @@ pub enum ClockRestore {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VmState {
     /// KVM_GET_IRQCHIP, chip 0: the master 8259.
+    #[serde(deserialize_with = "super::exact::de")]
     pub pic_master: kvm_irqchip,
     /// KVM_GET_IRQCHIP, chip 1: the slave 8259.
+    #[serde(deserialize_with = "super::exact::de")]
     pub pic_slave: kvm_irqchip,
     /// KVM_GET_IRQCHIP, chip 2: the IOAPIC (redirection table, IRR).
+    #[serde(deserialize_with = "super::exact::de")]
     pub ioapic: kvm_irqchip,
     /// KVM_GET_PIT2: the three channels and the HPET-legacy / speaker flags.
+    #[serde(deserialize_with = "super::exact::de")]
     pub pit: kvm_pit_state2,
     /// KVM_GET_CLOCK: kvmclock's value in ns, and with KVM_CLOCK_REALTIME in `flags` the
     /// host's wall-clock time at that moment.
+    #[serde(deserialize_with = "super::exact::de")]
     pub clock: kvm_clock_data,
     /// The host's CLOCK_REALTIME in ns since the epoch, read right after KVM_GET_CLOCK: the
     /// capture time for [`ClockRestore::AdvanceByRealtime`] when KVM gave none.
