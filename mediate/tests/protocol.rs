@@ -155,7 +155,9 @@ fn a_failed_step_leaves_the_state_the_previous_steps_reached() {
         (Running, StopCopy, "begin_save", Stopped),
         (StopCopy, Running, "resume_device", Stopped),
         (StopCopy, Running, "end_save", StopCopy),
-        (Resuming, Running, "end_restore", Resuming),
+        // A refused state is dropped: the device is stopped, not left resuming.
+        (Resuming, Running, "end_restore", Stopped),
+        (Resuming, Stopped, "end_restore", Stopped),
         (Resuming, Running, "resume_device", Stopped),
         (Running, Resuming, "begin_restore", Stopped),
     ];

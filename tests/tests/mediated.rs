@@ -316,6 +316,12 @@ fn virtio_blk_vf_tracks_dirty_pages_and_migrates_state() {
         .to_string();
     assert!(e.contains("does not parse"), "{e}");
     assert_eq!(pf2.get_state().unwrap(), state);
+    // The refused restore is abandoned: the device is stopped (not left resuming) and
+    // runs again with the state it had.
+    assert_eq!(m.state().unwrap(), MigrationState::Stopped);
+    m.set_state(MigrationState::Running)
+        .expect("the device runs again after a refused restore");
+    assert_eq!(pf2.get_state().unwrap(), state);
 
     // Garbage from the guest into the trapped pages (common config, ISR, device config)
     // and the doorbell page while it is trapped: the VMM and vfsim survive.

@@ -56,8 +56,9 @@ pub trait MigrationOps: Send {
     /// destination's window, not the source's chunks: treat the data as a byte stream.
     fn restore_chunk(&mut self, data: &[u8]) -> OpsResult<()>;
 
-    /// Restoring ends: all data was given; apply it (or refuse if it is incomplete, which
-    /// keeps the device resuming).
+    /// Restoring ends: all data was given; apply it, or refuse it (incomplete, corrupt)
+    /// without applying any of it: the restore is then abandoned and the device is stopped
+    /// with the state it had, ready to run again or to take another restore.
     fn end_restore(&mut self) -> OpsResult<()>;
 
     /// Starts recording the guest pages the device writes by DMA (e.g. by trapping the
@@ -561,6 +562,12 @@ impl<O: MigrationOps> Inner<O> {
                 Step::EndRestore => self.ops.end_restore(),
             };
             if let Err(source) = result {
+                if step == Step::EndRestore {
+                    // The saved state was refused before it took effect: it is dropped and
+                    // the device is stopped with the state it had, a defined state it can
+                    // be resumed from or restored into again (not left "resuming").
+                    self.enter(MigrationState::Stopped);
+                }
                 return Err(RegionError::TransitionFailed {
                     from,
                     to,

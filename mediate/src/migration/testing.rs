@@ -150,7 +150,14 @@ impl MigrationOps for FakeOps {
     }
 
     fn end_restore(&mut self) -> OpsResult<()> {
-        let mut d = self.enter("end_restore")?;
+        let mut d = match self.enter("end_restore") {
+            Ok(d) => d,
+            Err(e) => {
+                // Refused: the restore is abandoned, the device keeps its state.
+                self.dev().resuming = false;
+                return Err(e);
+            }
+        };
         d.resuming = false;
         d.state = std::mem::take(&mut d.incoming);
         Ok(())

@@ -29,13 +29,15 @@ pub enum RequestError {
     /// Saving a device's state failed; it runs on.
     #[error("saving: {0} (the device was resumed)")]
     Save(#[source] MigrationError),
-    /// Loading a device's state failed; it is left stopped.
-    #[error("restoring from {}: {source}", .path.display())]
+    /// Loading a device's state failed; `after` says what state the device is in now.
+    #[error("restoring from {}: {source}; {after}", .path.display())]
     Restore {
         /// The state file.
         path: PathBuf,
-        /// Why.
-        source: MigrationError,
+        /// Why (boxed: the error is returned on every request's path).
+        source: Box<MigrationError>,
+        /// The device's state after the failure, in words.
+        after: String,
     },
     /// The state file could not be read or written.
     #[error(transparent)]

@@ -46,17 +46,39 @@ pub fn run(
                 .restore_chunk(&data)
                 .and_then(|()| m.set_state(MigrationState::Running));
             if let Err(source) = r {
-                // Leave the device stopped, not half-restored and running.
-                let _ = m.set_state(MigrationState::Stopped);
                 return Err(RequestError::Restore {
                     path: path.to_path_buf(),
-                    source,
+                    source: Box::new(source),
+                    after: after_failed_restore(m),
                 });
             }
             Ok(Response::reply(&StateFile {
                 bytes: data.len(),
                 device_stopped_us: None,
             }))
+        }
+    }
+}
+
+/// Leaves a device whose restore failed in a defined state: running again with the state
+/// it had (a refused state never took effect), else stopped; says which, or what it is in.
+fn after_failed_restore(m: &dyn DeviceMigration) -> String {
+    match m.set_state(MigrationState::Running) {
+        Ok(()) => "the device runs on with the state it had before".into(),
+        Err(resume) => {
+            let stopped = m.state().is_ok_and(|s| s == MigrationState::Stopped)
+                || m.set_state(MigrationState::Stopped).is_ok();
+            match (stopped, m.state()) {
+                (true, _) => format!(
+                    "the device is stopped: it could not run again ({resume}); restore a good state into it"
+                ),
+                (false, Ok(s)) => format!(
+                    "the device is left {s}: it could neither run again ({resume}) nor stop"
+                ),
+                (false, Err(e)) => format!(
+                    "the device's state is unknown: it could not run again ({resume}) and its state cannot be read ({e})"
+                ),
+            }
         }
     }
 }

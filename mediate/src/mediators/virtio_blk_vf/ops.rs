@@ -114,16 +114,18 @@ impl MigrationOps for BlkOps {
     }
 
     fn end_restore(&mut self) -> OpsResult<()> {
-        let state: VfState = serde_json::from_slice(&self.restoring).map_err(|e| {
+        // Applied or refused, this restore's bytes are spent (vfsim checks a state whole
+        // before it loads any of it, so a refused one leaves the VF as it was).
+        let bytes = std::mem::take(&mut self.restoring);
+        let state: VfState = serde_json::from_slice(&bytes).map_err(|e| {
             OpsError::new(format!(
                 "the saved VF state ({} bytes) does not parse: {e}",
-                self.restoring.len()
+                bytes.len()
             ))
         })?;
         self.pf
             .set_state(&state)
             .map_err(pf_err("loading the VF state"))?;
-        self.restoring.clear();
         tracing::info!("virtio-blk-vf {}: VF state restored", self.shared.name);
         Ok(())
     }
