@@ -22,6 +22,7 @@ pub mod pci;
 pub mod persist;
 pub mod trigger;
 pub mod vfio;
+pub mod wait;
 
 pub use bus::{Bus, BusError, BusStats};
 pub use persist::Persist;

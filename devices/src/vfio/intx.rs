@@ -297,42 +297,24 @@ fn relay(
     armed: &AtomicBool,
     errors: &ErrorLog,
 ) {
+    // SAFETY: `resample` outlives every wait below.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(resample.as_raw_fd()) };
     loop {
-        let mut fds = [
-            libc::pollfd {
-                fd: resample.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: stop.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: `fds` is an array of two initialised pollfds over descriptors that stay
-        // open for the call; poll only writes their `revents`.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
+        match crate::wait::readable_or_stopped(fd, stop) {
+            Ok(crate::wait::Woken::Stopped) => return,
+            Ok(crate::wait::Woken::Readable) => {}
+            Err(e) => {
+                tracing::error!(
+                    "{owner}: the INTx unmask relay stops, so INTx may stay masked after the next interrupt: poll: {e}"
+                );
+                return;
             }
-            tracing::error!(
-                "{owner}: the INTx unmask relay stops, so INTx may stay masked after the next interrupt: poll: {e}"
-            );
-            return;
         }
-        if fds[1].revents != 0 {
-            return;
-        }
-        if fds[0].revents & libc::POLLIN != 0 {
-            // Non-blocking: another reader (kernel VFIO's own) may have taken the count.
-            let _ = resample.read();
-            if armed.load(Ordering::Acquire) {
-                if let Err(e) = backend.mask_irqs(IRQ_INTX, 0, 1, false) {
-                    errors.record(owner, format_args!("unmasking INTx after an EOI"), &e);
-                }
+        // Non-blocking: another reader (kernel VFIO's own) may have taken the count.
+        let _ = resample.read();
+        if armed.load(Ordering::Acquire) {
+            if let Err(e) = backend.mask_irqs(IRQ_INTX, 0, 1, false) {
+                errors.record(owner, format_args!("unmasking INTx after an EOI"), &e);
             }
         }
     }

@@ -9,7 +9,7 @@
 //! 0600 whatever the umask), and a peer of another uid than the VMM's (or root) is refused.
 
 use std::io::{ErrorKind, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use devices::wait::{readable_or_stopped, Woken};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::owner::ToOwner;
@@ -93,50 +94,11 @@ impl Drop for ApiServer {
     }
 }
 
-/// What a wait ended with.
-#[derive(PartialEq)]
-enum Woken {
-    Readable,
-    Stopped,
-}
-
-/// Waits until `fd` is readable (or closed) or `stop` is signalled.
-fn wait(fd: BorrowedFd, stop: &EventFd) -> std::io::Result<Woken> {
-    let mut fds = [
-        libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: stop.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    loop {
-        // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        return Ok(if fds[1].revents != 0 {
-            Woken::Stopped
-        } else {
-            Woken::Readable
-        });
-    }
-}
-
 fn accept_loop(listener: &UnixListener, owner: &ToOwner, stop: &Arc<EventFd>) {
     let active = Arc::new(AtomicUsize::new(0));
     let mut clients: Vec<JoinHandle<()>> = Vec::new();
     loop {
-        match wait(listener.as_fd(), stop) {
+        match readable_or_stopped(listener.as_fd(), stop) {
             Ok(Woken::Stopped) => break,
             Ok(Woken::Readable) => {}
             Err(e) => {
@@ -237,7 +199,7 @@ fn serve_client(mut stream: UnixStream, owner: &ToOwner, stop: &EventFd) -> std:
     let mut pending: Vec<u8> = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        if wait(stream.as_fd(), stop)? == Woken::Stopped {
+        if readable_or_stopped(stream.as_fd(), stop)? == Woken::Stopped {
             return Ok(());
         }
         let n = match stream.read(&mut buf) {
