@@ -13,7 +13,7 @@ use crate::device_manager::Emulated;
 use kvm_ioctls::VmFd;
 use vm_memory::GuestMemoryMmap;
 
-use crate::device_setup::PciPassthrough;
+use crate::device_manager::PciPassthrough;
 use crate::exit::VmExit;
 use crate::pause::{PauseControl, PauseError};
 use crate::state::vcpu::{KvmCaps, VcpuState};

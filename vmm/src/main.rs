@@ -9,7 +9,6 @@ mod config;
 mod console;
 mod ctl;
 mod device_manager;
-mod device_setup;
 mod event_loop;
 mod exit;
 mod irq_routes;

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::device_setup::PciPassthrough;
+use crate::device_manager::PciPassthrough;
 use crate::machine::Machine;
 
 use super::error::RequestError;

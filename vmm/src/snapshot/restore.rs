@@ -12,7 +12,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use super::persist::restore_device;
 use super::section_key::SectionKey;
 use super::SnapshotError;
-use crate::device_setup::PciPassthrough;
+use crate::device_manager::PciPassthrough;
 use crate::state::vcpu::{KvmCaps, VcpuState};
 use crate::state::vm::{ClockRestore, VmState};
 use crate::state::StateBytes;

@@ -28,7 +28,7 @@ pub fn check_migratable(m: &Machine) -> Result<(), SnapshotError> {
 /// Fails naming every device in `devices` that cannot migrate, each reason followed by
 /// `then` (what that means where it is called).
 pub fn refuse_blocked(
-    devices: &[crate::device_setup::PciPassthrough],
+    devices: &[crate::device_manager::PciPassthrough],
     then: &str,
 ) -> Result<(), SnapshotError> {
     let blocked: Vec<Blocked> = devices

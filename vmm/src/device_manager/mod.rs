@@ -18,11 +18,15 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::device::DeviceSpec;
 use crate::console;
-use crate::device_setup::{self, DeviceContext, PciPassthrough};
+mod passthrough;
+pub mod setup;
+
 use crate::event_loop::SerialInput;
 use crate::irq_routes::KvmRoutes;
 use crate::serial_config::SerialConfig;
 use crate::vm::{kvm_err, os_err, VmError};
+pub use passthrough::{DeviceStats, PciPassthrough};
+use setup::DeviceContext;
 
 /// Serial ports: COM1 at 0x3f8 (IRQ 4), COM2 at 0x2f8 (IRQ 3).
 const SERIAL_PORTS: [(&str, u16, u32); 2] = [("serial0", 0x3f8, 4), ("serial1", 0x2f8, 3)];
@@ -127,7 +131,7 @@ impl DeviceManager {
         pci.add(0, 0, host_bridge.clone())?;
         let routes = Arc::new(KvmRoutes::new(vm.clone())?);
         let mediators = mediate::Registry::with_bundled();
-        let passthrough = device_setup::add_devices(
+        let passthrough = setup::add_devices(
             cfg.passthrough,
             &DeviceContext {
                 vm,
@@ -165,7 +169,7 @@ impl DeviceManager {
 
     /// The INTx lines of the passed-through functions, for a booted guest's MP table.
     pub fn mptable_intx(&self) -> Vec<crate::boot::mptable::PciIntx> {
-        device_setup::mptable_intx(&self.passthrough)
+        setup::mptable_intx(&self.passthrough)
     }
 
     /// The host input of the serial ports and the reset line, for the event loop (once).

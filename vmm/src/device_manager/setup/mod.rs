@@ -23,8 +23,8 @@ use devices::pci::PciRoot;
 use devices::vfio::kernel::KernelVfio;
 use devices::vfio::user::VfioUserBackend;
 use devices::vfio::{
-    BackendError, BarDesc, BarKind, BarStats, KernelVfioError, VfioBackend, VfioPciDevice,
-    VfioPciError, VfioPciParams,
+    BackendError, BarDesc, BarKind, KernelVfioError, VfioBackend, VfioPciDevice, VfioPciError,
+    VfioPciParams,
 };
 use devices::Bus;
 use kvm_ioctls::VmFd;
@@ -35,9 +35,10 @@ use resources::layout::{
 use resources::memslots::MemSlots;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use mediate::{AttachContext, MediatedBackend, MediatorOptions, Registry, TrapHandle};
+use mediate::{AttachContext, MediatorOptions, Registry, TrapHandle};
 
 use crate::config::device::{DeviceKind, DeviceSpec};
+use crate::device_manager::PciPassthrough;
 use crate::irq_routes::{pci_intx_gsi, KvmRoutes};
 
 /// First PCI slot for devices (slot 0 is the host bridge).
@@ -139,47 +140,6 @@ pub struct DeviceContext<'a> {
     pub timeout: std::time::Duration,
     /// The mediators `vfio-mediated` devices choose from.
     pub mediators: &'a Registry,
-}
-
-/// A built device and its id.
-pub struct PciPassthrough {
-    /// The id from `--device`.
-    pub id: String,
-    /// The function.
-    pub device: Arc<VfioPciDevice>,
-    /// Its mediated backend, for `vfio-mediated` devices.
-    pub mediated: Option<Arc<MediatedBackend>>,
-    /// How its state is saved and restored, if it can be.
-    pub migration: Option<Arc<dyn devices::vfio::migration::DeviceMigration>>,
-    /// Why it cannot migrate: `Some` exactly when `migration` is `None`. A VM holding such a
-    /// device refuses snapshots and live migration (its state would be lost silently).
-    pub migration_blocker: Option<String>,
-    /// Its slot on PCI bus 0.
-    pub slot: u8,
-    /// Where its INTx is routed, if it has INTx.
-    pub intx: Option<devices::vfio::IntxRouting>,
-}
-
-/// Per-device access statistics, for `--exit-stats`.
-#[derive(Clone, Debug)]
-pub struct DeviceStats {
-    /// The device's id.
-    pub id: String,
-    /// Per-BAR counters.
-    pub bars: Vec<BarStats>,
-    /// Backend failures on the guest's access paths.
-    pub errors: u64,
-}
-
-impl PciPassthrough {
-    /// The device's statistics now.
-    pub fn stats(&self) -> DeviceStats {
-        DeviceStats {
-            id: self.id.clone(),
-            bars: self.device.bar_stats(),
-            errors: self.device.backend_errors(),
-        }
-    }
 }
 
 /// The windows BARs are allocated from: two of memory, one of ports.
