@@ -106,6 +106,8 @@ pub struct Vmm {
     cpus: u8,
     mem_size: u64,
     api_socket: Option<std::path::PathBuf>,
+    /// The system-call filters, installed when the VM starts.
+    seccomp: crate::seccomp::Filters,
     /// A live migration's answer channel (told "resumed" once the guest runs here).
     reply: Option<Reply>,
     /// What a restore loaded, for the resume-time log.
@@ -118,6 +120,8 @@ pub struct Vmm {
 /// Builds the VM of `cfg`: KVM, guest RAM, devices and vCPUs, then the state (a loaded
 /// kernel, or the stream's RAM, devices and vCPUs).
 pub fn build(cfg: &VmConfig) -> Result<Vmm, VmError> {
+    // Compiled first: a filter that cannot be built stops the VMM before it touches KVM.
+    let seccomp = crate::seccomp::Filters::new(cfg.seccomp)?;
     // A restored VM's shape comes from the stream, so its config is read first.
     let mut source = Source::open(&cfg.start)?;
     let (mem_size, cpus) = source.shape(cfg)?;
@@ -186,6 +190,7 @@ pub fn build(cfg: &VmConfig) -> Result<Vmm, VmError> {
         cpus,
         mem_size,
         api_socket: cfg.api_socket.clone(),
+        seccomp,
         reply: None,
         restored: None,
         mem,
@@ -339,6 +344,8 @@ impl Vmm {
             em.add_subscriber(Box::new(input));
         }
 
+        // Set-up is over: from here on every thread runs under the filters.
+        self.seccomp.install()?;
         let stop = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(ExitCounters::default());
         // Debugging aid: VMM_SAMPLE_RIP_MS=N kicks every vCPU every N ms and logs where it
@@ -414,6 +421,7 @@ impl Vmm {
             vcpus,
             migration: Default::default(),
             paused: Default::default(),
+            seccomp: self.seccomp.clone(),
         }
     }
 
@@ -437,6 +445,7 @@ impl Vmm {
                 sample_rip,
                 pause: pause.clone(),
                 caps: self.caps.clone(),
+                seccomp: self.seccomp.clone(),
             };
             match vcpu::spawn(id as u8, fd, ctx) {
                 Ok(t) => {
@@ -498,7 +507,11 @@ fn start_api(
         calls,
         machine.clone(),
     )));
-    Ok(crate::api::ApiServer::start(path, to_owner)?)
+    Ok(crate::api::ApiServer::start(
+        path,
+        to_owner,
+        machine.seccomp.clone(),
+    )?)
 }
 
 /// Runs the event loop until the VM's end is recorded (kicking every vCPU every

@@ -98,4 +98,16 @@ pub struct Cli {
     /// `vmm=debug,devices=trace`). RUST_LOG is used when this is not given.
     #[arg(long, value_name = "FILTER")]
     pub log_level: Option<String>,
+
+    /// System-call filters on the VMM's threads, installed once the VM is set up: `on`
+    /// (a call outside a thread's list stops the VMM, naming the thread and the call),
+    /// `log` (allowed, and logged by the kernel: see dmesg) or `off`.
+    #[arg(
+        long,
+        value_name = "MODE",
+        value_enum,
+        default_value = "on",
+        env = "VMM_SECCOMP"
+    )]
+    pub seccomp: crate::seccomp::SeccompMode,
 }

@@ -58,6 +58,8 @@ pub struct Machine {
     /// True while paused by request (or for good, once migrated away); read and written
     /// through [`Machine::paused`] and [`Machine::set_paused`].
     pub(crate) paused: AtomicBool,
+    /// The system-call filters, for the threads started while the VM runs.
+    pub seccomp: crate::seccomp::Filters,
 }
 
 /// Why the VM could not be paused or resumed.

@@ -16,6 +16,7 @@ mod machine;
 mod memory;
 mod migrate;
 mod pause;
+mod seccomp;
 mod serial_config;
 mod snapshot;
 mod state;
@@ -138,6 +139,7 @@ fn run(cli: &cli::Cli) -> anyhow::Result<u8> {
         serial2: cli.serial2.clone(),
         devices,
         api_socket: cli.api_socket.clone(),
+        seccomp: cli.seccomp,
     };
     let started = std::time::Instant::now();
     let (reason, stats) = vm::run(&cfg)?;

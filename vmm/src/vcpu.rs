@@ -163,6 +163,8 @@ pub struct VcpuContext {
     pub pause: Arc<PauseControl>,
     /// What KVM can save, for captures while paused.
     pub caps: Option<Arc<KvmCaps>>,
+    /// The filters; the thread narrows its own to the vCPU list.
+    pub seccomp: crate::seccomp::Filters,
 }
 
 /// Starts vCPU `id` on its own thread.
@@ -175,11 +177,28 @@ pub fn spawn(id: u8, mut vcpu: VcpuFd, ctx: VcpuContext) -> std::io::Result<Vcpu
             KVM_RUN.with(|p| p.set(vcpu.get_kvm_run() as *mut kvm_run));
             // SAFETY: pthread_self has no preconditions.
             own.set(Some(unsafe { libc::pthread_self() }));
+            ctx.seccomp.narrow(crate::seccomp::ThreadKind::Vcpu);
+            forbidden_call_for_tests(id);
             run_loop(id, &mut vcpu, &ctx);
             own.set(None);
             KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
         })?;
     Ok(VcpuThread { handle, kicker })
+}
+
+/// Test-only switch: `VMM_TEST_FORBIDDEN_SYSCALL=vcpu` makes vCPU 0 call socket(2), which
+/// its filter forbids, so that a test can see the call caught and named. No effect
+/// otherwise.
+fn forbidden_call_for_tests(id: u8) {
+    if id == 0 && std::env::var("VMM_TEST_FORBIDDEN_SYSCALL").as_deref() == Ok("vcpu") {
+        tracing::warn!("VMM_TEST_FORBIDDEN_SYSCALL=vcpu: vCPU 0 calls socket(2)");
+        // SAFETY: socket has no memory arguments; the result is closed if it is a fd.
+        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+        if fd >= 0 {
+            // SAFETY: `fd` was just opened here.
+            unsafe { libc::close(fd) };
+        }
+    }
 }
 
 fn run_loop(id: u8, vcpu: &mut VcpuFd, ctx: &VcpuContext) {

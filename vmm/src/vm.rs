@@ -50,6 +50,8 @@ pub struct VmConfig {
     pub devices: Vec<DeviceSpec>,
     /// Where to serve the control API, if anywhere.
     pub api_socket: Option<PathBuf>,
+    /// System-call filters.
+    pub seccomp: crate::seccomp::SeccompMode,
 }
 
 /// Errors building or running a VM.
@@ -109,6 +111,9 @@ pub enum VmError {
     /// The event loop failed.
     #[error("event loop: {0}")]
     EventLoop(String),
+    /// The system-call filters.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 pub(crate) fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {

@@ -43,7 +43,11 @@ pub struct ApiServer {
 impl ApiServer {
     /// Listens at `path` (a stale socket left by a dead VMM is replaced) and hands the
     /// requests it reads to `owner`.
-    pub fn start(path: &Path, owner: ToOwner) -> Result<Self, ApiError> {
+    pub fn start(
+        path: &Path,
+        owner: ToOwner,
+        seccomp: crate::seccomp::Filters,
+    ) -> Result<Self, ApiError> {
         let bind_err = |source| ApiError::Bind {
             path: path.to_path_buf(),
             source,
@@ -70,7 +74,11 @@ impl ApiServer {
             let stop = stop.clone();
             std::thread::Builder::new()
                 .name("api".into())
-                .spawn(move || accept_loop(&listener, &owner, &stop))
+                .spawn(move || {
+                    // Client threads inherit the accept thread's narrowed filter.
+                    seccomp.narrow(crate::seccomp::ThreadKind::Api);
+                    accept_loop(&listener, &owner, &stop)
+                })
                 .map_err(ApiError::Thread)?
         };
         tracing::info!("control API listening on {}", path.display());

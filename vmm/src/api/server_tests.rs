@@ -52,7 +52,12 @@ fn serve() -> Served {
     let dir = Scratch::new();
     let path = dir.path().join("api.sock");
     let (to, calls) = owner::channel().unwrap();
-    let server = ApiServer::start(&path, to).unwrap();
+    let server = ApiServer::start(
+        &path,
+        to,
+        crate::seccomp::Filters::new(crate::seccomp::SeccompMode::Off).unwrap(),
+    )
+    .unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let owner = {
         let stop = stop.clone();
@@ -206,9 +211,13 @@ fn a_regular_file_at_the_path_is_not_replaced() {
     let path = dir.path().join("precious");
     std::fs::write(&path, b"keep").unwrap();
     let (to, _calls) = owner::channel().unwrap();
-    let e = ApiServer::start(&path, to)
-        .err()
-        .expect("started over a file");
+    let e = ApiServer::start(
+        &path,
+        to,
+        crate::seccomp::Filters::new(crate::seccomp::SeccompMode::Off).unwrap(),
+    )
+    .err()
+    .expect("started over a file");
     assert!(e.to_string().contains("not a socket"), "{e}");
     assert_eq!(std::fs::read(&path).unwrap(), b"keep");
 }

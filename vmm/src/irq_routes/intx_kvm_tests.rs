@@ -249,6 +249,8 @@ fn the_device_interrupts_the_guest_and_its_eoi_unmasks_the_device() {
             sample_rip: false,
             pause: Arc::new(crate::pause::PauseControl::default()),
             caps: None,
+            // Off: a filter on a thread of the test process would outlive this test.
+            seccomp: crate::seccomp::Filters::new(crate::seccomp::SeccompMode::Off).unwrap(),
         },
     )
     .unwrap();

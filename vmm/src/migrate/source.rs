@@ -68,6 +68,7 @@ pub fn start(m: Arc<Machine>, req: Request) -> Result<(), MigrateError> {
     std::thread::Builder::new()
         .name("migrate".into())
         .spawn(move || {
+            m.seccomp.narrow(crate::seccomp::ThreadKind::Migration);
             let started = Instant::now();
             match migrate(&m, addr, &req, started) {
                 Ok(()) => {
