@@ -58,11 +58,13 @@ pub fn handle(request: Request, vm: &Arc<Machine>) -> Response {
         },
         Request::Migrate {
             url,
+            tls,
             downtime_ms,
             max_bandwidth_mb_s,
         } => {
             let req = crate::migrate::source::Request {
                 url: url.clone(),
+                tls,
                 downtime_ms: downtime_ms.unwrap_or(300),
                 max_bandwidth_mb_s,
             };

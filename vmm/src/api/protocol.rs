@@ -32,11 +32,15 @@ pub enum Request {
         #[serde(default)]
         paused: bool,
     },
-    /// Starts a live migration to a `vmm --incoming` (`tcp:HOST:PORT`); returns at once,
-    /// follow it with `migration-status`.
+    /// Starts a live migration to a `vmm --incoming` (`tls:HOST:PORT` or `tcp:HOST:PORT`);
+    /// returns at once, follow it with `migration-status`.
     Migrate {
         /// The destination.
         url: String,
+        /// For `tls:`: `{"cert": PATH, "key": PATH, "ca": PATH, "server-name": NAME}`
+        /// (files this VMM reads; `server-name` defaults to the URL's host).
+        #[serde(default)]
+        tls: Option<crate::config::tls::MigrationTlsConfig>,
         /// Downtime budget in ms (default 300).
         #[serde(default)]
         downtime_ms: Option<u64>,
