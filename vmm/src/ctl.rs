@@ -204,7 +204,7 @@ fn request_of(r: &CtlRequest) -> Result<Value, CtlError> {
             tls,
             downtime_ms,
             max_bandwidth_mb_s,
-            ..
+            no_wait,
         } => {
             let tls = tls
                 .as_ref()
@@ -216,7 +216,7 @@ fn request_of(r: &CtlRequest) -> Result<Value, CtlError> {
                 })
                 .transpose()?;
             json!({"request": "migrate", "url": url, "tls": tls, "downtime_ms": downtime_ms,
-                    "max_bandwidth_mb_s": max_bandwidth_mb_s})
+                    "max_bandwidth_mb_s": max_bandwidth_mb_s, "follow": !no_wait})
         }
         CtlRequest::MigrationStatus => json!({"request": "migration-status"}),
         CtlRequest::Resume => json!({"request": "resume"}),

@@ -47,6 +47,11 @@ pub enum Request {
         /// Pre-copy's bandwidth cap in MB/s (default: none); stop-and-copy is uncapped.
         #[serde(default)]
         max_bandwidth_mb_s: Option<u64>,
+        /// The client will follow the migration with `migration-status`: a completed
+        /// source waits (3 s at most) until it was told before exiting, even when the
+        /// migration ended before the client's first status request.
+        #[serde(default)]
+        follow: bool,
     },
     /// Progress of the current or last migration.
     MigrationStatus {},

@@ -47,6 +47,9 @@ pub struct Request {
     pub downtime_ms: u64,
     /// Pre-copy's bandwidth cap in MB/s (10^6 bytes); stop-and-copy runs uncapped.
     pub max_bandwidth_mb_s: Option<u64>,
+    /// The requesting client follows the migration with `migration-status`: once it
+    /// completes, wait for that client to hear so before exiting.
+    pub follow: bool,
 }
 
 /// Starts the migration on a thread; the status is in `m.migration`. Fails at once if one
@@ -89,6 +92,9 @@ pub fn start(m: Arc<Machine>, req: Request) -> Result<(), MigrateError> {
             downtime_budget_ms: req.downtime_ms,
             ..Default::default()
         });
+        if req.follow {
+            m.migration.expect_follower();
+        }
     }
     std::thread::Builder::new()
         .name("migrate".into())
