@@ -93,8 +93,8 @@ impl Ca {
     /// Makes the CA `name` (P-256, valid for two days) in `dir`.
     pub fn new(dir: &TestDir, name: &str) -> Result<Ca, PkiError> {
         let id = Identity {
-            cert: dir.join(&format!("{name}.pem")),
-            key: dir.join(&format!("{name}.key")),
+            cert: dir.join(format!("{name}.pem")),
+            key: dir.join(format!("{name}.key")),
         };
         openssl(&[
             "req",

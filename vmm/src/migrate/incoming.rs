@@ -12,7 +12,7 @@
 //! start was accepted the migration is that source's: a failure after it ends this VMM
 //! (exit 1), as before.
 
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufReader, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -399,7 +399,6 @@ fn start(stream: TcpStream, tls: Option<Arc<ServerConfig>>) -> Result<Incoming, 
                 // Tell a real source of another version why (best effort, briefly).
                 let _ = socket.socket().set_write_timeout(Some(ABORT_TIMEOUT));
                 reply.abort(&refusal.to_string());
-                let _ = (&mut reply.stream).flush();
             }
             Err(refusal)
         }
