@@ -10,13 +10,16 @@
 # pre-copy passes; QEMU: ram.dirty-sync-count), then the ours/QEMU ratios and whether the aims
 # (idle downtime under 50 ms, and under QEMU's in every case) are met. Every migration is
 # checked: the guest answers on the destination, and after the workload migration the
-# agent's workload_verify finds no mismatch.
+# agent's workload_verify finds no mismatch. Ours runs twice, over TCP ("vmm") and over
+# mutual TLS ("tls", certificates made with openssl), and the TLS/TCP ratios of downtime
+# and total time are printed.
 #
 # Usage: benches/migrate.sh
 #   env: MIGRATE_BENCH_SIZES (default 512M,1G), MIGRATE_BENCH_DOWNTIME_MS (default 50),
 #        MIGRATE_BENCH_QEMU_MAX_BW (QEMU's max-bandwidth in bytes/s; default 10000000000,
 #        i.e. uncapped on loopback like this VMM; 0 keeps QEMU's default cap),
-#        MIGRATE_BENCH_ONLY (vmm or qemu: run one side only)
+#        MIGRATE_BENCH_ONLY (vmm or qemu: run one side only),
+#        MIGRATE_BENCH_TLS (off: ours over TCP only)
 # The full output (per-iteration logs of our source, QEMU's query-migrate) is kept in
 # $MIGRATE_BENCH_LOG (default target/migrate-bench.log).
 set -euo pipefail

@@ -339,7 +339,11 @@ fn virtio_blk_vf_tracks_dirty_pages_and_migrates_state() {
         cmds.push(format!("devmem {:#x} 32 {:#x}", base + off, x as u32));
     }
     let script = cmds.join("; ");
-    let out = agent.run(&["sh", "-c", &script]).expect("garbage writes");
+    // 40 devmem processes: about a second each in this emulated guest, longer when the
+    // machine is busy (a run beside two other guests took over 60 s), hence 300 s.
+    let mut req = vmm_tests::agent::protocol::RunRequest::new(&["sh", "-c", &script]);
+    req.timeout_ms = Some(300_000);
+    let out = agent.run_request(&req).expect("garbage writes");
     eprintln!("garbage writes: status {:?}", out.status);
     assert!(
         api.request(&json!({"request": "info"})).is_ok(),

@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use vmm_tests::agent::protocol::WorkloadVerifyReply;
 use vmm_tests::harness::migration::{settle_workload, start_destination, start_source, workload};
 use vmm_tests::harness::netns::{NetnsPair, Side};
+use vmm_tests::harness::tls::{Ca, Identity};
 use vmm_tests::harness::workload::WorkloadClient;
 use vmm_tests::harness::{ApiClient, Device, TestDir, Vfsim, Vm};
 
@@ -22,6 +23,29 @@ struct Hosts {
     n: u32,
     /// vfsim's own vfio-user migration instead of the virtio-blk-vf mediator.
     native: bool,
+    /// Migrate over mutual TLS (`tls:`) instead of clear TCP.
+    tls: Option<Pki>,
+}
+
+/// One CA and the two hosts' certificates it signed (B's for its address).
+struct Pki {
+    ca: Ca,
+    src: Identity,
+    dst: Identity,
+}
+
+impl Pki {
+    fn new(dir: &TestDir) -> Pki {
+        let ca = Ca::new(dir, "ca").expect("test CA");
+        let dst = ca
+            .issue(
+                "host-b",
+                &[&format!("IP:{}", vmm_tests::harness::netns::ADDR_B)],
+            )
+            .expect("B's certificate");
+        let src = ca.issue("host-a", &[]).expect("A's certificate");
+        Pki { ca, src, dst }
+    }
 }
 
 impl Hosts {
@@ -35,6 +59,27 @@ impl Hosts {
             disk,
             n: 0,
             native: false,
+            tls: None,
+        }
+    }
+
+    /// Migrations from here on go over mutual TLS.
+    fn with_tls(mut self) -> Hosts {
+        self.tls = Some(Pki::new(&self.dir));
+        self
+    }
+
+    /// The destination's URL on `port` in B.
+    fn url(&self, port: u16) -> String {
+        let scheme = if self.tls.is_some() { "tls" } else { "tcp" };
+        format!("{scheme}:{}:{port}", self.pair.addr(Side::B))
+    }
+
+    /// `vmm ctl migrate`'s TLS arguments (none for tcp:).
+    fn ctl_tls_args(&self) -> Vec<String> {
+        match &self.tls {
+            Some(p) => vec!["--tls".into(), p.src.option(&p.ca)],
+            None => vec![],
         }
     }
 
@@ -69,8 +114,11 @@ impl Hosts {
     /// A destination VMM waiting on `port` in B, with its own vfsim.
     fn destination(&mut self, port: u16) -> (Vm, Vfsim) {
         let (vf, dev) = self.vf(Side::B);
-        let url = format!("tcp:{}:{port}", self.pair.addr(Side::B));
-        let builder = Vm::builder().netns(self.pair.name(Side::B));
+        let url = self.url(port);
+        let mut builder = Vm::builder().netns(self.pair.name(Side::B));
+        if let Some(p) = &self.tls {
+            builder = builder.vmm_args(&["--migration-tls".to_string(), p.dst.option(&p.ca)]);
+        }
         (
             start_destination(builder, &url, &dev, &self.dst_api(port)),
             vf,
@@ -108,11 +156,11 @@ fn guest_diag(agent: &mut vmm_tests::harness::Agent) -> String {
     vmm_tests::harness::run(agent, &["sh", "-c", script]).stdout
 }
 
-/// The mediated path: the guest moves from A to B while it writes memory and disk; on B
-/// every checksum and every acknowledged block verifies, and I/O goes on.
+/// The mediated path, over mutual TLS: the guest moves from A to B while it writes memory
+/// and disk; on B every checksum and every acknowledged block verifies, and I/O goes on.
 #[test]
 fn live_migration_between_two_hosts() {
-    live_migration(Hosts::new("mig"));
+    live_migration(Hosts::new("mig").with_tls());
 }
 
 /// The same with the native vfio-user path: no mediator, vfsim migrates itself over
@@ -194,21 +242,16 @@ fn migrate_under_workload(
     }
     let before = (agent.ping().expect("ping").uptime_ms, Instant::now());
     let (dst, vf_b) = h.destination(PORT);
-    let url = format!("tcp:{}:{PORT}", h.pair.addr(Side::B));
+    let url = h.url(PORT);
+    let tls_args = h.ctl_tls_args();
     let t = Instant::now();
     // A 1 ms budget keeps pre-copy iterating (to its cap of passes) after the first pass,
     // while the device keeps writing read-back buffers by DMA into pages already sent: the
     // case device dirty tracking exists for.
-    let status = migrate(
-        &mut api,
-        &url,
-        &[
-            "--downtime-ms",
-            "1",
-            "--max-bandwidth-mb-s",
-            &TEST_BANDWIDTH_MB_S.to_string(),
-        ],
-    );
+    let bandwidth = TEST_BANDWIDTH_MB_S.to_string();
+    let mut args = vec!["--downtime-ms", "1", "--max-bandwidth-mb-s", &bandwidth];
+    args.extend(tls_args.iter().map(String::as_str));
+    let status = migrate(&mut api, &url, &args);
     let total = t.elapsed();
     assert_eq!(status["phase"], "completed", "{status}\n{}", src.describe());
     let st = src
@@ -361,8 +404,9 @@ fn forward(mut from: TcpStream, mut to: TcpStream, fault: Fault) {
 
 /// Faults during a migration leave the source running with its guest's data intact: a
 /// corrupted byte, a version mismatch, the destination killed during stop-and-copy, the
-/// link cut during pre-copy. Each time the destination (if alive) exits non-zero naming the
-/// cause, and the source's workload verifies.
+/// link cut during pre-copy. Each time the destination (if alive) names the cause: it exits
+/// non-zero once it accepted the stream's start, and refuses a stream of another version
+/// at its start and waits on for the real source; the source's workload verifies.
 #[test]
 fn migration_faults_leave_the_source_running() {
     let mut h = Hosts::new("migf");
@@ -371,47 +415,70 @@ fn migration_faults_leave_the_source_running() {
     settle_workload(&mut agent);
     let b = h.pair.addr(Side::B);
     type MakeFault = Box<dyn Fn(u32) -> Fault>;
-    let cases: Vec<(&str, u16, MakeFault, &str)> = vec![
+    // (what, port, fault, the destination's cause, whether the destination waits on)
+    let cases: Vec<(&str, u16, MakeFault, &str, bool)> = vec![
         (
             "corrupted byte",
             4501,
             Box::new(|_| Fault::CorruptByte(300_000)),
             "CRC mismatch",
+            false,
         ),
         (
             "version mismatch",
             4502,
             Box::new(|_| Fault::Version(99)),
             "version 99",
+            true,
         ),
         (
             "destination killed at stop-and-copy",
             4503,
             Box::new(Fault::KillAtStopAndCopy),
             "",
+            false,
         ),
     ];
-    for (what, port, fault, cause) in cases {
+    for (what, port, fault, cause, survives) in cases {
         let (dst, _vf_b) = h.destination(port);
         let _p = proxy(&h, port + 100, port, fault(dst.pid()));
         let status = migrate(&mut api, &format!("tcp:{b}:{}", port + 100), &[]);
         eprintln!("{what}: source status {status}");
         assert_eq!(status["phase"], "failed", "{what}: {status}");
-        let st = dst
-            .wait_exit(Duration::from_secs(90))
-            .expect("destination exits");
-        assert_ne!(
-            st.code(),
-            Some(0),
-            "{what}: destination must fail\n{}",
-            dst.describe()
-        );
-        if !cause.is_empty() {
+        if survives {
             assert!(
-                dst.vmm_stderr().contains(cause),
-                "{what}: the destination names the cause ({cause})\n{}",
+                status["error"].as_str().unwrap_or("").contains(cause),
+                "{what}: the source hears why: {status}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+            assert!(
+                dst.try_exit_status().unwrap().is_none(),
+                "{what}: the destination must wait on for the real source\n{}",
+                dst.describe()
+            );
+            assert!(
+                dst.vmm_stderr().contains(cause) && dst.vmm_stderr().contains("refused"),
+                "{what}: the destination logs the refusal\n{}",
                 dst.vmm_stderr()
             );
+            drop(dst);
+        } else {
+            let st = dst
+                .wait_exit(Duration::from_secs(90))
+                .expect("destination exits");
+            assert_ne!(
+                st.code(),
+                Some(0),
+                "{what}: destination must fail\n{}",
+                dst.describe()
+            );
+            if !cause.is_empty() {
+                assert!(
+                    dst.vmm_stderr().contains(cause),
+                    "{what}: the destination names the cause ({cause})\n{}",
+                    dst.vmm_stderr()
+                );
+            }
         }
         let v = agent.workload_verify().expect("verify on the source");
         assert_eq!(

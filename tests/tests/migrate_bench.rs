@@ -5,12 +5,13 @@
 //! memory; no VF), for each guest size: first idle (right after boot), then under the agent's
 //! workload (this VMM: memory writer with a rate cap and disk writer; QEMU: the memory writer
 //! only, having no disk). The idle migration's destination is the workload migration's source,
-//! so each size boots once per VMM. After each migration the guest must answer on the
+//! so each size boots once per VMM. Ours runs twice: over TCP (`vmm`) and over mutual TLS
+//! (`tls`, certificates made with openssl; its own boot). After each migration the guest must answer on the
 //! destination, and after the workload migration `workload_verify` must find no mismatch.
 //!
-//! Prints `migrate: <vmm|qemu> <size> <idle|workload> downtime (source) X ms (until running
+//! Prints `migrate: <vmm|tls|qemu> <size> <idle|workload> downtime (source) X ms (until running
 //! there) W ms total Y ms bytes Z iterations N` per migration as it completes, then the table
-//! again and the ours/QEMU ratios. Two downtimes, because QEMU measures its `downtime` on
+//! again, the TLS/TCP ratios of ours and the ours/QEMU ratios. Two downtimes, because QEMU measures its `downtime` on
 //! the source, from the stop until its last byte is sent; ours is also measured to the
 //! destination's "Resumed" (guest running there), which QEMU does not report. The ratio and
 //! the "under QEMU's" aim compare like with like (source side); the 50 ms aim uses ours in
@@ -18,7 +19,8 @@
 //!
 //! Env: `MIGRATE_BENCH_SIZES` (default `512M,1G`), `MIGRATE_BENCH_DOWNTIME_MS` (the downtime
 //! budget given to both VMMs, default 50), `MIGRATE_BENCH_QEMU_MAX_BW` (QEMU's
-//! `max-bandwidth` in bytes/s, default 0 = leave QEMU's default cap; this VMM gets no cap).
+//! `max-bandwidth` in bytes/s, default 0 = leave QEMU's default cap; this VMM gets no cap),
+//! `MIGRATE_BENCH_TLS` (`off`: ours over TCP only).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
@@ -31,6 +33,7 @@ use serde_json::{json, Value};
 use vmm_tests::harness::migration::{
     follow, settle_workload, start_destination, start_source, workload,
 };
+use vmm_tests::harness::tls::{Ca, Identity};
 use vmm_tests::harness::workload::WorkloadClient;
 use vmm_tests::harness::{
     Agent, AgentError, ApiClient, GuestImage, TestDir, Vfsim, Vm, DEFAULT_BOOT_TIMEOUT,
@@ -122,17 +125,46 @@ struct Ours {
     dir: TestDir,
     disk: PathBuf,
     n: u32,
+    /// Migrate over mutual TLS: the CA, the source's and the destinations' certificates.
+    tls: Option<(Ca, Identity, Identity)>,
 }
 
 impl Ours {
-    fn new() -> Ours {
+    fn new(tls: bool) -> Ours {
         let dir = TestDir::new("migbench").expect("test dir");
         let disk = dir.join("disk.img");
         std::fs::File::create(&disk)
             .unwrap()
             .set_len(DISK_SIZE)
             .unwrap();
-        Ours { dir, disk, n: 0 }
+        let tls = tls.then(|| {
+            let ca = Ca::new(&dir, "ca").expect("test CA");
+            let src = ca.issue("src", &[]).expect("source certificate");
+            let dst = ca
+                .issue("dst", &["IP:127.0.0.1"])
+                .expect("destination certificate");
+            (ca, src, dst)
+        });
+        Ours {
+            dir,
+            disk,
+            n: 0,
+            tls,
+        }
+    }
+
+    /// The destination's URL on `port`.
+    fn url(&self, port: u16) -> String {
+        let scheme = if self.tls.is_some() { "tls" } else { "tcp" };
+        format!("{scheme}:127.0.0.1:{port}")
+    }
+
+    /// The migrate request's `tls` (null for tcp:).
+    fn request_tls(&self) -> Value {
+        match &self.tls {
+            Some((ca, src, _)) => json!({"cert": src.cert, "key": src.key, "ca": ca.id.cert}),
+            None => Value::Null,
+        }
     }
 
     /// A vfsim with a PF socket over the shared image, its --device option, and a fresh API
@@ -158,8 +190,12 @@ impl Ours {
     /// A destination waiting on `port`, with its own vfsim and API socket.
     fn destination(&mut self, port: u16) -> (Vm, Vfsim, PathBuf) {
         let (vf, dev, api) = self.vf();
-        let url = format!("tcp:127.0.0.1:{port}");
-        let vm = start_destination(Vm::builder(), &url, &dev, &api);
+        let url = self.url(port);
+        let mut builder = Vm::builder();
+        if let Some((ca, _, dst)) = &self.tls {
+            builder = builder.vmm_args(&["--migration-tls".to_string(), dst.option(ca)]);
+        }
+        let vm = start_destination(builder, &url, &dev, &api);
         (vm, vf, api)
     }
 }
@@ -167,6 +203,7 @@ impl Ours {
 /// Migrates `src` (driven through `api`) to `port`; the figures from the API's final status,
 /// else from the source's summary line.
 fn migrate_ours(
+    h: &Ours,
     src: &Vm,
     api: &mut ApiClient,
     port: u16,
@@ -174,9 +211,12 @@ fn migrate_ours(
     size: &str,
     case: &'static str,
 ) -> Figures {
-    let url = format!("tcp:127.0.0.1:{port}");
-    api.request(&json!({"request": "migrate", "url": url, "downtime_ms": downtime_ms}))
-        .expect("migrate");
+    let url = h.url(port);
+    api.request(
+        &json!({"request": "migrate", "url": url, "downtime_ms": downtime_ms,
+                        "tls": h.request_tls(), "follow": true}),
+    )
+    .expect("migrate");
     let status = follow(api, MIGRATION_TIMEOUT);
     assert_eq!(status["phase"], "completed", "{status}\n{}", src.describe());
     // Seen completed through the API (not only by the source's exit): the exact figures.
@@ -209,7 +249,7 @@ fn migrate_ours(
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(f64::NAN);
     let mut f = Figures {
-        vmm: "vmm",
+        vmm: if h.tls.is_some() { "tls" } else { "vmm" },
         size: size.to_string(),
         case,
         downtime_ms: after("downtime "),
@@ -228,15 +268,16 @@ fn migrate_ours(
     f
 }
 
-fn bench_ours(size: &str, downtime_ms: u64, out: &mut Vec<Figures>) {
-    let mut h = Ours::new();
+/// Ours over TCP ("vmm"), or over mutual TLS ("tls").
+fn bench_ours(size: &str, downtime_ms: u64, tls: bool, out: &mut Vec<Figures>) {
+    let mut h = Ours::new(tls);
     let (src, _vf_a, mut api, agent) = h.source(size);
     drop(agent);
 
     // Idle, right after boot.
     let port = free_port();
     let (mid, _vf_b, mid_api) = h.destination(port);
-    let f = migrate_ours(&src, &mut api, port, downtime_ms, size, "idle");
+    let f = migrate_ours(&h, &src, &mut api, port, downtime_ms, size, "idle");
     println!("{}", f.line());
     out.push(f);
     drop(api);
@@ -254,7 +295,7 @@ fn bench_ours(size: &str, downtime_ms: u64, out: &mut Vec<Figures>) {
     settle_workload(&mut agent);
     let port = free_port();
     let (dst, _vf_c, _) = h.destination(port);
-    let f = migrate_ours(&mid, &mut api, port, downtime_ms, size, "workload");
+    let f = migrate_ours(&h, &mid, &mut api, port, downtime_ms, size, "workload");
     println!("{}", f.line());
     out.push(f);
     drop(agent);
@@ -551,10 +592,14 @@ fn migration_vmm_vs_qemu() {
     let downtime_ms = env_u64("MIGRATE_BENCH_DOWNTIME_MS", 50);
     let max_bw = env_u64("MIGRATE_BENCH_QEMU_MAX_BW", 0);
     let only = env_str("MIGRATE_BENCH_ONLY", "");
+    let tls = env_str("MIGRATE_BENCH_TLS", "on") != "off";
     let mut out = Vec::new();
     for size in sizes.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         if only != "qemu" {
-            bench_ours(size, downtime_ms, &mut out);
+            bench_ours(size, downtime_ms, false, &mut out);
+            if tls {
+                bench_ours(size, downtime_ms, true, &mut out);
+            }
         }
         if only != "vmm" {
             bench_qemu(size, downtime_ms, max_bw, &mut out);
@@ -580,6 +625,24 @@ fn migration_vmm_vs_qemu() {
             f.total_ms / q.total_ms,
             f.bytes as f64 / q.bytes as f64,
             f.iterations as f64 / q.iterations as f64
+        );
+    }
+    for t in out.iter().filter(|f| f.vmm == "tls") {
+        let Some(f) = out
+            .iter()
+            .find(|f| f.vmm == "vmm" && f.size == t.size && f.case == t.case)
+        else {
+            continue;
+        };
+        println!(
+            "migrate: ratio tls/tcp  {:<4} {:<8} downtime {:.2} downtime (source) {:.2} total {:.2} bytes {:.2} iterations {:.2}",
+            t.size,
+            t.case,
+            t.downtime_ms / f.downtime_ms,
+            t.source_downtime_ms / f.source_downtime_ms,
+            t.total_ms / f.total_ms,
+            t.bytes as f64 / f.bytes as f64,
+            t.iterations as f64 / f.iterations as f64
         );
     }
     for f in out.iter().filter(|f| f.vmm == "vmm") {

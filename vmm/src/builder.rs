@@ -46,8 +46,9 @@ impl Source {
     fn open(start: &Start) -> Result<Source, VmError> {
         Ok(match start {
             Start::Boot { .. } => Source::Boot,
-            Start::Incoming(url) => {
-                let (reader, config, reply) = crate::migrate::incoming::accept(url)?;
+            Start::Incoming(incoming) => {
+                let (reader, config, reply) = crate::migrate::incoming::accept(incoming)
+                    .map_err(crate::snapshot::SnapshotError::from)?;
                 Source::Stream {
                     reader,
                     config,

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::Parser;
 
 use crate::config::device::DeviceConfig;
+use crate::config::tls::MigrationTlsConfig;
 use crate::serial_config::SerialConfig;
 
 /// Default guest command line when --cmdline is not given.
@@ -28,6 +29,10 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 ///   vfsim --socket /tmp/vf0.sock --pf-socket /tmp/vf0.pf --disk disk.img &
 ///   vmm --kernel vmlinux --initramfs initramfs.cpio --api-socket /tmp/vm.sock \
 ///       --device vfio-mediated,socket=/tmp/vf0.sock,mediator=auto,pf=/tmp/vf0.pf,id=vf0
+///   # the destination of a live migration, over mutual TLS:
+///   vmm --incoming tls:0.0.0.0:4444 --api-socket /tmp/vm.sock \
+///       --migration-tls cert=dst.pem,key=dst.key,ca=ca.pem \
+///       --device vfio-mediated,socket=/tmp/vf1.sock,mediator=auto,pf=/tmp/vf1.pf,id=vf0
 ///
 /// A running VMM is controlled with `vmm ctl --api-socket PATH ...` (see vmm ctl --help).
 #[derive(Debug, Parser)]
@@ -43,11 +48,26 @@ pub struct Cli {
     #[arg(long, value_name = "PATH", conflicts_with_all = ["kernel", "initramfs", "cmdline", "memory", "cpus"])]
     pub restore: Option<PathBuf>,
 
-    /// Wait for a live migration on tcp:ADDR:PORT (from `vmm ctl migrate` on the source)
-    /// instead of booting; give each of the guest's devices (same ids) with --device,
-    /// backed by this host's own device servers.
-    #[arg(long, value_name = "tcp:ADDR:PORT", conflicts_with_all = ["kernel", "initramfs", "cmdline", "memory", "cpus", "restore"])]
+    /// Wait for a live migration (from `vmm ctl migrate` on the source) instead of
+    /// booting: on tls:ADDR:PORT, mutual TLS with --migration-tls (the source must present
+    /// a certificate signed by its CA); on tcp:ADDR:PORT, clear text and unauthenticated
+    /// (trusted networks and tests only). Give each of the guest's devices (same ids) with
+    /// --device, backed by this host's own device servers. Connections that fail before a
+    /// migration starts (a refused certificate, garbage, a port scan, another stream
+    /// version, nothing sent within 10 s) are logged and the wait goes on.
+    #[arg(long, value_name = "tls:ADDR:PORT|tcp:ADDR:PORT", conflicts_with_all = ["kernel", "initramfs", "cmdline", "memory", "cpus", "restore"])]
     pub incoming: Option<String>,
+
+    /// The TLS identity and trust of --incoming tls:...: `cert=PATH,key=PATH,ca=PATH`
+    /// (PEM files: this VMM's certificate chain, its private key, and the CA certificates
+    /// a source's certificate must be signed by).
+    #[arg(long, value_name = "cert=PATH,key=PATH,ca=PATH", requires = "incoming")]
+    pub migration_tls: Option<MigrationTlsConfig>,
+
+    /// With --incoming: exit (status 1) if no source's migration started within SECS.
+    /// Default: wait for ever.
+    #[arg(long, value_name = "SECS", requires = "incoming", value_parser = clap::value_parser!(u64).range(1..))]
+    pub incoming_timeout: Option<u64>,
 
     /// Initial RAM filesystem (a cpio archive; uncompressed boots fastest).
     #[arg(long, value_name = "PATH")]

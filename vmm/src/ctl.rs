@@ -17,6 +17,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 
+use crate::config::tls::MigrationTlsConfig;
+
 /// Talks to a running vmm through its control API socket.
 #[derive(Debug, Parser)]
 #[command(name = "vmm ctl", version)]
@@ -51,11 +53,22 @@ enum CtlRequest {
         #[arg(long)]
         paused: bool,
     },
-    /// Live-migrates the VM to a `vmm --incoming tcp:ADDR:PORT` and shows its progress
-    /// until it completes or fails (the source exits when the destination runs the guest).
+    /// Live-migrates the VM to a `vmm --incoming tls:ADDR:PORT` (or tcp:) and shows its
+    /// progress until it completes or fails (the source exits when the destination runs
+    /// the guest).
+    ///
+    /// Example: vmm ctl -s /run/vm0.sock migrate tls:10.0.0.2:4444 --tls cert=src.pem,key=src.key,ca=ca.pem
     Migrate {
-        /// The destination, tcp:HOST:PORT.
+        /// The destination: tls:HOST:PORT (mutual TLS, needs --tls) or tcp:HOST:PORT
+        /// (clear text, unauthenticated: trusted networks only).
         url: String,
+        /// For tls:, the source VMM's certificate chain, its key and the CA the
+        /// destination's certificate must be signed by (PEM files, read by the VMM; relative
+        /// paths are made absolute here). The destination's certificate must be issued for
+        /// HOST (a DNS name or IP address in its subject alternative names) or for
+        /// server-name=NAME.
+        #[arg(long, value_name = "cert=PATH,key=PATH,ca=PATH[,server-name=NAME]")]
+        tls: Option<MigrationTlsConfig>,
         /// Downtime budget in ms.
         #[arg(long, default_value_t = 300)]
         downtime_ms: u64,
@@ -128,6 +141,12 @@ enum CtlError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    /// A TLS file's path cannot be made absolute.
+    #[error("--tls: {path}: {source}")]
+    TlsPath {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     /// `mediator`'s arguments are not JSON.
     #[error("the arguments {text:?} are not JSON: {source}")]
     ArgsNotJson {
@@ -182,11 +201,23 @@ fn request_of(r: &CtlRequest) -> Result<Value, CtlError> {
         CtlRequest::Pause => json!({"request": "pause"}),
         CtlRequest::Migrate {
             url,
+            tls,
             downtime_ms,
             max_bandwidth_mb_s,
-            ..
-        } => json!({"request": "migrate", "url": url, "downtime_ms": downtime_ms,
-                    "max_bandwidth_mb_s": max_bandwidth_mb_s}),
+            no_wait,
+        } => {
+            let tls = tls
+                .as_ref()
+                .map(|t| {
+                    t.absolute().map_err(|source| CtlError::TlsPath {
+                        path: t.cert.clone(),
+                        source,
+                    })
+                })
+                .transpose()?;
+            json!({"request": "migrate", "url": url, "tls": tls, "downtime_ms": downtime_ms,
+                    "max_bandwidth_mb_s": max_bandwidth_mb_s, "follow": !no_wait})
+        }
         CtlRequest::MigrationStatus => json!({"request": "migration-status"}),
         CtlRequest::Resume => json!({"request": "resume"}),
         CtlRequest::Snapshot { path, paused } => {

@@ -120,9 +120,11 @@ fn run(cli: &cli::Cli) -> anyhow::Result<u8> {
     }
     let devices = config::device::resolve(&cli.devices)?;
     let start = match (&cli.restore, &cli.kernel) {
-        _ if cli.incoming.is_some() => {
-            vm::Start::Incoming(cli.incoming.clone().unwrap_or_default())
-        }
+        _ if cli.incoming.is_some() => vm::Start::Incoming(migrate::incoming::IncomingConfig {
+            url: cli.incoming.clone().unwrap_or_default(),
+            tls: cli.migration_tls.clone(),
+            timeout: cli.incoming_timeout.map(std::time::Duration::from_secs),
+        }),
         (Some(path), _) => vm::Start::Restore(path.clone()),
         (None, Some(kernel)) => vm::Start::Boot {
             kernel: kernel.clone(),

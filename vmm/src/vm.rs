@@ -29,8 +29,8 @@ pub enum Start {
     },
     /// Restore a snapshot file (memory size and vCPU count come from it).
     Restore(PathBuf),
-    /// Wait for a live migration on `tcp:ADDR:PORT` and run the guest it brings.
-    Incoming(String),
+    /// Wait for a live migration (`--incoming`) and run the guest it brings.
+    Incoming(crate::migrate::incoming::IncomingConfig),
 }
 
 /// Everything needed to build a VM.

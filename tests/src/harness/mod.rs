@@ -26,6 +26,7 @@ pub mod netns;
 pub mod paths;
 pub mod peers;
 pub mod testdir;
+pub mod tls;
 pub mod vfsim;
 pub mod vm;
 pub mod workload;

@@ -58,13 +58,17 @@ pub fn handle(request: Request, vm: &Arc<Machine>) -> Response {
         },
         Request::Migrate {
             url,
+            tls,
             downtime_ms,
             max_bandwidth_mb_s,
+            follow,
         } => {
             let req = crate::migrate::source::Request {
                 url: url.clone(),
+                tls,
                 downtime_ms: downtime_ms.unwrap_or(300),
                 max_bandwidth_mb_s,
+                follow,
             };
             match crate::migrate::source::start(vm.clone(), req) {
                 Ok(()) => Response::reply(&replies::MigrationStarted { started: url }),

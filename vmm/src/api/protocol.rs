@@ -32,17 +32,26 @@ pub enum Request {
         #[serde(default)]
         paused: bool,
     },
-    /// Starts a live migration to a `vmm --incoming` (`tcp:HOST:PORT`); returns at once,
-    /// follow it with `migration-status`.
+    /// Starts a live migration to a `vmm --incoming` (`tls:HOST:PORT` or `tcp:HOST:PORT`);
+    /// returns at once, follow it with `migration-status`.
     Migrate {
         /// The destination.
         url: String,
+        /// For `tls:`: `{"cert": PATH, "key": PATH, "ca": PATH, "server-name": NAME}`
+        /// (files this VMM reads; `server-name` defaults to the URL's host).
+        #[serde(default)]
+        tls: Option<crate::config::tls::MigrationTlsConfig>,
         /// Downtime budget in ms (default 300).
         #[serde(default)]
         downtime_ms: Option<u64>,
         /// Pre-copy's bandwidth cap in MB/s (default: none); stop-and-copy is uncapped.
         #[serde(default)]
         max_bandwidth_mb_s: Option<u64>,
+        /// The client will follow the migration with `migration-status`: a completed
+        /// source waits (3 s at most) until it was told before exiting, even when the
+        /// migration ended before the client's first status request.
+        #[serde(default)]
+        follow: bool,
     },
     /// Progress of the current or last migration.
     MigrationStatus {},

@@ -9,14 +9,14 @@ use resources::memslots::MemSlotsError;
 use crate::machine::MachineError;
 use crate::snapshot::SnapshotError;
 
-/// A `tcp:HOST:PORT` that cannot be used.
+/// A `tcp:HOST:PORT` or `tls:HOST:PORT` that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum UrlError {
-    /// Another scheme than `tcp:`.
-    #[error("{0:?}: only tcp:HOST:PORT is supported")]
+    /// Another scheme than `tcp:` or `tls:`.
+    #[error("{0:?}: only tcp:HOST:PORT and tls:HOST:PORT are supported")]
     Scheme(String),
     /// HOST:PORT does not resolve.
-    #[error("{url:?}: {source}; write tcp:HOST:PORT, e.g. tcp:10.0.0.2:4444")]
+    #[error("{url:?}: {source}; write tcp:HOST:PORT or tls:HOST:PORT, e.g. tls:10.0.0.2:4444")]
     Resolve {
         /// The URL given.
         url: String,
@@ -34,6 +34,30 @@ pub enum MigrateError {
     /// The destination URL.
     #[error(transparent)]
     Url(#[from] UrlError),
+    /// `tls:` without the source's TLS files.
+    #[error("{url} needs this VMM's certificate, key and the CA it trusts: give tls cert=PATH,key=PATH,ca=PATH (vmm ctl migrate --tls ...)")]
+    TlsNotConfigured {
+        /// The URL.
+        url: String,
+    },
+    /// TLS files with a clear-text URL.
+    #[error("TLS files were given but {url} is clear text; use tls:HOST:PORT")]
+    TlsForTcp {
+        /// The URL.
+        url: String,
+    },
+    /// The TLS files cannot be used.
+    #[error(transparent)]
+    Tls(#[from] super::tls::TlsError),
+    /// The TLS handshake with the destination failed (its certificate is not signed by
+    /// the CA or not issued for the name, or it refused ours).
+    #[error("TLS handshake with {url} failed: {source}")]
+    Handshake {
+        /// The destination.
+        url: String,
+        /// Why.
+        source: io::Error,
+    },
     /// `max_bandwidth_mb_s` of 0.
     #[error("max_bandwidth_mb_s must be at least 1 (leave it out for no cap)")]
     ZeroBandwidth,

@@ -1,11 +1,15 @@
-//! Live migration between two VMM processes over TCP.
+//! Live migration between two VMM processes over TCP, in clear (`tcp:`) or over mutual
+//! TLS (`tls:`).
 //!
-//! - [`source`]: `vmm ctl migrate tcp:HOST:PORT`: pre-copy of guest RAM (KVM's dirty log)
+//! - [`source`]: `vmm ctl migrate tcp:HOST:PORT` (or `tls:HOST:PORT --tls ...`): pre-copy of guest RAM (KVM's dirty log)
 //!   together with the devices' dirty pages and pre-copy data, iterated until the rest fits
 //!   the downtime budget at the measured bandwidth, then stop-and-copy; any failure before
 //!   the destination says it runs the guest leaves the source running;
-//! - [`incoming`]: `vmm --incoming tcp:ADDR:PORT`: accepts one migration, checks it,
-//!   builds the VM, loads the stream and resumes the guest;
+//! - [`incoming`]: `vmm --incoming tcp:ADDR:PORT` (or `tls:ADDR:PORT --migration-tls
+//!   ...`): waits for a source whose stream starts well (refused or broken connections
+//!   are logged and the next one is taken), checks it, builds the VM, loads the stream and
+//!   resumes the guest;
+//! - [`tls`]: certificates, keys and CAs, and [`tls::Conn`], a connection either way;
 //! - [`progress`]: what the source reports while it migrates;
 //! - [`throttle`]: pre-copy's bandwidth cap;
 //! - [`stall`]: a cut link fails the stream after one I/O timeout;
@@ -31,32 +35,76 @@ pub mod progress;
 pub mod source;
 pub mod stall;
 pub mod throttle;
+pub mod tls;
 
-/// Parses `tcp:HOST:PORT`.
-pub fn parse_tcp(url: &str) -> Result<std::net::SocketAddr, error::UrlError> {
+/// How a migration's stream travels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// `tcp:`: clear text and unauthenticated, for trusted networks and tests.
+    Tcp,
+    /// `tls:`: mutual TLS (see [`tls`]).
+    Tls,
+}
+
+/// A parsed `tcp:HOST:PORT` or `tls:HOST:PORT`.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// The scheme.
+    pub transport: Transport,
+    /// HOST as written (the default name a `tls:` destination's certificate must carry).
+    pub host: String,
+    /// What it resolves to (the first address).
+    pub addr: std::net::SocketAddr,
+}
+
+/// Parses `tcp:HOST:PORT` or `tls:HOST:PORT`.
+pub fn parse_url(url: &str) -> Result<Target, error::UrlError> {
     use std::net::ToSocketAddrs;
-    let rest = url
-        .strip_prefix("tcp:")
-        .ok_or_else(|| error::UrlError::Scheme(url.to_owned()))?;
-    rest.to_socket_addrs()
+    let (transport, rest) = if let Some(rest) = url.strip_prefix("tcp:") {
+        (Transport::Tcp, rest)
+    } else if let Some(rest) = url.strip_prefix("tls:") {
+        (Transport::Tls, rest)
+    } else {
+        return Err(error::UrlError::Scheme(url.to_owned()));
+    };
+    let addr = rest
+        .to_socket_addrs()
         .map_err(|source| error::UrlError::Resolve {
             url: url.to_owned(),
             source,
         })?
         .next()
-        .ok_or_else(|| error::UrlError::NoAddress(url.to_owned()))
+        .ok_or_else(|| error::UrlError::NoAddress(url.to_owned()))?;
+    let host = rest.rsplit_once(':').map_or(rest, |(h, _)| h).to_owned();
+    Ok(Target {
+        transport,
+        host,
+        addr,
+    })
 }
 
 #[cfg(test)]
 mod tests {
+    use super::{parse_url, Transport};
+
     #[test]
-    fn tcp_urls_parse_and_bad_ones_say_why() {
-        assert_eq!(super::parse_tcp("tcp:127.0.0.1:4444").unwrap().port(), 4444);
-        assert!(super::parse_tcp("udp:1.2.3.4:5")
+    fn urls_parse_and_bad_ones_say_why() {
+        let t = parse_url("tcp:127.0.0.1:4444").unwrap();
+        assert_eq!((t.transport, t.addr.port()), (Transport::Tcp, 4444));
+        let t = parse_url("tls:127.0.0.1:4445").unwrap();
+        assert_eq!(
+            (t.transport, t.host.as_str()),
+            (Transport::Tls, "127.0.0.1")
+        );
+        let t = parse_url("tls:localhost:4445").unwrap();
+        assert_eq!(t.host, "localhost");
+        let t = parse_url("tls:[::1]:4445").unwrap();
+        assert_eq!(t.host, "[::1]");
+        assert!(parse_url("udp:1.2.3.4:5")
             .unwrap_err()
             .to_string()
-            .contains("only tcp:HOST:PORT"));
-        assert!(super::parse_tcp("tcp:1.2.3.4")
+            .contains("only tcp:HOST:PORT and tls:HOST:PORT"));
+        assert!(parse_url("tcp:1.2.3.4")
             .unwrap_err()
             .to_string()
             .contains("tcp:HOST:PORT"));

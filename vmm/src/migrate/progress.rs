@@ -126,6 +126,13 @@ impl Tracker {
             .unwrap_or_else(|e| e.into_inner()) = false;
     }
 
+    /// A client will follow this migration (it said so in its request): counted as
+    /// following from the start, so a migration that completes before its first status
+    /// request still waits for it.
+    pub fn expect_follower(&self) {
+        self.followed.store(true, Ordering::Relaxed);
+    }
+
     /// After a completed migration, before this VMM exits: if a client follows the
     /// migration, waits (at most `limit`) until it has been told the migration completed,
     /// so that it does not mistake the source's exit for a failure. Returns whether it was.

@@ -14,6 +14,9 @@ use super::error::MigrateError;
 use super::progress::{Counted, Phase, StopAndCopyTimes};
 use super::stall::StallGuard;
 use super::throttle::{Cap, Throttled};
+use super::tls::Conn;
+use super::Transport;
+use crate::config::tls::MigrationTlsConfig;
 use crate::exit::ExitReason;
 use crate::machine::Machine;
 use crate::snapshot::save::{
@@ -35,18 +38,43 @@ const FOLLOWER_GRACE: Duration = Duration::from_secs(3);
 /// What the caller asked for.
 #[derive(Clone, Debug)]
 pub struct Request {
-    /// `tcp:HOST:PORT`.
+    /// `tcp:HOST:PORT` or `tls:HOST:PORT`.
     pub url: String,
+    /// This VMM's certificate, key and the CA the destination's certificate must be signed
+    /// by (required with `tls:`, refused with `tcp:`).
+    pub tls: Option<MigrationTlsConfig>,
     /// Downtime budget.
     pub downtime_ms: u64,
     /// Pre-copy's bandwidth cap in MB/s (10^6 bytes); stop-and-copy runs uncapped.
     pub max_bandwidth_mb_s: Option<u64>,
+    /// The requesting client follows the migration with `migration-status`: once it
+    /// completes, wait for that client to hear so before exiting.
+    pub follow: bool,
 }
 
 /// Starts the migration on a thread; the status is in `m.migration`. Fails at once if one
 /// is already running or the URL is bad.
 pub fn start(m: Arc<Machine>, req: Request) -> Result<(), MigrateError> {
-    let addr = super::parse_tcp(&req.url)?;
+    let target = super::parse_url(&req.url)?;
+    // The files are read here, so a bad one is the request's answer.
+    let tls = match (target.transport, &req.tls) {
+        (Transport::Tls, Some(t)) => Some(TlsClient {
+            config: super::tls::client_config(t)?,
+            name: super::tls::server_name(t, &target.host)?,
+        }),
+        (Transport::Tls, None) => {
+            return Err(MigrateError::TlsNotConfigured {
+                url: req.url.clone(),
+            })
+        }
+        (Transport::Tcp, Some(_)) => {
+            return Err(MigrateError::TlsForTcp {
+                url: req.url.clone(),
+            })
+        }
+        (Transport::Tcp, None) => None,
+    };
+    let addr = target.addr;
     if req.max_bandwidth_mb_s == Some(0) {
         return Err(MigrateError::ZeroBandwidth);
     }
@@ -64,13 +92,16 @@ pub fn start(m: Arc<Machine>, req: Request) -> Result<(), MigrateError> {
             downtime_budget_ms: req.downtime_ms,
             ..Default::default()
         });
+        if req.follow {
+            m.migration.expect_follower();
+        }
     }
     std::thread::Builder::new()
         .name("migrate".into())
         .spawn(move || {
             m.seccomp.narrow(crate::seccomp::ThreadKind::Migration);
             let started = Instant::now();
-            match migrate(&m, addr, &req, started) {
+            match migrate(&m, addr, tls, &req, started) {
                 Ok(()) => {
                     // A `vmm ctl migrate` following the migration must hear that it
                     // completed before this VMM goes, or it reports a lost source.
@@ -99,14 +130,21 @@ pub fn start(m: Arc<Machine>, req: Request) -> Result<(), MigrateError> {
     Ok(())
 }
 
+/// The source's side of a `tls:` migration.
+struct TlsClient {
+    config: Arc<rustls::ClientConfig>,
+    /// What the destination's certificate must be issued for.
+    name: rustls::pki_types::ServerName<'static>,
+}
+
 /// Sends on the socket; fails with what was being sent.
 struct Link {
-    w: StreamWriter<BufWriter<Throttled<Counted<StallGuard<TcpStream>>>>>,
+    w: StreamWriter<BufWriter<Throttled<Counted<StallGuard<Conn>>>>>,
     /// The socket itself, for its timeouts.
     socket: TcpStream,
     /// Pre-copy's bandwidth cap, lifted for stop-and-copy.
     cap: Cap,
-    reply: Option<StreamReader<TcpStream>>,
+    reply: Option<StreamReader<Conn>>,
 }
 
 fn io<T>(what: &'static str, r: Result<T, migration::Error>) -> Result<T, MigrateError> {
@@ -158,21 +196,31 @@ fn set_ram_logging(m: &Machine, on: bool) -> Result<(), MigrateError> {
 fn migrate(
     m: &Arc<Machine>,
     addr: std::net::SocketAddr,
+    tls: Option<TlsClient>,
     req: &Request,
     started: Instant,
 ) -> Result<(), MigrateError> {
     let url = &req.url;
-    let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(|source| {
+    let tcp = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(|source| {
         MigrateError::Connect {
             url: url.clone(),
             source,
         }
     })?;
-    let _ = stream.set_nodelay(true);
-    stream
-        .set_write_timeout(Some(IO_TIMEOUT))
-        .and_then(|()| stream.set_read_timeout(Some(IO_TIMEOUT)))
+    let _ = tcp.set_nodelay(true);
+    tcp.set_write_timeout(Some(IO_TIMEOUT))
+        .and_then(|()| tcp.set_read_timeout(Some(IO_TIMEOUT)))
         .map_err(MigrateError::Socket)?;
+    let socket = tcp.try_clone().map_err(MigrateError::Socket)?;
+    let stream = match tls {
+        Some(t) => {
+            Conn::connect_tls(tcp, t.config, t.name).map_err(|source| MigrateError::Handshake {
+                url: url.clone(),
+                source,
+            })?
+        }
+        None => Conn::plain(tcp),
+    };
     let cap = Cap::new(req.max_bandwidth_mb_s.map(|mb| mb * 1_000_000));
     let writer = BufWriter::with_capacity(
         1 << 20,
@@ -185,7 +233,7 @@ fn migrate(
         ),
     );
     let mut link = Link {
-        socket: stream.try_clone().map_err(MigrateError::Socket)?,
+        socket,
         cap,
         w: io(
             "sending the header",
@@ -247,7 +295,7 @@ fn migrate(
 /// Reads the destination's next answer, which must be `expected`: `waiting` says what for
 /// (in I/O errors), `aborted` what an Abort from it means.
 fn expect_answer(
-    reply: &mut StreamReader<TcpStream>,
+    reply: &mut StreamReader<Conn>,
     expected: Control,
     waiting: &'static str,
     aborted: &'static str,
@@ -267,7 +315,7 @@ fn expect_answer(
 
 impl Link {
     /// The destination's answer stream (there once it said Ready).
-    fn reply(&mut self) -> Result<&mut StreamReader<TcpStream>, MigrateError> {
+    fn reply(&mut self) -> Result<&mut StreamReader<Conn>, MigrateError> {
         self.reply.as_mut().ok_or(MigrateError::NoAnswerChannel)
     }
 }

@@ -54,9 +54,9 @@ pub enum SnapshotError {
     /// The VM holds devices that cannot migrate: saving it would lose their state.
     #[error("{}", blocked_text(.0))]
     NotMigratable(Vec<Blocked>),
-    /// `--incoming`'s URL cannot be used.
-    #[error("--incoming: {0}")]
-    IncomingUrl(#[from] crate::migrate::error::UrlError),
+    /// `--incoming` could not get a source.
+    #[error(transparent)]
+    Incoming(#[from] crate::migrate::incoming::IncomingError),
     /// The destination could not answer the source.
     #[error(transparent)]
     Reply(#[from] crate::migrate::error::ReplyError),
