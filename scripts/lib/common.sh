@@ -11,7 +11,10 @@ ensure_debs() {
     if [ ${#missing[@]} -gt 0 ]; then
         step "installing Debian packages: ${missing[*]}"
         export DEBIAN_FRONTEND=noninteractive
-        apt-get install -y -q "${missing[@]}" >&2 || { apt-get update -q >&2 && apt-get install -y -q "${missing[@]}" >&2; }
+        apt-get install -y -q "${missing[@]}" >&2 || { apt-get update -q >&2 && apt-get install -y -q "${missing[@]}" >&2; } ||
+            # A package whose relatives already came from bookworm-backports (e.g. qemu-utils
+            # 10.0 beside qemu-system-x86 7.2: "Breaks") installs from there too.
+            apt-get install -y -q -t bookworm-backports "${missing[@]}" >&2
     fi
 }
 

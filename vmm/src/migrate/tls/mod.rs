@@ -354,5 +354,4 @@ impl Write for Conn {
 }
 
 #[cfg(test)]
-#[path = "tls_tests.rs"]
 mod tests;
