@@ -23,7 +23,6 @@
 //! `MIGRATE_BENCH_TLS` (`off`: ours over TCP only).
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -33,6 +32,7 @@ use serde_json::{json, Value};
 use vmm_tests::harness::migration::{
     follow, settle_workload, start_destination, start_source, workload,
 };
+use vmm_tests::harness::ports::free_port;
 use vmm_tests::harness::tls::{Ca, Identity};
 use vmm_tests::harness::workload::WorkloadClient;
 use vmm_tests::harness::{
@@ -51,15 +51,6 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// A free TCP port on loopback (bound and released).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The figures of one migration.

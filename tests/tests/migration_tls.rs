@@ -13,21 +13,13 @@
 //!   guest runs on the destination.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use vmm_tests::harness::ports::free_port;
 use vmm_tests::harness::tls::Ca;
 use vmm_tests::harness::{ApiClient, TestDir, Vm, DEFAULT_BOOT_TIMEOUT};
-
-/// A port free on 127.0.0.1 now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Waits until the VMM's log has `n` lines containing `what`.
 fn wait_log(vm: &Vm, what: &str, n: usize, timeout: Duration) {

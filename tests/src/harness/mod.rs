@@ -25,6 +25,7 @@ pub mod migration;
 pub mod netns;
 pub mod paths;
 pub mod peers;
+pub mod ports;
 pub mod testdir;
 pub mod tls;
 pub mod vfsim;
