@@ -287,6 +287,13 @@ impl VfSim {
                 tracing::warn!("MSI-X control write: {err}");
             }
         }
+        let flr = p.config.take_flr();
+        drop(p);
+        drop(engine);
+        if flr {
+            tracing::info!("function level reset through Device Control");
+            self.reset()?;
+        }
         Ok(())
     }
 

@@ -35,8 +35,10 @@ pub const CAP_NOTIFY: usize = 0x50;
 pub const CAP_ISR: usize = 0x68;
 /// Offset of the device-configuration capability.
 pub const CAP_DEVICE: usize = 0x78;
-/// Offset of the MSI-X capability (the last one).
+/// Offset of the MSI-X capability.
 pub const CAP_MSIX: usize = 0x88;
+/// Offset of the PCI Express capability (the last one): an SR-IOV VF must offer FLR.
+pub const CAP_PCIE: usize = 0x98;
 
 /// Size of BAR 0.
 pub const BAR0_SIZE: u64 = 0x4000;

@@ -20,6 +20,12 @@ pub enum ConfigError {
 const CAP_ID_VENDOR: u8 = 0x09;
 /// MSI-X capability id.
 const CAP_ID_MSIX: u8 = 0x11;
+/// PCI Express capability id.
+const CAP_ID_PCIE: u8 = 0x10;
+/// Offset of Device Control in configuration space.
+pub const PCIE_DEVCTL: usize = CAP_PCIE + 8;
+/// Device Control: Initiate Function Level Reset (always reads 0).
+pub const DEVCTL_FLR: u16 = 1 << 15;
 /// `cfg_type` of the common configuration.
 pub const VIRTIO_PCI_CAP_COMMON_CFG: u8 = 1;
 /// `cfg_type` of the notify area.
@@ -150,10 +156,17 @@ impl ConfigSpace {
         );
 
         c.bytes[CAP_MSIX] = CAP_ID_MSIX;
-        c.bytes[CAP_MSIX + 1] = 0;
+        c.bytes[CAP_MSIX + 1] = CAP_PCIE as u8;
         c.put16(CAP_MSIX + 2, MSIX_VECTORS - 1);
         c.put32(CAP_MSIX + 4, MSIX_TABLE_OFFSET as u32); // BIR 0
         c.put32(CAP_MSIX + 8, MSIX_PBA_OFFSET as u32); // BIR 0
+
+        // PCI Express v2, endpoint; Device Capabilities: FLR (bit 28), as every SR-IOV VF
+        // has. Linux's vfio-pci resets a function only if it offers a reset method.
+        c.bytes[CAP_PCIE] = CAP_ID_PCIE;
+        c.bytes[CAP_PCIE + 1] = 0;
+        c.put16(CAP_PCIE + 2, 0x0002);
+        c.put32(CAP_PCIE + 4, 1 << 28);
 
         c.wmask16(0x04, COMMAND_WMASK);
         c.wmask32(0x10, !(BAR0_SIZE as u32 - 1));
@@ -163,7 +176,18 @@ impl ConfigSpace {
             MSIX_CONTROL,
             MSIX_CONTROL_ENABLE | MSIX_CONTROL_FUNCTION_MASK,
         );
+        c.wmask16(PCIE_DEVCTL, DEVCTL_FLR);
         c
+    }
+
+    /// Whether the last writes initiated a function level reset; clears the bit, which
+    /// always reads 0.
+    pub fn take_flr(&mut self) -> bool {
+        let flr = u16::from_le_bytes([self.bytes[PCIE_DEVCTL], self.bytes[PCIE_DEVCTL + 1]])
+            & DEVCTL_FLR
+            != 0;
+        self.bytes[PCIE_DEVCTL + 1] &= !((DEVCTL_FLR >> 8) as u8);
+        flr
     }
 
     /// Reads `data.len()` bytes at `offset`.
@@ -261,9 +285,27 @@ mod tests {
                 (9, 2),
                 (9, 3),
                 (9, 4),
-                (0x11, c.bytes[CAP_MSIX + 3])
+                (0x11, c.bytes[CAP_MSIX + 3]),
+                (0x10, 0)
             ]
         );
+        assert_eq!(
+            dword(&c, CAP_PCIE as u64 + 4) & (1 << 28),
+            1 << 28,
+            "FLR capable"
+        );
+    }
+
+    #[test]
+    fn flr_bit_is_taken_once_and_reads_zero() {
+        let mut c = ConfigSpace::new();
+        c.write(PCIE_DEVCTL as u64, &0x0010u16.to_le_bytes())
+            .unwrap();
+        assert!(!c.take_flr(), "other Device Control bits are not FLR");
+        c.write(PCIE_DEVCTL as u64 + 1, &[0x80]).unwrap();
+        assert!(c.take_flr());
+        assert_eq!(dword(&c, PCIE_DEVCTL as u64) & 0xffff, 0);
+        assert!(!c.take_flr());
     }
 
     #[test]

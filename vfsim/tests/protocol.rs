@@ -31,7 +31,7 @@ fn config_space_capabilities_and_regions() {
     assert_eq!(w32(0x10) & 0xf, 0b0100, "BAR 0 is 64-bit memory");
     assert_ne!(w16(6) & 0x10, 0, "capability list");
     let mut next = cfg[0x34] as usize;
-    let (mut virtio, mut msix, mut multiplier) = (Vec::new(), None, None);
+    let (mut virtio, mut msix, mut multiplier, mut devcap) = (Vec::new(), None, None, None);
     while next != 0 {
         match cfg[next] {
             0x09 => {
@@ -41,6 +41,7 @@ fn config_space_capabilities_and_regions() {
                 }
             }
             0x11 => msix = Some((w16(next + 2), w32(next + 4), w32(next + 8))),
+            0x10 => devcap = Some(w32(next + 4)),
             other => panic!("unexpected capability {other:#x}"),
         }
         next = cfg[next + 1] as usize;
@@ -55,6 +56,11 @@ fn config_space_capabilities_and_regions() {
         ]
     );
     assert_eq!(multiplier, Some(4));
+    assert_eq!(
+        devcap.map(|d| d & (1 << 28)),
+        Some(1 << 28),
+        "PCIe FLR capable"
+    );
     // Two vectors; enabled by the driver's connect.
     assert_eq!(msix, Some((0x8001, 0x2000, 0x3000)));
 

@@ -221,6 +221,11 @@ struct State {
 }
 
 const NOT_PLACED: u64 = u64::MAX;
+/// Offset of Device Control in the PCI Express capability.
+const PCIE_DEVCTL: usize = 8;
+/// Offset of the Message Control word in the MSI and MSI-X capabilities.
+const MSIX_CONTROL_OFFSET: usize = 2;
+const MSI_CONTROL_OFFSET: usize = 2;
 
 /// A PCI function passed through from a [`VfioBackend`]. Shared: the PCI root, the MMIO bus
 /// and the vmm hold it in an `Arc`.
@@ -885,9 +890,45 @@ impl VfioPciDevice {
                 {
                     self.lock_irqs().msi_write(offset - c, data);
                 }
+                if Self::initiates_flr(&st, offset, data) {
+                    self.function_level_reset(&mut st);
+                }
                 // Everything else after the header is read only.
                 self.sync_intx(st.header.command, false);
             }
+        }
+    }
+
+    /// Whether a guest write sets "Initiate Function Level Reset" (bit 15 of Device
+    /// Control, 8 bytes into the PCI Express capability).
+    fn initiates_flr(st: &State, offset: usize, data: &[u8]) -> bool {
+        let Some(flr_byte) = st.caps.find(CAP_PCIE).map(|c| c + PCIE_DEVCTL + 1) else {
+            return false;
+        };
+        offset <= flr_byte && flr_byte < offset + data.len() && data[flr_byte - offset] & 0x80 != 0
+    }
+
+    /// The guest's FLR: what the function keeps in the VMM is put back as a reset leaves
+    /// it (MSI and MSI-X off, command register clear: BARs no longer decode), then the
+    /// device is reset through the backend (`VFIO_DEVICE_RESET`, vfio-user's
+    /// `DEVICE_RESET`), as QEMU's vfio-pci does on a guest FLR. The guest restores its
+    /// configuration afterwards (Linux's `pci_restore_state`). A backend that cannot reset
+    /// is logged: the guest's FLR then resets the VMM's view only.
+    fn function_level_reset(&self, st: &mut State) {
+        if st.msix_cap.is_some() {
+            self.lock_irqs()
+                .msix_cap_write(MSIX_CONTROL_OFFSET, &[0, 0]);
+        }
+        if st.msi_cap.is_some() {
+            self.lock_irqs().msi_write(MSI_CONTROL_OFFSET, &[0, 0]);
+        }
+        self.set_command(st, 0);
+        match self.backend.reset() {
+            Ok(()) => tracing::info!("{}: function level reset by the guest", self.name),
+            Err(e) => tracing::warn!(
+                "{}: the guest's function level reset did not reach the device: {e}",
+                self.name
+            ),
         }
     }
 

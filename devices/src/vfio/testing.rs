@@ -83,6 +83,8 @@ pub enum Call {
     MaskIrqs(u32, u32, u32, bool),
     /// `set_intx_unmask_eventfd(raw fd)`, answered with whether the fake takes it.
     IntxUnmaskFd(i32, bool),
+    /// `reset()`.
+    Reset,
 }
 
 /// A fake VFIO PCI device.
@@ -91,7 +93,8 @@ pub enum Call {
 /// 64 KiB BAR whose pages 0x4000-0xc000 are a sparse mmap area; BAR2 a 32-bit 16 KiB BAR,
 /// all mmap-able, holding the MSI-X table (8 vectors) at 0x2000 and the PBA at 0x3000;
 /// BAR4 a 32-byte I/O BAR. Capabilities: PM at 0x40, MSI-X at 0x50, vendor-specific at 0x60,
-/// VPD at 0x70 (to be hidden), MSI (64-bit, per-vector masking, 4 vectors) at 0x80. MSI
+/// VPD at 0x70 (to be hidden), MSI (64-bit, per-vector masking, 4 vectors) at 0x80, PCI
+/// Express (FLR capable) at 0xa0. MSI
 /// and MSI-X are maskable (`VFIO_IRQ_INFO_MASKABLE`); [`FakeBackend::not_maskable`] is the
 /// same device without.
 ///
@@ -158,7 +161,10 @@ impl FakeBackend {
             &[0x09, 0x70, 0x10, 0x01, 0xaa, 0xbb, 0xcc, 0xdd],
         );
         put(&mut cfg, 0x70, &[0x03, 0x80, 0x00, 0x00]);
-        put(&mut cfg, 0x80, &[0x05, 0x00, 0x84, 0x01]);
+        put(&mut cfg, 0x80, &[0x05, 0xa0, 0x84, 0x01]);
+        // PCI Express (v2, endpoint) whose Device Capabilities offer FLR.
+        put(&mut cfg, 0xa0, &[0x10, 0x00, 0x02, 0x00]);
+        put(&mut cfg, 0xa4, &(1u32 << 28).to_le_bytes());
         for (i, b) in cfg[0xc0..].iter_mut().enumerate() {
             *b = 0xc0 + i as u8;
         }
@@ -406,7 +412,9 @@ impl VfioBackend for FakeBackend {
     }
 
     fn reset(&self) -> Result<()> {
-        self.alive("reset")
+        self.alive("reset")?;
+        self.record(Call::Reset);
+        Ok(())
     }
 }
 

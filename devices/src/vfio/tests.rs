@@ -261,7 +261,13 @@ fn capability_list_is_walked_and_filtered() {
     }
     assert_eq!(
         chain,
-        vec![(0x40, 0x01), (0x50, 0x11), (0x60, 0x09), (0x80, 0x05)]
+        vec![
+            (0x40, 0x01),
+            (0x50, 0x11),
+            (0x60, 0x09),
+            (0x80, 0x05),
+            (0xa0, 0x10)
+        ]
     );
     // Vendor capability body: live from the device; writes dropped.
     assert_eq!(r32(&dev, 0x64), 0xddcc_bbaa);
@@ -277,7 +283,32 @@ fn capability_list_is_walked_and_filtered() {
     assert_eq!(r32(&dev, 0x54), 0x2002);
     assert_eq!(r32(&dev, 0x58), 0x3002);
     // MSI: 64-bit, per-vector mask, 4 vectors capable.
-    assert_eq!(r32(&dev, 0x80), 0x0184_0005);
+    assert_eq!(r32(&dev, 0x80), 0x0184_a005);
+}
+
+#[test]
+fn guest_flr_resets_the_device_and_the_function_state() {
+    let Rig { dev, fake, .. } = rig();
+    place(&dev, 0xe000_0000, 0xd000_0000);
+    w16(&dev, 0x04, 0x0006);
+    w16(&dev, 0x52, 0x8000); // MSI-X on
+    fake.take_calls();
+    // Other Device Control bits: dropped, nothing reset.
+    w16(&dev, 0xa8, 0x0010);
+    assert!(fake.take_calls().is_empty());
+    // Initiate FLR (bit 15): MSI-X off at the device, command cleared, then the reset.
+    w16(&dev, 0xa8, 0x8000);
+    let calls = fake.take_calls();
+    assert_eq!(calls.last(), Some(&Call::Reset), "{calls:?}");
+    assert!(
+        calls.contains(&Call::DisableIrqs(2)),
+        "MSI-X (index 2) off: {calls:?}"
+    );
+    assert_eq!(r16(&dev, 0x04), 0, "command register after FLR");
+    assert_eq!(r16(&dev, 0x52) & 0x8000, 0, "MSI-X enable after FLR");
+    // A byte write to the upper half of Device Control initiates it too.
+    dev.write_config(0xa9, &[0x80]);
+    assert_eq!(fake.take_calls().last(), Some(&Call::Reset));
 }
 
 /// The eventfds of the one MSI-X enable among `calls`.

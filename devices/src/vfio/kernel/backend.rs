@@ -1,20 +1,15 @@
-//! [`VfioBackend`] over the kernel's VFIO, through vfio-ioctls 0.10.
+//! [`VfioBackend`] over the kernel's VFIO.
 //!
-//! **Untested against hardware on these machines**: they have no `/dev/vfio`, so this
-//! module is only compiled here. It is kept small so that it can be checked by reading.
+//! A device is opened through a type1 container (vfio-ioctls 0.10, which also tells KVM
+//! about the group) or, for a user-space driver on a host in no-IOMMU mode, through a
+//! no-IOMMU container (`group.rs`). Everything after opening goes through our own ioctls on
+//! the device fd (`device_fd.rs`), around the traps of vfio-ioctls 0.10 (see
+//! `../shared/crates.md`): its region table is positional and shifts after a missing VGA
+//! region, its `region_read`/`region_write` only log failures (accesses here are `pread`/
+//! `pwrite` at the region's offset), its `reset` returns nothing, and it has no IRQ mask.
 //!
-//! Around the traps of vfio-ioctls 0.10 (see `../shared/crates.md`):
-//! - its region table is positional and shifts after a missing VGA region, so only regions
-//!   0-7 (BARs, ROM, configuration space), which precede the VGA region, are served;
-//! - its `region_read`/`region_write` only log failures, so region accesses use
-//!   `pread`/`pwrite` on (a duplicate of) the device fd at the region's offset;
-//! - its `reset` returns nothing, so reset is our own `VFIO_DEVICE_RESET` ioctl, as is
-//!   `VFIO_DEVICE_GET_INFO` (the crate keeps the result private);
-//! - `enable_irq` always sets the whole vector range from 0, which is the only form this
-//!   backend accepts (and the only one the PCI function uses);
-//! - its `unmask_irq` serves INTx only and it has no mask, so masking vectors is our own
-//!   `VFIO_DEVICE_SET_IRQS` (vfio-pci reports only INTx as maskable, so the PCI function
-//!   does not ask it for MSI or MSI-X).
+//! Tested against the real Linux VFIO inside a guest (vfio-pci in no-IOMMU mode, and mtty
+//! mdevs in a type1 container): `tests/tests/guest_vfio.rs`.
 
 use std::fs::File;
 use std::io;
@@ -26,24 +21,20 @@ use std::sync::Arc;
 use kvm_bindings::{kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO};
 use kvm_ioctls::VmFd;
 use vfio_bindings::bindings::vfio::{
-    vfio_device_info, vfio_irq_set, VFIO_BASE, VFIO_DEVICE_FLAGS_RESET, VFIO_IRQ_SET_ACTION_MASK,
-    VFIO_IRQ_SET_ACTION_UNMASK, VFIO_IRQ_SET_DATA_NONE, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_TYPE,
+    VFIO_DEVICE_FLAGS_RESET, VFIO_IRQ_SET_ACTION_MASK, VFIO_IRQ_SET_ACTION_TRIGGER,
+    VFIO_IRQ_SET_ACTION_UNMASK,
 };
-use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd, VfioError, VfioRegionInfoCap};
+use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd, VfioError};
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ref, ioctl_with_ref};
-use vmm_sys_util::ioctl_io_nr;
 
+use super::device_fd::{DeviceFd, IoctlError, RawRegion};
+use super::group::{open_noiommu, NoIommuGroup};
 use super::migration::{DeviceFdIoctls, KernelVfioMigration};
 use crate::vfio::backend::{
     BackendError, DeviceInfo, DmaMapping, IrqInfo, RegionFlags, RegionInfo, RegionMmap, Result,
     VfioBackend, IRQ_INTX,
 };
 use crate::vfio::migration::MigrationError;
-
-ioctl_io_nr!(VFIO_DEVICE_GET_INFO, VFIO_TYPE.into(), VFIO_BASE + 7);
-ioctl_io_nr!(VFIO_DEVICE_SET_IRQS, VFIO_TYPE.into(), VFIO_BASE + 10);
-ioctl_io_nr!(VFIO_DEVICE_RESET, VFIO_TYPE.into(), VFIO_BASE + 11);
 
 const VFIO_DIR: &str = "/dev/vfio";
 
@@ -79,39 +70,57 @@ pub enum KernelVfioError {
     },
 }
 
+/// What keeps the device open, and maps DMA for it.
+enum Holder {
+    /// A type1 container: DMA addresses are IOVAs the container maps.
+    Type1 {
+        _device: VfioDevice,
+        container: Arc<VfioContainer>,
+    },
+    /// No IOMMU: DMA addresses are physical addresses; nothing can be mapped.
+    NoIommu { _group: NoIommuGroup },
+}
+
 /// A VFIO device opened through the kernel (VFIO container/group API).
 pub struct KernelVfio {
-    device: VfioDevice,
-    container: Arc<VfioContainer>,
-    /// Duplicate of the device fd for `pread`/`pwrite`.
-    file: File,
+    device: DeviceFd,
+    holder: Holder,
     /// Duplicate of the device fd handed out for mmap.
     mmap_fd: Arc<OwnedFd>,
     info: DeviceInfo,
+    /// Every region's info, read once at open (sizes and offsets do not change).
+    regions: Vec<RawRegion>,
 }
 
 impl KernelVfio {
-    /// Opens the VFIO container of VM `vm` (creating KVM's VFIO device, which lets KVM
-    /// know about the groups). Fails with [`KernelVfioError::NoVfio`] when the host has no
-    /// `/dev/vfio`.
-    pub fn container(vm: &VmFd) -> std::result::Result<Arc<VfioContainer>, KernelVfioError> {
+    /// Opens a VFIO type1 container. With `vm`, KVM's VFIO device is created and told
+    /// about every group the container opens (what a VM needs; a user-space driver passes
+    /// `None`). Fails with [`KernelVfioError::NoVfio`] when the host has no `/dev/vfio`.
+    pub fn container(
+        vm: Option<&VmFd>,
+    ) -> std::result::Result<Arc<VfioContainer>, KernelVfioError> {
         check_vfio()?;
-        let mut dev = kvm_create_device {
-            type_: kvm_device_type_KVM_DEV_TYPE_VFIO,
-            fd: 0,
-            flags: 0,
+        let handle = match vm {
+            Some(vm) => {
+                let mut dev = kvm_create_device {
+                    type_: kvm_device_type_KVM_DEV_TYPE_VFIO,
+                    fd: 0,
+                    flags: 0,
+                };
+                let kvm_dev = vm
+                    .create_device(&mut dev)
+                    .map_err(KernelVfioError::KvmDevice)?;
+                Some(Arc::new(VfioDeviceFd::new_from_kvm(kvm_dev)))
+            }
+            None => None,
         };
-        let kvm_dev = vm
-            .create_device(&mut dev)
-            .map_err(KernelVfioError::KvmDevice)?;
-        let handle = Arc::new(VfioDeviceFd::new_from_kvm(kvm_dev));
-        VfioContainer::new(Some(handle))
+        VfioContainer::new(handle)
             .map(Arc::new)
             .map_err(KernelVfioError::Container)
     }
 
-    /// Opens the device at `sysfs` (e.g. `/sys/bus/pci/devices/0000:01:00.1`, bound to
-    /// vfio-pci) in `container`.
+    /// Opens the device at `sysfs` (e.g. `/sys/bus/pci/devices/0000:01:00.1` bound to
+    /// vfio-pci, or `/sys/bus/mdev/devices/<uuid>`) in `container`.
     pub fn open(
         sysfs: &Path,
         container: Arc<VfioContainer>,
@@ -123,78 +132,114 @@ impl KernelVfio {
                 source,
             }
         })?;
-        let io_err = |what| {
-            let path = sysfs.to_path_buf();
-            move |source| KernelVfioError::Io { what, path, source }
-        };
         // SAFETY: the fd belongs to `device`, which outlives this borrow (it is only
         // used to duplicate the fd right below).
         let fd = unsafe { BorrowedFd::borrow_raw(device.as_raw_fd()) };
         let file = File::from(
             fd.try_clone_to_owned()
-                .map_err(io_err("duplicate the fd"))?,
+                .map_err(io_err("duplicate the fd", sysfs))?,
         );
-        let mmap_fd = Arc::new(
-            fd.try_clone_to_owned()
-                .map_err(io_err("duplicate the fd"))?,
-        );
-        let mut raw = vfio_device_info {
-            argsz: std::mem::size_of::<vfio_device_info>() as u32,
-            ..Default::default()
-        };
-        // SAFETY: VFIO_DEVICE_GET_INFO writes at most `argsz` bytes into `raw`, which is a
-        // valid, exclusively borrowed vfio_device_info; the fd is a VFIO device fd.
-        let ret = unsafe { ioctl_with_mut_ref(&file, VFIO_DEVICE_GET_INFO(), &mut raw) };
-        if ret < 0 {
-            return Err(io_err("get the device info")(io::Error::last_os_error()));
-        }
+        Self::from_fd(
+            sysfs,
+            file,
+            Holder::Type1 {
+                _device: device,
+                container,
+            },
+        )
+    }
+
+    /// Opens the device at `sysfs`, bound to vfio-pci on a host in no-IOMMU mode, for a
+    /// user-space driver: its DMA addresses are physical addresses and
+    /// [`dma_map`](VfioBackend::dma_map) is refused. Not for a VM (see `group.rs`).
+    pub fn open_noiommu(sysfs: &Path) -> std::result::Result<Self, KernelVfioError> {
+        check_vfio()?;
+        let (file, group) = open_noiommu(sysfs).map_err(io_err("open (no-IOMMU)", sysfs))?;
+        Self::from_fd(sysfs, file, Holder::NoIommu { _group: group })
+    }
+
+    fn from_fd(
+        sysfs: &Path,
+        file: File,
+        holder: Holder,
+    ) -> std::result::Result<Self, KernelVfioError> {
+        let mmap_fd = Arc::new(OwnedFd::from(
+            file.try_clone()
+                .map_err(io_err("duplicate the fd", sysfs))?,
+        ));
+        let device = DeviceFd::new(file);
+        let raw = device
+            .info()
+            .map_err(|e| io_err("get the device info", sysfs)(e.into()))?;
+        // vfio-pci counts the VGA region (8) in `num_regions` but answers EINVAL for it on
+        // a device that is not VGA (seen on Linux 6.12): such a region is absent.
+        let regions = (0..raw.num_regions)
+            .map(|i| match device.region(i) {
+                Err(e) if e.errno() == Some(libc::EINVAL) => Ok(RawRegion::default()),
+                r => r.map_err(io::Error::from),
+            })
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(io_err("get the region info", sysfs))?;
         Ok(KernelVfio {
             device,
-            container,
-            file,
+            holder,
             mmap_fd,
             info: DeviceInfo {
                 num_regions: raw.num_regions,
                 num_irqs: raw.num_irqs,
                 flags: raw.flags,
             },
+            regions,
         })
     }
 
     /// The device's VFIO migration v2 interface, or `None` if it has none (see
     /// [`KernelVfioMigration`]; it issues its ioctls on a duplicate of the device fd).
     pub fn migration(&self) -> std::result::Result<Option<KernelVfioMigration>, MigrationError> {
-        let fd = self.file.try_clone().map_err(|e| MigrationError::Device {
-            op: "duplicate the device fd for migration".into(),
-            reason: e.to_string(),
-        })?;
+        let fd = self
+            .device
+            .file()
+            .try_clone()
+            .map_err(|e| MigrationError::Device {
+                op: "duplicate the device fd for migration".into(),
+                reason: e.to_string(),
+            })?;
         KernelVfioMigration::probe(Box::new(DeviceFdIoctls::new(fd)))
     }
 
-    /// Region `index` if this backend serves it (see the module docs).
-    fn check_region(&self, index: u32) -> Result<()> {
-        if index > VFIO_PCI_CONFIG_REGION_INDEX || index >= self.info.num_regions {
-            return Err(BackendError::Unsupported {
-                op: format!("access to region {index}"),
-                reason: "the kernel backend serves regions 0-7 only (vfio-ioctls 0.10 shifts later ones)".into(),
-            });
-        }
-        Ok(())
+    /// A duplicate of the device fd, for ioctls this backend does not wrap (a test walking
+    /// the raw migration arcs, say).
+    pub fn try_clone_device_fd(&self) -> io::Result<File> {
+        self.device.file().try_clone()
+    }
+
+    /// The ids of region `index`'s capabilities, in chain order (e.g. 1 sparse mmap, 3
+    /// MSI-X mappable), as the kernel reported them.
+    pub fn region_capability_ids(&self, index: u32) -> Result<Vec<u16>> {
+        Ok(self.region(index)?.cap_ids.clone())
+    }
+
+    fn region(&self, index: u32) -> Result<&RawRegion> {
+        self.regions
+            .get(index as usize)
+            .ok_or(BackendError::NoRegion { index })
     }
 
     /// File offset of `offset` in region `index`, for an access of `len` bytes.
     fn file_offset(&self, index: u32, offset: u64, len: usize) -> Result<u64> {
-        self.check_region(index)?;
-        let size = self.device.get_region_size(index);
-        if offset.checked_add(len as u64).is_none_or(|end| end > size) {
+        let r = self.region(index)?;
+        if offset
+            .checked_add(len as u64)
+            .is_none_or(|end| end > r.size)
+        {
             return Err(BackendError::OutOfRange {
                 index,
                 offset,
                 len,
-                size,
+                size: r.size,
             });
         }
-        Ok(self.device.get_region_offset(index) + offset)
+        Ok(r.offset + offset)
     }
 }
 
@@ -207,8 +252,20 @@ fn check_vfio() -> std::result::Result<(), KernelVfioError> {
     }
 }
 
+fn io_err(what: &'static str, sysfs: &Path) -> impl FnOnce(io::Error) -> KernelVfioError {
+    let path = sysfs.to_path_buf();
+    move |source| KernelVfioError::Io { what, path, source }
+}
+
 fn io_error(op: String) -> impl FnOnce(io::Error) -> BackendError {
     move |source| BackendError::Io { op, source }
+}
+
+fn refused(op: String) -> impl FnOnce(IoctlError) -> BackendError {
+    move |e| BackendError::Refused {
+        op,
+        reason: e.to_string(),
+    }
 }
 
 impl VfioBackend for KernelVfio {
@@ -217,149 +274,127 @@ impl VfioBackend for KernelVfio {
     }
 
     fn region_info(&self, index: u32) -> Result<RegionInfo> {
-        self.check_region(index)?;
-        let flags = RegionFlags::from_vfio(self.device.get_region_flags(index));
-        let sparse_areas = self
-            .device
-            .get_region_caps(index)
-            .into_iter()
-            .find_map(|cap| match cap {
-                VfioRegionInfoCap::SparseMmap(s) => {
-                    Some(s.areas.iter().map(|a| (a.offset, a.size)).collect())
-                }
-                _ => None,
-            })
-            .unwrap_or_default();
+        let r = self.region(index)?;
+        let flags = RegionFlags::from_vfio(r.flags);
         Ok(RegionInfo {
-            size: self.device.get_region_size(index),
+            size: r.size,
             flags,
-            sparse_areas,
+            sparse_areas: r.sparse_areas.clone().unwrap_or_default(),
             mmap: flags.mmap.then(|| RegionMmap {
                 fd: self.mmap_fd.clone(),
-                file_offset: self.device.get_region_offset(index),
+                file_offset: r.offset,
             }),
         })
     }
 
     fn region_read(&self, index: u32, offset: u64, data: &mut [u8]) -> Result<()> {
         let at = self.file_offset(index, offset, data.len())?;
-        self.file.read_exact_at(data, at).map_err(io_error(format!(
-            "pread of {} bytes at {offset:#x} of region {index}",
-            data.len()
-        )))
+        self.device
+            .file()
+            .read_exact_at(data, at)
+            .map_err(io_error(format!(
+                "pread of {} bytes at {offset:#x} of region {index}",
+                data.len()
+            )))
     }
 
     fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<()> {
         let at = self.file_offset(index, offset, data.len())?;
-        self.file.write_all_at(data, at).map_err(io_error(format!(
-            "pwrite of {} bytes at {offset:#x} of region {index}",
-            data.len()
-        )))
+        self.device
+            .file()
+            .write_all_at(data, at)
+            .map_err(io_error(format!(
+                "pwrite of {} bytes at {offset:#x} of region {index}",
+                data.len()
+            )))
     }
 
     fn irq_info(&self, index: u32) -> Result<IrqInfo> {
+        // An index the device lacks reads as no vectors (EINVAL from the kernel).
         Ok(self
             .device
-            .get_irq_info(index)
-            .map(|i| IrqInfo {
-                count: i.count,
-                flags: i.flags,
-            })
+            .irq(index)
+            .map(|(count, flags)| IrqInfo { count, flags })
             .unwrap_or_default())
     }
 
     fn set_irq_eventfds(&self, index: u32, start: u32, fds: &[Option<&EventFd>]) -> Result<()> {
-        let all: Option<Vec<&EventFd>> = fds.iter().copied().collect();
-        let Some(all) = all.filter(|_| start == 0) else {
-            return Err(BackendError::Unsupported {
-                op: format!("setting eventfds of interrupt {index} from vector {start}"),
-                reason: "vfio-ioctls 0.10 only sets every vector from 0".into(),
-            });
-        };
+        let raw: Vec<i32> = fds
+            .iter()
+            .map(|f| f.map_or(-1, |f| f.as_raw_fd()))
+            .collect();
         self.device
-            .enable_irq(index, all)
-            .map_err(|e| BackendError::Refused {
-                op: format!("enabling {} vectors of interrupt {index}", fds.len()),
-                reason: e.to_string(),
-            })
+            .set_irq_fds(index, start, &raw, false)
+            .map_err(refused(format!(
+                "enabling {} vectors of interrupt {index} from {start}",
+                fds.len()
+            )))
     }
 
     fn disable_irqs(&self, index: u32) -> Result<()> {
         self.device
-            .disable_irq(index)
-            .map_err(|e| BackendError::Refused {
-                op: format!("disabling interrupt {index}"),
-                reason: e.to_string(),
-            })
+            .set_irqs_none(index, VFIO_IRQ_SET_ACTION_TRIGGER, 0, 0)
+            .map_err(refused(format!("disabling interrupt {index}")))
     }
 
     fn mask_irqs(&self, index: u32, start: u32, count: u32, masked: bool) -> Result<()> {
-        let action = if masked {
-            VFIO_IRQ_SET_ACTION_MASK
+        let (action, verb) = if masked {
+            (VFIO_IRQ_SET_ACTION_MASK, "masking")
         } else {
-            VFIO_IRQ_SET_ACTION_UNMASK
+            (VFIO_IRQ_SET_ACTION_UNMASK, "unmasking")
         };
-        let set = vfio_irq_set {
-            argsz: std::mem::size_of::<vfio_irq_set>() as u32,
-            flags: VFIO_IRQ_SET_DATA_NONE | action,
-            index,
-            start,
-            count,
-            ..Default::default()
-        };
-        // SAFETY: VFIO_DEVICE_SET_IRQS reads `argsz` bytes of `set`, which is a valid
-        // vfio_irq_set with no data (DATA_NONE) and `argsz` its own size; the fd is a VFIO
-        // device fd.
-        let ret = unsafe { ioctl_with_ref(&self.file, VFIO_DEVICE_SET_IRQS(), &set) };
-        if ret < 0 {
-            let verb = if masked { "masking" } else { "unmasking" };
-            return Err(BackendError::Refused {
-                op: format!(
-                    "{verb} vectors {start}..{} of interrupt {index}",
-                    start.saturating_add(count)
-                ),
-                reason: io::Error::last_os_error().to_string(),
-            });
-        }
-        Ok(())
+        self.device
+            .set_irqs_none(index, action, start, count)
+            .map_err(refused(format!(
+                "{verb} vectors {start}..{} of interrupt {index}",
+                start.saturating_add(count)
+            )))
     }
 
     /// The kernel unmasks INTx itself when `fd` is signalled (as QEMU's
     /// `vfio_intx_enable_kvm` sets it up), so no VMM thread relays the guest's EOI.
     fn set_intx_unmask_eventfd(&self, fd: &EventFd) -> Result<bool> {
         self.device
-            .set_irq_resample_fd(IRQ_INTX, vec![fd])
-            .map_err(|e| BackendError::Refused {
-                op: "setting the INTx unmask eventfd".into(),
-                reason: e.to_string(),
-            })?;
+            .set_irq_fds(IRQ_INTX, 0, &[fd.as_raw_fd()], true)
+            .map_err(refused("setting the INTx unmask eventfd".into()))?;
         Ok(true)
     }
 
     unsafe fn dma_map(&self, m: &DmaMapping<'_>) -> Result<()> {
+        let op = || format!("DMA map of {:#x} bytes at {:#x}", m.size, m.iova);
+        let Holder::Type1 { container, .. } = &self.holder else {
+            return Err(BackendError::Unsupported {
+                op: op(),
+                reason: "the device is in a no-IOMMU group: it uses physical addresses".into(),
+            });
+        };
         let size = usize::try_from(m.size).map_err(|_| BackendError::Unsupported {
-            op: format!("DMA map of {:#x} bytes at {:#x}", m.size, m.iova),
+            op: op(),
             reason: "the size does not fit this host's address space".into(),
         })?;
         // SAFETY: the caller guarantees that the memory at `host_addr` stays valid for
         // device access until it is unmapped (this method's contract).
-        unsafe {
-            self.container
-                .vfio_dma_map(m.iova, size, m.host_addr as *mut u8)
-        }
-        .map_err(|e| BackendError::Refused {
-            op: format!("DMA map of {:#x} bytes at {:#x}", m.size, m.iova),
-            reason: e.to_string(),
+        unsafe { container.vfio_dma_map(m.iova, size, m.host_addr as *mut u8) }.map_err(|e| {
+            BackendError::Refused {
+                op: op(),
+                reason: e.to_string(),
+            }
         })
     }
 
     fn dma_unmap(&self, iova: u64, size: u64) -> Result<()> {
         let op = || format!("DMA unmap of {size:#x} bytes at {iova:#x}");
+        let Holder::Type1 { container, .. } = &self.holder else {
+            return Err(BackendError::Unsupported {
+                op: op(),
+                reason: "the device is in a no-IOMMU group: nothing is mapped".into(),
+            });
+        };
         let len = usize::try_from(size).map_err(|_| BackendError::Unsupported {
             op: op(),
             reason: "the size does not fit this host's address space".into(),
         })?;
-        self.container
+        container
             .vfio_dma_unmap(iova, len)
             .map_err(|e| BackendError::Refused {
                 op: op(),
@@ -374,14 +409,9 @@ impl VfioBackend for KernelVfio {
                 reason: "the device does not report VFIO_DEVICE_FLAGS_RESET".into(),
             });
         }
-        // SAFETY: VFIO_DEVICE_RESET takes no argument; the fd is a VFIO device fd.
-        let ret = unsafe { ioctl(&self.file, VFIO_DEVICE_RESET()) };
-        if ret < 0 {
-            return Err(io_error("VFIO_DEVICE_RESET".into())(
-                io::Error::last_os_error(),
-            ));
-        }
-        Ok(())
+        self.device
+            .reset()
+            .map_err(|e| io_error("VFIO_DEVICE_RESET".into())(e.source))
     }
 }
 

@@ -211,7 +211,7 @@ fn open_backend(
             let c = match container {
                 Some(c) => c.clone(),
                 None => container
-                    .insert(KernelVfio::container(ctx.vm).map_err(kernel)?)
+                    .insert(KernelVfio::container(Some(ctx.vm)).map_err(kernel)?)
                     .clone(),
             };
             let b = KernelVfio::open(&host.sysfs_path(), c).map_err(kernel)?;

@@ -133,7 +133,8 @@ pub struct FakeState {
     pub max_io: usize,
     /// STOP_COPY: the stream ends (EOF) after this many bytes.
     pub truncate_at: Option<usize>,
-    /// PRE_COPY: read() returns 0 (a stream closed early).
+    /// PRE_COPY: read() returns 0 at the temporary end instead of ENOMSG, as Linux 6.12's
+    /// mtty does.
     pub precopy_eof: bool,
     /// read() on the data fd fails with this errno.
     pub fail_read: Option<i32>,
@@ -475,7 +476,6 @@ impl MigrationIoctls for FakeKernel {
             return Err(err(libc::EINVAL));
         };
         let end = match state {
-            PC | PCP if precopy_eof => return Ok(0),
             PC | PCP => *window,
             SC => truncate_at.unwrap_or(stream.len()).min(stream.len()),
             _ => return Err(err(libc::EINVAL)),
@@ -483,6 +483,7 @@ impl MigrationIoctls for FakeKernel {
         if *pos == end {
             return match state {
                 SC => Ok(0),
+                _ if precopy_eof => Ok(0),
                 _ if producing && nonblocking => Err(err(libc::EAGAIN)),
                 _ if producing => panic!("a blocking read in PRE_COPY would hang"),
                 _ => Err(err(libc::ENOMSG)),

@@ -26,7 +26,8 @@
 //! arc that failed and the state the kernel reports afterwards.
 //!
 //! Saving: in PRE_COPY the data fd is non-blocking and [`DeviceMigration::save_chunk`]
-//! returns what one `read` gives, or `None` at the temporary end of stream (ENOMSG, or
+//! returns what one `read` gives, or `None` at the temporary end of stream (ENOMSG, a
+//! read of 0 bytes as Linux's mtty gives, or
 //! EAGAIN while the driver is still producing); [`DeviceMigration::pending_bytes`] is
 //! `initial_bytes + dirty_bytes`. In STOP_COPY the stream ends at EOF, which is the only
 //! way the kernel tells its length, so `pending_bytes` reads the rest of the stream into
@@ -573,11 +574,10 @@ impl DeviceMigration for KernelVfioMigration {
                     .as_ref()
                     .ok_or_else(|| Self::no_session(state))?;
                 match self.read_some(s.fd.as_fd(), CHUNK_SIZE) {
-                    Ok(v) if v.is_empty() => Err(MigrationError::Protocol(
-                        "the data fd reached end of stream in PRE_COPY (only STOP_COPY ends \
-                         the stream): the saved state is truncated"
-                            .into(),
-                    )),
+                    // The uAPI asks for ENOMSG at the temporary end, but Linux's own mtty
+                    // sample returns 0 there (its read stops at what it has filled), and
+                    // QEMU takes 0 as "nothing now" too; the stream goes on in STOP_COPY.
+                    Ok(v) if v.is_empty() => Ok(None),
                     Ok(v) => Ok(Some(v)),
                     Err(e)
                         if e.raw_os_error() == Some(libc::ENOMSG)
