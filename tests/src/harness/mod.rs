@@ -20,6 +20,7 @@ pub mod client;
 pub mod diag;
 pub mod golden;
 pub mod guest_run;
+pub mod guest_vfio;
 pub mod image;
 pub mod migration;
 pub mod netns;
