@@ -23,13 +23,18 @@ ensure_rust_tools() {
     rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy >&2 || true
 }
 
-# Builds (or finds cached) the guest kernel and initramfs and exports their paths.
+# Builds (or finds cached) the guest kernels and initramfs and exports their paths: the 6.1
+# kernel (VMM_TEST_VMLINUX, what most tests boot), the 6.12 kernel with VFIO and mtty
+# (VMM_TEST_VMLINUX_612, tests/tests/guest_kernel_612.rs) and the initramfs both boot.
 guest_image() {
-    local out
-    out=$(bash tests/guest/build.sh)
+    local out out612
+    out=$(bash tests/guest/build.sh --kernel 6.1)
+    out612=$(bash tests/guest/build.sh --kernel 6.12)
     VMM_TEST_VMLINUX=$(printf '%s\n' "$out" | sed -n 's/^VMLINUX=//p')
     VMM_TEST_INITRAMFS=$(printf '%s\n' "$out" | sed -n 's/^INITRAMFS=//p')
-    export VMM_TEST_VMLINUX VMM_TEST_INITRAMFS
+    VMM_TEST_VMLINUX_612=$(printf '%s\n' "$out612" | sed -n 's/^VMLINUX=//p')
+    VMM_TEST_INITRAMFS_612=$(printf '%s\n' "$out612" | sed -n 's/^INITRAMFS=//p')
+    export VMM_TEST_VMLINUX VMM_TEST_INITRAMFS VMM_TEST_VMLINUX_612 VMM_TEST_INITRAMFS_612
 }
 
 guest_cmdline() { tr -d '\n' < tests/guest/cmdline; }

@@ -15,7 +15,8 @@ use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
 use serde_json::Value;
-use vmm_tests::harness::{guest_vfio, Agent, RunRequest, TestDir, Vfsim, Vm};
+use vmm_tests::harness::guest_vfio::{self, MttyType};
+use vmm_tests::harness::{Agent, RunRequest, TestDir, Vfsim};
 
 const DISK_SIZE: u64 = 16 << 20;
 const SECTOR: u64 = 100;
@@ -51,9 +52,7 @@ fn kernel_vfio_backend_drives_real_vfio_pci_and_mtty_migration() {
     let disk = dir.disk("disk.img", DISK_SIZE);
     let vfsim = Vfsim::start(&dir, &disk, "vf0");
     let device = format!("vfio-user,socket={},id=vf0", vfsim.socket.display());
-    let vm = Vm::builder()
-        .image(guest_vfio::image_612())
-        .extra_args(&[guest_vfio::NOIOMMU_ARG])
+    let vm = guest_vfio::vm_612()
         .vmm_args(&["--device", device.as_str()])
         .boot()
         .expect("start vmm");
@@ -62,7 +61,12 @@ fn kernel_vfio_backend_drives_real_vfio_pci_and_mtty_migration() {
         .unwrap_or_else(|e| panic!("guest did not come up: {e}\n{}", vm.describe()));
 
     // vfsim's VF, from virtio-pci to vfio-pci (no-IOMMU), driven by the program.
-    let vf = guest_vfio::bind_virtio_blk_to_vfio_pci(&mut agent);
+    let found = guest_vfio::find_pci(&mut agent, 0x1af4, 0x1042).expect("find the VF");
+    assert_eq!(found.len(), 1, "one virtio-blk function: {found:?}");
+    let vf = guest_vfio::bind_vfio_pci(&mut agent, &found[0])
+        .expect("bind the VF to vfio-pci")
+        .address
+        .sysfs_dir();
     let pci = guest_vfio_steps(&mut agent, &["pci", &vf, &SECTOR.to_string()]);
     let info = &pci["device_info"];
     assert!(info["num_regions"].as_u64().unwrap() >= 9, "{info}");
@@ -116,8 +120,13 @@ fn kernel_vfio_backend_drives_real_vfio_pci_and_mtty_migration() {
     assert_eq!(pci["reset"]["status_after"], 0, "{}", pci["reset"]);
 
     // Two mtty instances, one type1 container.
-    let a = guest_vfio::create_mtty(&mut agent);
-    let b = guest_vfio::create_mtty(&mut agent);
+    let mdev = |agent: &mut Agent, n| {
+        guest_vfio::create_mtty(agent, MttyType::OnePort, &guest_vfio::test_uuid(n))
+            .expect("create an mtty instance")
+            .sysfs_dir()
+    };
+    let a = mdev(&mut agent, 1);
+    let b = mdev(&mut agent, 2);
     let mtty = guest_vfio_steps(&mut agent, &["mtty", &a, &b]);
     eprintln!("mtty steps: {mtty:#?}");
     let flags = mtty["migration"]["flags"].as_u64().unwrap();
