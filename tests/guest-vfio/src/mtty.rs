@@ -294,7 +294,8 @@ pub fn run(a_path: &Path, b_path: &Path) -> Result<(), StepError> {
         .step("dma_logging")?;
         ma.start_dirty_tracking().step("dma_logging")?;
         // The report is recorded, not required: on the 6.12 guest it fails with
-        // EOPNOTSUPP (see the test's notes); start and stop must work.
+        // EOPNOTSUPP (no CONFIG_IOMMUFD_DRIVER there; see docs/design.md); start and stop
+        // must work.
         let report = ma.take_dirty_pages();
         ma.stop_dirty_tracking().step("dma_logging")?;
         emit(
