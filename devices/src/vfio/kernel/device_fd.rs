@@ -148,7 +148,7 @@ impl DeviceFd {
             ioctl_with_mut_ptr(
                 &self.file,
                 VFIO_DEVICE_GET_REGION_INFO(),
-                words.as_mut_ptr().cast::<u8>(),
+                bytes.as_mut_ptr(),
             )
         } < 0
         {
