@@ -159,7 +159,7 @@ fn unknown_mediator_is_named_before_any_device_is_touched() {
         &[
             "device vf0",
             "no mediator is named \"nope\"",
-            "registered mediators: virtio-blk-vf, trace",
+            "registered mediators: virtio-blk-vf, virtio-net-vf, trace",
         ],
     );
     let out = vmm(&[

@@ -83,7 +83,7 @@ enum CtlRequest {
     /// Progress of the current or last migration.
     MigrationStatus,
     /// A request to a device's mediator, e.g. `mediator vf0 trap '{"bar":0,"offset":4096,"size":4096}'`
-    /// (trace: trap, untrap, trapped, stats; virtio-blk-vf: status, skip-ring-walk).
+    /// (trace: trap, untrap, trapped, stats; virtio-blk-vf, virtio-net-vf: status, skip-ring-walk, skip-queue).
     Mediator {
         /// The device's id.
         device: String,

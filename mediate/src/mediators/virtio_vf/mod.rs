@@ -1,14 +1,18 @@
-//! `virtio-blk-vf`: the mediator for vfsim's virtio-blk VFs (the counterpart of the 2019
-//! proposal's i40e VF sample).
+//! The mediators of vfsim's virtio VFs, one per personality: `virtio-blk-vf` (the
+//! counterpart of the 2019 proposal's i40e VF sample) and `virtio-net-vf` (a NIC VF).
+//! Both personalities are split virtqueues behind the same PF socket, so one mediator
+//! serves both; [`Personality`] holds what differs (identity, names, queue roles).
 //!
 //! - While the VM runs it traps nothing: the doorbell page stays mapped, at native speed.
 //! - When dirty tracking starts (saving begins) it reads the queues' addresses from the
 //!   PF socket, traps the notify (doorbell) page so every doorbell reaches it, and walks
-//!   the rings: every device-writable buffer of every published request (read data,
-//!   status bytes) and the used ring are dirty, and a request's buffers stay dirty at
-//!   every collection until the device has completed it (see `tracker`). It walks again
-//!   when the pages are collected, so requests published without a doorbell are not
-//!   missed.
+//!   the rings: every device-writable buffer of every published chain (a disk's read data
+//!   and status bytes, a NIC's receive buffers) and the used rings are dirty, and a chain's
+//!   buffers stay dirty at every collection until the device has completed it (see
+//!   `tracker`). A NIC's receive buffers are written whenever a frame arrives, long after
+//!   the doorbell that posted them, so they stay dirty for as long as they are posted. It
+//!   walks again when the pages are collected, so chains published without a doorbell are
+//!   not missed.
 //! - Device state comes from the PF socket (quiesce, get state; set state on restore)
 //!   and travels through the mediator's migration region.
 //! - It untraps when tracking stops, saving ends (migration completed or failed), or the
@@ -37,29 +41,62 @@ use crate::error::{MediateError, Result};
 use crate::identity::{DeviceIdentity, MediatorOptions};
 use crate::mediator::{Access, MediatedDevice, Mediator, Probe};
 use crate::migration::MigrationRegion;
-use ops::BlkOps;
+use ops::VfOps;
 use rings::Ring;
 use tracker::{QueueStart, Tracker};
 
-/// vfsim's identity.
+/// vfsim's vendor (Red Hat / virtio).
 const VENDOR: u16 = 0x1af4;
-const DEVICE: u16 = 0x1042;
 /// The notify page: BAR 0, 0x1000 + 0x1000.
 const NOTIFY_BAR: usize = 0;
 const NOTIFY: (u64, u64) = (0x1000, 0x1000);
 /// Deadline of each PF request.
 const PF_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The `virtio-blk-vf` mediator.
-pub struct VirtioBlkVf;
+/// What differs between the virtio VF personalities.
+#[derive(Debug)]
+pub struct Personality {
+    /// The mediator's name (`mediator=NAME`).
+    pub mediator: &'static str,
+    /// What kind of VF it takes, for messages (`virtio-blk`).
+    pub kind: &'static str,
+    /// The PCI device id (modern virtio: 0x1040 + device type).
+    pub device_id: u16,
+    /// The one-line description `vmm --list-mediators` shows.
+    pub description: &'static str,
+    /// The virtqueues' roles, by index (for the status request).
+    pub queues: &'static [&'static str],
+}
 
-impl Mediator for VirtioBlkVf {
+/// vfsim's virtio-blk VF.
+pub const BLK: Personality = Personality {
+    mediator: "virtio-blk-vf",
+    kind: "virtio-blk",
+    device_id: 0x1042,
+    description: "migrates vfsim virtio-blk VFs: state over the PF socket (pf=PATH), dirty pages by trapping the doorbells while saving",
+    queues: &["requests"],
+};
+
+/// vfsim's virtio-net VF: queue 0 receives (the device writes frames into posted
+/// buffers whenever they arrive), queue 1 transmits.
+pub const NET: Personality = Personality {
+    mediator: "virtio-net-vf",
+    kind: "virtio-net",
+    device_id: 0x1041,
+    description: "migrates vfsim virtio-net VFs: state over the PF socket (pf=PATH), receive buffers dirty while posted, doorbells trapped while saving",
+    queues: &["receive", "transmit"],
+};
+
+/// A virtio VF mediator of one personality.
+pub struct VirtioVf(pub &'static Personality);
+
+impl Mediator for VirtioVf {
     fn name(&self) -> &str {
-        "virtio-blk-vf"
+        self.0.mediator
     }
 
     fn description(&self) -> &str {
-        "migrates vfsim virtio-blk VFs: state over the PF socket (pf=PATH), dirty pages by trapping the doorbells while saving"
+        self.0.description
     }
 
     fn probe(
@@ -68,10 +105,11 @@ impl Mediator for VirtioBlkVf {
         options: &MediatorOptions,
         backend: &Arc<dyn VfioBackend>,
     ) -> Result<Probe> {
-        if (identity.vendor, identity.device) != (VENDOR, DEVICE) {
+        let p = self.0;
+        if (identity.vendor, identity.device) != (VENDOR, p.device_id) {
             return Ok(Probe::Decline(format!(
-                "takes virtio-blk VFs ({VENDOR:04x}:{DEVICE:04x}), not {:04x}:{:04x}",
-                identity.vendor, identity.device
+                "takes {} VFs ({VENDOR:04x}:{:04x}), not {:04x}:{:04x}",
+                p.kind, p.device_id, identity.vendor, identity.device
             )));
         }
         let Some(pf_path) = &options.pf else {
@@ -80,7 +118,7 @@ impl Mediator for VirtioBlkVf {
             ));
         };
         let pf = PfClient::connect(pf_path, PF_TIMEOUT).map_err(|e| {
-            MediateError::Failed(format!("virtio-blk-vf: cannot reach the PF socket: {e}"))
+            MediateError::Failed(format!("{}: cannot reach the PF socket: {e}", p.mediator))
         })?;
         let region_index = backend
             .device_info()
@@ -90,16 +128,17 @@ impl Mediator for VirtioBlkVf {
             })?
             .num_regions;
         let shared = Arc::new(Shared {
-            name: identity.address.clone(),
+            personality: p,
+            name: format!("{} {}", p.mediator, identity.address),
             traps: OnceLock::new(),
             memory: OnceLock::new(),
             tracker: Tracker::default(),
         });
-        let region = Arc::new(MigrationRegion::new(BlkOps::new(
+        let region = Arc::new(MigrationRegion::new(VfOps::new(
             shared.clone(),
             Arc::new(pf),
         )));
-        Ok(Probe::Accept(Box::new(BlkVfDevice {
+        Ok(Probe::Accept(Box::new(VirtioVfDevice {
             shared,
             region,
             region_index,
@@ -109,6 +148,8 @@ impl Mediator for VirtioBlkVf {
 
 /// What the device handle and its migration hooks share.
 pub(crate) struct Shared {
+    personality: &'static Personality,
+    /// The mediator and the device's address, for messages.
     name: String,
     traps: OnceLock<TrapHandle>,
     memory: OnceLock<Arc<dyn GuestMemory>>,
@@ -132,8 +173,10 @@ impl Shared {
         let rings: Vec<QueueStart> = state
             .queues
             .iter()
-            .filter(|q| q.ready && q.size > 0)
-            .map(|q| QueueStart {
+            .enumerate()
+            .filter(|(_, q)| q.ready && q.size > 0)
+            .map(|(index, q)| QueueStart {
+                index: index as u16,
                 ring: Ring {
                     size: q.size,
                     desc: q.desc,
@@ -151,7 +194,7 @@ impl Shared {
             .trap(NOTIFY_BAR, NOTIFY.0, NOTIFY.1, TrapOwner::Local)
             .map_err(|e| OpsError::new(format!("trapping the doorbells: {e}")))?;
         tracing::info!(
-            "virtio-blk-vf {}: dirty tracking on, doorbells trapped, {} queue(s)",
+            "{}: dirty tracking on, doorbells trapped, {} queue(s)",
             self.name,
             rings.len()
         );
@@ -168,10 +211,7 @@ impl Shared {
         traps
             .untrap(NOTIFY_BAR, NOTIFY.0, NOTIFY.1, TrapOwner::Local)
             .map_err(|e| OpsError::new(format!("untrapping the doorbells: {e}")))?;
-        tracing::info!(
-            "virtio-blk-vf {}: dirty tracking off, doorbells mapped again",
-            self.name
-        );
+        tracing::info!("{}: dirty tracking off, doorbells mapped again", self.name);
         Ok(())
     }
 
@@ -183,14 +223,14 @@ impl Shared {
     }
 }
 
-struct BlkVfDevice {
+struct VirtioVfDevice {
     shared: Arc<Shared>,
-    region: Arc<MigrationRegion<BlkOps>>,
+    region: Arc<MigrationRegion<VfOps>>,
     /// Index of the migration region (the first after the device's own).
     region_index: u32,
 }
 
-impl MediatedDevice for BlkVfDevice {
+impl MediatedDevice for VirtioVfDevice {
     fn attach(&self, ctx: AttachContext) {
         let _ = self.shared.traps.set(ctx.traps);
         let _ = self.shared.memory.set(ctx.memory);
@@ -245,7 +285,7 @@ impl MediatedDevice for BlkVfDevice {
         match RegionMigration::new(backend, first_extra, self.region.clone()) {
             Ok(m) => Some(Arc::new(m)),
             Err(e) => {
-                tracing::error!("virtio-blk-vf {}: no migration: {e}", self.shared.name);
+                tracing::error!("{}: no migration: {e}", self.shared.name);
                 None
             }
         }
@@ -264,14 +304,45 @@ impl MediatedDevice for BlkVfDevice {
                     .skip_ring_walk
                     .store(on, Ordering::Relaxed);
                 tracing::warn!(
-                    "virtio-blk-vf {}: test switch skip-ring-walk {on}: dirty tracking is {}",
+                    "{}: test switch skip-ring-walk {on}: dirty tracking is {}",
                     self.shared.name,
                     if on { "INCOMPLETE" } else { "complete" }
                 );
                 Ok(json!({"skip_ring_walk": on}))
             }
+            "skip-queue" => {
+                let queues = self.shared.personality.queues;
+                let (queue, on) = match (
+                    args.get("queue").and_then(Value::as_u64),
+                    args.get("on").and_then(Value::as_bool),
+                ) {
+                    (Some(q), Some(on)) if (q as usize) < queues.len() => (q as u16, on),
+                    _ => {
+                        return Err(MediateError::BadRequest(format!(
+                            "give {{\"queue\": N, \"on\": true|false}} with N below {} ({})",
+                            queues.len(),
+                            queues.join(", ")
+                        )))
+                    }
+                };
+                let bit = 1u64 << queue;
+                let t = &self.shared.tracker;
+                if on {
+                    t.skipped_queues.fetch_or(bit, Ordering::Relaxed);
+                } else {
+                    t.skipped_queues.fetch_and(!bit, Ordering::Relaxed);
+                }
+                tracing::warn!(
+                    "{}: test switch skip-queue {queue} ({}) {on}: dirty tracking is {}",
+                    self.shared.name,
+                    queues[usize::from(queue)],
+                    if on { "INCOMPLETE" } else { "complete" }
+                );
+                Ok(json!({"queue": queue, "skipped": on}))
+            }
             _ => Err(MediateError::BadRequest(format!(
-                "virtio-blk-vf knows the requests status and skip-ring-walk, not {command:?}"
+                "{} knows the requests status, skip-ring-walk and skip-queue, not {command:?}",
+                self.shared.personality.mediator
             ))),
         }
     }
@@ -283,13 +354,15 @@ impl MediatedDevice for BlkVfDevice {
             "doorbells": t.doorbells.load(Ordering::Relaxed),
             "chains_walked": t.chains.load(Ordering::Relaxed),
             "skip_ring_walk": t.skip_ring_walk.load(Ordering::Relaxed),
+            "skipped_queues": t.skipped_queues.load(Ordering::Relaxed),
+            "queues": self.shared.personality.queues,
             "migration_state": format!("{:?}", self.region.state()),
         })
     }
 
     fn release(&self) {
         if let Err(e) = self.shared.stop_tracking() {
-            tracing::warn!("virtio-blk-vf {}: on release: {e}", self.shared.name);
+            tracing::warn!("{}: on release: {e}", self.shared.name);
         }
     }
 }

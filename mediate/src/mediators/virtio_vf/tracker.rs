@@ -26,6 +26,10 @@ pub struct Tracker {
     /// Test-only switch: skip the ring walk (only the used ring is reported), to show that
     /// a dirty-tracking test catches an incomplete mediator.
     pub skip_ring_walk: AtomicBool,
+    /// Test-only switch: queues (bit `n`: virtqueue `n`, below 64) that are not tracked at
+    /// all, neither their buffers nor their used ring; e.g. a NIC's receive queue, to show
+    /// that a migration test catches the loss of the packets the device wrote there.
+    pub skipped_queues: AtomicU64,
     /// Doorbells seen while tracking.
     pub doorbells: AtomicU64,
     /// Chains walked while tracking.
@@ -42,6 +46,8 @@ struct Inner {
 
 /// Where tracking of one queue starts.
 pub struct QueueStart {
+    /// The virtqueue's index.
+    pub index: u16,
     /// Its rings.
     pub ring: Ring,
     /// The available-ring position to walk from: every chain from there on may still be
@@ -53,6 +59,7 @@ pub struct QueueStart {
 
 /// One queue being tracked.
 struct Queue {
+    index: u16,
     ring: Ring,
     /// Available-ring position walked up to.
     walked: u16,
@@ -80,6 +87,7 @@ impl Tracker {
         inner.queues = queues
             .into_iter()
             .map(|q| Queue {
+                index: q.index,
                 ring: q.ring,
                 walked: q.walk_from,
                 used_seen: q.used_idx,
@@ -116,7 +124,7 @@ impl Tracker {
         }
         self.catch_up(&mut inner, mem);
         let mut out = std::mem::take(&mut inner.dirty);
-        for q in &inner.queues {
+        for q in inner.queues.iter().filter(|q| !self.skipped(q.index)) {
             for (_, pages) in &q.in_flight {
                 out.extend(pages);
             }
@@ -126,10 +134,16 @@ impl Tracker {
         out.into_iter().collect()
     }
 
+    /// Whether the test switch took queue `index` out of tracking.
+    fn skipped(&self, index: u16) -> bool {
+        index < 64 && self.skipped_queues.load(Ordering::Relaxed) & (1 << index) != 0
+    }
+
     fn catch_up(&self, inner: &mut Inner, mem: &dyn GuestMemory) {
-        let skip = self.skip_ring_walk.load(Ordering::Relaxed);
+        let skip_walk = self.skip_ring_walk.load(Ordering::Relaxed);
         let Inner { queues, dirty, .. } = inner;
         for q in queues.iter_mut() {
+            let skip = skip_walk || self.skipped(q.index);
             // (The used ring's own pages are added at each collection, in `take`.)
             // The used index first: every chain completed by then was published before,
             // so the walk below has it in flight when its completion is matched.
@@ -154,7 +168,13 @@ impl Tracker {
                 q.walked = now;
             }
             if let Some(used_now) = used_now {
-                q.complete(mem, used_now, dirty);
+                let mut ignored = BTreeSet::new();
+                let sink = if self.skipped(q.index) {
+                    &mut ignored
+                } else {
+                    &mut *dirty
+                };
+                q.complete(mem, used_now, sink);
             }
         }
     }
@@ -227,6 +247,7 @@ mod tests {
     /// Tracking from position 0 of an idle queue.
     fn start() -> QueueStart {
         QueueStart {
+            index: 0,
             ring: RING,
             walk_from: 0,
             used_idx: 0,
@@ -322,5 +343,45 @@ mod tests {
         t.doorbell(&mem);
         complete(&mem, 0, 0);
         assert_eq!(t.take(&mem), vec![RING.used]);
+    }
+
+    #[test]
+    fn a_skipped_queue_reports_nothing_and_the_others_everything() {
+        const RX: Ring = Ring {
+            size: 16,
+            desc: 0x4000,
+            avail: 0x5000,
+            used: 0x6000,
+        };
+        let mem = Mem::new(0x40000);
+        let t = Tracker::default();
+        t.skipped_queues.store(1, Ordering::Relaxed);
+        let rx = QueueStart {
+            index: 0,
+            ring: RX,
+            walk_from: 0,
+            used_idx: 0,
+        };
+        let tx = QueueStart {
+            index: 1,
+            ..start()
+        };
+        t.start(&mem, vec![rx, tx]);
+        // A receive buffer posted on queue 0 (the skipped one) and a request on queue 1.
+        mem.desc(RX.desc, 0, DATA + 0x8000, 1514, DESC_F_WRITE, 0);
+        mem.put(RX.avail + 4, &0u16.to_le_bytes());
+        mem.put(RX.avail + 2, &1u16.to_le_bytes());
+        publish(&mem, 0, 0, DATA);
+        t.doorbell(&mem);
+        let pages = t.take(&mem);
+        assert!(has(&pages, DATA) && has(&pages, RING.used), "{pages:x?}");
+        assert!(
+            !has(&pages, DATA + 0x8000) && !has(&pages, RX.used),
+            "{pages:x?}"
+        );
+        // Switched back on, the receive queue's used ring is reported again.
+        t.skipped_queues.store(0, Ordering::Relaxed);
+        let pages = t.take(&mem);
+        assert!(has(&pages, RX.used), "{pages:x?}");
     }
 }

@@ -1,4 +1,4 @@
-//! The migration hooks of the `virtio-blk-vf` mediator: device state from vfsim's PF
+//! The migration hooks of the virtio VF mediators (`virtio-blk-vf`, `virtio-net-vf`): device state from vfsim's PF
 //! socket, dirty pages from the ring walk while the doorbells are trapped.
 
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use super::Shared;
 use crate::migration::MigrationOps;
 
 /// [`MigrationOps`] for a vfsim VF.
-pub struct BlkOps {
+pub struct VfOps {
     pub(super) shared: Arc<Shared>,
     pub(super) pf: Arc<PfClient>,
     /// The serialized state being handed out, and how much of it was.
@@ -20,9 +20,9 @@ pub struct BlkOps {
     restoring: Vec<u8>,
 }
 
-impl BlkOps {
+impl VfOps {
     pub(super) fn new(shared: Arc<Shared>, pf: Arc<PfClient>) -> Self {
-        BlkOps {
+        VfOps {
             shared,
             pf,
             saving: None,
@@ -36,10 +36,10 @@ fn pf_err(what: &str) -> impl FnOnce(pf_protocol::PfError) -> OpsError + '_ {
     move |e| OpsError::new(format!("{what} through the PF socket: {e}"))
 }
 
-impl MigrationOps for BlkOps {
+impl MigrationOps for VfOps {
     fn stop_device(&mut self) -> OpsResult<()> {
         let r = self.pf.quiesce().map_err(pf_err("quiescing the VF"))?;
-        tracing::info!("virtio-blk-vf {}: VF quiesced ({r:?})", self.shared.name);
+        tracing::info!("{}: VF quiesced ({r:?})", self.shared.name);
         self.stopped = true;
         Ok(())
     }
@@ -52,7 +52,7 @@ impl MigrationOps for BlkOps {
 
     fn begin_save(&mut self, live: bool) -> OpsResult<()> {
         tracing::info!(
-            "virtio-blk-vf {}: saving starts ({})",
+            "{}: saving starts ({})",
             self.shared.name,
             if live { "pre-copy" } else { "stop-and-copy" }
         );
@@ -106,7 +106,7 @@ impl MigrationOps for BlkOps {
         // The state is small; a stream far larger than any VfState is garbage.
         if self.restoring.len() + data.len() > 1 << 20 {
             return Err(OpsError::new(
-                "the saved VF state is larger than 1 MiB: not a virtio-blk-vf state",
+                "the saved VF state is larger than 1 MiB: not a virtio VF state",
             ));
         }
         self.restoring.extend_from_slice(data);
@@ -126,7 +126,7 @@ impl MigrationOps for BlkOps {
         self.pf
             .set_state(&state)
             .map_err(pf_err("loading the VF state"))?;
-        tracing::info!("virtio-blk-vf {}: VF state restored", self.shared.name);
+        tracing::info!("{}: VF state restored", self.shared.name);
         Ok(())
     }
 
