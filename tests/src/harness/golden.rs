@@ -51,7 +51,7 @@ use super::build_digest;
 use super::image::GuestImage;
 use super::peers::Peer;
 use super::testdir::{TestDir, TestDirError};
-use super::vfsim::Vfsim;
+use super::vfsim::{tap_name, Vfsim, Wire};
 use super::vm::{VmBuilder, VmError, DEFAULT_BOOT_TIMEOUT};
 
 /// Version of the cache layout and of what a golden snapshot is taken at; bump it when the
@@ -124,23 +124,22 @@ fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> GoldenEr
 /// it. All of it is part of the snapshot's key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Device {
-    /// vfsim with its PF socket over a zeroed image of `disk_size` bytes, passed through as
-    /// `vfio-mediated` behind `mediator`.
+    /// vfsim with its PF socket, passed through as `vfio-mediated` behind `mediator`.
     MediatedVfsim {
         /// The VMM's device id.
         id: String,
         /// The mediator's name.
         mediator: String,
-        /// The disk image's size (the guest reads its capacity at boot).
-        disk_size: u64,
+        /// What the VF is.
+        function: Function,
     },
     /// vfsim with its own vfio-user migration (`--native-migration`), passed through as
     /// `vfio-user`.
     NativeVfsim {
         /// The VMM's device id.
         id: String,
-        /// The disk image's size.
-        disk_size: u64,
+        /// What the VF is.
+        function: Function,
     },
     /// libvfio-user's `server` sample.
     LvuServer {
@@ -151,6 +150,23 @@ pub enum Device {
     LvuGpio {
         /// The VMM's device id.
         id: String,
+    },
+}
+
+/// What a vfsim VF is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Function {
+    /// A virtio-blk VF over a zeroed image of `disk_size` bytes (the guest reads its
+    /// capacity at boot).
+    Blk {
+        /// The disk image's size.
+        disk_size: u64,
+    },
+    /// A virtio-net VF with MAC `mac`, wired to a tap named by [`tap_name`] in the
+    /// namespace vfsim runs in (attached to nothing: a test that wants traffic bridges it).
+    Net {
+        /// The MAC address the guest reads at boot.
+        mac: String,
     },
 }
 
@@ -168,7 +184,7 @@ impl Device {
         Device::MediatedVfsim {
             id: id.to_owned(),
             mediator: mediator.to_owned(),
-            disk_size,
+            function: Function::Blk { disk_size },
         }
     }
 
@@ -176,13 +192,35 @@ impl Device {
     pub fn native(id: &str, disk_size: u64) -> Device {
         Device::NativeVfsim {
             id: id.to_owned(),
-            disk_size,
+            function: Function::Blk { disk_size },
+        }
+    }
+
+    /// A vfsim virtio-net VF with `mac` behind the `virtio-net-vf` mediator.
+    pub fn mediated_net(id: &str, mac: &str) -> Device {
+        Device::MediatedVfsim {
+            id: id.to_owned(),
+            mediator: "virtio-net-vf".to_owned(),
+            function: Function::Net {
+                mac: mac.to_owned(),
+            },
+        }
+    }
+
+    /// A vfsim virtio-net VF with `mac` migrating by itself.
+    pub fn native_net(id: &str, mac: &str) -> Device {
+        Device::NativeVfsim {
+            id: id.to_owned(),
+            function: Function::Net {
+                mac: mac.to_owned(),
+            },
         }
     }
 
     /// Starts the device's process in `dir` (sockets and log named after `name`), inside
-    /// `netns` if given; a vfsim serves `disk` (which must have the declared size) or a new
-    /// zeroed image `NAME.img` in `dir`. Returns the process and the VMM's `--device` option.
+    /// `netns` if given; a virtio-blk vfsim serves `disk` (which must have the declared size)
+    /// or a new zeroed image `NAME.img` in `dir`, a virtio-net vfsim a tap named by
+    /// [`tap_name`]. Returns the process and the VMM's `--device` option.
     pub fn start(
         &self,
         dir: &TestDir,
@@ -190,7 +228,10 @@ impl Device {
         netns: Option<&str>,
         disk: Option<&Path>,
     ) -> (DeviceProcess, String) {
-        let disk_for = |size: u64| -> PathBuf {
+        let disk_for = |function: &Function| -> Option<PathBuf> {
+            let Function::Blk { disk_size: size } = *function else {
+                return None;
+            };
             match disk {
                 Some(disk) => {
                     let len = fs::metadata(disk)
@@ -202,28 +243,33 @@ impl Device {
                         "disk image {} is not the size the golden snapshot was made with",
                         disk.display()
                     );
-                    disk.to_path_buf()
+                    Some(disk.to_path_buf())
                 }
-                None => dir.disk(&format!("{name}.img"), size),
+                None => Some(dir.disk(&format!("{name}.img"), size)),
             }
+        };
+        let tap = tap_name(dir, name);
+        let vfsim = |function: &Function, native: bool| {
+            let disk = disk_for(function);
+            let wire = match (function, &disk) {
+                (Function::Net { mac }, _) => Wire::Tap { name: &tap, mac },
+                (Function::Blk { .. }, Some(disk)) => Wire::Disk(disk),
+                (Function::Blk { .. }, None) => unreachable!("disk_for gives a blk VF a disk"),
+            };
+            Vfsim::start_wired(dir, wire, name, netns, native)
         };
         match self {
             Device::MediatedVfsim {
                 id,
                 mediator,
-                disk_size,
+                function,
             } => {
-                let disk = disk_for(*disk_size);
-                let v = match netns {
-                    Some(ns) => Vfsim::start_in(dir, &disk, name, ns),
-                    None => Vfsim::start_with_pf(dir, &disk, name),
-                };
+                let v = vfsim(function, false);
                 let arg = v.mediated(mediator, id);
                 (DeviceProcess::Vfsim(v), arg)
             }
-            Device::NativeVfsim { id, disk_size } => {
-                let disk = disk_for(*disk_size);
-                let v = Vfsim::start_native(dir, &disk, name, netns);
+            Device::NativeVfsim { id, function } => {
+                let v = vfsim(function, true);
                 let arg = format!("vfio-user,socket={},id={id}", v.socket.display());
                 (DeviceProcess::Vfsim(v), arg)
             }

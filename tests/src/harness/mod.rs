@@ -39,13 +39,13 @@ pub use crate::agent::protocol::{
 };
 pub use api::{boot_with_api, golden_with_api, ApiClient, CtlOutcome};
 pub use client::{Agent, AgentError, DEFAULT_TIMEOUT};
-pub use golden::{Device, DeviceProcess};
+pub use golden::{Device, DeviceProcess, Function};
 pub use guest_run::run;
 pub use image::{GuestImage, ImageError};
 pub use netns::{NetnsError, NetnsPair, Side};
 pub use paths::{guest_cmdline, vmm_binary, workspace_root, PathsError};
 pub use testdir::{TestDir, TestDirError};
-pub use vfsim::Vfsim;
+pub use vfsim::{tap_name, Vfsim, Wire};
 pub use vm::{Vm, VmBuilder, VmError, DEFAULT_BOOT_TIMEOUT};
 pub use workload::{
     WorkloadClient, WorkloadDisk, WorkloadStartRequest, WorkloadStatus, WorkloadVerifyReply,

@@ -14,24 +14,52 @@ pub struct Vfsim {
     pub socket: PathBuf,
     /// Its PF-side control socket, if started with one.
     pub pf: Option<PathBuf>,
+    /// The tap a virtio-net VF is wired to (in the namespace it runs in).
+    pub tap: Option<String>,
+}
+
+/// What a vfsim serves: a virtio-blk VF over a disk image, or a virtio-net VF whose wire is
+/// a tap device.
+#[derive(Debug, Clone, Copy)]
+pub enum Wire<'a> {
+    /// `--disk PATH`.
+    Disk(&'a Path),
+    /// `--net-tap NAME --mac MAC`.
+    Tap {
+        /// The tap's name (at most 15 bytes; see [`tap_name`]).
+        name: &'a str,
+        /// The VF's MAC address, `xx:xx:xx:xx:xx:xx`.
+        mac: &'a str,
+    },
+}
+
+/// A tap name for vfsim `name` of test directory `dir`: unique across the tests running at
+/// once (interface names are per namespace, and golden snapshots are made in the
+/// machine's own), and within the kernel's 15 bytes.
+pub fn tap_name(dir: &TestDir, name: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    dir.path().hash(&mut h);
+    name.hash(&mut h);
+    format!("vt{:012x}", h.finish() & 0xffff_ffff_ffff)
 }
 
 impl Vfsim {
     /// Starts `vfsim` (built beside `vmm`) on `disk`, with socket and log `NAME.sock` /
     /// `NAME.log` in `dir`, and waits for its socket. Panics when it cannot start.
     pub fn start(dir: &TestDir, disk: &Path, name: &str) -> Vfsim {
-        Self::spawn(dir, disk, name, false, None, &[])
+        Self::spawn(dir, Wire::Disk(disk), name, false, None, &[])
     }
 
     /// As [`start`](Self::start), with a PF-side control socket `NAME.pf` in `dir`.
     pub fn start_with_pf(dir: &TestDir, disk: &Path, name: &str) -> Vfsim {
-        Self::spawn(dir, disk, name, true, None, &[])
+        Self::spawn(dir, Wire::Disk(disk), name, true, None, &[])
     }
 
     /// As [`start_with_pf`](Self::start_with_pf), inside network namespace `netns` (a
     /// device of another "host"; its Unix sockets are still files in `dir`).
     pub fn start_in(dir: &TestDir, disk: &Path, name: &str, netns: &str) -> Vfsim {
-        Self::spawn(dir, disk, name, true, Some(netns), &[])
+        Self::spawn(dir, Wire::Disk(disk), name, true, Some(netns), &[])
     }
 
     /// As [`start_in`](Self::start_in), with vfsim's own vfio-user migration
@@ -43,7 +71,27 @@ impl Vfsim {
     /// vfsim with its PF socket and its own vfio-user migration (`--native-migration`),
     /// inside `netns` if given.
     pub fn start_native(dir: &TestDir, disk: &Path, name: &str, netns: Option<&str>) -> Vfsim {
-        Self::spawn(dir, disk, name, true, netns, &["--native-migration"])
+        Self::spawn(
+            dir,
+            Wire::Disk(disk),
+            name,
+            true,
+            netns,
+            &["--native-migration"],
+        )
+    }
+
+    /// vfsim serving `wire`, with its PF socket, inside `netns` if given, with vfsim's own
+    /// vfio-user migration if `native`.
+    pub fn start_wired(
+        dir: &TestDir,
+        wire: Wire<'_>,
+        name: &str,
+        netns: Option<&str>,
+        native: bool,
+    ) -> Vfsim {
+        let extra: &[&str] = if native { &["--native-migration"] } else { &[] };
+        Self::spawn(dir, wire, name, true, netns, extra)
     }
 
     /// The vfsim binary (built beside `vmm`).
@@ -53,7 +101,7 @@ impl Vfsim {
 
     fn spawn(
         dir: &TestDir,
-        disk: &Path,
+        wire: Wire<'_>,
         name: &str,
         with_pf: bool,
         netns: Option<&str>,
@@ -76,7 +124,17 @@ impl Vfsim {
             }
             None => Command::new(&bin),
         };
-        cmd.arg("--socket").arg(&socket).arg("--disk").arg(disk);
+        cmd.arg("--socket").arg(&socket);
+        let tap = match wire {
+            Wire::Disk(disk) => {
+                cmd.arg("--disk").arg(disk);
+                None
+            }
+            Wire::Tap { name, mac } => {
+                cmd.args(["--net-tap", name, "--mac", mac]);
+                Some(name.to_owned())
+            }
+        };
         if let Some(pf) = &pf {
             cmd.arg("--pf-socket").arg(pf);
         }
@@ -95,7 +153,12 @@ impl Vfsim {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Vfsim { child, socket, pf }
+        Vfsim {
+            child,
+            socket,
+            pf,
+            tap,
+        }
     }
 }
 
