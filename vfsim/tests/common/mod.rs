@@ -20,7 +20,7 @@ use vfio_user::Client;
 use vfsim::common_cfg::*;
 use vfsim::layout::*;
 use vfsim::mmap::{memfd, Mapping};
-use vfsim::{serve, SimConfig, VfSim};
+use vfsim::{serve, PersonalityConfig, SimConfig, VfSim};
 
 /// MSI-X control word: enable.
 pub const MSIX_ENABLE: u16 = 1 << 15;
@@ -71,7 +71,7 @@ pub fn start_server() -> Server {
     std::fs::write(&disk, vec![0u8; DISK_SIZE as usize]).unwrap();
     let socket = dir.join("vfsim.sock");
     let mut device = VfSim::new(&SimConfig {
-        disk: disk.clone(),
+        personality: PersonalityConfig::Blk { disk: disk.clone() },
         queue_size: 256,
         native_migration: false,
     })
