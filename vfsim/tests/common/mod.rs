@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod net;
 pub mod process;
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
