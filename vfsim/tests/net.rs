@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::net::*;
 use common::process::Scratch;
-use common::{wait_eventfd, GUEST_BASE};
+use common::{wait_eventfd, Bar, GUEST_BASE};
 use pf_protocol::proto::ErrorKind;
 use pf_protocol::PfError;
 use vfio_bindings::bindings::vfio::{VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX};
@@ -28,6 +28,37 @@ fn config_dword(d: &NetDriver, at: u64) -> u32 {
     u32::from_le_bytes(b)
 }
 
+/// A running net vfsim in its namespace, a packet socket on its tap, and a driver that
+/// initialised it. Dropped driver first, the namespace and directory last.
+struct Rig {
+    d: NetDriver,
+    pf: pf_protocol::PfClient,
+    sock: std::os::fd::OwnedFd,
+    _vf: common::process::Vfsim,
+    _ns: NetNs,
+    _dir: Scratch,
+}
+
+impl Rig {
+    fn start(name: &str) -> Rig {
+        let dir = Scratch::new(name);
+        let ns = NetNs::new();
+        let vf = start_net(&ns, &dir.0, "a", &[]);
+        let pf = vf.pf();
+        let sock = ns.packet_socket();
+        let mut d = NetDriver::connect(&vf.socket);
+        d.init(FEATURES);
+        Rig {
+            d,
+            pf,
+            sock,
+            _vf: vf,
+            _ns: ns,
+            _dir: dir,
+        }
+    }
+}
+
 /// The received header: all zero but num_buffers = 1.
 fn rx_header() -> Vec<u8> {
     let mut h = vec![0u8; 12];
@@ -39,7 +70,7 @@ fn rx_header() -> Vec<u8> {
 fn identity_features_and_device_config() {
     let dir = Scratch::new("net-id");
     let ns = NetNs::new();
-    let vf = NetVfsim::start(&ns, &dir.0, "a", &["--mac", "02:11:22:33:44:55"]);
+    let vf = start_net(&ns, &dir.0, "a", &["--mac", "02:11:22:33:44:55"]);
     let d = NetDriver::connect(&vf.socket);
     assert_eq!(config_dword(&d, 0), 0x1041_1af4, "virtio-net, modern");
     assert_eq!(config_dword(&d, 8) >> 8, 0x02_00_00, "network controller");
@@ -76,13 +107,8 @@ const COMMON_NUM_QUEUES: u64 = 0x12;
 
 #[test]
 fn frames_go_both_ways_and_receive_waits_for_buffers() {
-    let dir = Scratch::new("net-io");
-    let ns = NetNs::new();
-    let vf = NetVfsim::start(&ns, &dir.0, "a", &[]);
-    let pf = vf.pf();
-    let sock = ns.packet_socket();
-    let mut d = NetDriver::connect(&vf.socket);
-    d.init(FEATURES);
+    let mut rig = Rig::start("net-io");
+    let Rig { d, pf, sock, .. } = &mut rig;
 
     // Transmit: header and frame in two descriptors; the frame alone reaches the tap.
     let out = frame(b"from the guest");
@@ -93,13 +119,13 @@ fn frames_go_both_ways_and_receive_waits_for_buffers() {
         "tx vector"
     );
     assert_eq!(
-        capture(&sock, Duration::from_secs(5)).as_deref(),
+        capture(sock, Duration::from_secs(5)).as_deref(),
         Some(&out[..])
     );
 
     // Receive: with no buffer posted, the frame waits in the tap (nothing dropped).
     let inbound = frame(&[0x5a; 100]);
-    inject(&sock, &inbound);
+    inject(sock, &inbound);
     assert_eq!(d.try_used(0, QUIET), None);
     let s = pf.stats().unwrap();
     assert_eq!((s.rx_frames, s.rx_dropped, s.tx_frames), (0, 0, 1));
@@ -129,14 +155,14 @@ fn frames_go_both_ways_and_receive_waits_for_buffers() {
     d.post_rx(1, 2048);
     std::thread::sleep(Duration::from_millis(50));
     let sent = Instant::now();
-    inject(&sock, &frame(b"prompt"));
+    inject(sock, &frame(b"prompt"));
     assert_eq!(d.wait_used(0).0, 1);
     eprintln!("received {:?} after it was sent", sent.elapsed());
 
     // A buffer too short for header and frame: the frame is dropped and counted, the
     // buffer returned empty and not written.
     d.post_rx(2, 20);
-    inject(&sock, &frame(&[1; 60]));
+    inject(sock, &frame(&[1; 60]));
     assert_eq!(d.wait_used(0), (2, 0));
     assert!(d.rx_data(2, 20).iter().all(|b| *b == 0xee));
     let s = pf.stats().unwrap();
@@ -154,18 +180,13 @@ fn frames_go_both_ways_and_receive_waits_for_buffers() {
 
 #[test]
 fn quiesce_holds_both_directions_and_resume_continues() {
-    let dir = Scratch::new("net-quiesce");
-    let ns = NetNs::new();
-    let vf = NetVfsim::start(&ns, &dir.0, "a", &[]);
-    let pf = vf.pf();
-    let sock = ns.packet_socket();
-    let mut d = NetDriver::connect(&vf.socket);
-    d.init(FEATURES);
+    let mut rig = Rig::start("net-quiesce");
+    let Rig { d, pf, sock, .. } = &mut rig;
     d.post_rx(0, 2048);
     let report = pf.quiesce().unwrap();
     assert_eq!(report.in_flight, 0);
     let inbound = frame(b"while quiesced");
-    inject(&sock, &inbound);
+    inject(sock, &inbound);
     let out = frame(b"queued while quiesced");
     d.post_tx(0, &out);
     assert_eq!(d.try_used(0, QUIET), None, "no receive while quiesced");
@@ -174,12 +195,12 @@ fn quiesce_holds_both_directions_and_resume_continues() {
         None,
         "no transmit while quiesced"
     );
-    assert_eq!(capture(&sock, Duration::ZERO), None);
+    assert_eq!(capture(sock, Duration::ZERO), None);
     pf.resume().unwrap();
     assert_eq!(d.wait_used(0), (0, 12 + inbound.len() as u32));
     assert_eq!(d.wait_used(1), (0, 0));
     assert_eq!(
-        capture(&sock, Duration::from_secs(5)).as_deref(),
+        capture(sock, Duration::from_secs(5)).as_deref(),
         Some(&out[..])
     );
     assert_eq!(
@@ -193,7 +214,7 @@ fn quiesce_holds_both_directions_and_resume_continues() {
 fn the_state_moves_to_a_fresh_process_which_announces() {
     let dir = Scratch::new("net-move");
     let ns = NetNs::new();
-    let a = NetVfsim::start(&ns, &dir.0, "a", &[]);
+    let a = start_net(&ns, &dir.0, "a", &[]);
     let mut d = NetDriver::connect(&a.socket);
     d.init(FEATURES);
     {
@@ -214,7 +235,7 @@ fn the_state_moves_to_a_fresh_process_which_announces() {
     drop(d);
     drop(a);
 
-    let b = NetVfsim::start(&ns, &dir.0, "b", &[]);
+    let b = start_net(&ns, &dir.0, "b", &[]);
     let pf = b.pf();
     let sock = ns.packet_socket();
     // Another personality's state, and another MAC's, are refused.
@@ -279,16 +300,11 @@ fn the_state_moves_to_a_fresh_process_which_announces() {
 
 #[test]
 fn the_dma_log_holds_received_buffers_and_the_used_ring() {
-    let dir = Scratch::new("net-dmalog");
-    let ns = NetNs::new();
-    let vf = NetVfsim::start(&ns, &dir.0, "a", &[]);
-    let pf = vf.pf();
-    let sock = ns.packet_socket();
-    let mut d = NetDriver::connect(&vf.socket);
-    d.init(FEATURES);
+    let mut rig = Rig::start("net-dmalog");
+    let Rig { d, pf, sock, .. } = &mut rig;
     pf.dma_log_start().unwrap();
     d.post_rx(3, 2048);
-    inject(&sock, &frame(b"logged"));
+    inject(sock, &frame(b"logged"));
     d.wait_used(0);
     let pages = pf.dma_log_take().unwrap();
     let rx_page = GUEST_BASE + RX_BUF + 0x3000;
@@ -338,4 +354,73 @@ fn the_command_line_names_both_personalities() {
     ] {
         assert!(help.contains(needle), "{needle}: {help}");
     }
+}
+
+#[test]
+fn native_migration_carries_the_net_state_logs_rx_and_announces() {
+    use vfio_user::{DmaLoggingRange, MigState};
+    let native = &["--native-migration"];
+    let dir = Scratch::new("net-native");
+    let ns = NetNs::new();
+    let a = start_net(&ns, &dir.0, "a", native);
+    let mut d = NetDriver::connect(&a.socket);
+    d.init(FEATURES);
+    {
+        let sock = ns.packet_socket();
+        let all = [DmaLoggingRange {
+            iova: GUEST_BASE,
+            length: common::GUEST_SIZE,
+        }];
+        assert_eq!(d.client.dma_logging_start(4096, &all).unwrap(), 4096);
+        d.post_rx(5, 2048);
+        inject(&sock, &frame(b"dirty"));
+        d.wait_used(0);
+        let bitmap = d
+            .client
+            .dma_logging_report(GUEST_BASE, common::GUEST_SIZE, 4096)
+            .unwrap();
+        let dirty: Vec<u64> = (0..bitmap.len() as u64 * 64)
+            .filter(|n| bitmap[(n / 64) as usize] & (1 << (n % 64)) != 0)
+            .map(|n| GUEST_BASE + n * 4096)
+            .collect();
+        assert!(
+            dirty.contains(&(GUEST_BASE + RX_BUF + 0x5000)),
+            "{dirty:x?}"
+        );
+        assert!(dirty.contains(&(GUEST_BASE + RINGS[0].2)), "{dirty:x?}");
+        d.client.dma_logging_stop().unwrap();
+    }
+    d.client.set_mig_state(MigState::StopCopy).unwrap();
+    let mut data = Vec::new();
+    loop {
+        let chunk = d.client.mig_data_read(1000).unwrap();
+        if chunk.is_empty() {
+            break;
+        }
+        data.extend(chunk);
+    }
+    let state: pf_protocol::proto::VfState = serde_json::from_slice(&data).unwrap();
+    assert_eq!(state.net.as_ref().unwrap().mac, "52:54:00:12:34:56");
+    let mem_fd = d.mem_fd.try_clone().unwrap();
+    let (avail, used) = (d.avail, d.used);
+    drop(d);
+    drop(a);
+
+    let b = start_net(&ns, &dir.0, "b", native);
+    let sock = ns.packet_socket();
+    let mut d = NetDriver::connect_with_memory(&b.socket, mem_fd);
+    (d.avail, d.used) = (avail, used);
+    d.client.set_mig_state(MigState::Resuming).unwrap();
+    d.client.mig_data_write(&data).unwrap();
+    d.client.set_mig_state(MigState::Running).unwrap();
+    for i in 0..3 {
+        let f = capture(&sock, Duration::from_secs(2))
+            .unwrap_or_else(|| panic!("announcement {i} missing"));
+        assert_eq!(&f[12..14], &[0x80, 0x35], "RARP");
+    }
+    assert_eq!(b.pf().stats().unwrap().announcements, 3);
+    let inbound = frame(b"after the move");
+    d.post_rx(6, 2048);
+    inject(&sock, &inbound);
+    assert_eq!(d.wait_used(0), (6, 12 + inbound.len() as u32));
 }

@@ -3,23 +3,21 @@
 //! virtio-net driver over the vfio-user client (receiveq and transmitq in a memfd acting
 //! as guest memory).
 
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use pf_protocol::PfClient;
-use vfio_bindings::bindings::vfio::{
-    VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_UNMASK, VFIO_IRQ_SET_DATA_EVENTFD,
-    VFIO_IRQ_SET_DATA_NONE, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
-};
 use vfio_user::Client;
 use vfsim::common_cfg::*;
 use vfsim::layout::*;
 use vfsim::mmap::{memfd, Mapping};
 
-use super::{eventfd, GUEST_BASE, GUEST_SIZE, MSIX_ENABLE};
+use super::process::Vfsim;
+use super::{
+    attach, mask_vectors, msix_control, write_desc, Bar, GUEST_BASE, GUEST_SIZE, MSIX_ENABLE,
+};
 
 /// The tap's name inside the namespace.
 pub const TAP: &str = "vtap0";
@@ -192,58 +190,18 @@ pub fn frame(payload: &[u8]) -> Vec<u8> {
     f
 }
 
-/// A `vfsim --net-tap` process in a namespace.
-pub struct NetVfsim {
-    pub child: Child,
-    pub socket: PathBuf,
-    pub pf_socket: PathBuf,
+/// Starts `vfsim --net-tap` [`TAP`] in `ns` (`ip netns exec` execs it, so the child's
+/// pid is vfsim's) with sockets `<name>.sock`/`<name>.pf` in `dir`.
+pub fn start_net(ns: &NetNs, dir: &Path, name: &str, extra: &[&str]) -> Vfsim {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name, env!("CARGO_BIN_EXE_vfsim")])
+        .args(["--net-tap", TAP]);
+    Vfsim::launch(cmd, dir, name, extra)
 }
 
-impl NetVfsim {
-    /// Starts vfsim on tap [`TAP`] in `ns` with sockets `<name>.sock`/`<name>.pf` in
-    /// `dir` and waits for both.
-    pub fn start(ns: &NetNs, dir: &Path, name: &str, extra: &[&str]) -> NetVfsim {
-        let socket = dir.join(format!("{name}.sock"));
-        let pf_socket = dir.join(format!("{name}.pf"));
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns.name, env!("CARGO_BIN_EXE_vfsim")])
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--pf-socket")
-            .arg(&pf_socket)
-            .args(["--net-tap", TAP, "--log-level", "warn"])
-            .args(extra)
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut v = NetVfsim {
-            child,
-            socket,
-            pf_socket,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !(v.socket.exists() && v.pf_socket.exists()) {
-            assert!(v.child.try_wait().unwrap().is_none(), "vfsim exited");
-            assert!(
-                Instant::now() < deadline,
-                "vfsim did not create its sockets"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        v
-    }
-
-    /// A PF client with a 5 s timeout.
-    pub fn pf(&self) -> PfClient {
-        PfClient::connect(&self.pf_socket, Duration::from_secs(5)).unwrap()
-    }
-}
-
-impl Drop for NetVfsim {
-    fn drop(&mut self) {
-        // `ip netns exec` execs vfsim, so this pid is vfsim's.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl Bar for NetDriver {
+    fn client(&self) -> &Client {
+        &self.client
     }
 }
 
@@ -266,38 +224,9 @@ impl NetDriver {
 
     /// Like [`NetDriver::connect`] over `mem_fd` (another driver's memory).
     pub fn connect_with_memory(socket: &Path, mem_fd: OwnedFd) -> NetDriver {
-        let client = Client::connect(socket, Duration::from_secs(5)).unwrap();
-        let mem = Mapping::new(mem_fd.as_fd(), 0, GUEST_SIZE, true).unwrap();
-        client
-            .dma_map(GUEST_BASE, GUEST_SIZE, mem_fd.as_fd(), 0, true, true)
-            .unwrap();
-        let irqs = vec![eventfd(), eventfd(), eventfd()];
-        let fds: Vec<_> = irqs.iter().map(|f| f.as_fd()).collect();
-        client
-            .set_irqs(
-                VFIO_PCI_MSIX_IRQ_INDEX,
-                VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
-                0,
-                3,
-                &fds,
-            )
-            .unwrap();
-        client
-            .region_write(
-                VFIO_PCI_CONFIG_REGION_INDEX,
-                CAP_MSIX as u64 + 2,
-                &MSIX_ENABLE.to_le_bytes(),
-            )
-            .unwrap();
-        client
-            .set_irqs(
-                VFIO_PCI_MSIX_IRQ_INDEX,
-                VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_UNMASK,
-                0,
-                3,
-                &[],
-            )
-            .unwrap();
+        let (client, mem, irqs) = attach(socket, &mem_fd, 3);
+        msix_control(&client, MSIX_ENABLE);
+        mask_vectors(&client, 0, 3, false);
         NetDriver {
             client,
             mem,
@@ -306,20 +235,6 @@ impl NetDriver {
             avail: [0; 2],
             used: [0; 2],
         }
-    }
-
-    pub fn bar_write(&self, offset: u64, data: &[u8]) {
-        self.client.region_write(0, offset, data).unwrap();
-    }
-
-    pub fn bar_read(&self, offset: u64, len: usize) -> u64 {
-        let mut b = [0u8; 8];
-        self.client.region_read(0, offset, &mut b[..len]).unwrap();
-        u64::from_le_bytes(b)
-    }
-
-    pub fn status(&self) -> u8 {
-        self.bar_read(COMMON_OFFSET + 0x14, 1) as u8
     }
 
     /// Offered features (both words).
@@ -368,12 +283,14 @@ impl NetDriver {
 
     /// Writes descriptor `i` of queue `q`.
     pub fn desc(&self, q: usize, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let mut d = [0u8; 16];
-        d[0..8].copy_from_slice(&addr.to_le_bytes());
-        d[8..12].copy_from_slice(&len.to_le_bytes());
-        d[12..14].copy_from_slice(&flags.to_le_bytes());
-        d[14..16].copy_from_slice(&next.to_le_bytes());
-        self.mem.write(RINGS[q].0 + 16 * u64::from(i), &d).unwrap();
+        write_desc(
+            &self.mem,
+            RINGS[q].0 + 16 * u64::from(i),
+            addr,
+            len,
+            flags,
+            next,
+        );
     }
 
     /// Publishes `head` on queue `q` and rings its doorbell (trapped).
