@@ -129,6 +129,18 @@ pub struct Stats {
     pub quiesced: bool,
     /// Whether DMA writes are being logged.
     pub dma_logging: bool,
+    /// virtio-net: frames delivered into receive buffers (absent from older agents: 0).
+    #[serde(default)]
+    pub rx_frames: u64,
+    /// virtio-net: frames taken from transmit chains and sent on the tap.
+    #[serde(default)]
+    pub tx_frames: u64,
+    /// virtio-net: received frames dropped because the receive buffer was too short.
+    #[serde(default)]
+    pub rx_dropped: u64,
+    /// virtio-net: gratuitous RARP frames sent to announce the MAC after a move.
+    #[serde(default)]
+    pub announcements: u64,
 }
 
 /// Everything a fresh VF (for vfsim: a fresh vfsim over the same disk image) needs so
@@ -157,11 +169,20 @@ pub struct VfState {
     pub queue_select: u16,
     /// ISR status (read to clear).
     pub isr: u8,
-    /// Disk capacity in sectors (checked on load: the device configuration must not
-    /// change under the driver).
+    /// virtio-blk: disk capacity in sectors (checked on load: the device configuration
+    /// must not change under the driver). 0 for other device types.
+    #[serde(default)]
     pub capacity_sectors: u64,
-    /// The id string `GET_ID` returns (at most 20 bytes), restored on load.
+    /// virtio-blk: the id string `GET_ID` returns (at most 20 bytes), restored on load.
+    /// Empty for other device types.
+    #[serde(default)]
     pub serial: String,
+    /// virtio-net: the device configuration; absent for other device types (and in
+    /// states saved before there was a virtio-net function). A state with it loads only
+    /// into a virtio-net function with the same MAC; one without it only into a
+    /// virtio-blk function.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<NetState>,
     /// PCI configuration registers the driver may write.
     pub pci: PciState,
     /// The MSI-X table, one entry per vector.
@@ -177,6 +198,15 @@ pub struct VfState {
     /// within one processing pass, so this is 0 in every state it gives, and its
     /// `set_state` refuses anything else.
     pub in_flight: u32,
+}
+
+/// The virtio-net part of a [`VfState`]: its device configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetState {
+    /// The MAC address, `xx:xx:xx:xx:xx:xx` (lowercase hex).
+    pub mac: String,
+    /// The `status` field of the device configuration (`VIRTIO_NET_S_LINK_UP` = 1).
+    pub status: u16,
 }
 
 /// PCI configuration registers the driver may write.
@@ -245,6 +275,7 @@ mod tests {
             isr: 1,
             capacity_sectors: u64::MAX,
             serial: "vfsim-1234".into(),
+            net: None,
             pci: PciState {
                 command: 0x0406,
                 bar0: 0x0000_0001_e000_0004,
@@ -286,11 +317,24 @@ mod tests {
         assert_eq!(&back, v, "{line}");
     }
 
+    fn net_state() -> VfState {
+        VfState {
+            capacity_sectors: 0,
+            serial: String::new(),
+            net: Some(NetState {
+                mac: "52:54:00:12:34:56".into(),
+                status: 1,
+            }),
+            ..state()
+        }
+    }
+
     #[test]
     fn requests_round_trip() {
         for r in [
             Request::GetState,
             Request::SetState { state: state() },
+            Request::SetState { state: net_state() },
             Request::Quiesce,
             Request::Resume,
             Request::DmaLogStart,
@@ -309,6 +353,7 @@ mod tests {
         for r in [
             Response::Ok,
             Response::State { state: state() },
+            Response::State { state: net_state() },
             Response::Quiesced(QuiesceReport {
                 in_flight: 0,
                 requests_completed: u64::MAX,
@@ -321,6 +366,10 @@ mod tests {
                 doorbells: 7,
                 quiesced: true,
                 dma_logging: false,
+                rx_frames: 1,
+                tx_frames: 2,
+                rx_dropped: 3,
+                announcements: 3,
             }),
             Response::Error {
                 kind: ErrorKind::LineTooLong,
@@ -329,6 +378,25 @@ mod tests {
         ] {
             round_trip(&r);
         }
+    }
+
+    #[test]
+    fn older_json_still_parses() {
+        // Stats and states from before the virtio-net fields.
+        let stats: Stats = serde_json::from_str(
+            r#"{"requests_completed":1,"doorbells":2,"quiesced":false,"dma_logging":true}"#,
+        )
+        .unwrap();
+        assert_eq!((stats.rx_frames, stats.announcements), (0, 0));
+        let mut old = serde_json::to_value(state()).unwrap();
+        old.as_object_mut().unwrap().remove("net");
+        let back: VfState = serde_json::from_value(old.clone()).unwrap();
+        assert_eq!(back, state());
+        // A net state may leave out the blk fields.
+        let mut net = serde_json::to_value(net_state()).unwrap();
+        net.as_object_mut().unwrap().remove("capacity_sectors");
+        net.as_object_mut().unwrap().remove("serial");
+        assert_eq!(serde_json::from_value::<VfState>(net).unwrap(), net_state());
     }
 
     #[test]
@@ -360,6 +428,10 @@ mod tests {
         let s = serde_json::to_value(state()).unwrap();
         assert_eq!(s["queues"][0]["last_avail_idx"], 65535);
         assert_eq!(s["pci"]["command"], 0x0406);
+        assert!(s.get("net").is_none(), "no net section in a blk state: {s}");
+        let n = serde_json::to_value(net_state()).unwrap();
+        assert_eq!(n["net"]["mac"], "52:54:00:12:34:56");
+        assert_eq!(n["net"]["status"], 1);
         assert!(serde_json::from_str::<Request>(r#"{"op":"nope"}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"op":"set_state","state":1}"#).is_err());
     }

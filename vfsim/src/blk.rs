@@ -7,9 +7,23 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::guest_mem::GuestMemory;
-use crate::virtqueue::{Chain, Segment};
+use pf_protocol::proto::VfState;
 
+use crate::common_cfg::VIRTIO_F_VERSION_1;
+use crate::guest_mem::GuestMemory;
+use crate::layout::{Identity, BLK_IDENTITY};
+use crate::personality::{DeviceConfig, Personality, Ring};
+use crate::virtqueue::{addr_at, gather, total_len as total, Chain, QueueError, Segment};
+
+/// `VIRTIO_BLK_F_SEG_MAX`: `seg_max` is valid.
+pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
+/// `VIRTIO_BLK_F_BLK_SIZE`: `blk_size` is valid.
+pub const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
+/// `VIRTIO_BLK_F_FLUSH`: the flush command is supported.
+pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+/// Features the virtio-blk function offers.
+pub const BLK_FEATURES: u64 =
+    VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH;
 /// Sector size of virtio-blk addressing.
 pub const SECTOR_SIZE: u64 = 512;
 /// `VIRTIO_BLK_T_IN`: read.
@@ -281,44 +295,95 @@ fn split_status(writable: &[Segment]) -> Option<(Vec<Segment>, u64)> {
     None
 }
 
-/// `addr + offset`, or why it does not exist.
-fn addr_at(addr: u64, offset: u64) -> Result<u64, String> {
-    addr.checked_add(offset)
-        .ok_or_else(|| format!("buffer address {addr:#x} + {offset:#x} wraps around"))
+/// The virtio-blk personality: one request queue over a [`Disk`].
+#[derive(Debug)]
+pub struct BlkFunction {
+    disk: Disk,
 }
 
-fn total(segs: &[Segment]) -> u64 {
-    segs.iter().map(|s| u64::from(s.len)).sum()
+impl BlkFunction {
+    /// The function over `disk`.
+    pub fn new(disk: Disk) -> Self {
+        BlkFunction { disk }
+    }
+
+    /// The disk image.
+    pub fn disk(&self) -> &Disk {
+        &self.disk
+    }
 }
 
-/// Copies `out.len()` bytes from the buffers, starting `skip` bytes in.
-fn gather(
-    mem: &GuestMemory,
-    segs: &[Segment],
-    mut skip: u64,
-    out: &mut [u8],
-) -> Result<(), String> {
-    let mut done = 0usize;
-    for seg in segs {
-        if done == out.len() {
-            break;
-        }
-        let seg_len = u64::from(seg.len);
-        if skip >= seg_len {
-            skip -= seg_len;
-            continue;
-        }
-        let n = ((seg_len - skip) as usize).min(out.len() - done);
-        mem.read(addr_at(seg.addr, skip)?, &mut out[done..done + n])
-            .map_err(|e| e.to_string())?;
-        done += n;
-        skip = 0;
+impl Personality for BlkFunction {
+    fn name(&self) -> &'static str {
+        "virtio-blk"
     }
-    if done < out.len() {
-        return Err(format!(
-            "the request is shorter than its {}-byte header",
-            out.len()
-        ));
+
+    fn identity(&self) -> &'static Identity {
+        &BLK_IDENTITY
     }
-    Ok(())
+
+    fn features(&self) -> u64 {
+        BLK_FEATURES
+    }
+
+    /// `struct virtio_blk_config`: capacity, `seg_max`, `blk_size`.
+    fn device_config(&self, max_queue_size: u16) -> DeviceConfig {
+        let mut c = [0u8; std::mem::size_of::<DeviceConfig>()];
+        c[0..8].copy_from_slice(&self.disk.sectors().to_le_bytes());
+        let seg_max = u32::from(max_queue_size).saturating_sub(2).max(1);
+        c[12..16].copy_from_slice(&seg_max.to_le_bytes());
+        c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        c
+    }
+
+    fn serve(&mut self, _index: usize, ring: &mut Ring<'_>) -> Result<(), QueueError> {
+        while let Some(chain) = ring.pop()? {
+            let len = self.disk.execute(ring.mem(), &chain).unwrap_or_else(|e| {
+                tracing::warn!("completing a request without status: {e}");
+                0
+            });
+            ring.complete(chain.head, len)?;
+        }
+        Ok(())
+    }
+
+    fn save(&self, state: &mut VfState) {
+        let id = self.disk.id();
+        let id_len = id.iter().position(|b| *b == 0).unwrap_or(ID_LEN);
+        state.capacity_sectors = self.disk.sectors();
+        state.serial = String::from_utf8_lossy(&id[..id_len]).into_owned();
+    }
+
+    fn check(&self, state: &VfState) -> Result<(), String> {
+        if let Some(net) = &state.net {
+            return Err(format!(
+                "the state is of a virtio-net function (MAC {}), this is a virtio-blk function",
+                net.mac
+            ));
+        }
+        if state.capacity_sectors != self.disk.sectors() {
+            return Err(format!(
+                "the state comes from a disk of {} sectors, this one has {}",
+                state.capacity_sectors,
+                self.disk.sectors()
+            ));
+        }
+        if state.serial.len() > ID_LEN || state.serial.as_bytes().contains(&0) {
+            return Err(format!(
+                "serial {:?} is longer than {ID_LEN} bytes or contains NUL",
+                state.serial
+            ));
+        }
+        Ok(())
+    }
+
+    fn load(&mut self, state: &VfState) {
+        let mut id = [0u8; ID_LEN];
+        id[..state.serial.len()].copy_from_slice(state.serial.as_bytes());
+        self.disk.set_id(id);
+    }
+
+    fn backing_file(&self) -> Option<io::Result<File>> {
+        Some(self.disk.try_clone_file())
+    }
 }

@@ -1,5 +1,6 @@
-//! [`VfSim`]: the virtio-blk function as a [`vfio_user::Device`]. Region 0 is BAR 0
-//! (see [`crate::layout`]), region 7 the configuration space; MSI-X is IRQ index 2.
+//! [`VfSim`]: the function (virtio-blk or virtio-net, see [`crate::personality`]) as a
+//! [`vfio_user::Device`]. Region 0 is BAR 0 (see [`crate::layout`]), region 7 the
+//! configuration space; MSI-X is IRQ index 2.
 //!
 //! MSI-X is as strict as hardware (see [`crate::irq`]): the client must enable it in
 //! configuration space and unmask each vector, through the MSI-X table in BAR 0 or with
@@ -25,14 +26,17 @@ use vfio_user::{
     MigState, RegionInfo, SparseArea,
 };
 
-use crate::blk::{BlkError, Disk};
+use crate::blk::{BlkError, BlkFunction, Disk};
 use crate::common_cfg::CfgEvent;
 use crate::engine::Engine;
 use crate::guest_mem::GuestMemError;
 use crate::layout::*;
 use crate::mmap::{memfd, Mapping, MmapError};
 use crate::native_mig::NativeMigration;
+use crate::net::tap::{Tap, TapError};
+use crate::net::{Mac, NetFunction};
 use crate::pci_config::{PciRegs, MSIX_CONTROL, MSIX_ENTRY_SIZE, MSIX_VECTOR_CONTROL};
+use crate::personality::Personality;
 use crate::pf::control::Controller;
 use crate::poller::{Poller, PollerError};
 
@@ -45,6 +49,9 @@ pub enum DeviceError {
     /// The disk image could not be opened.
     #[error(transparent)]
     Disk(#[from] BlkError),
+    /// The tap could not be opened.
+    #[error(transparent)]
+    Tap(#[from] TapError),
     /// The BAR memory could not be created or mapped.
     #[error("setting up the BAR 0 memfd failed: {0}")]
     BarMemory(#[from] MmapError),
@@ -53,11 +60,46 @@ pub enum DeviceError {
     Poller(#[from] PollerError),
 }
 
+/// Which function to be, and over what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PersonalityConfig {
+    /// virtio-blk over a disk image (read and written in place).
+    Blk {
+        /// The disk image.
+        disk: PathBuf,
+    },
+    /// virtio-net over a tap interface (created if missing).
+    Net {
+        /// The tap's name.
+        tap: String,
+        /// The MAC address.
+        mac: Mac,
+    },
+}
+
+impl PersonalityConfig {
+    /// Opens what the personality runs over.
+    pub fn open(&self) -> Result<Box<dyn Personality>, DeviceError> {
+        Ok(match self {
+            PersonalityConfig::Blk { disk } => {
+                let d = Disk::open(disk)?;
+                tracing::info!(path = %disk.display(), sectors = d.sectors(), "disk image opened");
+                Box::new(BlkFunction::new(d))
+            }
+            PersonalityConfig::Net { tap, mac } => {
+                let t = Tap::open(tap)?;
+                tracing::info!(tap, %mac, "tap opened");
+                Box::new(NetFunction::new(t, *mac))
+            }
+        })
+    }
+}
+
 /// How to build the device.
 #[derive(Debug, Clone)]
 pub struct SimConfig {
-    /// The disk image.
-    pub disk: PathBuf,
+    /// The personality and its backing.
+    pub personality: PersonalityConfig,
     /// Largest queue size offered.
     pub queue_size: u16,
     /// Offer vfio-user's own migration (device features, migration data, DMA
@@ -68,6 +110,7 @@ pub struct SimConfig {
 /// The simulated function.
 #[derive(Debug)]
 pub struct VfSim {
+    identity: &'static Identity,
     engine: Arc<Mutex<Engine>>,
     pci: Arc<Mutex<PciRegs>>,
     bar_fd: OwnedFd,
@@ -89,23 +132,24 @@ enum Block {
 }
 
 impl VfSim {
-    /// Opens the disk, creates the BAR memory and starts the poller.
+    /// Opens the disk or tap, creates the BAR memory and starts the poller.
     pub fn new(cfg: &SimConfig) -> Result<Self, DeviceError> {
         if !cfg.queue_size.is_power_of_two() || !(2..=32768).contains(&cfg.queue_size) {
             return Err(DeviceError::QueueSize(cfg.queue_size));
         }
-        let disk = Disk::open(&cfg.disk)?;
-        tracing::info!(path = %cfg.disk.display(), sectors = disk.sectors(), "disk image opened");
-        let engine = Arc::new(Mutex::new(Engine::new(disk, cfg.queue_size)));
+        let personality = cfg.personality.open()?;
+        let identity = personality.identity();
+        let engine = Arc::new(Mutex::new(Engine::new(personality, cfg.queue_size)));
         let bar_fd = memfd(c"vfsim-bar0", BAR0_SIZE)?;
         let bar = Arc::new(Mapping::new(bar_fd.as_fd(), 0, BAR0_SIZE, true)?);
-        let doorbells = (0..u64::from(NUM_QUEUES))
+        let doorbells = (0..u64::from(identity.num_queues))
             .map(|q| NOTIFY_OFFSET + q * u64::from(NOTIFY_OFF_MULTIPLIER))
             .collect();
         let poller = Poller::spawn(engine.clone(), bar.clone(), doorbells)?;
         let mut sim = VfSim {
+            identity,
             engine,
-            pci: Arc::new(Mutex::new(PciRegs::default())),
+            pci: Arc::new(Mutex::new(PciRegs::new(identity))),
             bar_fd,
             bar,
             poller,
@@ -125,9 +169,10 @@ impl VfSim {
         Controller::new(self.engine.clone(), self.pci.clone(), self.poller.handle())
     }
 
-    /// A second handle on the disk image (to flush it on exit).
-    pub fn disk_file(&self) -> io::Result<File> {
-        self.engine().disk.try_clone_file()
+    /// A second handle on the backing file to flush on exit (the disk image), if the
+    /// personality has one.
+    pub fn backing_file(&self) -> Option<io::Result<File>> {
+        self.engine().personality.backing_file()
     }
 
     fn engine(&self) -> MutexGuard<'_, Engine> {
@@ -144,7 +189,7 @@ impl VfSim {
     }
 
     /// The block holding `offset..offset + len` of BAR 0 and the offset in it.
-    fn block(offset: u64, len: usize) -> DeviceResult<(Block, u64)> {
+    fn block(&self, offset: u64, len: usize) -> DeviceResult<(Block, u64)> {
         let end = offset.checked_add(len as u64).ok_or(Errno(libc::EINVAL))?;
         if end > BAR0_SIZE || len == 0 {
             return Err(Errno(libc::EINVAL));
@@ -154,7 +199,11 @@ impl VfSim {
             (Block::Isr, ISR_OFFSET, ISR_SIZE),
             (Block::DeviceCfg, DEVICE_CFG_OFFSET, DEVICE_CFG_SIZE),
             (Block::Notify, NOTIFY_OFFSET, NOTIFY_SIZE),
-            (Block::MsixTable, MSIX_TABLE_OFFSET, MSIX_TABLE_SIZE),
+            (
+                Block::MsixTable,
+                MSIX_TABLE_OFFSET,
+                self.identity.msix_table_size(),
+            ),
             (Block::MsixPba, MSIX_PBA_OFFSET, MSIX_PBA_SIZE),
         ];
         for (block, start, size) in blocks {
@@ -169,7 +218,7 @@ impl VfSim {
     }
 
     fn bar_read(&mut self, offset: u64, data: &mut [u8]) -> DeviceResult<()> {
-        let (block, off) = Self::block(offset, data.len())?;
+        let (block, off) = self.block(offset, data.len())?;
         let o = off as usize;
         match block {
             Block::Common => self
@@ -298,7 +347,7 @@ impl VfSim {
     }
 
     fn bar_write(&mut self, offset: u64, data: &[u8]) -> DeviceResult<()> {
-        let (block, off) = Self::block(offset, data.len())?;
+        let (block, off) = self.block(offset, data.len())?;
         let o = off as usize;
         match block {
             Block::Common => {
@@ -425,7 +474,7 @@ impl Device for VfSim {
             return Err(Errno(libc::EINVAL));
         }
         let count = if index == VFIO_PCI_MSIX_IRQ_INDEX {
-            u32::from(MSIX_VECTORS)
+            u32::from(self.identity.msix_vectors)
         } else {
             0
         };
@@ -494,7 +543,7 @@ impl Device for VfSim {
             let mut e = self.engine();
             e.reset();
             e.irqs.reset();
-            *self.pci() = PciRegs::default();
+            *self.pci() = PciRegs::new(self.identity);
         }
         if let Some(n) = &mut self.native {
             n.reset();

@@ -1,22 +1,16 @@
-//! Queue processing: the virtio state, guest memory, disk and interrupts together, and
-//! the loop that completes the requests the driver made available.
+//! Queue processing, shared by every personality: the virtio state, guest memory and
+//! interrupts together, and the loop that takes what the driver made available, hands
+//! each queue to the [`Personality`], signals the queues' vectors, and marks the device
+//! `DEVICE_NEEDS_RESET` when a queue is set up wrongly.
 
-use crate::blk::{Disk, SECTOR_SIZE};
-use crate::common_cfg::{CommonCfg, STATUS_NEEDS_RESET, VIRTIO_F_VERSION_1};
+use std::os::fd::RawFd;
+
+use crate::common_cfg::{CommonCfg, STATUS_NEEDS_RESET};
 use crate::guest_mem::GuestMemory;
 use crate::irq::{MsixVectors, Raised};
-use crate::layout::{DEVICE_CFG_SIZE, MSIX_VECTORS, NUM_QUEUES};
+use crate::personality::{DeviceConfig, Personality, Ring};
 use crate::virtqueue::{QueueError, NO_VECTOR};
 
-/// `VIRTIO_BLK_F_SEG_MAX`: `seg_max` is valid.
-pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
-/// `VIRTIO_BLK_F_BLK_SIZE`: `blk_size` is valid.
-pub const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
-/// `VIRTIO_BLK_F_FLUSH`: the flush command is supported.
-pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
-/// Features offered.
-pub const DEVICE_FEATURES: u64 =
-    VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH;
 /// ISR bit: a queue interrupt.
 pub const ISR_QUEUE: u8 = 1;
 /// ISR bit: a configuration change.
@@ -30,8 +24,8 @@ pub struct Engine {
     pub common: CommonCfg,
     /// The client's DMA mappings.
     pub mem: GuestMemory,
-    /// The disk image.
-    pub disk: Disk,
+    /// What kind of function this is (disk, NIC).
+    pub personality: Box<dyn Personality>,
     /// MSI-X state and eventfds: what the device may signal (see [`crate::irq`]).
     pub irqs: MsixVectors,
     /// ISR status (read to clear).
@@ -42,19 +36,29 @@ pub struct Engine {
     pub quiesced: bool,
     /// Requests completed since the device was created.
     pub completed: u64,
+    /// A state was loaded (the device moved here) and it has not run since: the next
+    /// resume tells the personality ([`Personality::resumed_after_load`]).
+    pub loaded: bool,
 }
 
 impl Engine {
     /// A device in its reset state with queues of at most `queue_size` entries.
-    pub fn new(disk: Disk, queue_size: u16) -> Self {
+    pub fn new(personality: Box<dyn Personality>, queue_size: u16) -> Self {
+        let id = personality.identity();
         Engine {
-            common: CommonCfg::new(DEVICE_FEATURES, NUM_QUEUES, queue_size, MSIX_VECTORS),
+            common: CommonCfg::new(
+                personality.features(),
+                id.num_queues,
+                queue_size,
+                id.msix_vectors,
+            ),
             mem: GuestMemory::new(),
-            disk,
-            irqs: MsixVectors::new(MSIX_VECTORS),
+            irqs: MsixVectors::new(id.msix_vectors),
+            personality,
             isr: 0,
             quiesced: false,
             completed: 0,
+            loaded: false,
         }
     }
 
@@ -65,16 +69,10 @@ impl Engine {
         self.isr = 0;
     }
 
-    /// The virtio-blk device configuration (`struct virtio_blk_config`).
-    pub fn device_config(&self) -> [u8; DEVICE_CFG_SIZE as usize] {
-        let mut c = [0u8; DEVICE_CFG_SIZE as usize];
-        c[0..8].copy_from_slice(&self.disk.sectors().to_le_bytes());
-        let seg_max = u32::from(self.common.queues.first().map_or(2, |q| q.max_size))
-            .saturating_sub(2)
-            .max(1);
-        c[12..16].copy_from_slice(&seg_max.to_le_bytes());
-        c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
-        c
+    /// The device configuration of the personality.
+    pub fn device_config(&self) -> DeviceConfig {
+        let max = self.common.queues.first().map_or(2, |q| q.max_size);
+        self.personality.device_config(max)
     }
 
     /// Whether queues may be processed: the driver is done with initialisation, the
@@ -92,26 +90,17 @@ impl Engine {
         }
         let mut worked = false;
         let mut failure = None;
-        for q in self.common.queues.iter_mut().filter(|q| q.ready) {
-            let mut completed = 0u32;
-            let result: Result<(), QueueError> = (|| {
-                // At most one ring's worth per pass so other work gets a turn.
-                for _ in 0..q.size {
-                    let Some(chain) = q.pop(&self.mem)? else {
-                        break;
-                    };
-                    let len = self.disk.execute(&self.mem, &chain).unwrap_or_else(|e| {
-                        tracing::warn!("completing a request without status: {e}");
-                        0
-                    });
-                    q.add_used(&self.mem, chain.head, len)?;
-                    completed += 1;
-                    self.completed += 1;
-                }
-                Ok(())
-            })();
+        let personality = &mut self.personality;
+        for (index, q) in self.common.queues.iter_mut().enumerate() {
+            if !q.ready {
+                continue;
+            }
+            let mut ring = Ring::new(q, &self.mem);
+            let result = personality.serve(index, &mut ring);
+            let completed = ring.completed();
             if completed > 0 {
                 worked = true;
+                self.completed += u64::from(completed);
                 if q.wants_interrupt(&self.mem).unwrap_or(true) {
                     self.isr |= ISR_QUEUE;
                     signal(&mut self.irqs, q.msix_vector);
@@ -127,6 +116,15 @@ impl Engine {
             worked = true;
         }
         worked
+    }
+
+    /// A descriptor the poller should also wait on (see [`Personality::wake_fd`]), while
+    /// queues may be processed.
+    pub fn wake_fd(&self) -> Option<RawFd> {
+        if !self.can_process() {
+            return None;
+        }
+        self.personality.wake_fd(&self.common.queues, &self.mem)
     }
 
     /// Marks the device broken and tells the driver through the configuration vector.

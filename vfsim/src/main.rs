@@ -1,19 +1,34 @@
-//! `vfsim`: serves a simulated virtio-blk VF over vfio-user on a Unix socket, and
-//! optionally the PF side's control socket (`--pf-socket`, see `vfsim::pf`).
+//! `vfsim`: serves a simulated virtio-blk or virtio-net VF over vfio-user on a Unix
+//! socket, and optionally the PF side's control socket (`--pf-socket`, see `vfsim::pf`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
-use vfsim::{pf, serve, SimConfig, VfSim};
+use clap::{ArgGroup, Parser};
+use vfsim::net::{Mac, DEFAULT_MAC};
+use vfsim::{pf, serve, PersonalityConfig, SimConfig, VfSim};
 
-/// A software SR-IOV VF (virtio-blk) served over vfio-user.
+/// A software SR-IOV VF served over vfio-user: a modern virtio-blk function over a disk
+/// image (--disk), or a modern virtio-net function over a tap interface (--net-tap).
+///
+/// virtio-net: VERSION_1, MAC and STATUS; queue 0 receives, queue 1 transmits; MSI-X
+/// vectors: configuration, receive, transmit. The tap (IFF_TAP|IFF_NO_PI) is created if
+/// missing, or attached if it exists as a persistent tap, and set up; creating it needs
+/// CAP_NET_ADMIN and /dev/net/tun (without it: `ip tuntap add dev NAME mode tap user
+/// $USER` and `ip link set NAME up` beforehand). A net function whose state was loaded
+/// (set_state, or native migration's RESUMING) sends 3 gratuitous RARP frames with its
+/// MAC when it runs again.
 ///
 /// With --pf-socket it also serves the PF side's control socket: JSON lines
 /// (`{"op":"get_state"}`, `set_state`, `quiesce`, `resume`, `dma_log_start`,
 /// `dma_log_take`, `dma_log_stop`, `stats`), see `pf_protocol::proto`.
 #[derive(Debug, Parser)]
 #[command(name = "vfsim", version)]
+#[command(group(
+    ArgGroup::new("personality")
+        .required(true)
+        .args(["disk", "net_tap"]),
+))]
 struct Args {
     /// Path of the Unix socket to listen on (vfio-user).
     #[arg(long)]
@@ -22,9 +37,19 @@ struct Args {
     /// resume, DMA write log); none if not given.
     #[arg(long)]
     pf_socket: Option<PathBuf>,
-    /// Disk image backing the device (read and written in place).
+    /// Be a virtio-blk function over this disk image (read and written in place).
+    /// Exactly one of --disk and --net-tap.
     #[arg(long)]
-    disk: PathBuf,
+    disk: Option<PathBuf>,
+    /// Be a virtio-net function whose wire is the tap interface NAME (created if
+    /// missing; needs CAP_NET_ADMIN and /dev/net/tun). Exactly one of --disk and
+    /// --net-tap.
+    #[arg(long, value_name = "NAME")]
+    net_tap: Option<String>,
+    /// The virtio-net function's MAC address (unicast), xx:xx:xx:xx:xx:xx [default:
+    /// 52:54:00:12:34:56]. Only with --net-tap.
+    #[arg(long, conflicts_with = "disk")]
+    mac: Option<Mac>,
     /// Largest virtqueue size offered (a power of two).
     #[arg(long, default_value_t = 256)]
     queue_size: u16,
@@ -65,8 +90,17 @@ fn run(args: &Args) -> Result<std::convert::Infallible, String> {
         return Err("--pf-socket must differ from --socket".into());
     }
     signals::block_termination().map_err(|e| format!("blocking SIGTERM/SIGINT failed: {e}"))?;
+    let personality = match (&args.disk, &args.net_tap) {
+        (Some(disk), None) => PersonalityConfig::Blk { disk: disk.clone() },
+        (None, Some(tap)) => PersonalityConfig::Net {
+            tap: tap.clone(),
+            mac: args.mac.unwrap_or(DEFAULT_MAC),
+        },
+        // clap's group makes it exactly one.
+        _ => return Err("exactly one of --disk and --net-tap is required".into()),
+    };
     let mut device = VfSim::new(&SimConfig {
-        disk: args.disk.clone(),
+        personality,
         queue_size: args.queue_size,
         native_migration: args.native_migration,
     })
@@ -87,24 +121,25 @@ fn run(args: &Args) -> Result<std::convert::Infallible, String> {
         e.to_string()
     })?;
     sockets.push(args.socket.clone());
-    let disk = device
-        .disk_file()
+    let backing = device
+        .backing_file()
+        .transpose()
         .map_err(|e| format!("duplicating the disk image handle failed: {e}"))?;
     std::thread::Builder::new()
         .name("vfsim-signals".into())
         .spawn(move || {
             let sig = signals::wait_termination();
             tracing::info!("signal {sig} received; exiting");
-            shutdown(&sockets, &disk)
+            shutdown(&sockets, backing.as_ref())
         })
         .map_err(|e| format!("spawning the signal thread failed: {e}"))?;
     tracing::info!(socket = %args.socket.display(), "vfsim listening");
     serve::serve_clients(&listener, &mut device)
 }
 
-/// Flushes the disk, removes the sockets and exits with success.
-fn shutdown(sockets: &[PathBuf], disk: &std::fs::File) -> ! {
-    if let Err(e) = disk.sync_all() {
+/// Flushes the disk (if any), removes the sockets and exits with success.
+fn shutdown(sockets: &[PathBuf], disk: Option<&std::fs::File>) -> ! {
+    if let Some(Err(e)) = disk.map(|d| d.sync_all()) {
         tracing::warn!("flushing the disk image on exit failed: {e}");
     }
     for socket in sockets {

@@ -59,24 +59,24 @@ pub const MSIX_VECTOR_CONTROL: usize = 12;
 pub struct PciRegs {
     /// Configuration space.
     pub config: ConfigSpace,
-    /// The MSI-X table as the client wrote it (every vector masked after reset).
-    pub msix_table: [u8; MSIX_TABLE_SIZE as usize],
+    /// The MSI-X table as the client wrote it (every vector masked after reset), one
+    /// entry per vector of the personality.
+    pub msix_table: Vec<u8>,
 }
 
-impl Default for PciRegs {
-    fn default() -> Self {
-        let mut msix_table = [0; MSIX_TABLE_SIZE as usize];
+impl PciRegs {
+    /// The registers after reset of a function of `identity`.
+    pub fn new(identity: &Identity) -> Self {
+        let mut msix_table = vec![0; identity.msix_table_size() as usize];
         for entry in msix_table.chunks_exact_mut(MSIX_ENTRY_SIZE) {
             entry[MSIX_VECTOR_CONTROL] = 1;
         }
         PciRegs {
-            config: ConfigSpace::new(),
+            config: ConfigSpace::new(identity),
             msix_table,
         }
     }
-}
 
-impl PciRegs {
     /// Whether vector `v`'s mask bit is set in the table (vectors past the last: masked).
     pub fn vector_masked(&self, v: usize) -> bool {
         self.msix_table
@@ -103,30 +103,24 @@ pub struct ConfigSpace {
     wmask: [u8; CONFIG_SPACE_SIZE],
 }
 
-impl Default for ConfigSpace {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl ConfigSpace {
-    /// The configuration space as it is after reset.
-    pub fn new() -> Self {
+    /// The configuration space of a function of `identity` as it is after reset.
+    pub fn new(identity: &Identity) -> Self {
         let mut c = ConfigSpace {
             bytes: [0; CONFIG_SPACE_SIZE],
             wmask: [0; CONFIG_SPACE_SIZE],
         };
         c.put16(0x00, VENDOR_ID);
-        c.put16(0x02, DEVICE_ID);
+        c.put16(0x02, identity.device_id);
         c.put16(0x06, 0x0010); // status: capability list
         c.bytes[0x08] = REVISION;
-        c.bytes[0x09] = CLASS_CODE as u8;
-        c.bytes[0x0a] = (CLASS_CODE >> 8) as u8;
-        c.bytes[0x0b] = (CLASS_CODE >> 16) as u8;
+        c.bytes[0x09] = identity.class_code as u8;
+        c.bytes[0x0a] = (identity.class_code >> 8) as u8;
+        c.bytes[0x0b] = (identity.class_code >> 16) as u8;
         c.bytes[0x0e] = 0; // header type 0, single function
         c.put32(0x10, BAR0_TYPE);
         c.put16(0x2c, SUBSYSTEM_VENDOR_ID);
-        c.put16(0x2e, SUBSYSTEM_ID);
+        c.put16(0x2e, identity.subsystem_id);
         c.bytes[0x34] = CAP_COMMON as u8;
         c.bytes[0x3d] = 0; // no INTx pin: MSI-X only
 
@@ -157,7 +151,7 @@ impl ConfigSpace {
 
         c.bytes[CAP_MSIX] = CAP_ID_MSIX;
         c.bytes[CAP_MSIX + 1] = CAP_PCIE as u8;
-        c.put16(CAP_MSIX + 2, MSIX_VECTORS - 1);
+        c.put16(CAP_MSIX + 2, identity.msix_vectors - 1);
         c.put32(CAP_MSIX + 4, MSIX_TABLE_OFFSET as u32); // BIR 0
         c.put32(CAP_MSIX + 8, MSIX_PBA_OFFSET as u32); // BIR 0
 
@@ -269,9 +263,16 @@ mod tests {
 
     #[test]
     fn ids_and_capability_chain() {
-        let c = ConfigSpace::new();
+        let c = ConfigSpace::new(&BLK_IDENTITY);
         assert_eq!(dword(&c, 0), 0x1042_1af4);
-        assert_eq!(dword(&c, 8) >> 8, CLASS_CODE);
+        assert_eq!(dword(&c, 8) >> 8, 0x01_80_00);
+        assert_eq!(dword(&c, 0x2c), 0x0002_1af4);
+        assert_eq!(dword(&c, CAP_MSIX as u64) >> 16, 1, "2 vectors");
+        let n = ConfigSpace::new(&NET_IDENTITY);
+        assert_eq!(dword(&n, 0), 0x1041_1af4);
+        assert_eq!(dword(&n, 8) >> 8, 0x02_00_00);
+        assert_eq!(dword(&n, 0x2c), 0x0001_1af4);
+        assert_eq!(dword(&n, CAP_MSIX as u64) >> 16, 2, "3 vectors");
         let mut next = c.bytes[0x34] as usize;
         let mut seen = Vec::new();
         while next != 0 {
@@ -298,7 +299,7 @@ mod tests {
 
     #[test]
     fn flr_bit_is_taken_once_and_reads_zero() {
-        let mut c = ConfigSpace::new();
+        let mut c = ConfigSpace::new(&BLK_IDENTITY);
         c.write(PCIE_DEVCTL as u64, &0x0010u16.to_le_bytes())
             .unwrap();
         assert!(!c.take_flr(), "other Device Control bits are not FLR");
@@ -310,7 +311,7 @@ mod tests {
 
     #[test]
     fn bar_sizing_and_read_only_bytes() {
-        let mut c = ConfigSpace::new();
+        let mut c = ConfigSpace::new(&BLK_IDENTITY);
         c.write(0x10, &[0xff; 8]).unwrap();
         assert_eq!(dword(&c, 0x10), 0xffff_c004);
         assert_eq!(dword(&c, 0x14), 0xffff_ffff);

@@ -67,6 +67,15 @@ pub enum QueueError {
         /// The descriptor index.
         index: u16,
     },
+    /// The chain does not have the shape the device type requires (e.g. a virtio-net
+    /// transmit chain with device-writable buffers, or a frame over 64 KiB).
+    #[error("the descriptor chain starting at {head} is malformed: {why}")]
+    Malformed {
+        /// Head index.
+        head: u16,
+        /// What is wrong with it.
+        why: String,
+    },
 }
 
 /// A guest buffer: address and length.
@@ -87,6 +96,96 @@ pub struct Chain {
     pub readable: Vec<Segment>,
     /// Device-writable buffers, in order.
     pub writable: Vec<Segment>,
+}
+
+impl Chain {
+    /// Total length of the device-readable buffers.
+    pub fn readable_len(&self) -> u64 {
+        total_len(&self.readable)
+    }
+
+    /// Total length of the device-writable buffers.
+    pub fn writable_len(&self) -> u64 {
+        total_len(&self.writable)
+    }
+}
+
+/// Total length of `segs`.
+pub fn total_len(segs: &[Segment]) -> u64 {
+    segs.iter().map(|s| u64::from(s.len)).sum()
+}
+
+/// `addr + offset`, or why it does not exist.
+pub fn addr_at(addr: u64, offset: u64) -> Result<u64, String> {
+    addr.checked_add(offset)
+        .ok_or_else(|| format!("buffer address {addr:#x} + {offset:#x} wraps around"))
+}
+
+/// Copies `out.len()` bytes from the buffers `segs`, starting `skip` bytes in; fails if
+/// they hold fewer.
+pub fn gather(
+    mem: &GuestMemory,
+    segs: &[Segment],
+    mut skip: u64,
+    out: &mut [u8],
+) -> Result<(), String> {
+    let mut done = 0usize;
+    for seg in segs {
+        if done == out.len() {
+            break;
+        }
+        let seg_len = u64::from(seg.len);
+        if skip >= seg_len {
+            skip -= seg_len;
+            continue;
+        }
+        let n = ((seg_len - skip) as usize).min(out.len() - done);
+        mem.read(addr_at(seg.addr, skip)?, &mut out[done..done + n])
+            .map_err(|e| e.to_string())?;
+        done += n;
+        skip = 0;
+    }
+    if done < out.len() {
+        return Err(format!(
+            "the buffers hold fewer than the {} bytes wanted",
+            out.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Writes each of `parts` in turn into the buffers `segs` (through the logged writes of
+/// [`GuestMemory`]), never past their end: fails without writing anything if they are
+/// shorter than the parts together.
+pub fn scatter(mem: &GuestMemory, segs: &[Segment], parts: &[&[u8]]) -> Result<(), String> {
+    let want: u64 = parts.iter().map(|p| p.len() as u64).sum();
+    if total_len(segs) < want {
+        return Err(format!(
+            "the buffers hold {} bytes, fewer than the {want} to write",
+            total_len(segs)
+        ));
+    }
+    let mut segs = segs.iter().filter(|s| s.len > 0);
+    let mut cur: Option<(Segment, u64)> = None;
+    for part in parts {
+        let mut done = 0usize;
+        while done < part.len() {
+            let (seg, used) = match cur {
+                Some((seg, used)) if used < u64::from(seg.len) => (seg, used),
+                _ => {
+                    // The length check above guarantees a next buffer.
+                    let seg = *segs.next().ok_or("buffers ran out")?;
+                    (seg, 0)
+                }
+            };
+            let n = ((u64::from(seg.len) - used) as usize).min(part.len() - done);
+            mem.write(addr_at(seg.addr, used)?, &part[done..done + n])
+                .map_err(|e| e.to_string())?;
+            done += n;
+            cur = Some((seg, used + n as u64));
+        }
+    }
+    Ok(())
 }
 
 /// The state of one virtqueue, as the common configuration sets it up.

@@ -116,6 +116,7 @@ impl Controller {
         let mut p = self.pci();
         state::apply(s, &mut e, &mut p);
         e.quiesced = true;
+        e.loaded = true;
         tracing::info!(
             status = s.device_status,
             "PF side loaded a saved state; quiesced until resume"
@@ -138,10 +139,18 @@ impl Controller {
     }
 
     /// Continues processing, including whatever the driver queued meanwhile.
+    /// The first resume after a state was loaded tells the personality that the device
+    /// moved (a NIC announces its MAC).
     pub fn resume(&self) {
-        let was = std::mem::replace(&mut self.engine().quiesced, false);
-        if was {
-            tracing::info!("PF side resumed the device");
+        {
+            let mut e = self.engine();
+            let was = std::mem::replace(&mut e.quiesced, false);
+            if was {
+                tracing::info!("PF side resumed the device");
+            }
+            if std::mem::take(&mut e.loaded) {
+                e.personality.resumed_after_load();
+            }
         }
         self.poller.kick();
     }
@@ -176,11 +185,17 @@ impl Controller {
     /// Counters and modes.
     pub fn stats(&self) -> Stats {
         let e = self.engine();
-        Stats {
+        let mut stats = Stats {
             requests_completed: e.completed,
             doorbells: self.poller.doorbells(),
             quiesced: e.quiesced,
             dma_logging: e.mem.logging(),
-        }
+            rx_frames: 0,
+            tx_frames: 0,
+            rx_dropped: 0,
+            announcements: 0,
+        };
+        e.personality.stats(&mut stats);
+        stats
     }
 }

@@ -3,10 +3,9 @@
 
 use pf_protocol::proto::{MsixEntry, PciState, QueueState, VfState, STATE_VERSION};
 
-use crate::blk::ID_LEN;
 use crate::common_cfg::STATUS_NEEDS_RESET;
 use crate::engine::Engine;
-use crate::layout::{CAP_MSIX, MSIX_VECTORS};
+use crate::layout::CAP_MSIX;
 use crate::pci_config::PciRegs;
 use crate::virtqueue::NO_VECTOR;
 
@@ -24,9 +23,7 @@ const MSIX_ENTRY: usize = 16;
 /// The state of `engine` and `pci` now.
 pub fn capture(engine: &Engine, pci: &PciRegs) -> VfState {
     let c = &engine.common;
-    let id = engine.disk.id();
-    let id_len = id.iter().position(|b| *b == 0).unwrap_or(ID_LEN);
-    VfState {
+    let mut state = VfState {
         version: STATE_VERSION,
         device_status: c.status,
         device_features: c.device_features,
@@ -37,8 +34,9 @@ pub fn capture(engine: &Engine, pci: &PciRegs) -> VfState {
         config_generation: c.config_generation,
         queue_select: c.queue_select,
         isr: engine.isr,
-        capacity_sectors: engine.disk.sectors(),
-        serial: String::from_utf8_lossy(&id[..id_len]).into_owned(),
+        capacity_sectors: 0,
+        serial: String::new(),
+        net: None,
         pci: PciState {
             command: cfg(pci, COMMAND, 2) as u16,
             bar0: cfg(pci, BAR0, 8),
@@ -71,7 +69,9 @@ pub fn capture(engine: &Engine, pci: &PciRegs) -> VfState {
             })
             .collect(),
         in_flight: 0,
-    }
+    };
+    engine.personality.save(&mut state);
+    state
 }
 
 /// Why `state` cannot be loaded into the device `engine` belongs to, if it cannot.
@@ -83,6 +83,8 @@ pub fn check(state: &VfState, engine: &Engine) -> Result<(), String> {
             state.version
         ));
     }
+    // The personality first: a state of another kind of function fails here, clearly.
+    engine.personality.check(state)?;
     if state.in_flight != 0 {
         return Err(format!(
             "the state has {} requests in flight; save it quiesced",
@@ -101,19 +103,6 @@ pub fn check(state: &VfState, engine: &Engine) -> Result<(), String> {
             state.driver_features, c.device_features
         ));
     }
-    if state.capacity_sectors != engine.disk.sectors() {
-        return Err(format!(
-            "the state comes from a disk of {} sectors, this one has {}",
-            state.capacity_sectors,
-            engine.disk.sectors()
-        ));
-    }
-    if state.serial.len() > ID_LEN || state.serial.as_bytes().contains(&0) {
-        return Err(format!(
-            "serial {:?} is longer than {ID_LEN} bytes or contains NUL",
-            state.serial
-        ));
-    }
     let vectors = c.msix_vectors();
     let vector_ok = |v: u16| v == NO_VECTOR || v < vectors;
     if !vector_ok(state.msix_config) {
@@ -122,9 +111,9 @@ pub fn check(state: &VfState, engine: &Engine) -> Result<(), String> {
             state.msix_config
         ));
     }
-    if state.msix_table.len() != usize::from(MSIX_VECTORS) {
+    if state.msix_table.len() != usize::from(vectors) {
         return Err(format!(
-            "the MSI-X table has {} entries, the device {MSIX_VECTORS}",
+            "the MSI-X table has {} entries, the device {vectors}",
             state.msix_table.len()
         ));
     }
@@ -188,9 +177,7 @@ pub fn apply(state: &VfState, engine: &mut Engine, pci: &mut PciRegs) {
         q.next_used = s.used_idx;
     }
     engine.isr = state.isr;
-    let mut id = [0u8; ID_LEN];
-    id[..state.serial.len()].copy_from_slice(state.serial.as_bytes());
-    engine.disk.set_id(id);
+    engine.personality.load(state);
 
     // Through the write masks, as the driver wrote them: read-only bits stay this
     // device's.

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod net;
 pub mod process;
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
@@ -20,7 +21,7 @@ use vfio_user::Client;
 use vfsim::common_cfg::*;
 use vfsim::layout::*;
 use vfsim::mmap::{memfd, Mapping};
-use vfsim::{serve, SimConfig, VfSim};
+use vfsim::{serve, PersonalityConfig, SimConfig, VfSim};
 
 /// MSI-X control word: enable.
 pub const MSIX_ENABLE: u16 = 1 << 15;
@@ -71,7 +72,7 @@ pub fn start_server() -> Server {
     std::fs::write(&disk, vec![0u8; DISK_SIZE as usize]).unwrap();
     let socket = dir.join("vfsim.sock");
     let mut device = VfSim::new(&SimConfig {
-        disk: disk.clone(),
+        personality: PersonalityConfig::Blk { disk: disk.clone() },
         queue_size: 256,
         native_migration: false,
     })
@@ -106,6 +107,104 @@ pub fn wait_eventfd(fd: &OwnedFd, timeout: Duration) -> Option<u64> {
     // SAFETY: reads 8 bytes into `v`.
     let r = unsafe { libc::read(fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
     (r == 8).then_some(v)
+}
+
+/// Connects to `socket`, maps `mem_fd` as guest memory (DMA at [`GUEST_BASE`]) and
+/// gives the device `vectors` MSI-X eventfds; MSI-X stays as the device has it.
+pub fn attach(socket: &Path, mem_fd: &OwnedFd, vectors: u32) -> (Client, Mapping, Vec<OwnedFd>) {
+    let client = Client::connect(socket, Duration::from_secs(5)).unwrap();
+    let mem = Mapping::new(mem_fd.as_fd(), 0, GUEST_SIZE, true).unwrap();
+    client
+        .dma_map(GUEST_BASE, GUEST_SIZE, mem_fd.as_fd(), 0, true, true)
+        .unwrap();
+    let irqs: Vec<OwnedFd> = (0..vectors).map(|_| eventfd()).collect();
+    let fds: Vec<_> = irqs.iter().map(|f| f.as_fd()).collect();
+    client
+        .set_irqs(
+            VFIO_PCI_MSIX_IRQ_INDEX,
+            VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+            0,
+            vectors,
+            &fds,
+        )
+        .unwrap();
+    (client, mem, irqs)
+}
+
+/// Writes the MSI-X control word in configuration space.
+pub fn msix_control(client: &Client, control: u16) {
+    client
+        .region_write(
+            VFIO_PCI_CONFIG_REGION_INDEX,
+            CAP_MSIX as u64 + 2,
+            &control.to_le_bytes(),
+        )
+        .unwrap();
+}
+
+/// `SET_IRQS` mask or unmask of MSI-X vectors `start..start + count`.
+pub fn mask_vectors(client: &Client, start: u32, count: u32, masked: bool) {
+    let action = if masked {
+        VFIO_IRQ_SET_ACTION_MASK
+    } else {
+        VFIO_IRQ_SET_ACTION_UNMASK
+    };
+    client
+        .set_irqs(
+            VFIO_PCI_MSIX_IRQ_INDEX,
+            VFIO_IRQ_SET_DATA_NONE | action,
+            start,
+            count,
+            &[],
+        )
+        .unwrap();
+}
+
+/// A trapped write of BAR 0.
+pub fn bar_write(client: &Client, offset: u64, data: &[u8]) {
+    client.region_write(0, offset, data).unwrap();
+}
+
+/// A trapped read of `len` (at most 8) bytes of BAR 0.
+pub fn bar_read(client: &Client, offset: u64, len: usize) -> u64 {
+    let mut b = [0u8; 8];
+    client.region_read(0, offset, &mut b[..len]).unwrap();
+    u64::from_le_bytes(b)
+}
+
+/// Writes a split-virtqueue descriptor at offset `at` of guest memory.
+pub fn write_desc(mem: &Mapping, at: u64, addr: u64, len: u32, flags: u16, next: u16) {
+    let mut d = [0u8; 16];
+    d[0..8].copy_from_slice(&addr.to_le_bytes());
+    d[8..12].copy_from_slice(&len.to_le_bytes());
+    d[12..14].copy_from_slice(&flags.to_le_bytes());
+    d[14..16].copy_from_slice(&next.to_le_bytes());
+    mem.write(at, &d).unwrap();
+}
+
+/// BAR 0 accesses of a test driver, over its client.
+pub trait Bar {
+    /// The vfio-user client.
+    fn client(&self) -> &Client;
+
+    fn bar_write(&self, offset: u64, data: &[u8]) {
+        bar_write(self.client(), offset, data);
+    }
+
+    fn bar_read(&self, offset: u64, len: usize) -> u64 {
+        bar_read(self.client(), offset, len)
+    }
+
+    /// The virtio device status.
+    fn status(&self) -> u8 {
+        self.bar_read(COMMON_OFFSET + 0x14, 1) as u8
+    }
+}
+
+impl Bar for Driver {
+    fn client(&self) -> &Client {
+        &self.client
+    }
 }
 
 /// How the doorbell is rung.
@@ -146,22 +245,7 @@ impl Driver {
     /// Like [`Driver::connect_with_memory`], leaving MSI-X as it finds it (disabled and
     /// masked after reset).
     pub fn connect_masked(socket: &Path, mem_fd: OwnedFd) -> Driver {
-        let client = Client::connect(socket, Duration::from_secs(5)).unwrap();
-        let mem = Mapping::new(mem_fd.as_fd(), 0, GUEST_SIZE, true).unwrap();
-        client
-            .dma_map(GUEST_BASE, GUEST_SIZE, mem_fd.as_fd(), 0, true, true)
-            .unwrap();
-        let irqs = vec![eventfd(), eventfd()];
-        let fds: Vec<_> = irqs.iter().map(|f| f.as_fd()).collect();
-        client
-            .set_irqs(
-                VFIO_PCI_MSIX_IRQ_INDEX,
-                VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
-                0,
-                2,
-                &fds,
-            )
-            .unwrap();
+        let (client, mem, irqs) = attach(socket, &mem_fd, 2);
         Driver {
             client,
             mem,
@@ -176,45 +260,12 @@ impl Driver {
     /// Writes the MSI-X control word (`MSIX_ENABLE`, `MSIX_FUNCTION_MASK`; the table
     /// size bits are read only).
     pub fn msix_control(&self, control: u16) {
-        self.client
-            .region_write(
-                VFIO_PCI_CONFIG_REGION_INDEX,
-                CAP_MSIX as u64 + 2,
-                &control.to_le_bytes(),
-            )
-            .unwrap();
+        msix_control(&self.client, control);
     }
 
     /// `SET_IRQS` mask or unmask of MSI-X vectors `start..start + count`.
     pub fn mask_vectors(&self, start: u32, count: u32, masked: bool) {
-        let action = if masked {
-            VFIO_IRQ_SET_ACTION_MASK
-        } else {
-            VFIO_IRQ_SET_ACTION_UNMASK
-        };
-        self.client
-            .set_irqs(
-                VFIO_PCI_MSIX_IRQ_INDEX,
-                VFIO_IRQ_SET_DATA_NONE | action,
-                start,
-                count,
-                &[],
-            )
-            .unwrap();
-    }
-
-    pub fn bar_write(&self, offset: u64, data: &[u8]) {
-        self.client.region_write(0, offset, data).unwrap();
-    }
-
-    pub fn bar_read(&self, offset: u64, len: usize) -> u64 {
-        let mut b = [0u8; 8];
-        self.client.region_read(0, offset, &mut b[..len]).unwrap();
-        u64::from_le_bytes(b)
-    }
-
-    pub fn status(&self) -> u8 {
-        self.bar_read(COMMON_OFFSET + 0x14, 1) as u8
+        mask_vectors(&self.client, start, count, masked);
     }
 
     /// Virtio initialisation with one queue of `QSIZE` on vector 1.
@@ -262,12 +313,7 @@ impl Driver {
     }
 
     pub fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let mut d = [0u8; 16];
-        d[0..8].copy_from_slice(&addr.to_le_bytes());
-        d[8..12].copy_from_slice(&len.to_le_bytes());
-        d[12..14].copy_from_slice(&flags.to_le_bytes());
-        d[14..16].copy_from_slice(&next.to_le_bytes());
-        self.mem.write(DESC + 16 * u64::from(i), &d).unwrap();
+        write_desc(&self.mem, DESC + 16 * u64::from(i), addr, len, flags, next);
     }
 
     /// Publishes head 0 and rings the doorbell.

@@ -53,15 +53,21 @@ impl Vfsim {
 
     /// [`Vfsim::start`] with extra arguments (e.g. `--native-migration`).
     pub fn start_with(dir: &Path, name: &str, disk: &Path, extra: &[&str]) -> Vfsim {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vfsim"));
+        cmd.arg("--disk").arg(disk);
+        Self::launch(cmd, dir, name, extra)
+    }
+
+    /// Runs `cmd` (vfsim, or a wrapper that execs it) with sockets `<name>.sock` and
+    /// `<name>.pf` in `dir`, `extra` after them, and waits until both accept connections.
+    pub fn launch(mut cmd: Command, dir: &Path, name: &str, extra: &[&str]) -> Vfsim {
         let socket = dir.join(format!("{name}.sock"));
         let pf_socket = dir.join(format!("{name}.pf"));
-        let child = Command::new(env!("CARGO_BIN_EXE_vfsim"))
+        let child = cmd
             .arg("--socket")
             .arg(&socket)
             .arg("--pf-socket")
             .arg(&pf_socket)
-            .arg("--disk")
-            .arg(disk)
             .args(["--log-level", "warn"])
             .args(extra)
             .stderr(Stdio::inherit())
@@ -72,14 +78,7 @@ impl Vfsim {
             socket,
             pf_socket,
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !(v.socket.exists() && v.pf_socket.exists()) {
-            assert!(
-                Instant::now() < deadline,
-                "vfsim did not create its sockets"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_for_sockets(&[&v.socket, &v.pf_socket]);
         v
     }
 
@@ -99,5 +98,18 @@ impl Drop for Vfsim {
         // Kills the child this test started, by its pid.
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Waits up to 10 s for every path in `sockets` to exist (vfsim binds the PF socket
+/// first, so both existing means both accept connections).
+pub fn wait_for_sockets(sockets: &[&Path]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sockets.iter().all(|s| s.exists()) {
+        assert!(
+            Instant::now() < deadline,
+            "vfsim did not create its sockets"
+        );
+        std::thread::sleep(Duration::from_millis(10));
     }
 }

@@ -16,7 +16,7 @@ use vfsim::blk::VIRTIO_BLK_T_FLUSH;
 use vfsim::common_cfg::{STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK};
 use vfsim::layout::{CAP_MSIX, COMMON_OFFSET, MSIX_PBA_OFFSET, MSIX_TABLE_OFFSET, NOTIFY_OFFSET};
 use vfsim::mmap::{memfd, Mapping};
-use vfsim::{serve, SimConfig, VfSim};
+use vfsim::{serve, PersonalityConfig, SimConfig, VfSim};
 use vm_memory::GuestMemoryMmap;
 
 use crate::bus::Bus;
@@ -65,7 +65,7 @@ impl Sim {
         std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
         let socket = dir.join("vf.sock");
         let mut device = VfSim::new(&SimConfig {
-            disk,
+            personality: PersonalityConfig::Blk { disk },
             queue_size: 256,
             native_migration: false,
         })
