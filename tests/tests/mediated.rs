@@ -146,16 +146,7 @@ fn trap_untrap_notify_page_during_guest_io() {
 }
 
 fn migration(api: &mut ApiClient, op: &str) -> Result<Value, String> {
-    api.request(&json!({"request": "device-migration", "device": "vf0", "op": op}))
-}
-
-fn pages(v: &Value) -> std::collections::BTreeSet<u64> {
-    v["pages"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no pages in {v}"))
-        .iter()
-        .map(|p| p.as_u64().unwrap())
-        .collect()
+    api.device_migration("vf0", op)
 }
 
 /// Guest reads and writes on /dev/vda: `rounds` write+verify passes of 32 blocks.
@@ -220,7 +211,7 @@ fn virtio_blk_vf_tracks_dirty_pages_and_migrates_state() {
     migration(&mut api, "take-dirty-pages").unwrap();
     guest_io(&mut agent, 0x2000, 4);
     let truth = pf.dma_log_take().unwrap();
-    let dirty = pages(&migration(&mut api, "take-dirty-pages").unwrap());
+    let dirty = api.dirty_pages("vf0").unwrap();
     let missing: Vec<_> = truth.iter().filter(|p| !dirty.contains(p)).collect();
     eprintln!(
         "dirty tracking: vfsim wrote {} pages by DMA, the mediator reported {} ({} missing)",
@@ -244,7 +235,7 @@ fn virtio_blk_vf_tracks_dirty_pages_and_migrates_state() {
     pf.dma_log_take().unwrap();
     guest_io(&mut agent, 0x3000, 2);
     let truth = pf.dma_log_take().unwrap();
-    let dirty = pages(&migration(&mut api, "take-dirty-pages").unwrap());
+    let dirty = api.dirty_pages("vf0").unwrap();
     let missed = truth.iter().filter(|p| !dirty.contains(p)).count();
     eprintln!(
         "with the ring walk skipped: {missed} of {} DMA pages missing",

@@ -128,6 +128,26 @@ impl ApiClient {
             .cloned()
             .ok_or_else(|| format!("no device {id} in {all}"))
     }
+
+    /// A `device-migration` request `op` (e.g. `start-dirty-tracking`,
+    /// `take-dirty-pages`) to device `id`.
+    pub fn device_migration(&mut self, id: &str, op: &str) -> Result<Value, String> {
+        self.request(&serde_json::json!({"request": "device-migration", "device": id, "op": op}))
+    }
+
+    /// The pages of a `take-dirty-pages` answer.
+    pub fn dirty_pages(&mut self, id: &str) -> Result<std::collections::BTreeSet<u64>, String> {
+        let v = self.device_migration(id, "take-dirty-pages")?;
+        v["pages"]
+            .as_array()
+            .ok_or_else(|| format!("no pages in {v}"))?
+            .iter()
+            .map(|p| {
+                p.as_u64()
+                    .ok_or_else(|| format!("a page that is no number in {v}"))
+            })
+            .collect()
+    }
 }
 
 /// The longest a `vmm ctl migrate` may take in a test before it is killed.
