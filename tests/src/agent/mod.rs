@@ -9,6 +9,7 @@ pub mod blk;
 pub mod cli;
 pub mod lines;
 pub mod mem;
+pub mod net;
 pub mod netstream;
 pub mod pattern;
 pub mod pid1;

@@ -11,7 +11,7 @@ use super::lines::{Line, LineReader};
 use super::mem::{self, MemBuffer};
 use super::protocol::{self, Op, PingReply, ProtocolError, MAX_LINE};
 use super::workload::{Workload, WorkloadError};
-use super::{bar_time, blk, poke, refresh, run, sys};
+use super::{bar_time, blk, net, poke, refresh, run, sys};
 
 /// Why serving stopped with an error.
 #[derive(Debug, Error)]
@@ -48,6 +48,7 @@ pub struct Server {
     trace: bool,
     mem: Option<MemBuffer>,
     workload: Option<Workload>,
+    streams: net::Streams,
 }
 
 impl Server {
@@ -59,6 +60,7 @@ impl Server {
             trace: false,
             mem: None,
             workload: None,
+            streams: net::Streams::default(),
         }
     }
 
@@ -218,6 +220,25 @@ impl Server {
                 }
                 to_value(refresh::refresh(&req).map_err(|e| format!("refresh: {e}"))?)
             }
+            Op::NetIfaces => to_value(net::ifaces().map_err(|e| format!("net_ifaces: {e}"))?),
+            Op::NetConfig(req) => {
+                to_value(net::config(&req).map_err(|e| format!("net_config: {e}"))?)
+            }
+            Op::NetStreamStart(req) => to_value(
+                self.streams
+                    .start(&req)
+                    .map_err(|e| format!("net_stream_start: {e}"))?,
+            ),
+            Op::NetStreamStatus(req) => to_value(
+                self.streams
+                    .status(req.handle)
+                    .map_err(|e| format!("net_stream_status: {e}"))?,
+            ),
+            Op::NetStreamFinish(req) => to_value(
+                self.streams
+                    .finish(&req)
+                    .map_err(|e| format!("net_stream_finish: {e}"))?,
+            ),
             Op::WorkloadStop => {
                 let Some(workload) = self.workload.take() else {
                     return Err(format!("workload_stop: {}", WorkloadError::NotRunning));
