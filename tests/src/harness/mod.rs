@@ -24,6 +24,7 @@ pub mod guest_vfio;
 pub mod image;
 pub mod migration;
 pub mod net;
+pub mod net_peer;
 pub mod netns;
 pub mod paths;
 pub mod peers;
