@@ -10,6 +10,7 @@ pub mod cli;
 pub mod lines;
 pub mod mem;
 pub mod net;
+pub mod net_peer;
 pub mod netstream;
 pub mod pattern;
 pub mod pid1;

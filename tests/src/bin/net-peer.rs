@@ -1,5 +1,5 @@
-//! The traffic peer of the NIC tests; see `vmm_tests::harness::net_peer`.
+//! The traffic peer of the NIC tests; see `vmm_tests::agent::net_peer`.
 
 fn main() -> std::process::ExitCode {
-    vmm_tests::harness::net_peer::main()
+    vmm_tests::agent::net_peer::main(std::env::args().skip(1))
 }
