@@ -312,7 +312,9 @@ pub struct NetStreamStartRequest {
     pub pace_bytes_per_s: Option<u64>,
     /// Seed of the guest's records.
     pub seed: u64,
-    /// Read and check the peer's records (default true).
+    /// Read and check the peer's records (default true). With false the guest reads nothing:
+    /// the peer must then send nothing (`net-peer` without `--send-bytes`/`--duration-ms`),
+    /// or its writes stall until its I/O timeout.
     #[serde(default = "yes")]
     pub receive: bool,
     /// A stall of reads or writes this long is an error (default 30 000).
