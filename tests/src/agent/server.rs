@@ -360,4 +360,30 @@ mod tests {
         assert_eq!(check["intact"], true);
         assert_eq!(check["crc"], fill["crc"]);
     }
+
+    #[test]
+    fn net_ops_are_dispatched() {
+        let mut server = Server::new(false);
+        let (reply, _) = server
+            .handle_line(b"{\"id\":1,\"op\":\"net_ifaces\"}")
+            .unwrap();
+        let reply: Value = serde_json::from_str(&reply).unwrap();
+        assert_eq!(reply["ok"], true, "{reply}");
+        assert!(reply["ifaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["name"] == "lo" && i["loopback"] == true));
+        let (reply, _) = server
+            .handle_line(b"{\"id\":2,\"op\":\"net_stream_status\",\"handle\":9}")
+            .unwrap();
+        assert!(
+            reply.contains("net_stream_status: no stream with handle 9"),
+            "{reply}"
+        );
+        let (reply, _) = server
+            .handle_line(b"{\"id\":3,\"op\":\"net_stream_start\",\"peer\":\"x\",\"seed\":1}")
+            .unwrap();
+        assert!(reply.contains("bad peer"), "{reply}");
+    }
 }
