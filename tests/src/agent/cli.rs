@@ -12,6 +12,7 @@ use super::{pid1, sys, tty};
 pub const USAGE: &str = "\
 usage: guest-agent --stdio        serve the agent protocol on stdin/stdout
        guest-agent --port PATH    serve it on a tty or device
+       guest-agent --net-peer ARGS  be the NIC tests' traffic peer (see net-peer)
 As PID 1 (the guest's /init) it mounts file systems and serves on /dev/ttyS1
 (kernel command line: agent.port=PATH, agent.oneshot).";
 
@@ -24,6 +25,8 @@ pub enum Mode {
     Stdio,
     /// On a device.
     Port(String),
+    /// The traffic peer, with its arguments.
+    NetPeer(Vec<String>),
 }
 
 /// A command line that names no mode.
@@ -39,6 +42,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I, pid1: bool) -> Result
     }
     let args: Vec<String> = args.into_iter().collect();
     match args.as_slice() {
+        [flag, rest @ ..] if flag == "--net-peer" => Ok(Mode::NetPeer(rest.to_vec())),
         [flag] if flag == "--stdio" => Ok(Mode::Stdio),
         [flag, path] if flag == "--port" => Ok(Mode::Port(path.clone())),
         [] => Err(UsageError("no mode given".to_owned())),
@@ -60,6 +64,7 @@ pub fn main() -> ExitCode {
     };
     let mut server = Server::new(false);
     let result = match mode {
+        Mode::NetPeer(args) => return super::net_peer::main(args),
         Mode::Pid1 => pid1::run(),
         Mode::Stdio => server
             .serve(io::stdin().lock(), io::stdout().lock())
@@ -96,5 +101,9 @@ mod tests {
         assert!(parse_args(args(&[]), false).is_err());
         assert!(parse_args(args(&["--port"]), false).is_err());
         assert!(parse_args(args(&["--stdio", "x"]), false).is_err());
+        assert_eq!(
+            parse_args(args(&["--net-peer", "--seed", "1"]), false).unwrap(),
+            Mode::NetPeer(args(&["--seed", "1"]))
+        );
     }
 }

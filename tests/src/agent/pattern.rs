@@ -89,7 +89,8 @@ impl Default for Fnv64 {
     }
 }
 
-fn splitmix64(x: u64) -> u64 {
+/// The splitmix64 finalizer: a well-mixed 64-bit function of `x`.
+pub fn splitmix64(x: u64) -> u64 {
     let mut z = x;
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);

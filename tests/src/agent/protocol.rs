@@ -34,6 +34,11 @@ pub const OP_NAMES: &[&str] = &[
     "workload_stop",
     "workload_corrupt_mem",
     "refresh",
+    "net_ifaces",
+    "net_config",
+    "net_stream_start",
+    "net_stream_status",
+    "net_stream_finish",
 ];
 
 /// Why a request line could not be turned into a [`Request`].
@@ -145,6 +150,17 @@ pub enum Op {
     /// Set the wall clock and reseed the kernel's random generator (PID 1 only): the first
     /// request after a restore from a shared snapshot; replies [`RefreshReply`].
     Refresh(RefreshRequest),
+    /// The network interfaces; replies [`NetIfacesReply`].
+    NetIfaces,
+    /// Set an interface's MAC (optional) and address and bring it up; replies [`NetIface`].
+    NetConfig(NetConfigRequest),
+    /// Connect to a traffic peer and stream both ways in the background (see
+    /// [`crate::agent::netstream`]); replies [`NetStreamHandle`] at once.
+    NetStreamStart(NetStreamStartRequest),
+    /// Progress of a stream; replies [`NetStreamStatus`].
+    NetStreamStatus(NetStreamHandle),
+    /// Wait for a stream to end and forget it; replies [`NetStreamFinishReply`].
+    NetStreamFinish(NetStreamFinishRequest),
 }
 
 impl Op {
@@ -167,6 +183,11 @@ impl Op {
             Op::WorkloadStop => "workload_stop",
             Op::WorkloadCorruptMem(_) => "workload_corrupt_mem",
             Op::Refresh(_) => "refresh",
+            Op::NetIfaces => "net_ifaces",
+            Op::NetConfig(_) => "net_config",
+            Op::NetStreamStart(_) => "net_stream_start",
+            Op::NetStreamStatus(_) => "net_stream_status",
+            Op::NetStreamFinish(_) => "net_stream_finish",
         }
     }
 }
@@ -222,6 +243,141 @@ pub struct RefreshReply {
     pub random: String,
     /// The kernel's boot id (shared by every restore of one snapshot).
     pub boot_id: String,
+}
+
+/// Reply to `net_ifaces`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetIfacesReply {
+    /// Every interface, in index order.
+    pub ifaces: Vec<NetIface>,
+}
+
+impl NetIfacesReply {
+    /// The first interface bound to the `virtio_net` driver, else the first that is not a
+    /// loopback.
+    pub fn virtio_net(&self) -> Option<&NetIface> {
+        self.ifaces
+            .iter()
+            .find(|i| i.driver.as_deref() == Some("virtio_net"))
+            .or_else(|| self.ifaces.iter().find(|i| !i.loopback))
+    }
+}
+
+/// One network interface; also the reply to `net_config`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetIface {
+    /// Its name, e.g. `eth0`.
+    pub name: String,
+    /// Its MAC address, `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    /// Administratively up (`IFF_UP`).
+    pub up: bool,
+    /// Operationally up (`IFF_RUNNING`: carrier and link).
+    pub running: bool,
+    /// A loopback interface (`IFF_LOOPBACK`).
+    pub loopback: bool,
+    /// The kernel driver of its device (`virtio_net`), if it has one.
+    pub driver: Option<String>,
+    /// Its IPv4 addresses, `a.b.c.d/len`.
+    pub addrs: Vec<String>,
+}
+
+/// Fields of `net_config`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetConfigRequest {
+    /// The interface.
+    pub iface: String,
+    /// IPv4 address and prefix length to add, `a.b.c.d/len` (already present: fine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr_cidr: Option<String>,
+    /// MAC address to set first, `aa:bb:cc:dd:ee:ff`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+/// Fields of `net_stream_start`. The guest sends records of `seed` and checks records of
+/// [`crate::agent::netstream::reverse_seed`]`(seed)` from the peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetStreamStartRequest {
+    /// The peer, `ip:port`.
+    pub peer: String,
+    /// Send this many bytes (whole records: up to one more).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_bytes: Option<u64>,
+    /// Send for this long. With neither limit the guest sends nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// Rate cap of the guest's sending, bytes/s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pace_bytes_per_s: Option<u64>,
+    /// Seed of the guest's records.
+    pub seed: u64,
+    /// Read and check the peer's records (default true). With false the guest reads nothing:
+    /// the peer must then send nothing (`net-peer` without `--send-bytes`/`--duration-ms`),
+    /// or its writes stall until its I/O timeout.
+    #[serde(default = "yes")]
+    pub receive: bool,
+    /// A stall of reads or writes this long is an error (default 30 000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_timeout_ms: Option<u64>,
+    /// Connect timeout (default 30 000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout_ms: Option<u64>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A stream's handle: the reply to `net_stream_start`, the fields of `net_stream_status`.
+/// (Not `id`: that is the request's.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetStreamHandle {
+    /// The handle.
+    pub handle: u64,
+}
+
+/// Reply to `net_stream_status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetStreamStatus {
+    /// The handle.
+    pub handle: u64,
+    /// The connection is made.
+    pub connected: bool,
+    /// Both directions are still going.
+    pub running: bool,
+    /// Since `net_stream_start`.
+    pub elapsed_ms: u64,
+    /// Guest to peer, complete records.
+    pub sent_records: u64,
+    /// Guest to peer, bytes.
+    pub sent_bytes: u64,
+    /// Peer to guest, records checked.
+    pub received_records: u64,
+    /// Peer to guest, bytes of them.
+    pub received_bytes: u64,
+}
+
+/// Fields of `net_stream_finish`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetStreamFinishRequest {
+    /// The handle.
+    pub handle: u64,
+    /// How long to wait for the end (default 60 000); past it the reply is an error and the
+    /// stream is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// Reply to `net_stream_finish`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetStreamFinishReply {
+    /// The handle (now forgotten).
+    pub handle: u64,
+    /// From `net_stream_start` to the end.
+    pub elapsed_ms: u64,
+    /// Both directions as the guest saw them.
+    pub report: crate::agent::netstream::DuplexReport,
 }
 
 /// Fields of `poke`.
@@ -773,6 +929,49 @@ mod tests {
         let e =
             parse_request(br#"{"id":4,"op":"workload_start","disk":{"path":"x"}}"#).unwrap_err();
         assert!(matches!(e, ProtocolError::BadFields { .. }), "{e}");
+    }
+
+    #[test]
+    fn parses_net_ops() {
+        let r = parse_request(br#"{"id":1,"op":"net_ifaces"}"#).unwrap();
+        assert_eq!(r.op, Op::NetIfaces);
+        let r = parse_request(
+            br#"{"id":2,"op":"net_config","iface":"eth0","addr_cidr":"10.78.0.2/24"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r.op,
+            Op::NetConfig(NetConfigRequest {
+                iface: "eth0".into(),
+                addr_cidr: Some("10.78.0.2/24".into()),
+                mac: None
+            })
+        );
+        let r = parse_request(
+            br#"{"id":3,"op":"net_stream_start","peer":"10.78.0.100:7100","duration_ms":5000,"seed":4}"#,
+        )
+        .unwrap();
+        let Op::NetStreamStart(start) = r.op else {
+            panic!("{:?}", r.op)
+        };
+        assert!(start.receive, "receive defaults to true");
+        assert_eq!((start.duration_ms, start.send_bytes), (Some(5000), None));
+        let r = parse_request(br#"{"id":4,"op":"net_stream_status","handle":2}"#).unwrap();
+        assert_eq!(r.op, Op::NetStreamStatus(NetStreamHandle { handle: 2 }));
+        let r = parse_request(br#"{"id":5,"op":"net_stream_finish","handle":2}"#).unwrap();
+        assert_eq!(
+            r.op,
+            Op::NetStreamFinish(NetStreamFinishRequest {
+                handle: 2,
+                timeout_ms: None
+            })
+        );
+        // The handle is not the request id.
+        let e = parse_request(br#"{"id":6,"op":"net_stream_status"}"#).unwrap_err();
+        assert!(e.to_string().contains("handle"), "{e}");
+        for name in OP_NAMES {
+            assert!(OP_NAMES.iter().filter(|n| *n == name).count() == 1);
+        }
     }
 
     #[test]

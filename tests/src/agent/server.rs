@@ -11,7 +11,7 @@ use super::lines::{Line, LineReader};
 use super::mem::{self, MemBuffer};
 use super::protocol::{self, Op, PingReply, ProtocolError, MAX_LINE};
 use super::workload::{Workload, WorkloadError};
-use super::{bar_time, blk, poke, refresh, run, sys};
+use super::{bar_time, blk, net, poke, refresh, run, sys};
 
 /// Why serving stopped with an error.
 #[derive(Debug, Error)]
@@ -48,6 +48,7 @@ pub struct Server {
     trace: bool,
     mem: Option<MemBuffer>,
     workload: Option<Workload>,
+    streams: net::Streams,
 }
 
 impl Server {
@@ -59,6 +60,7 @@ impl Server {
             trace: false,
             mem: None,
             workload: None,
+            streams: net::Streams::default(),
         }
     }
 
@@ -218,6 +220,25 @@ impl Server {
                 }
                 to_value(refresh::refresh(&req).map_err(|e| format!("refresh: {e}"))?)
             }
+            Op::NetIfaces => to_value(net::ifaces().map_err(|e| format!("net_ifaces: {e}"))?),
+            Op::NetConfig(req) => {
+                to_value(net::config(&req).map_err(|e| format!("net_config: {e}"))?)
+            }
+            Op::NetStreamStart(req) => to_value(
+                self.streams
+                    .start(&req)
+                    .map_err(|e| format!("net_stream_start: {e}"))?,
+            ),
+            Op::NetStreamStatus(req) => to_value(
+                self.streams
+                    .status(req.handle)
+                    .map_err(|e| format!("net_stream_status: {e}"))?,
+            ),
+            Op::NetStreamFinish(req) => to_value(
+                self.streams
+                    .finish(&req)
+                    .map_err(|e| format!("net_stream_finish: {e}"))?,
+            ),
             Op::WorkloadStop => {
                 let Some(workload) = self.workload.take() else {
                     return Err(format!("workload_stop: {}", WorkloadError::NotRunning));
@@ -338,5 +359,31 @@ mod tests {
         let check: Value = serde_json::from_str(&check).unwrap();
         assert_eq!(check["intact"], true);
         assert_eq!(check["crc"], fill["crc"]);
+    }
+
+    #[test]
+    fn net_ops_are_dispatched() {
+        let mut server = Server::new(false);
+        let (reply, _) = server
+            .handle_line(b"{\"id\":1,\"op\":\"net_ifaces\"}")
+            .unwrap();
+        let reply: Value = serde_json::from_str(&reply).unwrap();
+        assert_eq!(reply["ok"], true, "{reply}");
+        assert!(reply["ifaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["name"] == "lo" && i["loopback"] == true));
+        let (reply, _) = server
+            .handle_line(b"{\"id\":2,\"op\":\"net_stream_status\",\"handle\":9}")
+            .unwrap();
+        assert!(
+            reply.contains("net_stream_status: no stream with handle 9"),
+            "{reply}"
+        );
+        let (reply, _) = server
+            .handle_line(b"{\"id\":3,\"op\":\"net_stream_start\",\"peer\":\"x\",\"seed\":1}")
+            .unwrap();
+        assert!(reply.contains("bad peer"), "{reply}");
     }
 }

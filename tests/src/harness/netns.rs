@@ -40,7 +40,7 @@ pub const PREFIX_LEN: u8 = 24;
 /// Name of the veth end inside each namespace.
 pub const LINK: &str = "veth0";
 /// Where `ip netns add` puts its namespace handles.
-const NETNS_DIR: &str = "/run/netns";
+pub(crate) const NETNS_DIR: &str = "/run/netns";
 
 /// One of the two namespaces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,25 +222,7 @@ impl NetnsPair {
         T: Send,
         F: FnOnce() -> T + Send,
     {
-        let name = self.name(side);
-        let path = Path::new(NETNS_DIR).join(name);
-        let enter_err = |source| NetnsError::Enter {
-            name: name.to_owned(),
-            source,
-        };
-        let handle = File::open(&path).map_err(enter_err)?;
-        thread::scope(|s| {
-            s.spawn(|| {
-                // SAFETY: setns with an open namespace fd changes only this thread's network
-                // namespace; no memory is involved.
-                if unsafe { libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(enter_err(io::Error::last_os_error()));
-                }
-                Ok(f())
-            })
-            .join()
-            .unwrap_or_else(|_| Err(NetnsError::Panicked(name.to_owned())))
-        })
+        enter(self.name(side), f)
     }
 
     /// Takes both ends of the link down: packets between the namespaces are dropped (existing
@@ -289,8 +271,35 @@ pub fn list_namespaces() -> Result<Vec<String>, NetnsError> {
         .collect())
 }
 
+/// Runs `f` on a thread that has entered network namespace `name` (one of `ip netns`'s); see
+/// [`NetnsPair::within`].
+pub(crate) fn enter<T, F>(name: &str, f: F) -> Result<T, NetnsError>
+where
+    T: Send,
+    F: FnOnce() -> T + Send,
+{
+    let path = Path::new(NETNS_DIR).join(name);
+    let enter_err = |source| NetnsError::Enter {
+        name: name.to_owned(),
+        source,
+    };
+    let handle = File::open(&path).map_err(enter_err)?;
+    thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns with an open namespace fd changes only this thread's network
+            // namespace; no memory is involved.
+            if unsafe { libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(enter_err(io::Error::last_os_error()));
+            }
+            Ok(f())
+        })
+        .join()
+        .unwrap_or_else(|_| Err(NetnsError::Panicked(name.to_owned())))
+    })
+}
+
 /// Checks that `ip` runs and that we are root, with errors that say what to do.
-fn preflight(ip: &Path) -> Result<(), NetnsError> {
+pub(crate) fn preflight(ip: &Path) -> Result<(), NetnsError> {
     match Command::new(ip)
         .arg("-V")
         .stdout(Stdio::null())
@@ -319,7 +328,8 @@ fn preflight(ip: &Path) -> Result<(), NetnsError> {
     Ok(())
 }
 
-fn run_ip(ip: &Path, args: &[&str]) -> Result<Output, NetnsError> {
+/// Runs `ip ARGS` (or another program: `bridge`), failing with its stderr.
+pub(crate) fn run_ip(ip: &Path, args: &[&str]) -> Result<Output, NetnsError> {
     let command = format!("{} {}", ip.display(), args.join(" "));
     let out = Command::new(ip)
         .args(args)
