@@ -11,8 +11,10 @@
 # Balanced by their warm-cache times (s, one lane alone): guest_boot 272 (three boots),
 # peer_libvfio_user 267 (a boot, a capped live migration), passthrough 94 (a boot) in lane A;
 # lane B: migrate 271, mediated 155 (a boot), peer_qemu 91 (a boot), vfsim_death 42,
-# snapshot 42, golden 27 and the quick ones.
-LANE_A=(guest_boot peer_libvfio_user passthrough)
+# snapshot 42, golden 27 and the quick ones. Since issue 13/14: guest_vfio and
+# guest_kernel_612 (a 6.12 boot each, ~104 s) in lane B, net_migrate (three NIC migrations,
+# ~140 s each) in lane A.
+LANE_A=(guest_boot peer_libvfio_user passthrough net_migrate)
 
 # The integration test executables of vmm-tests, as "name path" lines.
 guest_test_executables() {

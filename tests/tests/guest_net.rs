@@ -80,6 +80,7 @@ fn loopback_ping_and_a_checked_stream_inside_the_guest() {
             pace_bytes_per_s: None,
             seed: SEED,
             receive: true,
+            receive_pace_bytes_per_s: None,
             io_timeout_ms: None,
             connect_timeout_ms: None,
         })

@@ -225,6 +225,7 @@ fn net_peer_serves_a_stream_across_the_lan() {
             pace_bytes_per_s: Some(2_000_000),
         },
         receive_seed: Some(reverse_seed(seed)),
+        receive_pace_bytes_per_s: None,
         io_timeout: Duration::from_secs(10),
     };
     let mine = run_duplex(stream, &cfg, &Arc::default());

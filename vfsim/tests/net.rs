@@ -17,8 +17,18 @@ use vfio_bindings::bindings::vfio::{VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_
 use vfsim::common_cfg::STATUS_NEEDS_RESET;
 use vfsim::layout::{CAP_MSIX, DEVICE_CFG_OFFSET};
 
-const FEATURES: u64 = (1 << 32) | (1 << 5) | (1 << 16);
+const FEATURES: u64 = (1 << 32) | (1 << 5) | (1 << 15) | (1 << 16);
 const QUIET: Duration = Duration::from_millis(300);
+
+/// Waits (1 s at most) until `count` says three announcements were sent.
+fn wait_announcements(count: impl Fn() -> u64) {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while count() < 3 {
+        assert!(Instant::now() < deadline, "announcements: {}", count());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(count(), 3);
+}
 
 fn config_dword(d: &NetDriver, at: u64) -> u32 {
     let mut b = [0u8; 4];
@@ -276,7 +286,8 @@ fn the_state_moves_to_a_fresh_process_which_announces() {
         assert_eq!(&f[38..42], &[0; 4]);
     }
     assert!(start.elapsed() >= Duration::from_millis(140), "spread out");
-    assert_eq!(pf.stats().unwrap().announcements, 3);
+    // The counter goes up once a frame is written: the capture may see it first.
+    wait_announcements(|| pf.stats().unwrap().announcements);
 
     // The driver goes on where it was: the next entries of both rings.
     let inbound = frame(b"after");
@@ -418,7 +429,7 @@ fn native_migration_carries_the_net_state_logs_rx_and_announces() {
             .unwrap_or_else(|| panic!("announcement {i} missing"));
         assert_eq!(&f[12..14], &[0x80, 0x35], "RARP");
     }
-    assert_eq!(b.pf().stats().unwrap().announcements, 3);
+    wait_announcements(|| b.pf().stats().unwrap().announcements);
     let inbound = frame(b"after the move");
     d.post_rx(6, 2048);
     inject(&sock, &inbound);

@@ -202,6 +202,7 @@ impl Streams {
                 pace_bytes_per_s: req.pace_bytes_per_s,
             },
             receive_seed: req.receive.then(|| reverse_seed(req.seed)),
+            receive_pace_bytes_per_s: req.receive_pace_bytes_per_s,
             io_timeout: req
                 .io_timeout_ms
                 .map_or(DEFAULT_IO_TIMEOUT, Duration::from_millis),
@@ -239,6 +240,13 @@ impl Streams {
             },
         );
         Ok(NetStreamHandle { handle })
+    }
+
+    /// `net_stream_hold`: the receiver reads nothing for `for_`; the status now.
+    pub fn hold(&self, handle: u64, for_: Duration) -> Result<NetStreamStatus, String> {
+        let job = self.jobs.get(&handle).ok_or_else(|| unknown(handle))?;
+        job.progress.received.hold(for_);
+        self.status(handle)
     }
 
     /// `net_stream_status`.
@@ -373,6 +381,7 @@ mod tests {
                     pace_bytes_per_s: None,
                 },
                 receive_seed: Some(seed),
+                receive_pace_bytes_per_s: None,
                 io_timeout: DEFAULT_IO_TIMEOUT,
             };
             run_duplex(s, &cfg, &Arc::default())
@@ -386,6 +395,7 @@ mod tests {
                 pace_bytes_per_s: Some(1_000_000),
                 seed,
                 receive: true,
+                receive_pace_bytes_per_s: None,
                 io_timeout_ms: None,
                 connect_timeout_ms: None,
             })
@@ -422,6 +432,7 @@ mod tests {
             pace_bytes_per_s: None,
             seed: 1,
             receive: true,
+            receive_pace_bytes_per_s: None,
             io_timeout_ms: None,
             connect_timeout_ms: Some(2000),
         };

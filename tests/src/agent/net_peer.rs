@@ -151,6 +151,7 @@ impl PeerArgs {
                 pace_bytes_per_s: self.pace_bytes_per_s,
             },
             receive_seed: self.receive.then_some(self.seed),
+            receive_pace_bytes_per_s: None,
             io_timeout: Duration::from_millis(self.io_timeout_ms),
         }
     }
@@ -284,6 +285,7 @@ mod tests {
                 pace_bytes_per_s: None,
             },
             receive_seed: Some(reverse_seed(21)),
+            receive_pace_bytes_per_s: None,
             io_timeout: Duration::from_secs(10),
         };
         let mine = run_duplex(TcpStream::connect(addr).unwrap(), &guest, &Arc::default());

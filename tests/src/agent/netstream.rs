@@ -88,6 +88,8 @@ pub struct Progress {
     pub records: AtomicU64,
     /// Bytes, records' headers and trailers included.
     pub bytes: AtomicU64,
+    /// A receiver reads nothing before this instant (see [`Progress::hold`]).
+    hold_until: std::sync::Mutex<Option<Instant>>,
 }
 
 impl Progress {
@@ -97,6 +99,26 @@ impl Progress {
             self.records.load(Ordering::Relaxed),
             self.bytes.load(Ordering::Relaxed),
         )
+    }
+
+    /// A receiver reads nothing for `for_`: an application busy elsewhere, whose data
+    /// waits in the kernel's receive queue meanwhile.
+    pub fn hold(&self, for_: Duration) {
+        *self.hold_until.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now() + for_);
+    }
+
+    /// Sleeps while a hold lasts (or until `stop`).
+    fn wait_hold(&self, stop: &AtomicBool) {
+        loop {
+            let until = *self.hold_until.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(left) = until.and_then(|u| u.checked_duration_since(Instant::now())) else {
+                return;
+            };
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            thread::sleep(left.min(Duration::from_millis(50)));
+        }
     }
 }
 
@@ -346,6 +368,18 @@ pub fn receive<R: Read>(
     progress: &Progress,
     stop: &AtomicBool,
 ) -> ReceiveReport {
+    receive_paced(input, seed, None, progress, stop)
+}
+
+/// [`receive`], reading at most `pace` bytes/s on average (a record at a time, so the rest
+/// stays queued in the kernel until it is read).
+pub fn receive_paced<R: Read>(
+    input: R,
+    seed: u64,
+    pace: Option<u64>,
+    progress: &Progress,
+    stop: &AtomicBool,
+) -> ReceiveReport {
     let start = Instant::now();
     let timed = Timed {
         inner: input,
@@ -355,13 +389,18 @@ pub fn receive<R: Read>(
         max_gap: Duration::ZERO,
         max_gap_at: Duration::ZERO,
     };
-    let mut reader = BufReader::with_capacity(64 * 1024, timed);
+    let capacity = match pace {
+        Some(_) => HEADER_LEN + MAX_PAYLOAD as usize + TRAILER_LEN,
+        None => 64 * 1024,
+    };
+    let mut reader = BufReader::with_capacity(capacity, timed);
     let mut records = 0u64;
     let mut bytes = 0u64;
     let mut first_error = None;
     let mut record = vec![0u8; HEADER_LEN + MAX_PAYLOAD as usize + TRAILER_LEN];
     let mut expected = vec![0u8; MAX_PAYLOAD as usize];
     let end = loop {
+        progress.wait_hold(stop);
         match read_record(&mut reader, seed, records, &mut record, &mut expected, stop) {
             Step::Record => {
                 let len = u32::from_le_bytes(record[8..12].try_into().unwrap()) as usize;
@@ -369,6 +408,12 @@ pub fn receive<R: Read>(
                 bytes += (HEADER_LEN + len + TRAILER_LEN) as u64;
                 progress.records.store(records, Ordering::Relaxed);
                 progress.bytes.store(bytes, Ordering::Relaxed);
+                if let Some(pace) = pace.filter(|&p| p > 0) {
+                    let due = Duration::from_secs_f64(bytes as f64 / pace as f64);
+                    if let Some(wait) = due.checked_sub(start.elapsed()) {
+                        thread::sleep(wait);
+                    }
+                }
             }
             Step::End(end) => break end,
             Step::Bad(what) => {
@@ -504,6 +549,10 @@ pub struct DuplexConfig {
     /// The seed of the other end's records, or `None` to not read them (the connection's
     /// read side is then left alone until the end).
     pub receive_seed: Option<u64>,
+    /// Rate cap of the reading, bytes/s: an application slower than the network, whose
+    /// data waits in the socket's receive queue (in the receive buffers the NIC wrote)
+    /// until it is read.
+    pub receive_pace_bytes_per_s: Option<u64>,
     /// Read and write timeout: a stall this long is an error.
     pub io_timeout: Duration,
 }
@@ -586,7 +635,13 @@ pub fn run_duplex(
             timeout: cfg.io_timeout,
             stop: &progress.stop,
         };
-        receive(reader, seed, &progress.received, &progress.stop)
+        receive_paced(
+            reader,
+            seed,
+            cfg.receive_pace_bytes_per_s,
+            &progress.received,
+            &progress.stop,
+        )
     });
     if received.as_ref().is_some_and(|r| !r.is_clean()) {
         // The receive side failed: no point in sending on.
@@ -614,6 +669,24 @@ mod tests {
             encode_record(seed, seq, &mut out);
         }
         out
+    }
+
+    #[test]
+    fn a_paced_receiver_reads_no_faster_than_its_pace() {
+        let data = stream(9, 20);
+        let pace = 400_000;
+        let t = Instant::now();
+        let r = receive_paced(
+            &data[..],
+            9,
+            Some(pace),
+            &Progress::default(),
+            &AtomicBool::new(false),
+        );
+        assert!(r.is_clean(), "{r:?}");
+        assert_eq!(r.bytes, data.len() as u64);
+        let floor = Duration::from_secs_f64(data.len() as f64 / pace as f64);
+        assert!(t.elapsed() >= floor, "{:?} < {floor:?}", t.elapsed());
     }
 
     fn check(data: &[u8], seed: u64) -> ReceiveReport {
@@ -763,6 +836,7 @@ mod tests {
                 pace_bytes_per_s: None,
             },
             receive_seed: Some(rseed),
+            receive_pace_bytes_per_s: None,
             io_timeout: Duration::from_secs(10),
         };
         let server = thread::spawn(move || {
@@ -801,6 +875,7 @@ mod tests {
                 pace_bytes_per_s: None,
             },
             receive_seed: Some(5),
+            receive_pace_bytes_per_s: None,
             io_timeout: Duration::from_millis(700),
         };
         let t = Instant::now();

@@ -39,6 +39,7 @@ pub const OP_NAMES: &[&str] = &[
     "net_stream_start",
     "net_stream_status",
     "net_stream_finish",
+    "net_stream_hold",
 ];
 
 /// Why a request line could not be turned into a [`Request`].
@@ -161,6 +162,9 @@ pub enum Op {
     NetStreamStatus(NetStreamHandle),
     /// Wait for a stream to end and forget it; replies [`NetStreamFinishReply`].
     NetStreamFinish(NetStreamFinishRequest),
+    /// Stop reading a stream's incoming records for a while (the data waits in the guest
+    /// kernel's receive queue); replies [`NetStreamStatus`].
+    NetStreamHold(NetStreamHoldRequest),
 }
 
 impl Op {
@@ -188,6 +192,7 @@ impl Op {
             Op::NetStreamStart(_) => "net_stream_start",
             Op::NetStreamStatus(_) => "net_stream_status",
             Op::NetStreamFinish(_) => "net_stream_finish",
+            Op::NetStreamHold(_) => "net_stream_hold",
         }
     }
 }
@@ -317,6 +322,10 @@ pub struct NetStreamStartRequest {
     /// or its writes stall until its I/O timeout.
     #[serde(default = "yes")]
     pub receive: bool,
+    /// Rate cap of the guest's reading, bytes/s: an application slower than the network,
+    /// whose data waits in the kernel's receive queue, in the buffers the NIC wrote.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receive_pace_bytes_per_s: Option<u64>,
     /// A stall of reads or writes this long is an error (default 30 000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub io_timeout_ms: Option<u64>,
@@ -356,6 +365,15 @@ pub struct NetStreamStatus {
     pub received_records: u64,
     /// Peer to guest, bytes of them.
     pub received_bytes: u64,
+}
+
+/// Fields of `net_stream_finish`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetStreamHoldRequest {
+    /// The stream.
+    pub handle: u64,
+    /// How long to read nothing.
+    pub ms: u64,
 }
 
 /// Fields of `net_stream_finish`.

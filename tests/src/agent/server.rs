@@ -234,6 +234,11 @@ impl Server {
                     .status(req.handle)
                     .map_err(|e| format!("net_stream_status: {e}"))?,
             ),
+            Op::NetStreamHold(req) => to_value(
+                self.streams
+                    .hold(req.handle, std::time::Duration::from_millis(req.ms))
+                    .map_err(|e| format!("net_stream_hold: {e}"))?,
+            ),
             Op::NetStreamFinish(req) => to_value(
                 self.streams
                     .finish(&req)

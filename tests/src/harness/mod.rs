@@ -25,6 +25,7 @@ pub mod image;
 pub mod lan;
 pub mod migration;
 pub mod net;
+pub mod net_migration;
 pub mod net_peer;
 pub mod netns;
 pub mod paths;

@@ -27,7 +27,7 @@ use std::time::Duration;
 use crate::agent::protocol::Op;
 pub use crate::agent::protocol::{
     NetConfigRequest, NetIface, NetIfacesReply, NetStreamFinishReply, NetStreamFinishRequest,
-    NetStreamHandle, NetStreamStartRequest, NetStreamStatus,
+    NetStreamHandle, NetStreamHoldRequest, NetStreamStartRequest, NetStreamStatus,
 };
 
 use super::client::{Agent, AgentError};
@@ -48,6 +48,8 @@ pub trait NetClient {
     fn net_stream_start(&mut self, req: &NetStreamStartRequest) -> Result<u64, AgentError>;
     /// A stream's progress.
     fn net_stream_status(&mut self, handle: u64) -> Result<NetStreamStatus, AgentError>;
+    /// The guest reads nothing of the stream for `ms` (its data waits in the kernel).
+    fn net_stream_hold(&mut self, handle: u64, ms: u64) -> Result<NetStreamStatus, AgentError>;
     /// Waits up to `timeout_ms` for the stream to end; its report (the handle is then gone).
     fn net_stream_finish(
         &mut self,
@@ -81,6 +83,14 @@ impl NetClient for Agent {
         let timeout = self.timeout();
         let h: NetStreamHandle = self.call(&Op::NetStreamStart(req.clone()), timeout)?;
         Ok(h.handle)
+    }
+
+    fn net_stream_hold(&mut self, handle: u64, ms: u64) -> Result<NetStreamStatus, AgentError> {
+        let timeout = self.timeout();
+        self.call(
+            &Op::NetStreamHold(NetStreamHoldRequest { handle, ms }),
+            timeout,
+        )
     }
 
     fn net_stream_status(&mut self, handle: u64) -> Result<NetStreamStatus, AgentError> {

@@ -1,7 +1,11 @@
 //! The virtio-net personality (virtio 1.x section 5.1): a NIC whose wire is a Linux tap.
-//! Features: `VIRTIO_F_VERSION_1`, `VIRTIO_NET_F_MAC`, `VIRTIO_NET_F_STATUS`; no
-//! offloads, no mergeable receive buffers, no control queue. Every buffer starts with the
-//! 12-byte `virtio_net_hdr_v1` (all zero but `num_buffers` = 1 on receive).
+//! Features: `VIRTIO_F_VERSION_1`, `VIRTIO_NET_F_MAC`, `VIRTIO_NET_F_STATUS`,
+//! `VIRTIO_NET_F_MRG_RXBUF`; no offloads, no control queue. Every buffer starts with the
+//! 12-byte `virtio_net_hdr_v1` (all zero but `num_buffers` = 1 on receive). Mergeable
+//! receive buffers are offered because NICs' drivers use them (Linux then posts page
+//! fragments it never writes and copies only a frame's first bytes out, so a frame's data
+//! stays in the pages the device wrote until the application reads it); a frame always
+//! takes one buffer, since Linux sizes each at least MTU + headers.
 //!
 //! - queue 0, receiveq: a frame read from the tap goes into the next available chain
 //!   (header, then the frame); a chain too short drops the frame (counted). Frames are
@@ -37,8 +41,12 @@ use tap::Tap;
 pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
 /// `VIRTIO_NET_F_STATUS`: the device configuration holds the link status.
 pub const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
+/// `VIRTIO_NET_F_MRG_RXBUF`: the header's `num_buffers` says how many receive buffers a
+/// frame took (here always 1).
+pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
 /// Features the virtio-net function offers.
-pub const NET_FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS;
+pub const NET_FEATURES: u64 =
+    VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS | VIRTIO_NET_F_MRG_RXBUF;
 /// `VIRTIO_NET_S_LINK_UP`.
 pub const VIRTIO_NET_S_LINK_UP: u16 = 1;
 /// Size of `struct virtio_net_hdr_v1`.
