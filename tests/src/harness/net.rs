@@ -13,9 +13,11 @@
 //!     pace_bytes_per_s: Some(4 << 20),
 //!     seed: 1,
 //!     receive: true,
+//!     receive_pace_bytes_per_s: None,
 //!     io_timeout_ms: None,
 //!     connect_timeout_ms: None,
 //! })?;
+//! agent.net_stream_hold(h, 10_000)?; // the guest reads nothing for 10 s
 //! // ... migrate the VM ...
 //! let done = agent.net_stream_finish(h, 60_000)?;
 //! assert!(done.report.is_ok(), "{:?}", done.report.problem());
