@@ -57,6 +57,14 @@ pub const COMMON: &[&str] = &[
     "writev",
 ];
 
+/// Calls a narrowed thread (vCPU, API, migration) is refused with `EACCES` instead of
+/// being stopped for, because a library makes them behind the thread's back and copes with
+/// a refusal: glibc's malloc opens `/proc/sys/vm/overcommit_memory` the first time it
+/// shrinks a thread arena's heap (`check_may_shrink_heap`), in whichever thread frees
+/// memory then (an API client thread did, and the VMM stopped); refused, it leaves the
+/// freed pages mapped. The threads themselves open nothing.
+pub const REFUSED: &[&str] = &["openat"];
+
 /// A vCPU thread: KVM_RUN and the exits it serves (port and MMIO accesses to the
 /// emulated devices, messages to vfio-user servers and mediators' PF sockets, eventfd
 /// signals, memory slots changed when a mediator traps or untraps).

@@ -77,6 +77,10 @@ pub struct Filters(Option<Arc<Compiled>>);
 
 struct Compiled {
     vmm: BpfProgram,
+    /// Stacked on each narrowed thread's own filter: [`allowlists::REFUSED`] fail with
+    /// `EACCES` (the kernel takes the stricter of two filters' answers, so these calls,
+    /// which the thread's list lets through, fail rather than trap).
+    refused: BpfProgram,
     vcpu: BpfProgram,
     api: BpfProgram,
     migration: BpfProgram,
@@ -104,6 +108,25 @@ fn compile(
     BpfProgram::try_from(filter).map_err(build)
 }
 
+/// The filter that refuses [`allowlists::REFUSED`] with `EACCES` (logs them under `log`)
+/// and lets everything else through.
+fn compile_refused(mode: SeccompMode) -> Result<BpfProgram, SeccompError> {
+    let kind = "refused-calls";
+    let mut rules = BTreeMap::new();
+    for &name in allowlists::REFUSED {
+        let nr = names::number(name).ok_or(SeccompError::UnknownSyscall(name))?;
+        rules.insert(nr, Vec::new());
+    }
+    let refuse = match mode {
+        SeccompMode::Log => SeccompAction::Log,
+        _ => SeccompAction::Errno(libc::EACCES as u32),
+    };
+    let build = |source| SeccompError::Build { kind, source };
+    let filter = SeccompFilter::new(rules, SeccompAction::Allow, refuse, TargetArch::x86_64)
+        .map_err(build)?;
+    BpfProgram::try_from(filter).map_err(build)
+}
+
 impl Filters {
     /// Builds the filters of `mode`.
     pub fn new(mode: SeccompMode) -> Result<Filters, SeccompError> {
@@ -113,9 +136,10 @@ impl Filters {
         }
         Ok(Filters(Some(Arc::new(Compiled {
             vmm: compile("process", &[COMMON, VMM, VCPU, API, MIGRATION], mode)?,
-            vcpu: compile("vCPU", &[COMMON, VCPU], mode)?,
-            api: compile("API", &[COMMON, API], mode)?,
-            migration: compile("migration", &[COMMON, MIGRATION], mode)?,
+            refused: compile_refused(mode)?,
+            vcpu: compile("vCPU", &[COMMON, VCPU, REFUSED], mode)?,
+            api: compile("API", &[COMMON, API, REFUSED], mode)?,
+            migration: compile("migration", &[COMMON, MIGRATION, REFUSED], mode)?,
         }))))
     }
 
@@ -146,6 +170,10 @@ impl Filters {
             ThreadKind::Api => ("API", &c.api),
             ThreadKind::Migration => ("migration", &c.migration),
         };
+        // The refusing filter first: the narrow one does not allow `seccomp` itself.
+        if let Err(e) = seccompiler::apply_filter(&c.refused) {
+            tracing::error!("seccomp: cannot install the refused-calls filter on this thread: {e}");
+        }
         if let Err(e) = seccompiler::apply_filter(prog) {
             tracing::error!("seccomp: cannot install the {name} filter on this thread: {e}");
         }
@@ -211,5 +239,21 @@ mod tests {
             Filters::new(mode).unwrap();
         }
         assert!(Filters::new(SeccompMode::Off).unwrap().0.is_none());
+    }
+
+    /// What glibc's malloc met in an API client thread: `openat` there fails with EACCES
+    /// rather than ending the VMM. Only the refusing filter goes on this test thread (the
+    /// narrow one would trap whatever the test harness's thread does next).
+    #[test]
+    fn refused_calls_fail_with_eacces_instead_of_trapping() {
+        let filters = Filters::new(SeccompMode::On).unwrap();
+        let c = filters.0.clone().unwrap();
+        let err = std::thread::spawn(move || {
+            seccompiler::apply_filter(&c.refused).unwrap();
+            std::fs::File::open("/proc/sys/vm/overcommit_memory").unwrap_err()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
     }
 }
