@@ -86,10 +86,13 @@ struct Compiled {
     migration: BpfProgram,
 }
 
+/// A filter that answers the calls in `lists` with `matched` and every other with
+/// `mismatch`.
 fn compile(
     kind: &'static str,
     lists: &[&[&'static str]],
-    mode: SeccompMode,
+    mismatch: SeccompAction,
+    matched: SeccompAction,
 ) -> Result<BpfProgram, SeccompError> {
     let mut rules = BTreeMap::new();
     for list in lists {
@@ -98,32 +101,8 @@ fn compile(
             rules.insert(nr, Vec::new());
         }
     }
-    let mismatch = match mode {
-        SeccompMode::Log => SeccompAction::Log,
-        _ => SeccompAction::Trap,
-    };
     let build = |source| SeccompError::Build { kind, source };
-    let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
-        .map_err(build)?;
-    BpfProgram::try_from(filter).map_err(build)
-}
-
-/// The filter that refuses [`allowlists::REFUSED`] with `EACCES` (logs them under `log`)
-/// and lets everything else through.
-fn compile_refused(mode: SeccompMode) -> Result<BpfProgram, SeccompError> {
-    let kind = "refused-calls";
-    let mut rules = BTreeMap::new();
-    for &name in allowlists::REFUSED {
-        let nr = names::number(name).ok_or(SeccompError::UnknownSyscall(name))?;
-        rules.insert(nr, Vec::new());
-    }
-    let refuse = match mode {
-        SeccompMode::Log => SeccompAction::Log,
-        _ => SeccompAction::Errno(libc::EACCES as u32),
-    };
-    let build = |source| SeccompError::Build { kind, source };
-    let filter = SeccompFilter::new(rules, SeccompAction::Allow, refuse, TargetArch::x86_64)
-        .map_err(build)?;
+    let filter = SeccompFilter::new(rules, mismatch, matched, TargetArch::x86_64).map_err(build)?;
     BpfProgram::try_from(filter).map_err(build)
 }
 
@@ -134,12 +113,22 @@ impl Filters {
         if mode == SeccompMode::Off {
             return Ok(Filters(None));
         }
+        // What is not on a list traps (or is logged); the refused calls fail with EACCES
+        // (or are logged).
+        let (unlisted, refuse) = match mode {
+            SeccompMode::Log => (SeccompAction::Log, SeccompAction::Log),
+            _ => (
+                SeccompAction::Trap,
+                SeccompAction::Errno(libc::EACCES as u32),
+            ),
+        };
+        let allow = |kind, lists| compile(kind, lists, unlisted.clone(), SeccompAction::Allow);
         Ok(Filters(Some(Arc::new(Compiled {
-            vmm: compile("process", &[COMMON, VMM, VCPU, API, MIGRATION], mode)?,
-            refused: compile_refused(mode)?,
-            vcpu: compile("vCPU", &[COMMON, VCPU, REFUSED], mode)?,
-            api: compile("API", &[COMMON, API, REFUSED], mode)?,
-            migration: compile("migration", &[COMMON, MIGRATION, REFUSED], mode)?,
+            vmm: allow("process", &[COMMON, VMM, VCPU, API, MIGRATION])?,
+            refused: compile("refused-calls", &[REFUSED], SeccompAction::Allow, refuse)?,
+            vcpu: allow("vCPU", &[COMMON, VCPU, REFUSED])?,
+            api: allow("API", &[COMMON, API, REFUSED])?,
+            migration: allow("migration", &[COMMON, MIGRATION, REFUSED])?,
         }))))
     }
 
