@@ -228,10 +228,7 @@ impl Device {
         netns: Option<&str>,
         disk: Option<&Path>,
     ) -> (DeviceProcess, String) {
-        let disk_for = |function: &Function| -> Option<PathBuf> {
-            let Function::Blk { disk_size: size } = *function else {
-                return None;
-            };
+        let disk_for = |size: u64| -> PathBuf {
             match disk {
                 Some(disk) => {
                     let len = fs::metadata(disk)
@@ -243,20 +240,21 @@ impl Device {
                         "disk image {} is not the size the golden snapshot was made with",
                         disk.display()
                     );
-                    Some(disk.to_path_buf())
+                    disk.to_path_buf()
                 }
-                None => Some(dir.disk(&format!("{name}.img"), size)),
+                None => dir.disk(&format!("{name}.img"), size),
             }
         };
         let tap = tap_name(dir, name);
-        let vfsim = |function: &Function, native: bool| {
-            let disk = disk_for(function);
-            let wire = match (function, &disk) {
-                (Function::Net { mac }, _) => Wire::Tap { name: &tap, mac },
-                (Function::Blk { .. }, Some(disk)) => Wire::Disk(disk),
-                (Function::Blk { .. }, None) => unreachable!("disk_for gives a blk VF a disk"),
-            };
-            Vfsim::start_wired(dir, wire, name, netns, native)
+        let vfsim = |function: &Function, native: bool| match function {
+            Function::Blk { disk_size } => {
+                let disk = disk_for(*disk_size);
+                Vfsim::start_wired(dir, Wire::Disk(&disk), name, netns, native)
+            }
+            Function::Net { mac } => {
+                let wire = Wire::Tap { name: &tap, mac };
+                Vfsim::start_wired(dir, wire, name, netns, native)
+            }
         };
         match self {
             Device::MediatedVfsim {
