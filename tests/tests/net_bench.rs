@@ -11,13 +11,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use vmm_tests::agent::netstream::DuplexReport;
+use vmm_tests::harness::net_migration::{guest_network, MAC};
 use vmm_tests::harness::net_peer::{PeerArgs, RunningPeer};
 use vmm_tests::harness::netns::{NetnsPair, Side};
 use vmm_tests::harness::{
     golden_with_api, Agent, ApiClient, Device, NetClient, NetStreamStartRequest, TestDir,
 };
 
-const MAC: &str = "52:54:00:4e:49:43";
 const HOST_IP: &str = "10.78.0.1";
 const GUEST_IP: &str = "10.78.0.2";
 const SEED: u64 = 0xbe4c;
@@ -121,10 +121,7 @@ fn guest(
         .unwrap();
     assert!(ip.success());
     let (vm, mut agent, api) = golden_with_api(&dir, &spec, &format!("{device}{extra}"));
-    let nic = agent.net_ifaces().unwrap().virtio_net().unwrap().clone();
-    agent
-        .net_config(&nic.name, Some(&format!("{GUEST_IP}/24")), None)
-        .unwrap();
+    guest_network(&mut agent, &format!("{GUEST_IP}/24"), HOST_IP);
     (pair, dir, vfsim, vm, agent, api)
 }
 
@@ -135,8 +132,7 @@ fn nic_vf_throughput_and_exits() {
     let mut rows = Vec::new();
     {
         let (pair, _dir, vfsim, _vm, mut agent, mut api) = guest("netbench", "");
-        let pf = pf_protocol::PfClient::connect(vfsim.pf.as_ref().unwrap(), Duration::from_secs(5))
-            .unwrap();
+        let pf = vfsim.pf_client();
         for (name, saving) in [("(a) doorbells mapped", false), ("(b) while saving", true)] {
             if saving {
                 api.device_migration("vf0", "start-dirty-tracking").unwrap();
@@ -162,8 +158,7 @@ fn nic_vf_throughput_and_exits() {
     }
     {
         let (pair, _dir, vfsim, _vm, mut agent, mut api) = guest("netbenchtrap", ",mmap=off");
-        let pf = pf_protocol::PfClient::connect(vfsim.pf.as_ref().unwrap(), Duration::from_secs(5))
-            .unwrap();
+        let pf = vfsim.pf_client();
         for (upload, port) in [(true, 7021), (false, 7022)] {
             let r = stream(&pair, &mut agent, &mut api, &pf, upload, secs, port);
             rows.push(("(c) doorbells trapped", upload, r));

@@ -5,25 +5,13 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
+use vmm_tests::harness::net_migration::{guest_network, MAC};
 use vmm_tests::harness::netns::{NetnsPair, Side};
-use vmm_tests::harness::{golden_with_api, run, Agent, ApiClient, Device, TestDir};
+use vmm_tests::harness::{golden_with_api, ApiClient, Device, TestDir};
 
-/// The VF's MAC (locally administered).
-const MAC: &str = "52:54:00:4e:49:43";
 /// The host end of the tap, and the guest, on their own /24.
 const HOST_IP: &str = "10.78.0.1";
 const GUEST_IP: &str = "10.78.0.2";
-
-/// The guest's network interface on the VF (the first that is not loopback).
-fn guest_iface(agent: &mut Agent) -> String {
-    let out = run(agent, &["ls", "/sys/class/net"]);
-    assert!(out.success(), "{out:?}");
-    out.stdout
-        .split_whitespace()
-        .find(|i| *i != "lo")
-        .unwrap_or_else(|| panic!("the guest has no network interface but lo: {out:?}"))
-        .to_owned()
-}
 
 /// Runs `cmd` and panics with its output unless it succeeds.
 fn must(cmd: &mut Command) -> String {
@@ -88,50 +76,12 @@ fn virtio_net_vf_tracks_receive_buffers_under_traffic() {
         pair.command(Side::A, "ip")
             .args(["addr", "add", &format!("{HOST_IP}/24"), "dev", &tap]),
     );
-    let pf_path = vfsim.pf.clone().expect("PF socket");
     let (_vm, mut agent, mut api) = golden_with_api(&dir, &spec, &device);
     let info = api.request(&json!({"request": "info"})).unwrap();
     assert_eq!(info["devices"][0]["mediator"], "virtio-net-vf", "{info}");
 
     // The guest's driver: the MAC it read, the interface up, a ping through the VF.
-    let iface = guest_iface(&mut agent);
-    let mac = run(
-        &mut agent,
-        &["cat", &format!("/sys/class/net/{iface}/address")],
-    );
-    assert_eq!(mac.stdout.trim(), MAC, "{mac:?}");
-    let up = run(
-        &mut agent,
-        &[
-            "sh",
-            "-c",
-            &format!("ip link set {iface} up && ip addr add {GUEST_IP}/24 dev {iface}"),
-        ],
-    );
-    assert!(up.success(), "{up:?}");
-    let out = run(
-        &mut agent,
-        &["timeout", "20", "ping", "-c", "3", "-W", "5", HOST_IP],
-    );
-    if !out.success() {
-        let diag = run(
-            &mut agent,
-            &[
-                "sh",
-                "-c",
-                "ip -s link; ip addr; cat /proc/interrupts; dmesg | tail -30; ps",
-            ],
-        );
-        let stats =
-            pf_protocol::PfClient::connect(&vfsim.pf.clone().unwrap(), Duration::from_secs(5))
-                .and_then(|pf| pf.stats());
-        panic!(
-            "guest ping through the VF: {out:?}\n{}\nvfsim: {stats:?}\n{}",
-            diag.stdout,
-            std::fs::read_to_string(dir.join("vf0.log")).unwrap_or_default()
-        );
-    }
-    eprintln!("guest ping: {}", out.stdout.lines().last().unwrap_or(""));
+    guest_network(&mut agent, &format!("{GUEST_IP}/24"), HOST_IP);
 
     let trapped =
         |api: &mut ApiClient| api.device_stats("vf0").unwrap()["bars"][0]["trapped"].clone();
@@ -141,7 +91,7 @@ fn virtio_net_vf_tracks_receive_buffers_under_traffic() {
         "nothing trapped while running"
     );
 
-    let pf = pf_protocol::PfClient::connect(&pf_path, Duration::from_secs(5)).expect("pf");
+    let pf = vfsim.pf_client();
     api.device_migration("vf0", "start-dirty-tracking")
         .expect("start tracking");
     assert_eq!(

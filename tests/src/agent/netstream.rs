@@ -267,6 +267,11 @@ pub fn clip(text: &str) -> String {
     format!("{}...", &text[..end])
 }
 
+/// When `bytes` are due at `rate` bytes/s from `start` (both ends' pacing).
+fn due(start: Instant, bytes: u64, rate: u64) -> Instant {
+    start + Duration::from_secs_f64(bytes as f64 / rate as f64)
+}
+
 fn ms(d: Duration) -> u64 {
     d.as_millis().try_into().unwrap_or(u64::MAX)
 }
@@ -299,7 +304,7 @@ pub fn send<W: Write>(
         if let Some(rate) = rate {
             // Send when the bytes so far are due, in slices so that stop and the deadline are
             // seen.
-            let due = start + Duration::from_secs_f64(report.bytes as f64 / rate as f64);
+            let due = due(start, report.bytes, rate);
             let now = Instant::now();
             if due > now {
                 thread::sleep((due - now).min(Duration::from_millis(50)));
@@ -409,10 +414,8 @@ pub fn receive_paced<R: Read>(
                 progress.records.store(records, Ordering::Relaxed);
                 progress.bytes.store(bytes, Ordering::Relaxed);
                 if let Some(pace) = pace.filter(|&p| p > 0) {
-                    let due = Duration::from_secs_f64(bytes as f64 / pace as f64);
-                    if let Some(wait) = due.checked_sub(start.elapsed()) {
-                        thread::sleep(wait);
-                    }
+                    let wait = due(start, bytes, pace).saturating_duration_since(Instant::now());
+                    thread::sleep(wait);
                 }
             }
             Step::End(end) => break end,

@@ -98,24 +98,21 @@ impl NetHosts {
     }
 }
 
-/// The guest's interface on the VF, configured with the LAN address.
-pub fn guest_network(agent: &mut Agent, lan: &Lan) {
+/// The guest's interface on the VF (which must have [`MAC`]), up with address `cidr`, and a
+/// ping through it to `peer`.
+pub fn guest_network(agent: &mut Agent, cidr: &str, peer: &str) {
     let ifaces = agent.net_ifaces().expect("net_ifaces");
     let nic = ifaces
         .virtio_net()
         .unwrap_or_else(|| panic!("no virtio-net interface in the guest: {ifaces:?}"))
         .clone();
     assert_eq!(nic.mac, MAC, "{nic:?}");
-    let cidr = format!("{}/24", lan.guest_addr());
     let nic = agent
-        .net_config(&nic.name, Some(&cidr), None)
+        .net_config(&nic.name, Some(cidr), None)
         .expect("net_config");
     assert!(nic.up, "{nic:?}");
-    let ping = run(
-        agent,
-        &["ping", "-c", "3", "-W", "10", &lan.peer_addr().to_string()],
-    );
-    assert!(ping.success(), "the guest reaches the peer: {ping:?}");
+    let ping = run(agent, &["ping", "-c", "3", "-W", "10", peer]);
+    assert!(ping.success(), "the guest reaches {peer}: {ping:?}");
 }
 
 /// One line on a stream end's report.
@@ -156,7 +153,8 @@ pub fn migrate_under_traffic(h: &mut NetHosts, t: &Traffic, rx_tracking: bool) -
         .netns(h.lan.name(Host::A))
         .golden(&[h.device()]);
     let (src, mut api, mut agent) = start_source(builder, &dev, &h.dir.join("api-src.sock"));
-    guest_network(&mut agent, &h.lan);
+    let cidr = format!("{}/24", h.lan.guest_addr());
+    guest_network(&mut agent, &cidr, &h.lan.peer_addr().to_string());
     if let Some(rmem) = t.rmem {
         let out = run(
             &mut agent,
@@ -225,8 +223,7 @@ pub fn migrate_under_traffic(h: &mut NetHosts, t: &Traffic, rx_tracking: bool) -
     if let Some(ms) = t.hold_ms {
         agent.net_stream_hold(handle, ms).expect("hold");
     }
-    let pf_a = pf_protocol::PfClient::connect(vf_a.pf.as_ref().unwrap(), Duration::from_secs(5))
-        .expect("A's PF socket");
+    let pf_a = vf_a.pf_client();
     let rx_before = pf_a.stats().expect("A's vfsim stats").rx_frames;
     let bandwidth = t.bandwidth_mb_s.to_string();
     let out = api.ctl_migrate(
@@ -272,9 +269,7 @@ pub fn migrate_under_traffic(h: &mut NetHosts, t: &Traffic, rx_tracking: bool) -
         .wait(Duration::from_secs(90))
         .map(|(r, _)| r)
         .map_err(|e| e.to_string());
-    let stats = pf_protocol::PfClient::connect(vf_b.pf.as_ref().unwrap(), Duration::from_secs(5))
-        .and_then(|pf| pf.stats())
-        .expect("B's vfsim stats");
+    let stats = vf_b.pf_client().stats().expect("B's vfsim stats");
     let mac_on = h.lan.bridge_fdb(MAC).expect("the LAN bridge's table");
     drop(dst);
     Outcome {

@@ -163,6 +163,17 @@ impl Vfsim {
 }
 
 impl Vfsim {
+    /// A client of its PF-side control socket (counters, state, its DMA write log).
+    /// Panics when it has none or it does not answer.
+    pub fn pf_client(&self) -> pf_protocol::PfClient {
+        let path = self
+            .pf
+            .as_ref()
+            .expect("vfsim was started without a PF socket");
+        pf_protocol::PfClient::connect(path, std::time::Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("vfsim's PF socket {}: {e}", path.display()))
+    }
+
     /// Kills vfsim with SIGKILL (no chance to clean up, as in a crash) and reaps it.
     pub fn kill(&mut self) -> std::io::Result<std::process::ExitStatus> {
         self.child.kill()?;
