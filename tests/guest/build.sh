@@ -27,6 +27,15 @@ cache=${VMM_GUEST_CACHE:-$HOME/.cache/vmm-guest}
 log() { echo "guest-build: $*" >&2; }
 die() { echo "guest-build: error: $*" >&2; exit 1; }
 
+# Checkouts (worktrees, CI's clean clones) share the cache and its fixed build directories:
+# one build at a time, the others wait (a hit, once the lock is free, takes seconds).
+mkdir -p "$cache"
+exec 9>"$cache/.lock"
+if ! flock -n 9; then
+    log "waiting for another build that holds $cache/.lock"
+    flock 9
+fi
+
 kver=${VMM_GUEST_KERNEL:-6.1}
 kernel_only=
 while [ $# -gt 0 ]; do

@@ -27,6 +27,15 @@ devices_mak="$here/qemu-devices.mak"
 log() { echo "peers-build: $*" >&2; }
 die() { echo "peers-build: error: $*" >&2; exit 1; }
 
+# Checkouts (worktrees, CI's clean clones) share the cache and its fixed build directories:
+# one build at a time, the others wait (a hit, once the lock is free, takes seconds).
+mkdir -p "$cache"
+exec 9>"$cache/.lock"
+if ! flock -n 9; then
+    log "waiting for another build that holds $cache/.lock"
+    flock 9
+fi
+
 only_lvu=false
 case "${1:-}" in
     '') ;;
