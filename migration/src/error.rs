@@ -95,7 +95,8 @@ pub enum Error {
         /// The type found.
         ty: u32,
     },
-    /// A section's length field exceeds [`crate::MAX_SECTION_LEN`].
+    /// A section's length field exceeds [`crate::MAX_SECTION_LEN`], or for the VM config
+    /// [`crate::MAX_CONFIG_LEN`].
     #[error("section {section} type {} length {len} exceeds the maximum {max}", type_name(*ty))]
     SectionTooLong {
         /// Section number.
@@ -106,6 +107,17 @@ pub enum Error {
         len: u64,
         /// The maximum.
         max: u64,
+    },
+    /// A section of another type stands where the stream's layout requires one type (the
+    /// VM config first).
+    #[error("section {section} is of type {} where the stream must have its {expected} section", type_name(*ty))]
+    UnexpectedSection {
+        /// Section number.
+        section: u64,
+        /// The section's raw type.
+        ty: u32,
+        /// The type required there.
+        expected: SectionType,
     },
     /// A section's CRC does not match its contents.
     #[error("CRC mismatch in section {section} (type {}): expected {expected:#010x} got {found:#010x}", type_name(*ty))]

@@ -39,7 +39,7 @@
 //! | --- | --- | --- |
 //! | 0 | (reserved) | never valid: a run of zero bytes must not parse |
 //! | 1 | [`SectionType::End`] | u64: number of sections before this one (detects a section dropped whole) |
-//! | 2 | [`SectionType::VmConfig`] | [`VmConfig`]: u64 memory size, u32 vCPU count, u32 device count, then per device a u16 length + UTF-8 id |
+//! | 2 | [`SectionType::VmConfig`] | [`VmConfig`]: u64 memory size, u32 vCPU count, u32 device count, then per device a u16 length + UTF-8 id; at most [`MAX_CONFIG_LEN`] (64 KiB) and always the first section, both checked from its header |
 //! | 3 | [`SectionType::RamPages`] | runs of guest pages, see below |
 //! | 4 | [`SectionType::Vcpu`] | u32 vCPU index, then the vCPU's state (opaque) |
 //! | 5 | [`SectionType::Irqchip`] | opaque (the VM-wide KVM state: PIC, IOAPIC, PIT, clock) |
@@ -126,6 +126,12 @@ pub const KNOWN_FLAGS: u32 = FLAG_LIVE | FLAG_REPLY;
 /// The largest section payload, in bytes. Readers reject longer lengths before allocating;
 /// writers refuse to produce them.
 pub const MAX_SECTION_LEN: u64 = 1 << 30;
+
+/// The largest [`SectionType::VmConfig`] payload, in bytes: room for 250 devices of the
+/// longest ids. The config is a stream's first section, read before anything has vouched
+/// for the sender ([`StreamReader::read_config`]), so its bound is a config's and not
+/// [`MAX_SECTION_LEN`]; writers refuse a longer one.
+pub const MAX_CONFIG_LEN: u64 = 64 * 1024;
 
 /// Size of a guest page in [`SectionType::RamPages`] sections.
 pub const PAGE_SIZE: usize = 4096;

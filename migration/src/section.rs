@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::fmt;
 
-use crate::{Error, RamPages, Result, MAX_ID_LEN, MAX_REASON_LEN};
+use crate::{Error, RamPages, Result, MAX_CONFIG_LEN, MAX_ID_LEN, MAX_REASON_LEN};
 
 /// The type of a section. The numbers are the wire values: never reuse or renumber one,
 /// add new types at the end (with a format version bump, since old readers reject them).
@@ -273,6 +273,17 @@ impl VmConfig {
                 });
             }
             put_string(&mut out, d, MAX_ID_LEN, ty, "device id")?;
+        }
+        if out.len() as u64 > MAX_CONFIG_LEN {
+            // The reader refuses it from the section header (StreamReader::read_config).
+            return Err(Error::TooLarge {
+                ty,
+                what: format!(
+                    "{} bytes for {} devices exceed the maximum {MAX_CONFIG_LEN}",
+                    out.len(),
+                    self.devices.len()
+                ),
+            });
         }
         Ok(out)
     }

@@ -4,8 +4,8 @@ use std::io::{self, Read, Write};
 
 use crate::{
     Control, DevicePhase, DeviceState, Error, RamPagesBuilder, Result, Section, SectionType,
-    VmConfig, FORMAT_VERSION, HEADER_LEN, KNOWN_FLAGS, MAGIC, MAX_SECTION_LEN, SECTION_CRC_LEN,
-    SECTION_HEADER_LEN,
+    VmConfig, FORMAT_VERSION, HEADER_LEN, KNOWN_FLAGS, MAGIC, MAX_CONFIG_LEN, MAX_SECTION_LEN,
+    SECTION_CRC_LEN, SECTION_HEADER_LEN,
 };
 
 /// Writes a stream. Wrap a file or socket in a `BufWriter`: each section is written as a few
@@ -290,6 +290,29 @@ impl<R: Read> StreamReader<R> {
     /// Reads, checks and decodes the next section. After the end section has been returned
     /// (as [`Section::End`]) every call fails with [`Error::PastEnd`].
     pub fn next_section(&mut self) -> Result<Section> {
+        self.section_within(None, MAX_SECTION_LEN)
+    }
+
+    /// Reads the stream's first section, which must be the VM's config: its type and a
+    /// length of at most [`MAX_CONFIG_LEN`] are checked from the section's header, before
+    /// any payload is read. Until this section is read nothing has vouched for the sender
+    /// (an unauthenticated `tcp:` connection), so it may not make the reader take in more
+    /// than a config's worth of bytes.
+    pub fn read_config(&mut self) -> Result<VmConfig> {
+        match self.section_within(Some(SectionType::VmConfig), MAX_CONFIG_LEN)? {
+            Section::VmConfig(c) => Ok(c),
+            // section_within checked the type.
+            other => Err(Error::UnexpectedSection {
+                section: self.sections - 1,
+                ty: other.section_type() as u32,
+                expected: SectionType::VmConfig,
+            }),
+        }
+    }
+
+    /// The next section, whose length must be at most `max` and, if `expect` is given, whose
+    /// type must be that one: both judged from the section's header.
+    fn section_within(&mut self, expect: Option<SectionType>, max: u64) -> Result<Section> {
         if self.ended {
             return Err(Error::PastEnd);
         }
@@ -314,13 +337,22 @@ impl<R: Read> StreamReader<R> {
         let mut l = [0u8; 8];
         l.copy_from_slice(&head[4..12]);
         let len = u64::from_le_bytes(l);
+        if let Some(expected) = expect {
+            if raw_ty != expected as u32 {
+                return Err(Error::UnexpectedSection {
+                    section: index,
+                    ty: raw_ty,
+                    expected,
+                });
+            }
+        }
         // Checked before anything is allocated or read.
-        if len > MAX_SECTION_LEN {
+        if len > max {
             return Err(Error::SectionTooLong {
                 section: index,
                 ty: raw_ty,
                 len,
-                max: MAX_SECTION_LEN,
+                max,
             });
         }
         // len <= 1 GiB fits usize on every target this VMM runs on (64-bit).
@@ -328,7 +360,7 @@ impl<R: Read> StreamReader<R> {
             section: index,
             ty: raw_ty,
             len,
-            max: MAX_SECTION_LEN,
+            max,
         })?;
         let (payload, complete) = self.read_payload(ulen).map_err(io)?;
         self.bytes += payload.len() as u64;

@@ -6,7 +6,7 @@ use common::{config, read_all, sample_stream, Rng};
 use migration::{
     Control, DevicePhase, DeviceState, Error, RamPagesBuilder, Section, SectionType, StreamReader,
     StreamWriter, VmConfig, FLAG_LIVE, FLAG_REPLY, FORMAT_VERSION, HEADER_LEN, MAGIC,
-    MAX_SECTION_LEN, PAGE_SIZE, SECTION_HEADER_LEN,
+    MAX_CONFIG_LEN, MAX_SECTION_LEN, PAGE_SIZE, SECTION_HEADER_LEN,
 };
 
 /// Builds a stream by hand: header (with the right CRC) and raw sections.
@@ -387,6 +387,100 @@ fn huge_lengths_are_rejected_before_allocating() {
         matches!(e, Error::Truncated { part: "payload", got: 5, want, .. } if want == MAX_SECTION_LEN),
         "{e}"
     );
+}
+
+/// The config is read before anything vouches for the sender (an unauthenticated `tcp:`
+/// peer), so its type and size are judged from the section header: the payload behind a
+/// refused header is never read.
+#[test]
+fn the_config_must_come_first_and_small_judged_from_its_header() {
+    // A RAM section first, its megabyte of data behind it.
+    let payload = vec![0u8; 1 << 20];
+    let bytes = raw_stream(
+        FORMAT_VERSION,
+        FLAG_LIVE,
+        &[(SectionType::RamPages as u32, &payload)],
+    );
+    let mut r = StreamReader::read_header(&bytes[..]).unwrap();
+    let e = r.read_config().unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::UnexpectedSection {
+                section: 0,
+                ty: 3,
+                expected: SectionType::VmConfig
+            }
+        ),
+        "{e}"
+    );
+    assert!(
+        e.to_string().contains("ram-pages") && e.to_string().contains("vm-config"),
+        "{e}"
+    );
+    assert_eq!(
+        r.into_inner().len(),
+        payload.len() + 4,
+        "payload left unread"
+    );
+
+    // A config one byte over its maximum.
+    let big = vec![0u8; MAX_CONFIG_LEN as usize + 1];
+    let bytes = raw_stream(
+        FORMAT_VERSION,
+        FLAG_LIVE,
+        &[(SectionType::VmConfig as u32, &big)],
+    );
+    let mut r = StreamReader::read_header(&bytes[..]).unwrap();
+    let e = r.read_config().unwrap_err();
+    assert!(
+        matches!(e, Error::SectionTooLong { section: 0, ty: 2, len, max }
+            if len == MAX_CONFIG_LEN + 1 && max == MAX_CONFIG_LEN),
+        "{e}"
+    );
+    assert_eq!(r.into_inner().len(), big.len() + 4, "payload left unread");
+
+    // next_section keeps the general bound: the same section is read (and its layout
+    // judged) there.
+    let mut r = StreamReader::read_header(&bytes[..]).unwrap();
+    let e = r.next_section().unwrap_err();
+    assert!(matches!(e, Error::Malformed { section: 0, .. }), "{e}");
+
+    // A real stream's config.
+    let bytes = sample_stream();
+    let mut r = StreamReader::read_header(&bytes[..]).unwrap();
+    assert_eq!(r.read_config().unwrap(), config());
+    assert_eq!(r.sections_read(), 1);
+}
+
+#[test]
+fn a_config_over_its_maximum_is_not_written() {
+    let config = |n: usize| VmConfig {
+        mem_size: 1 << 30,
+        vcpus: 1,
+        devices: (0..n).map(|i| format!("{i:0>256}")).collect(),
+    };
+    // 250 devices of the longest ids fit.
+    let fits = config(250);
+    let mut w = StreamWriter::write_header(Vec::new(), 0).unwrap();
+    w.write_vm_config(&fits).unwrap();
+    let bytes = w.finish().unwrap();
+    let mut r = StreamReader::read_header(&bytes[..]).unwrap();
+    assert_eq!(r.read_config().unwrap(), fits);
+    // 300 do not, and the writer says so rather than write what no reader takes.
+    let mut w = StreamWriter::write_header(Vec::new(), 0).unwrap();
+    let e = w.write_vm_config(&config(300)).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::TooLarge {
+                ty: SectionType::VmConfig,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("300 devices"), "{e}");
 }
 
 #[test]

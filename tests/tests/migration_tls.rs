@@ -1,8 +1,9 @@
 //! Migration over mutual TLS, and destinations that outlive bad connections.
 //!
 //! - `a_tcp_destination_outlives_scans_garbage_and_silence`: no guest; a `tcp:`
-//!   destination meets a port scan, garbage, a stream of another format version and a
-//!   client that sends nothing, logs each with the peer and why, keeps listening, and
+//!   destination meets a port scan, garbage, a stream of another format version, streams
+//!   whose first section is not the VM config or a config of a GiB, and a client that
+//!   sends nothing, logs each with the peer and why, keeps listening, and
 //!   gives up at `--incoming-timeout` with a clear message.
 //! - `bad_tls_options_stop_the_destination_at_once`: no guest; missing or mismatched
 //!   options and unreadable files end `vmm --incoming` with status 1 naming the problem.
@@ -91,6 +92,28 @@ fn a_tcp_destination_outlives_scans_garbage_and_silence() {
     let mut v = TcpStream::connect(&addr).unwrap();
     v.write_all(&header_of_version(99)).unwrap();
     wait_log(&dst, "version 99", 1, Duration::from_secs(5));
+    // A good header, then a section that is not the VM config, or a config claiming a GiB:
+    // refused from the section header, before any of the payload is taken in (an
+    // unauthenticated peer cannot make the destination hold a GiB).
+    for (ty, what) in [
+        (
+            migration::SectionType::RamPages,
+            "where the stream must have its vm-config section",
+        ),
+        (
+            migration::SectionType::VmConfig,
+            "exceeds the maximum 65536",
+        ),
+    ] {
+        let mut c = TcpStream::connect(&addr).unwrap();
+        let mut bytes = header_of_version(migration::FORMAT_VERSION);
+        bytes.extend_from_slice(&(ty as u32).to_le_bytes());
+        bytes.extend_from_slice(&(1u64 << 30).to_le_bytes());
+        bytes.extend_from_slice(&vec![0u8; 4 << 20][..]);
+        // The destination may refuse (and close) before it has all of it.
+        let _ = c.write_all(&bytes);
+        wait_log(&dst, what, 1, Duration::from_secs(5));
+    }
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "the silent client held the others up"
@@ -106,7 +129,7 @@ fn a_tcp_destination_outlives_scans_garbage_and_silence() {
     let log = dst.vmm_stderr();
     assert_eq!(
         log.matches("migration connection from 127.0.0.1:").count(),
-        4,
+        6,
         "each refusal names the peer\n{log}"
     );
     // No source came: --incoming-timeout ends it, saying so.
@@ -114,7 +137,7 @@ fn a_tcp_destination_outlives_scans_garbage_and_silence() {
     assert_eq!(st.code(), Some(1), "{}", dst.describe());
     let log = dst.vmm_stderr();
     assert!(
-        log.contains("no migration source arrived within 14 s (4 connection(s) refused"),
+        log.contains("no migration source arrived within 14 s (6 connection(s) refused"),
         "{log}"
     );
 }

@@ -111,13 +111,8 @@ impl Configs {
 /// Reads the stream's header and first section, which must be the VM's config.
 pub fn open<R: Read>(r: R) -> Result<(StreamReader<R>, VmConfig), SnapshotError> {
     let mut reader = StreamReader::read_header(r)?;
-    match reader.next_section()? {
-        Section::VmConfig(c) => Ok((reader, c)),
-        other => Err(SnapshotError::Mismatch(format!(
-            "the stream starts with a {:?} section, not the VM config",
-            other.section_type()
-        ))),
-    }
+    let config = reader.read_config()?;
+    Ok((reader, config))
 }
 
 /// Checks that the devices of this VMM are exactly those the stream carries, and that each
