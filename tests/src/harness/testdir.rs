@@ -74,6 +74,12 @@ impl TestDir {
     }
 }
 
+impl AsRef<Path> for TestDir {
+    fn as_ref(&self) -> &Path {
+        &self.path
+    }
+}
+
 impl Drop for TestDir {
     fn drop(&mut self) {
         if env::var_os(KEEP_ENV).is_some() {

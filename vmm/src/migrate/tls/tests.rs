@@ -3,13 +3,16 @@
 
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
+
+use test_pki::Ca;
 
 use super::*;
 
+/// A directory of test certificates (made by `test_pki`), removed when dropped.
 struct Pki {
     dir: PathBuf,
+    cas: Vec<Ca>,
 }
 
 impl Pki {
@@ -17,89 +20,33 @@ impl Pki {
         let dir = std::env::temp_dir().join(format!("vmm-tls-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        Pki { dir }
+        Pki {
+            dir,
+            cas: Vec::new(),
+        }
     }
 
     fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
 
-    fn openssl(&self, args: &[&str]) {
-        let out = Command::new("openssl")
-            .current_dir(&self.dir)
-            .args(args)
-            .output()
-            .expect("the TLS tests need the openssl command");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    fn ca(&mut self, name: &str) {
+        let ca = Ca::new(&self.dir, name).expect("test CA");
+        self.cas.push(ca);
     }
 
-    fn ca(&self, name: &str) {
-        self.openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={name}"),
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.pem"),
-        ]);
+    fn find(&self, ca: &str) -> &Ca {
+        self.cas
+            .iter()
+            .find(|c| c.id.cert == self.path(&format!("{ca}.pem")))
+            .expect("a CA made by ca()")
     }
 
     /// `name.pem`/`name.key` signed by `ca`, for 127.0.0.1 and localhost.
     fn issue(&self, name: &str, ca: &str) {
-        std::fs::write(
-            self.path(&format!("{name}.ext")),
-            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n\
-             extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
-        )
-        .unwrap();
-        self.openssl(&[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-subj",
-            &format!("/CN={name}"),
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-        ]);
-        self.openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{name}.csr"),
-            "-CA",
-            &format!("{ca}.pem"),
-            "-CAkey",
-            &format!("{ca}.key"),
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            &format!("{name}.ext"),
-            "-out",
-            &format!("{name}.pem"),
-        ]);
+        self.find(ca)
+            .issue(name, &["IP:127.0.0.1", "DNS:localhost"])
+            .expect("test certificate");
     }
 
     fn config(&self, name: &str, ca: &str) -> MigrationTlsConfig {
@@ -127,7 +74,7 @@ fn contains(e: &TlsError, parts: &[&str]) {
 
 #[test]
 fn bad_tls_files_say_which_and_why() {
-    let pki = Pki::new("files");
+    let mut pki = Pki::new("files");
     pki.ca("ca1");
     pki.issue("a", "ca1");
     pki.issue("b", "ca1");
@@ -246,7 +193,7 @@ fn handshake(
 
 #[test]
 fn peers_of_another_ca_are_refused_both_ways() {
-    let pki = Pki::new("peers");
+    let mut pki = Pki::new("peers");
     pki.ca("ca1");
     pki.ca("ca2");
     pki.issue("dst", "ca1");
@@ -291,7 +238,7 @@ fn peers_of_another_ca_are_refused_both_ways() {
 
 #[test]
 fn a_server_handshake_ends_at_its_deadline() {
-    let pki = Pki::new("deadline");
+    let mut pki = Pki::new("deadline");
     pki.ca("ca1");
     pki.issue("dst", "ca1");
     let config = server_config(&pki.config("dst", "ca1")).unwrap();
