@@ -138,6 +138,10 @@ pub struct Stats {
     /// virtio-net: received frames dropped because the receive buffer was too short.
     #[serde(default)]
     pub rx_dropped: u64,
+    /// virtio-net: transmitted frames the tap did not take (e.g. a tap that is down); their
+    /// chains are completed, as a NIC drops what the wire refuses.
+    #[serde(default)]
+    pub tx_dropped: u64,
     /// virtio-net: gratuitous RARP frames sent to announce the MAC after a move.
     #[serde(default)]
     pub announcements: u64,
@@ -369,6 +373,7 @@ mod tests {
                 rx_frames: 1,
                 tx_frames: 2,
                 rx_dropped: 3,
+                tx_dropped: 4,
                 announcements: 3,
             }),
             Response::Error {

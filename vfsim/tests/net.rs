@@ -45,7 +45,7 @@ struct Rig {
     pf: pf_protocol::PfClient,
     sock: std::os::fd::OwnedFd,
     _vf: common::process::Vfsim,
-    _ns: NetNs,
+    ns: NetNs,
     _dir: Scratch,
 }
 
@@ -63,7 +63,7 @@ impl Rig {
             pf,
             sock,
             _vf: vf,
-            _ns: ns,
+            ns,
             _dir: dir,
         }
     }
@@ -118,7 +118,13 @@ const COMMON_NUM_QUEUES: u64 = 0x12;
 #[test]
 fn frames_go_both_ways_and_receive_waits_for_buffers() {
     let mut rig = Rig::start("net-io");
-    let Rig { d, pf, sock, .. } = &mut rig;
+    let Rig {
+        d,
+        pf,
+        sock,
+        ns: rig_ns,
+        ..
+    } = &mut rig;
 
     // Transmit: header and frame in two descriptors; the frame alone reaches the tap.
     let out = frame(b"from the guest");
@@ -177,6 +183,15 @@ fn frames_go_both_ways_and_receive_waits_for_buffers() {
     assert!(d.rx_data(2, 20).iter().all(|b| *b == 0xee));
     let s = pf.stats().unwrap();
     assert_eq!((s.rx_frames, s.rx_dropped, s.tx_frames), (2, 1, 1));
+
+    // A frame the tap does not take (its link down: EIO) is dropped and counted, and its
+    // chain completed, as a NIC's frames on a dead wire.
+    rig_ns.exec("ip", &["link", "set", "dev", common::net::TAP, "down"]);
+    d.post_tx(1, &frame(b"into a tap that is down"));
+    assert_eq!(d.wait_used(1), (2, 0));
+    let s = pf.stats().unwrap();
+    assert_eq!((s.tx_frames, s.tx_dropped), (1, 1));
+    rig_ns.exec("ip", &["link", "set", "dev", common::net::TAP, "up"]);
 
     // A transmit chain with a device-writable buffer is malformed: DEVICE_NEEDS_RESET.
     d.desc(1, 4, GUEST_BASE + TX_BUF, 64, 2, 0);

@@ -111,6 +111,7 @@ struct Counters {
     rx_frames: AtomicU64,
     tx_frames: AtomicU64,
     rx_dropped: AtomicU64,
+    tx_dropped: AtomicU64,
     announcements: Arc<AtomicU64>,
 }
 
@@ -211,8 +212,12 @@ impl NetFunction {
                 Ok(()) => {
                     self.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
                 }
-                // A NIC drops what the wire does not take.
-                Err(e) => tracing::debug!(tap = self.tap.name(), "sending a frame failed: {e}"),
+                // A NIC drops what the wire does not take (a tap that is down answers
+                // EIO), counts it, and completes the chain.
+                Err(e) => {
+                    self.counters.tx_dropped.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(tap = self.tap.name(), "sending a frame failed: {e}");
+                }
             }
             ring.complete(chain.head, 0)?;
         }
@@ -313,6 +318,7 @@ impl Personality for NetFunction {
         stats.rx_frames = c.rx_frames.load(Ordering::Relaxed);
         stats.tx_frames = c.tx_frames.load(Ordering::Relaxed);
         stats.rx_dropped = c.rx_dropped.load(Ordering::Relaxed);
+        stats.tx_dropped = c.tx_dropped.load(Ordering::Relaxed);
         stats.announcements = c.announcements.load(Ordering::Relaxed);
     }
 }

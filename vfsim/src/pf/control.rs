@@ -193,6 +193,7 @@ impl Controller {
             rx_frames: 0,
             tx_frames: 0,
             rx_dropped: 0,
+            tx_dropped: 0,
             announcements: 0,
         };
         e.personality.stats(&mut stats);
