@@ -119,7 +119,8 @@ pub fn guest_network(agent: &mut Agent, mac: &str, cidr: &str, peer: &str) -> Ne
 }
 
 /// Waits (30 s at most) until the guest's stream `handle` has carried more than `bytes` each
-/// way, and returns its status then; panics if the stream ends or stalls before.
+/// way, and returns its status then; panics if the stream ends (with the guest's report) or
+/// stalls before.
 pub fn wait_both_ways(agent: &mut Agent, handle: u64, bytes: u64) -> NetStreamStatus {
     let started = Instant::now();
     loop {
@@ -127,10 +128,15 @@ pub fn wait_both_ways(agent: &mut Agent, handle: u64, bytes: u64) -> NetStreamSt
         if s.sent_bytes > bytes && s.received_bytes > bytes {
             return s;
         }
-        assert!(
-            s.running || !s.connected,
-            "the stream ended before carrying {bytes} bytes each way: {s:?}"
-        );
+        if !s.running && s.connected {
+            let report = agent
+                .net_stream_finish(handle, 10_000)
+                .map(|f| describe(&f.report));
+            panic!(
+                "the stream ended before carrying {bytes} bytes each way: {s:?}; \
+                 the guest's report: {report:?}"
+            );
+        }
         assert!(
             started.elapsed() < Duration::from_secs(30),
             "not {bytes} bytes both ways within 30 s: {s:?}"
