@@ -93,7 +93,7 @@ fn qemu_virtio_net_carries_tcp_both_ways_and_cannot_be_migrated() {
             connect_timeout_ms: None,
         })
         .expect("net_stream_start");
-    let before = wait_both_ways(&mut agent, handle, 16 * 1024);
+    let before = wait_both_ways(&mut agent, handle, 16 * 1024, 16 * 1024);
     eprintln!("streaming: {before:?}");
 
     // QEMU's server offers no migration: both refused while the streams run, naming the
@@ -117,7 +117,8 @@ fn qemu_virtio_net_carries_tcp_both_ways_and_cannot_be_migrated() {
     let after = wait_both_ways(
         &mut agent,
         handle,
-        before.sent_bytes.max(before.received_bytes) + 16 * 1024,
+        before.sent_bytes + 16 * 1024,
+        before.received_bytes + 16 * 1024,
     );
     eprintln!("after the refusals: {after:?}");
 

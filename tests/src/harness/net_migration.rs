@@ -118,14 +118,14 @@ pub fn guest_network(agent: &mut Agent, mac: &str, cidr: &str, peer: &str) -> Ne
     nic
 }
 
-/// Waits (30 s at most) until the guest's stream `handle` has carried more than `bytes` each
-/// way, and returns its status then; panics if the stream ends (with the guest's report) or
-/// stalls before.
-pub fn wait_both_ways(agent: &mut Agent, handle: u64, bytes: u64) -> NetStreamStatus {
+/// Waits (30 s at most) until the guest's stream `handle` has sent more than `sent` bytes and
+/// received more than `received`, and returns its status then; panics if the stream ends
+/// (with the guest's report) or stalls before.
+pub fn wait_both_ways(agent: &mut Agent, handle: u64, sent: u64, received: u64) -> NetStreamStatus {
     let started = Instant::now();
     loop {
         let s = agent.net_stream_status(handle).expect("status");
-        if s.sent_bytes > bytes && s.received_bytes > bytes {
+        if s.sent_bytes > sent && s.received_bytes > received {
             return s;
         }
         if !s.running && s.connected {
@@ -133,13 +133,13 @@ pub fn wait_both_ways(agent: &mut Agent, handle: u64, bytes: u64) -> NetStreamSt
                 .net_stream_finish(handle, 10_000)
                 .map(|f| describe(&f.report));
             panic!(
-                "the stream ended before carrying {bytes} bytes each way: {s:?}; \
-                 the guest's report: {report:?}"
+                "the stream ended before sending {sent} and receiving {received} bytes: \
+                 {s:?}; the guest's report: {report:?}"
             );
         }
         assert!(
             started.elapsed() < Duration::from_secs(30),
-            "not {bytes} bytes both ways within 30 s: {s:?}"
+            "not {sent} bytes sent and {received} received within 30 s: {s:?}"
         );
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -220,7 +220,7 @@ pub fn migrate_under_traffic(h: &mut NetHosts, t: &Traffic, rx_tracking: bool) -
         })
         .expect("net_stream_start");
     // Traffic both ways before the migration starts.
-    let s = wait_both_ways(&mut agent, handle, 32 * 1024);
+    let s = wait_both_ways(&mut agent, handle, 32 * 1024, 32 * 1024);
     eprintln!("before the migration: {s:?}");
     if !rx_tracking {
         api.mediator("vf0", "skip-queue", json!({"queue": 0, "on": true}))
