@@ -13,7 +13,8 @@
 # lane B: migrate 271, mediated 155 (a boot), peer_qemu 91 (a boot), vfsim_death 42,
 # snapshot 42, golden 27 and the quick ones. Since issue 13/14: guest_vfio and
 # guest_kernel_612 (a 6.12 boot each, ~104 s) in lane B, net_migrate (three NIC migrations,
-# ~140 s each) in lane A.
+# ~140 s each) in lane A; peer_qemu_net (a boot, 20 s of TCP through QEMU's NIC, 143 s) in
+# lane B.
 LANE_A=(guest_boot peer_libvfio_user passthrough net_migrate)
 
 # The integration test executables of vmm-tests, as "name path" lines.

@@ -5,8 +5,8 @@
 #   - libvfio-user's samples/server and samples/gpio-pci-idio-16, with the fixes in
 #     tests/peers/patches/libvfio-user-*.patch;
 #   - qemu-system-x86_64 with the x-remote machine and the x-vfio-user-server object (QEMU's
-#     own virtio-blk-pci served over vfio-user), with tests/peers/qemu-devices.mak as its only
-#     devices and tests/peers/patches/qemu-*.patch.
+#     own virtio-blk-pci or virtio-net-pci with a tap backend, served over vfio-user), with
+#     tests/peers/qemu-devices.mak as its only devices and tests/peers/patches/qemu-*.patch.
 # docs/peers.md says what each peer is, how to start it and what a client must do for it.
 #
 # Results are cached outside the repository, keyed by a hash of their inputs (the pinned
@@ -203,6 +203,9 @@ if [ ! -x "$qemu_dir/qemu-system-x86_64" ]; then
     grep -q '^x-remote ' <<<"$out" || die "$bin has no x-remote machine"
     out=$("$bin" -device help)
     grep -qF '"virtio-blk-pci"' <<<"$out" || die "$bin has no virtio-blk-pci"
+    grep -qF '"virtio-net-pci"' <<<"$out" || die "$bin has no virtio-net-pci"
+    out=$("$bin" -machine x-remote -netdev help)   # (without a machine: "no default")
+    grep -qx 'tap' <<<"$out" || die "$bin has no tap netdev"
     out=$("$bin" -object help)
     grep -q '^ *x-vfio-user-server$' <<<"$out" || die "$bin has no x-vfio-user-server object"
     mkdir -p "$qemu_dir.tmp"

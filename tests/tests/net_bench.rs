@@ -121,7 +121,7 @@ fn guest(
         .unwrap();
     assert!(ip.success());
     let (vm, mut agent, api) = golden_with_api(&dir, &spec, &format!("{device}{extra}"));
-    guest_network(&mut agent, &format!("{GUEST_IP}/24"), HOST_IP);
+    guest_network(&mut agent, MAC, &format!("{GUEST_IP}/24"), HOST_IP);
     (pair, dir, vfsim, vm, agent, api)
 }
 

@@ -81,7 +81,7 @@ fn virtio_net_vf_tracks_receive_buffers_under_traffic() {
     assert_eq!(info["devices"][0]["mediator"], "virtio-net-vf", "{info}");
 
     // The guest's driver: the MAC it read, the interface up, a ping through the VF.
-    guest_network(&mut agent, &format!("{GUEST_IP}/24"), HOST_IP);
+    guest_network(&mut agent, MAC, &format!("{GUEST_IP}/24"), HOST_IP);
 
     let trapped =
         |api: &mut ApiClient| api.device_stats("vf0").unwrap()["bars"][0]["trapped"].clone();

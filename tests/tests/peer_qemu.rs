@@ -12,7 +12,9 @@ use std::time::Duration;
 use serde_json::json;
 use vmm_tests::agent::pattern;
 use vmm_tests::harness::peers::Peer;
-use vmm_tests::harness::{run, ApiClient, BlkRequest, TestDir, Vm, DEFAULT_BOOT_TIMEOUT};
+use vmm_tests::harness::{
+    run, virtio_msix_interrupts, ApiClient, BlkRequest, TestDir, Vm, DEFAULT_BOOT_TIMEOUT,
+};
 
 const DISK_SIZE: u64 = 16 << 20;
 /// The trapped device's disk (a different size tells the two apart in the guest).
@@ -28,21 +30,6 @@ fn req(path: &str, offset: u64, blocks: u64, seed: u64) -> BlkRequest {
         seed,
         direct: true,
     }
-}
-
-/// MSI-X interrupts counted for the virtio devices in /proc/interrupts (all CPUs).
-fn msix_counts(agent: &mut vmm_tests::harness::Agent) -> u64 {
-    let out = run(agent, &["cat", "/proc/interrupts"]);
-    out.stdout
-        .lines()
-        .filter(|l| l.contains("PCI-MSI") && l.contains("virtio"))
-        .map(|l| {
-            l.split_whitespace()
-                .skip(1)
-                .map_while(|w| w.parse::<u64>().ok())
-                .sum::<u64>()
-        })
-        .sum()
 }
 
 #[test]
@@ -95,7 +82,7 @@ fn qemu_vfio_user_server_drives_the_guest_and_cannot_be_migrated() {
             vm.describe()
         );
     }
-    let irqs_before = msix_counts(&mut agent);
+    let irqs_before = virtio_msix_interrupts(&mut agent);
 
     // Guest to image, on both devices.
     for (dev, image) in [("/dev/vda", &disk), ("/dev/vdb", &disk2)] {
@@ -116,7 +103,7 @@ fn qemu_vfio_user_server_drives_the_guest_and_cannot_be_migrated() {
     // Image to guest.
     let v = agent.blk_verify(&host).expect("guest verify");
     assert_eq!(v.mismatches, 0, "the guest read the host's pattern: {v:?}");
-    let irqs_after = msix_counts(&mut agent);
+    let irqs_after = virtio_msix_interrupts(&mut agent);
     eprintln!("virtio MSI-X interrupts: {irqs_before} after boot, {irqs_after} after the I/O");
     assert!(
         irqs_after > irqs_before,

@@ -24,3 +24,19 @@ pub fn run(agent: &mut Agent, argv: &[&str]) -> RunOutput {
         attempt += 1;
     }
 }
+
+/// MSI-X interrupts of the guest's virtio devices so far: the `PCI-MSI` lines of
+/// `/proc/interrupts` naming `virtio`, summed over all CPUs.
+pub fn virtio_msix_interrupts(agent: &mut Agent) -> u64 {
+    let out = run(agent, &["cat", "/proc/interrupts"]);
+    out.stdout
+        .lines()
+        .filter(|l| l.contains("PCI-MSI") && l.contains("virtio"))
+        .map(|l| {
+            l.split_whitespace()
+                .skip(1)
+                .map_while(|w| w.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
+}

@@ -44,7 +44,7 @@ pub use crate::agent::protocol::{
 pub use api::{boot_with_api, golden_with_api, ApiClient, CtlOutcome};
 pub use client::{Agent, AgentError, DEFAULT_TIMEOUT};
 pub use golden::{Device, DeviceProcess, Function};
-pub use guest_run::run;
+pub use guest_run::{run, virtio_msix_interrupts};
 pub use image::{GuestImage, ImageError};
 pub use lan::{Host, Lan};
 pub use net::{NetClient, NetStreamStartRequest};

@@ -14,6 +14,7 @@ use super::net_peer::{PeerArgs, RunningPeer};
 use super::netns::Side;
 use super::{run, Agent, Device, NetClient, NetStreamStartRequest, TestDir, Vfsim, Vm};
 use crate::agent::netstream::DuplexReport;
+use crate::agent::protocol::{NetIface, NetStreamStatus};
 
 /// The VF's MAC (locally administered).
 pub const MAC: &str = "52:54:00:4e:49:43";
@@ -98,21 +99,50 @@ impl NetHosts {
     }
 }
 
-/// The guest's interface on the VF (which must have [`MAC`]), up with address `cidr`, and a
-/// ping through it to `peer`.
-pub fn guest_network(agent: &mut Agent, cidr: &str, peer: &str) {
+/// The guest's NIC: the interface its stock `virtio_net` driver bound, which must have MAC
+/// `mac`, up with address `cidr`, and a ping through it to `peer`. Returns the interface.
+pub fn guest_network(agent: &mut Agent, mac: &str, cidr: &str, peer: &str) -> NetIface {
     let ifaces = agent.net_ifaces().expect("net_ifaces");
     let nic = ifaces
         .virtio_net()
         .unwrap_or_else(|| panic!("no virtio-net interface in the guest: {ifaces:?}"))
         .clone();
-    assert_eq!(nic.mac, MAC, "{nic:?}");
+    assert_eq!(nic.driver.as_deref(), Some("virtio_net"), "{ifaces:?}");
+    assert_eq!(nic.mac, mac, "{nic:?}");
     let nic = agent
         .net_config(&nic.name, Some(cidr), None)
         .expect("net_config");
     assert!(nic.up, "{nic:?}");
     let ping = run(agent, &["ping", "-c", "3", "-W", "10", peer]);
     assert!(ping.success(), "the guest reaches {peer}: {ping:?}");
+    nic
+}
+
+/// Waits (30 s at most) until the guest's stream `handle` has sent more than `sent` bytes and
+/// received more than `received`, and returns its status then; panics if the stream ends
+/// (with the guest's report) or stalls before.
+pub fn wait_both_ways(agent: &mut Agent, handle: u64, sent: u64, received: u64) -> NetStreamStatus {
+    let started = Instant::now();
+    loop {
+        let s = agent.net_stream_status(handle).expect("status");
+        if s.sent_bytes > sent && s.received_bytes > received {
+            return s;
+        }
+        if !s.running && s.connected {
+            let report = agent
+                .net_stream_finish(handle, 10_000)
+                .map(|f| describe(&f.report));
+            panic!(
+                "the stream ended before sending {sent} and receiving {received} bytes: \
+                 {s:?}; the guest's report: {report:?}"
+            );
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "not {sent} bytes sent and {received} received within 30 s: {s:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 /// One line on a stream end's report.
@@ -154,7 +184,7 @@ pub fn migrate_under_traffic(h: &mut NetHosts, t: &Traffic, rx_tracking: bool) -
         .golden(&[h.device()]);
     let (src, mut api, mut agent) = start_source(builder, &dev, &h.dir.join("api-src.sock"));
     let cidr = format!("{}/24", h.lan.guest_addr());
-    guest_network(&mut agent, &cidr, &h.lan.peer_addr().to_string());
+    guest_network(&mut agent, MAC, &cidr, &h.lan.peer_addr().to_string());
     if let Some(rmem) = t.rmem {
         let out = run(
             &mut agent,
@@ -190,23 +220,8 @@ pub fn migrate_under_traffic(h: &mut NetHosts, t: &Traffic, rx_tracking: bool) -
         })
         .expect("net_stream_start");
     // Traffic both ways before the migration starts.
-    let started = Instant::now();
-    loop {
-        let s = agent.net_stream_status(handle).expect("status");
-        if s.sent_bytes > 32 * 1024 && s.received_bytes > 32 * 1024 {
-            eprintln!("before the migration: {s:?}");
-            break;
-        }
-        assert!(
-            s.running || !s.connected,
-            "the stream ended before the migration: {s:?}"
-        );
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "no traffic both ways within 30 s: {s:?}"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    let s = wait_both_ways(&mut agent, handle, 32 * 1024, 32 * 1024);
+    eprintln!("before the migration: {s:?}");
     if !rx_tracking {
         api.mediator("vf0", "skip-queue", json!({"queue": 0, "on": true}))
             .unwrap();

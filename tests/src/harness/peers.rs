@@ -71,21 +71,59 @@ impl Peer {
 
     /// QEMU's `x-vfio-user-server` exporting a modern-only virtio-blk-pci over `disk` (raw).
     pub fn qemu_blk(dir: &TestDir, name: &str, disk: &Path) -> Peer {
-        let socket = dir.join(format!("{name}.sock"));
-        let bin = peer_binary(QEMU_ENV);
         let drive = format!(
             "driver=file,filename={},node-name=disk0,cache.direct=off",
             disk.display()
         );
+        Self::qemu(
+            dir,
+            name,
+            None,
+            &["-blockdev", &drive],
+            "virtio-blk-pci,drive=disk0",
+        )
+    }
+
+    /// QEMU's `x-vfio-user-server` exporting a modern-only virtio-net-pci with MAC `mac`
+    /// whose wire is tap `tap` (`-netdev tap,script=no`), run in `netns` if given. QEMU
+    /// makes the tap itself (TUNSETIFF creates a missing one; a persistent one of that name
+    /// is opened instead) before its socket appears, holds it open and leaves it down and
+    /// unbridged: [`super::lan::Lan::attach_tap`] it once this returns.
+    pub fn qemu_net(dir: &TestDir, name: &str, tap: &str, mac: &str, netns: Option<&str>) -> Peer {
+        let netdev = format!("tap,id=wire0,ifname={tap},script=no,downscript=no");
+        Self::qemu(
+            dir,
+            name,
+            netns,
+            &["-netdev", &netdev],
+            // `romfile=`: its default option ROM, efi-virtio.rom, is one of the firmware
+            // blobs Debian's source tarball leaves out (and no guest here boots from it).
+            &format!("virtio-net-pci,netdev=wire0,mac={mac},romfile="),
+        )
+    }
+
+    /// QEMU's `x-vfio-user-server` (socket `NAME.sock`) exporting `device` (a `-device`
+    /// value without `id`) over the backend options `backend`, modern-only and behind the
+    /// remote IOMMU (`iommu_platform=on`: docs/peers.md says why).
+    fn qemu(
+        dir: &TestDir,
+        name: &str,
+        netns: Option<&str>,
+        backend: &[&str],
+        device: &str,
+    ) -> Peer {
+        let socket = dir.join(format!("{name}.sock"));
+        let bin = peer_binary(QEMU_ENV);
+        let device = format!("{device},id=dev0,disable-legacy=on,iommu_platform=on");
         // QEMU 10.0 takes this object's nested socket address only in JSON form.
         let server = serde_json::json!({
             "qom-type": "x-vfio-user-server",
             "id": "vfu0",
             "socket": {"type": "unix", "path": socket},
-            "device": "blk0",
+            "device": "dev0",
         })
         .to_string();
-        let args: Vec<std::ffi::OsString> = [
+        let mut args: Vec<&str> = vec![
             "-machine",
             "x-remote,vfio-user=on",
             "-nodefaults",
@@ -95,18 +133,11 @@ impl Peer {
             "none",
             "-serial",
             "none",
-            "-blockdev",
-            &drive,
-            "-device",
-            "virtio-blk-pci,drive=disk0,id=blk0,disable-legacy=on,iommu_platform=on",
-            "-object",
-            &server,
-        ]
-        .iter()
-        .map(Into::into)
-        .collect();
-        let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
-        Self::spawn(dir, name, None, &bin, &args, socket)
+        ];
+        args.extend_from_slice(backend);
+        args.extend_from_slice(&["-device", &device, "-object", &server]);
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+        Self::spawn(dir, name, netns, &bin, &args, socket)
     }
 
     fn spawn(
