@@ -22,6 +22,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection};
 
 use crate::config::tls::MigrationTlsConfig;
+use crate::migrate::stall::StallGuard;
 
 /// Why a TLS configuration cannot be used. Each message names the file and the option.
 #[derive(Debug, thiserror::Error)]
@@ -336,8 +337,8 @@ impl Write for Conn {
         match &self.tls {
             None => (&self.tcp).write(buf),
             Some(s) => match &mut *lock(s)? {
-                Session::Server(s) => s.write(buf),
-                Session::Client(s) => s.write(buf),
+                Session::Server(s) => write_plain(&mut s.conn, &s.sock, buf),
+                Session::Client(s) => write_plain(&mut s.conn, &s.sock, buf),
             },
         }
     }
@@ -346,11 +347,59 @@ impl Write for Conn {
         match &self.tls {
             None => (&self.tcp).flush(),
             Some(s) => match &mut *lock(s)? {
-                Session::Server(s) => s.flush(),
-                Session::Client(s) => s.flush(),
+                Session::Server(s) => flush_plain(&mut s.conn, &s.sock),
+                Session::Client(s) => flush_plain(&mut s.conn, &s.sock),
             },
         }
     }
+}
+
+// Writes go to rustls's connection and the socket directly, not through
+// `rustls::StreamOwned::write`: that one drops the error of pushing the records out (the
+// caller learns of it on its next call), and rustls's `complete_io`, when a socket write
+// blocks, goes on to *read* (a connection always wants to read), so each call costs a send
+// timeout plus a receive timeout. With the link cut a source then took over two minutes to
+// give up (the migration faults test, over TLS). Here a write pushes its records out at
+// once, writing only, and the first failure is the call's.
+
+/// Takes `buf` into the session and pushes its records out.
+fn write_plain<D>(
+    conn: &mut rustls::ConnectionCommon<D>,
+    sock: &TcpStream,
+    buf: &[u8],
+) -> io::Result<usize> {
+    push(conn, sock)?;
+    let n = conn.writer().write(buf)?;
+    push(conn, sock)?;
+    Ok(n)
+}
+
+fn flush_plain<D>(conn: &mut rustls::ConnectionCommon<D>, sock: &TcpStream) -> io::Result<()> {
+    conn.writer().flush()?;
+    push(conn, sock)?;
+    let mut s = sock;
+    s.flush()
+}
+
+/// Writes the TLS records the session holds to `sock`, writing only. A socket write that
+/// comes back short only after the socket's send timeout is a stall, as over TCP
+/// ([`StallGuard`]).
+fn push<D>(conn: &mut rustls::ConnectionCommon<D>, sock: &TcpStream) -> io::Result<()> {
+    let timeout = sock.write_timeout()?;
+    while conn.wants_write() {
+        let mut s = sock;
+        let n = match timeout {
+            Some(t) => conn.write_tls(&mut StallGuard::new(s, t)),
+            None => conn.write_tls(&mut s),
+        }?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "the socket took no bytes of a TLS record",
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

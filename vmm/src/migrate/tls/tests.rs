@@ -258,3 +258,58 @@ fn a_server_handshake_ends_at_its_deadline() {
     );
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
 }
+
+/// A TLS peer that stops reading (to the writer a cut link looks the same): the source's
+/// writes over TLS fail within about one send timeout, as over TCP, and the first failure
+/// is reported by the call that met it. Through `rustls::StreamOwned::write` each blocked
+/// call also waited out the receive timeout (rustls reads when a write blocks) and the
+/// first error was dropped: a migration source took over two minutes to give up after a
+/// cut. The receive timeout here is long so that such a wait shows.
+#[test]
+fn a_tls_peer_that_stops_reading_fails_the_stream_within_about_one_timeout() {
+    let mut pki = Pki::new("stall");
+    pki.ca("ca1");
+    pki.issue("dst", "ca1");
+    pki.issue("src", "ca1");
+    let (s, c) = handshake(
+        &pki.config("dst", "ca1"),
+        &pki.config("src", "ca1"),
+        "127.0.0.1",
+    );
+    let (_server, mut client) = (s.unwrap(), c.unwrap());
+    let timeout = Duration::from_millis(300);
+    client.socket().set_write_timeout(Some(timeout)).unwrap();
+    client
+        .socket()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let chunk = vec![0u8; 64 << 10];
+    let start = Instant::now();
+    let mut longest = Duration::ZERO;
+    let mut failed = None;
+    while start.elapsed() < Duration::from_secs(60) {
+        let t = Instant::now();
+        let r = client.write_all(&chunk);
+        longest = longest.max(t.elapsed());
+        if let Err(e) = r {
+            failed = Some(e);
+            break;
+        }
+    }
+    let e = failed.expect("the writes never failed");
+    eprintln!(
+        "failed with {e} after {:?}; the longest call took {longest:?}",
+        start.elapsed()
+    );
+    assert!(
+        matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ),
+        "{e}"
+    );
+    assert!(
+        longest < timeout * 3,
+        "a call took {longest:?} (send timeout {timeout:?}): {e}"
+    );
+}
