@@ -404,9 +404,10 @@ fn forward(mut from: TcpStream, mut to: TcpStream, fault: Fault) {
 
 /// Faults during a migration leave the source running with its guest's data intact: a
 /// corrupted byte, a version mismatch, the destination killed during stop-and-copy, the
-/// link cut during pre-copy. Each time the destination (if alive) names the cause: it exits
-/// non-zero once it accepted the stream's start, and refuses a stream of another version
-/// at its start and waits on for the real source; the source's workload verifies.
+/// link cut during pre-copy (over TCP, then over TLS). Each time the destination (if alive)
+/// names the cause: it exits non-zero once it accepted the stream's start, and refuses a
+/// stream of another version at its start and waits on for the real source; the source's
+/// workload verifies.
 #[test]
 fn migration_faults_leave_the_source_running() {
     let mut h = Hosts::new("migf");
@@ -494,57 +495,78 @@ fn migration_faults_leave_the_source_running() {
         );
         assert_eq!(stats["migration_state"], "running", "{what}: {stats}");
     }
-    // The link cut during pre-copy: the source gives up after its I/O timeout (30 s).
-    let (dst, _vf_b) = h.destination(PORT);
-    api.request(&json!({"request": "migrate", "url": format!("tcp:{b}:{PORT}")}))
-        .unwrap();
-    let t = Instant::now();
-    loop {
-        let s = api
-            .request(&json!({"request": "migration-status"}))
-            .unwrap();
-        // Cut as soon as pre-copy runs (its first pass over RAM takes about a second).
-        if s["phase"] == "pre-copy" {
-            break;
+    // The link cut during pre-copy: the source gives up after its I/O timeout (30 s), over
+    // clear TCP and over TLS alike. (Through rustls's own stream writer a TLS source took
+    // over two minutes: it dropped the first error and waited out a receive timeout on
+    // every blocked write; `migrate/tls` writes the records itself now.)
+    let mut dsts = Vec::new();
+    for (tls, port) in [(false, PORT), (true, PORT + 1)] {
+        if tls {
+            h.tls = Some(Pki::new(&h.dir));
         }
-        assert!(t.elapsed() < Duration::from_secs(60), "no pre-copy: {s}");
-        std::thread::sleep(Duration::from_millis(5));
+        let (dst, vf_b) = h.destination(port);
+        let mut req = json!({"request": "migrate", "url": h.url(port)});
+        if let Some(p) = &h.tls {
+            req["tls"] = json!({"cert": p.src.cert, "key": p.src.key, "ca": p.ca.id.cert});
+        }
+        api.request(&req).unwrap();
+        let t = Instant::now();
+        loop {
+            let s = api
+                .request(&json!({"request": "migration-status"}))
+                .unwrap();
+            // Cut as soon as pre-copy runs (its first pass over RAM takes about a second).
+            if s["phase"] == "pre-copy" {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(60), "no pre-copy: {s}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        h.pair.link_down().unwrap();
+        let cut = Instant::now();
+        let status = loop {
+            let s = api
+                .request(&json!({"request": "migration-status"}))
+                .unwrap();
+            if s["phase"] == "failed" || s["phase"] == "completed" {
+                break s;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(150),
+                "source stuck: {s}\nthe source's threads:{}\n{}",
+                vmm_tests::harness::diag::threads(src.pid()),
+                src.describe()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        h.pair.link_up().unwrap();
+        let over = if tls { "TLS" } else { "TCP" };
+        eprintln!(
+            "link cut over {over}: source gave up {:?} after the cut: {status}",
+            cut.elapsed()
+        );
+        assert_eq!(status["phase"], "failed", "{over}: {status}");
+        // One 30 s I/O timeout, not one per write that found a little room, nor more for
+        // the Abort (the poll above adds up to 0.5 s).
+        assert!(
+            cut.elapsed() < Duration::from_secs(45),
+            "{over}: the source gave up {:?} after the cut: {status}",
+            cut.elapsed()
+        );
+        dsts.push((dst, vf_b));
     }
-    h.pair.link_down().unwrap();
-    let cut = Instant::now();
-    let status = loop {
-        let s = api
-            .request(&json!({"request": "migration-status"}))
-            .unwrap();
-        if s["phase"] == "failed" || s["phase"] == "completed" {
-            break s;
-        }
-        assert!(t.elapsed() < Duration::from_secs(120), "source stuck: {s}");
-        std::thread::sleep(Duration::from_millis(500));
-    };
-    h.pair.link_up().unwrap();
-    eprintln!(
-        "link cut: source gave up {:?} after the cut: {status}",
-        cut.elapsed()
-    );
-    assert_eq!(status["phase"], "failed", "{status}");
-    // One 30 s I/O timeout, not one per write that found a little room, nor more for
-    // the Abort (the poll above adds up to 0.5 s).
-    assert!(
-        cut.elapsed() < Duration::from_secs(45),
-        "the source gave up {:?} after the cut: {status}",
-        cut.elapsed()
-    );
     let v = agent.workload_verify().expect("verify on the source");
     assert_eq!(
         v.mem_mismatches + v.block_mismatches + v.readback_mismatches,
         0,
         "{v:?}"
     );
-    let st = dst
-        .wait_exit(Duration::from_secs(120))
-        .expect("destination exits");
-    assert_ne!(st.code(), Some(0), "{}", dst.describe());
+    for (dst, _vf_b) in &dsts {
+        let st = dst
+            .wait_exit(Duration::from_secs(120))
+            .expect("destination exits");
+        assert_ne!(st.code(), Some(0), "{}", dst.describe());
+    }
     // (No workload_stop: with both writers saturating the guest's one vCPU the agent's
     // 30 s stop timeout is sometimes exceeded; the reboot ends them anyway.)
     agent.reboot().expect("reboot");

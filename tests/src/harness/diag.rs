@@ -34,6 +34,34 @@ pub fn section(title: &str, path: &Path) -> String {
     )
 }
 
+/// Each thread of process `pid`: its name, state, where the kernel has it waiting
+/// (`wchan`) and its kernel stack (root only), for the message of a test that found the
+/// process stuck.
+pub fn threads(pid: u32) -> String {
+    let dir = format!("/proc/{pid}/task");
+    let Ok(tasks) = fs::read_dir(&dir) else {
+        return format!("(no {dir})");
+    };
+    let mut out = String::new();
+    for t in tasks.flatten() {
+        let p = t.path();
+        let read = |f: &str| fs::read_to_string(p.join(f)).unwrap_or_default();
+        let state = read("status")
+            .lines()
+            .find(|l| l.starts_with("State:"))
+            .unwrap_or_default()
+            .to_owned();
+        out.push_str(&format!(
+            "\n{} {} ({state}) wchan {}\n{}",
+            t.file_name().to_string_lossy(),
+            read("comm").trim(),
+            read("wchan").trim(),
+            read("stack").trim_end()
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
