@@ -21,9 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::json;
 use vmm_tests::harness::migration::{start_destination, start_source};
 use vmm_tests::harness::peers::Peer;
-use vmm_tests::harness::{
-    run, Agent, ApiClient, Device, NetnsPair, Side, TestDir, Vm, DEFAULT_BOOT_TIMEOUT,
-};
+use vmm_tests::harness::{run, start_with_api, Agent, Device, NetnsPair, Side, TestDir, Vm};
 
 /// Finds the PCI device with `vendor` and leaves its sysfs directory in $D.
 fn find(vendor: &str) -> String {
@@ -174,24 +172,10 @@ fn timer_fires(agent: &mut Agent, peer: &Peer) {
 fn libvfio_user_server_io_bar_intx_dma_snapshot_and_restore() {
     let dir = TestDir::new("peer-lvu").expect("test dir");
     let mut lvu = Peer::lvu_server(&dir, "lvu0", None);
-    let api_path = dir.join("api.sock");
-    let vm = Vm::builder()
-        .vmm_args(&[
-            "--device",
-            &lvu.device("lvu0", ""),
-            "--api-socket",
-            &api_path.display().to_string(),
-        ])
-        .boot()
-        .expect("start vmm");
-    let mut agent = vm.agent(DEFAULT_BOOT_TIMEOUT).unwrap_or_else(|e| {
-        panic!(
-            "guest did not come up: {e}\n{}\n{}",
-            vm.describe(),
+    let (vm, mut agent, mut api) =
+        start_with_api(Vm::builder(), &dir, &[lvu.device("lvu0", "")], || {
             lvu.log_text()
-        )
-    });
-    let mut api = ApiClient::connect(&api_path, Duration::from_secs(10)).unwrap();
+        });
     bind_uio(&mut agent);
 
     // I/O BAR0 written and read; INTx and the server's DMA when its timer fires.

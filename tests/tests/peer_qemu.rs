@@ -9,11 +9,10 @@
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
-use serde_json::json;
 use vmm_tests::agent::pattern;
 use vmm_tests::harness::peers::Peer;
 use vmm_tests::harness::{
-    run, virtio_msix_interrupts, ApiClient, BlkRequest, TestDir, Vm, DEFAULT_BOOT_TIMEOUT,
+    assert_migration_refused, run, start_with_api, virtio_msix_interrupts, BlkRequest, TestDir, Vm,
 };
 
 const DISK_SIZE: u64 = 16 << 20;
@@ -52,26 +51,12 @@ fn qemu_vfio_user_server_drives_the_guest_and_cannot_be_migrated() {
 
     let mut q0 = Peer::qemu_blk(&dir, "qemu0", &disk);
     let mut q1 = Peer::qemu_blk(&dir, "qemu1", &disk2);
-    let api_path = dir.join("api.sock");
-    let vm = Vm::builder()
-        .vmm_args(&[
-            "--device",
-            &q0.device("qblk0", ""),
-            "--device",
-            &q1.device("qblk1", "mmap=off"),
-            "--api-socket",
-            &api_path.display().to_string(),
-        ])
-        .boot()
-        .expect("start vmm");
-    let mut agent = vm.agent(DEFAULT_BOOT_TIMEOUT).unwrap_or_else(|e| {
-        panic!(
-            "guest did not come up: {e}\n{}\nqemu0: {}",
-            vm.describe(),
-            q0.log_text()
-        )
-    });
-    let mut api = ApiClient::connect(&api_path, Duration::from_secs(10)).unwrap();
+    let (vm, mut agent, mut api) = start_with_api(
+        Vm::builder(),
+        &dir,
+        &[q0.device("qblk0", ""), q1.device("qblk1", "mmap=off")],
+        || format!("qemu0: {}", q0.log_text()),
+    );
 
     for (dev, size) in [("vda", DISK_SIZE), ("vdb", DISK2_SIZE)] {
         let got = run(&mut agent, &["cat", &format!("/sys/block/{dev}/size")]);
@@ -111,21 +96,7 @@ fn qemu_vfio_user_server_drives_the_guest_and_cannot_be_migrated() {
     );
 
     // QEMU's server offers no migration: both refused at once, naming the device.
-    let snap = dir.join("vm.snap");
-    let e = api
-        .request(&json!({"request": "snapshot", "path": snap}))
-        .expect_err("snapshot of a VM holding QEMU's device");
-    assert!(e.contains("device qblk0 cannot migrate"), "{e}");
-    assert!(e.contains("vfio-user server offers no migration"), "{e}");
-    assert!(!snap.exists());
-    let out = api.ctl_migrate("tcp:127.0.0.1:9", &[]);
-    assert_eq!(out.code, Some(1), "{out:?}");
-    assert!(
-        out.stderr.contains("device qblk0 cannot migrate"),
-        "{out:?}"
-    );
-    let info = api.request(&json!({"request": "info"})).unwrap();
-    assert_eq!(info["paused"], false, "{info}");
+    assert_migration_refused(&mut api, &dir, "qblk0");
 
     // The guest's I/O goes on afterwards.
     let w = req("/dev/vda", 4 << 20, 16, 0xabc);

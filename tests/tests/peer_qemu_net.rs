@@ -16,8 +16,8 @@ use vmm_tests::harness::net_migration::{describe, guest_network, wait_both_ways}
 use vmm_tests::harness::net_peer::{PeerArgs, RunningPeer};
 use vmm_tests::harness::peers::Peer;
 use vmm_tests::harness::{
-    run, virtio_msix_interrupts, ApiClient, Host, Lan, NetClient, NetStreamStartRequest, Side,
-    TestDir, Vm, DEFAULT_BOOT_TIMEOUT,
+    assert_migration_refused, run, start_with_api, virtio_msix_interrupts, Host, Lan, NetClient,
+    NetStreamStartRequest, Side, TestDir, Vm,
 };
 
 /// The NIC's MAC (locally administered; not the VF's, so the two tests' frames never mix).
@@ -45,25 +45,12 @@ fn qemu_virtio_net_carries_tcp_both_ways_and_cannot_be_migrated() {
     lan.attach_tap(Side::A, TAP)
         .unwrap_or_else(|e| panic!("QEMU's tap on A's bridge: {e}\n{}", qemu.log_text()));
 
-    let api_path = dir.join("api.sock");
-    let vm = Vm::builder()
-        .netns(lan.name(Host::A))
-        .vmm_args(&[
-            "--device",
-            &qemu.device("qnet0", ""),
-            "--api-socket",
-            &api_path.display().to_string(),
-        ])
-        .boot()
-        .expect("start vmm");
-    let mut agent = vm.agent(DEFAULT_BOOT_TIMEOUT).unwrap_or_else(|e| {
-        panic!(
-            "guest did not come up: {e}\n{}\nQEMU: {}",
-            vm.describe(),
-            qemu.log_text()
-        )
-    });
-    let mut api = ApiClient::connect(&api_path, Duration::from_secs(10)).unwrap();
+    let (vm, mut agent, mut api) = start_with_api(
+        Vm::builder().netns(lan.name(Host::A)),
+        &dir,
+        &[qemu.device("qnet0", "")],
+        || format!("QEMU: {}", qemu.log_text()),
+    );
 
     // The guest's own virtio-net driver on QEMU's device: its MAC, up, a ping to the peer.
     let cidr = format!("{}/24", lan.guest_addr());
@@ -98,21 +85,7 @@ fn qemu_virtio_net_carries_tcp_both_ways_and_cannot_be_migrated() {
 
     // QEMU's server offers no migration: both refused while the streams run, naming the
     // device, and nothing is paused.
-    let snap = dir.join("vm.snap");
-    let e = api
-        .request(&json!({"request": "snapshot", "path": snap}))
-        .expect_err("snapshot of a VM holding QEMU's NIC");
-    assert!(e.contains("device qnet0 cannot migrate"), "{e}");
-    assert!(e.contains("vfio-user server offers no migration"), "{e}");
-    assert!(!snap.exists());
-    let out = api.ctl_migrate("tcp:127.0.0.1:9", &[]);
-    assert_eq!(out.code, Some(1), "{out:?}");
-    assert!(
-        out.stderr.contains("device qnet0 cannot migrate"),
-        "{out:?}"
-    );
-    let info = api.request(&json!({"request": "info"})).unwrap();
-    assert_eq!(info["paused"], false, "{info}");
+    assert_migration_refused(&mut api, &dir, "qnet0");
     // The streams go on after the refusals, both ways.
     let after = wait_both_ways(
         &mut agent,

@@ -169,7 +169,7 @@ pub struct CtlOutcome {
 /// Boots a VM with `device` (a `--device` option) and a control API socket in `dir`;
 /// returns the VM, its agent (once the guest is up) and an API client.
 pub fn boot_with_api(dir: &super::TestDir, device: &str) -> (super::Vm, super::Agent, ApiClient) {
-    start_with_api(super::Vm::builder(), dir, device)
+    start_with_api(super::Vm::builder(), dir, &[device], String::new)
 }
 
 /// As [`boot_with_api`], restored from the golden snapshot made with `spec` (which started
@@ -182,28 +182,55 @@ pub fn golden_with_api(
     start_with_api(
         super::Vm::builder().golden(std::slice::from_ref(spec)),
         dir,
-        device,
+        &[device],
+        String::new,
     )
 }
 
-fn start_with_api(
+/// Starts `builder`'s VM with these `--device` options and a control API socket in `dir`;
+/// returns the VM, its agent (once the guest is up) and an API client. If the guest does not
+/// come up the panic quotes `context()` too (e.g. a device server's log).
+pub fn start_with_api<S: AsRef<str>>(
     builder: super::VmBuilder,
     dir: &super::TestDir,
-    device: &str,
+    devices: &[S],
+    context: impl Fn() -> String,
 ) -> (super::Vm, super::Agent, ApiClient) {
     let api_path = dir.join("api.sock");
-    let vm = builder
-        .vmm_args(&[
-            "--device",
-            device,
-            "--api-socket",
-            &api_path.display().to_string(),
-        ])
-        .boot()
-        .expect("start vmm");
-    let agent = vm
-        .agent(super::DEFAULT_BOOT_TIMEOUT)
-        .unwrap_or_else(|e| panic!("guest did not come up: {e}\n{}", vm.describe()));
+    let mut args = Vec::new();
+    for d in devices {
+        args.extend(["--device".to_string(), d.as_ref().to_string()]);
+    }
+    args.extend(["--api-socket".to_string(), api_path.display().to_string()]);
+    let vm = builder.vmm_args(&args).boot().expect("start vmm");
+    let agent = vm.agent(super::DEFAULT_BOOT_TIMEOUT).unwrap_or_else(|e| {
+        panic!(
+            "guest did not come up: {e}\n{}\n{}",
+            vm.describe(),
+            context()
+        )
+    });
     let api = ApiClient::connect(&api_path, Duration::from_secs(10)).expect("api socket");
     (vm, agent, api)
+}
+
+/// Asserts that a VM holding device `id`, whose vfio-user server offers no migration,
+/// can be neither snapshotted nor migrated: both refused at once naming the device and
+/// why, no snapshot file made, and the VM still running (not paused).
+pub fn assert_migration_refused(api: &mut ApiClient, dir: &super::TestDir, id: &str) {
+    let cannot = format!("device {id} cannot migrate");
+    let snap = dir.join("refused.snap");
+    let e = api
+        .request(&serde_json::json!({"request": "snapshot", "path": snap}))
+        .expect_err("a snapshot of a VM holding a device without migration");
+    assert!(e.contains(&cannot), "{e}");
+    assert!(e.contains("vfio-user server offers no migration"), "{e}");
+    assert!(!snap.exists(), "the refused snapshot left a file");
+    let out = api.ctl_migrate("tcp:127.0.0.1:9", &[]);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains(&cannot), "{out:?}");
+    let info = api
+        .request(&serde_json::json!({"request": "info"}))
+        .unwrap();
+    assert_eq!(info["paused"], false, "{info}");
 }

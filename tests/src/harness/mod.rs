@@ -41,7 +41,9 @@ pub use crate::agent::protocol::{
     BlkRequest, BlkVerifyReply, BlkWriteReply, ChecksumReply, MemCheckReply, MemFillReply,
     PingReply, PokeReply, Reply, RunOutput, RunRequest,
 };
-pub use api::{boot_with_api, golden_with_api, ApiClient, CtlOutcome};
+pub use api::{
+    assert_migration_refused, boot_with_api, golden_with_api, start_with_api, ApiClient, CtlOutcome,
+};
 pub use client::{Agent, AgentError, DEFAULT_TIMEOUT};
 pub use golden::{Device, DeviceProcess, Function};
 pub use guest_run::{run, virtio_msix_interrupts};
