@@ -74,15 +74,8 @@ fn loopback_ping_and_a_checked_stream_inside_the_guest() {
 
     let handle = agent
         .net_stream_start(&NetStreamStartRequest {
-            peer: format!("127.0.0.1:{PORT}"),
             send_bytes: Some(100_000),
-            duration_ms: None,
-            pace_bytes_per_s: None,
-            seed: SEED,
-            receive: true,
-            receive_pace_bytes_per_s: None,
-            io_timeout_ms: None,
-            connect_timeout_ms: None,
+            ..NetStreamStartRequest::new(format!("127.0.0.1:{PORT}"), SEED)
         })
         .expect("net_stream_start");
     let status = agent.net_stream_status(handle).expect("net_stream_status");

@@ -65,15 +65,9 @@ fn stream(
     let t = Instant::now();
     let handle = agent
         .net_stream_start(&NetStreamStartRequest {
-            peer: format!("{HOST_IP}:{port}"),
-            send_bytes: None,
             duration_ms: upload.then_some(secs * 1000),
-            pace_bytes_per_s: None,
-            seed: SEED,
             receive: !upload,
-            receive_pace_bytes_per_s: None,
-            io_timeout_ms: None,
-            connect_timeout_ms: None,
+            ..NetStreamStartRequest::new(format!("{HOST_IP}:{port}"), SEED)
         })
         .expect("stream");
     let guest = agent

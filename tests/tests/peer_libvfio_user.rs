@@ -21,7 +21,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::json;
 use vmm_tests::harness::migration::{start_destination, start_source};
 use vmm_tests::harness::peers::Peer;
-use vmm_tests::harness::{run, start_with_api, Agent, Device, NetnsPair, Side, TestDir, Vm};
+use vmm_tests::harness::{
+    interrupts, run, start_with_api, Agent, Device, NetnsPair, Side, TestDir, Vm,
+};
 
 /// Finds the PCI device with `vendor` and leaves its sysfs directory in $D.
 fn find(vendor: &str) -> String {
@@ -102,16 +104,7 @@ fn poke(agent: &mut Agent, writes: &[(u64, u32)]) {
 
 /// INTx interrupts the guest took for the device uio_pci_generic drives.
 fn uio_irqs(agent: &mut Agent) -> u64 {
-    let out = sh(agent, "cat /proc/interrupts");
-    out.lines()
-        .filter(|l| l.contains("uio_pci_generic"))
-        .map(|l| {
-            l.split_whitespace()
-                .skip(1)
-                .map_while(|w| w.parse::<u64>().ok())
-                .sum::<u64>()
-        })
-        .sum()
+    interrupts(agent, &["uio_pci_generic"])
 }
 
 /// Words written into BAR1: two in its mapped page 0, two in its trapped page 1 and one

@@ -69,15 +69,8 @@ fn qemu_virtio_net_carries_tcp_both_ways_and_cannot_be_migrated() {
     .expect("net-peer");
     let handle = agent
         .net_stream_start(&NetStreamStartRequest {
-            peer: format!("{}:{PEER_PORT}", lan.peer_addr()),
-            send_bytes: None,
             duration_ms: Some(STREAM_MS),
-            pace_bytes_per_s: None,
-            seed: SEED,
-            receive: true,
-            receive_pace_bytes_per_s: None,
-            io_timeout_ms: None,
-            connect_timeout_ms: None,
+            ..NetStreamStartRequest::new(format!("{}:{PEER_PORT}", lan.peer_addr()), SEED)
         })
         .expect("net_stream_start");
     let before = wait_both_ways(&mut agent, handle, 16 * 1024, 16 * 1024);

@@ -389,15 +389,9 @@ mod tests {
         let mut streams = Streams::default();
         let h = streams
             .start(&NetStreamStartRequest {
-                peer: addr.to_string(),
-                send_bytes: None,
                 duration_ms: Some(300),
                 pace_bytes_per_s: Some(1_000_000),
-                seed,
-                receive: true,
-                receive_pace_bytes_per_s: None,
-                io_timeout_ms: None,
-                connect_timeout_ms: None,
+                ..NetStreamStartRequest::new(addr.to_string(), seed)
             })
             .unwrap();
         let status = streams.status(h.handle).unwrap();
@@ -426,15 +420,9 @@ mod tests {
             .port();
         let mut streams = Streams::default();
         let req = NetStreamStartRequest {
-            peer: format!("127.0.0.1:{port}"),
             send_bytes: Some(1000),
-            duration_ms: None,
-            pace_bytes_per_s: None,
-            seed: 1,
-            receive: true,
-            receive_pace_bytes_per_s: None,
-            io_timeout_ms: None,
             connect_timeout_ms: Some(2000),
+            ..NetStreamStartRequest::new(format!("127.0.0.1:{port}"), 1)
         };
         let h = streams.start(&req).unwrap();
         let done = streams

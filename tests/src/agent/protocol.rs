@@ -334,6 +334,25 @@ pub struct NetStreamStartRequest {
     pub connect_timeout_ms: Option<u64>,
 }
 
+impl NetStreamStartRequest {
+    /// A stream with `peer` (`ip:port`) whose guest records have `seed`: receiving and
+    /// checking the peer's, sending nothing, no pacing, default timeouts. Set the rest with
+    /// struct update syntax (`NetStreamStartRequest { duration_ms: Some(..), ..new(..) }`).
+    pub fn new(peer: impl Into<String>, seed: u64) -> Self {
+        NetStreamStartRequest {
+            peer: peer.into(),
+            send_bytes: None,
+            duration_ms: None,
+            pace_bytes_per_s: None,
+            seed,
+            receive: true,
+            receive_pace_bytes_per_s: None,
+            io_timeout_ms: None,
+            connect_timeout_ms: None,
+        }
+    }
+}
+
 fn yes() -> bool {
     true
 }

@@ -28,10 +28,16 @@ pub fn run(agent: &mut Agent, argv: &[&str]) -> RunOutput {
 /// MSI-X interrupts of the guest's virtio devices so far: the `PCI-MSI` lines of
 /// `/proc/interrupts` naming `virtio`, summed over all CPUs.
 pub fn virtio_msix_interrupts(agent: &mut Agent) -> u64 {
+    interrupts(agent, &["PCI-MSI", "virtio"])
+}
+
+/// Interrupts so far on the lines of the guest's `/proc/interrupts` that contain every one
+/// of `all_of`, summed over all CPUs.
+pub fn interrupts(agent: &mut Agent, all_of: &[&str]) -> u64 {
     let out = run(agent, &["cat", "/proc/interrupts"]);
     out.stdout
         .lines()
-        .filter(|l| l.contains("PCI-MSI") && l.contains("virtio"))
+        .filter(|l| all_of.iter().all(|w| l.contains(w)))
         .map(|l| {
             l.split_whitespace()
                 .skip(1)

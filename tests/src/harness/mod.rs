@@ -46,7 +46,7 @@ pub use api::{
 };
 pub use client::{Agent, AgentError, DEFAULT_TIMEOUT};
 pub use golden::{Device, DeviceProcess, Function};
-pub use guest_run::{run, virtio_msix_interrupts};
+pub use guest_run::{interrupts, run, virtio_msix_interrupts};
 pub use image::{GuestImage, ImageError};
 pub use lan::{Host, Lan};
 pub use net::{NetClient, NetStreamStartRequest};

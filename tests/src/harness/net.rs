@@ -7,15 +7,9 @@
 //! let nic = agent.net_ifaces()?.virtio_net().cloned().expect("no NIC");
 //! agent.net_config(&nic.name, Some("10.78.0.2/24"), None)?;
 //! let h = agent.net_stream_start(&NetStreamStartRequest {
-//!     peer: "10.78.0.100:7100".into(),
-//!     send_bytes: None,
 //!     duration_ms: Some(20_000),
 //!     pace_bytes_per_s: Some(4 << 20),
-//!     seed: 1,
-//!     receive: true,
-//!     receive_pace_bytes_per_s: None,
-//!     io_timeout_ms: None,
-//!     connect_timeout_ms: None,
+//!     ..NetStreamStartRequest::new("10.78.0.100:7100", 1)
 //! })?;
 //! agent.net_stream_hold(h, 10_000)?; // the guest reads nothing for 10 s
 //! // ... migrate the VM ...

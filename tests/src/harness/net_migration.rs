@@ -208,15 +208,9 @@ pub fn migrate_under_traffic(h: &mut NetHosts, t: &Traffic, rx_tracking: bool) -
     .expect("net-peer");
     let handle = agent
         .net_stream_start(&NetStreamStartRequest {
-            peer: format!("{}:{PEER_PORT}", h.lan.peer_addr()),
-            send_bytes: None,
             duration_ms: Some(t.guest_ms),
             pace_bytes_per_s: t.guest_pace,
-            seed: SEED,
-            receive: true,
-            receive_pace_bytes_per_s: None,
-            io_timeout_ms: None,
-            connect_timeout_ms: None,
+            ..NetStreamStartRequest::new(format!("{}:{PEER_PORT}", h.lan.peer_addr()), SEED)
         })
         .expect("net_stream_start");
     // Traffic both ways before the migration starts.
