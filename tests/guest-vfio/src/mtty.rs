@@ -11,15 +11,14 @@ use std::path::Path;
 
 use devices::vfio::backend::{DmaMapping, CONFIG_REGION};
 use devices::vfio::kernel::migration::{
-    direct, layout, path, DeviceFdIoctls, FeatureBuf, IovaRange, KernelState, KernelVfioMigration,
+    direct, path, DeviceFdIoctls, FeatureBuf, IovaRange, KernelState, KernelVfioMigration,
     MigrationIoctls, ARCS,
 };
 use devices::vfio::migration::{DeviceMigration, MigrationState, DIRTY_PAGE_SIZE};
 use devices::vfio::{KernelVfio, VfioBackend};
 use serde_json::json;
 use vfio_bindings::bindings::vfio::{
-    VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT, VFIO_DEVICE_FEATURE_GET,
-    VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE, VFIO_DEVICE_FEATURE_SET,
+    VFIO_DEVICE_FEATURE_GET, VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE, VFIO_DEVICE_FEATURE_SET,
 };
 
 use crate::report::{check, emit, migration_error_kind, Step, StepError};
@@ -312,14 +311,8 @@ pub fn run(a_path: &Path, b_path: &Path) -> Result<(), StepError> {
         const PATTERN: u64 = 0xa5a5_5a5a_0f0f_f0f0;
         let words = (DMA_SIZE / DIRTY_PAGE_SIZE).div_ceil(64) as usize;
         let mut bitmap = vec![PATTERN; words];
-        let mut buf = FeatureBuf::new(
-            VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT,
-            layout::LOGGING_REPORT_SIZE,
-        );
-        buf.put_u64(0, range.iova);
-        buf.put_u64(8, range.length);
-        buf.put_u64(layout::LOGGING_REPORT_PAGE_SIZE, DIRTY_PAGE_SIZE);
-        buf.put_u64(layout::LOGGING_REPORT_BITMAP, bitmap.as_mut_ptr() as u64);
+        let mut buf =
+            FeatureBuf::logging_report(range.iova, range.length, DIRTY_PAGE_SIZE, &mut bitmap);
         // SAFETY: `bitmap` holds ceil(length / page_size / 64) u64s and outlives the call.
         unsafe { raw.io.device_feature(&mut buf) }.step("dma_logging")?;
         let untouched = bitmap.iter().all(|&w| w == PATTERN);

@@ -16,7 +16,10 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-use vfio_bindings::bindings::vfio::{vfio_device_feature, vfio_precopy_info, VFIO_BASE, VFIO_TYPE};
+use vfio_bindings::bindings::vfio::{
+    vfio_device_feature, vfio_precopy_info, VFIO_BASE, VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT,
+    VFIO_DEVICE_FEATURE_GET, VFIO_TYPE,
+};
 use vmm_sys_util::ioctl::{ioctl_with_mut_ptr, ioctl_with_mut_ref};
 use vmm_sys_util::ioctl_io_nr;
 
@@ -70,6 +73,22 @@ impl FeatureBuf {
         };
         buf.put_raw_u32(0, len as u32);
         buf.put_raw_u32(4, flags);
+        buf
+    }
+
+    /// A `DMA_LOGGING_REPORT` GET for `[iova, iova + length)` at `page_size` granularity,
+    /// into `bitmap`, whose pointer it holds: the kernel sets a bit per dirty page and
+    /// never clears one. `bitmap` must hold ceil(length / page_size / 64) words and
+    /// outlive the ioctl.
+    pub fn logging_report(iova: u64, length: u64, page_size: u64, bitmap: &mut [u64]) -> Self {
+        let mut buf = FeatureBuf::new(
+            VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT,
+            layout::LOGGING_REPORT_SIZE,
+        );
+        buf.put_u64(0, iova);
+        buf.put_u64(8, length);
+        buf.put_u64(layout::LOGGING_REPORT_PAGE_SIZE, page_size);
+        buf.put_u64(layout::LOGGING_REPORT_BITMAP, bitmap.as_mut_ptr() as u64);
         buf
     }
 

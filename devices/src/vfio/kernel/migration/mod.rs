@@ -46,10 +46,9 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::{Mutex, MutexGuard};
 
 use vfio_bindings::bindings::vfio::{
-    vfio_device_feature_dma_logging_range, VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT,
-    VFIO_DEVICE_FEATURE_DMA_LOGGING_START, VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP,
-    VFIO_DEVICE_FEATURE_GET, VFIO_DEVICE_FEATURE_MIGRATION, VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE,
-    VFIO_DEVICE_FEATURE_PROBE, VFIO_DEVICE_FEATURE_SET,
+    vfio_device_feature_dma_logging_range, VFIO_DEVICE_FEATURE_DMA_LOGGING_START,
+    VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP, VFIO_DEVICE_FEATURE_GET, VFIO_DEVICE_FEATURE_MIGRATION,
+    VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE, VFIO_DEVICE_FEATURE_PROBE, VFIO_DEVICE_FEATURE_SET,
 };
 
 pub use arcs::{
@@ -750,14 +749,8 @@ impl DeviceMigration for KernelVfioMigration {
             })?;
             // The kernel only sets bits: the bitmap starts zeroed.
             let mut bitmap = vec![0u64; words];
-            let mut buf = FeatureBuf::new(
-                VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT,
-                layout::LOGGING_REPORT_SIZE,
-            );
-            buf.put_u64(0, r.iova);
-            buf.put_u64(8, r.length);
-            buf.put_u64(layout::LOGGING_REPORT_PAGE_SIZE, DIRTY_PAGE_SIZE);
-            buf.put_u64(layout::LOGGING_REPORT_BITMAP, bitmap.as_mut_ptr() as u64);
+            let mut buf =
+                FeatureBuf::logging_report(r.iova, r.length, DIRTY_PAGE_SIZE, &mut bitmap);
             // SAFETY: `bitmap` holds ceil(length / page_size / 64) u64s, what the kernel
             // writes for this range and page size, and lives until after the call.
             unsafe { self.io.device_feature(&mut buf) }.map_err(|e| MigrationError::Device {
