@@ -8,14 +8,14 @@
 # Usage (from the workspace root, after the test binaries are built): run_guest_test_lanes
 # Sourced by scripts/test.sh.
 
-# Balanced by their warm-cache times (s, one lane alone): guest_boot 272 (three boots),
-# peer_libvfio_user 267 (a boot, a capped live migration), passthrough 94 (a boot) in lane A;
-# lane B: migrate 271, mediated 155 (a boot), peer_qemu 91 (a boot), vfsim_death 42,
-# snapshot 42, golden 27 and the quick ones. Since issue 13/14: guest_vfio and
-# guest_kernel_612 (a 6.12 boot each, ~104 s) in lane B, net_migrate (three NIC migrations,
-# ~140 s each) in lane A; peer_qemu_net (a boot, 20 s of TCP through QEMU's NIC, 143 s) in
-# lane B.
-LANE_A=(guest_boot peer_libvfio_user passthrough net_migrate)
+# Balanced by their times in a clean-clone CI run with cold golden snapshots (s, both lanes
+# running, 2026-12-06): lane A guest_boot 328 (three boots), net_migrate 357 (three NIC
+# migrations), peer_libvfio_user 349 (a boot, a capped live migration), mediated 237 (a
+# boot), passthrough 91 (a boot): 1362; lane B migrate 465, peer_qemu_net 126 (a boot, 20 s
+# of TCP through QEMU's NIC), vfsim_death 122, guest_vfio 122 and guest_kernel_612 113 (a
+# 6.12 boot each), golden 111, peer_qemu 91 (a boot), snapshot 40, guest_net 38 and the
+# quick ones: about 1250. (With mediated in lane B it was 1125 against 1480.)
+LANE_A=(guest_boot peer_libvfio_user passthrough net_migrate mediated)
 
 # The integration test executables of vmm-tests, as "name path" lines.
 guest_test_executables() {
