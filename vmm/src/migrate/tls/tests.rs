@@ -1,6 +1,7 @@
 //! The TLS files' errors, and handshakes over loopback: a peer whose certificate another
 //! CA signed is refused by either side. Certificates are made with the openssl command.
 
+use std::collections::HashMap;
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -12,7 +13,8 @@ use super::*;
 /// A directory of test certificates (made by `test_pki`), removed when dropped.
 struct Pki {
     dir: PathBuf,
-    cas: Vec<Ca>,
+    /// The CAs made by `ca()`, by name.
+    cas: HashMap<String, Ca>,
 }
 
 impl Pki {
@@ -22,7 +24,7 @@ impl Pki {
         std::fs::create_dir_all(&dir).unwrap();
         Pki {
             dir,
-            cas: Vec::new(),
+            cas: HashMap::new(),
         }
     }
 
@@ -32,19 +34,12 @@ impl Pki {
 
     fn ca(&mut self, name: &str) {
         let ca = Ca::new(&self.dir, name).expect("test CA");
-        self.cas.push(ca);
-    }
-
-    fn find(&self, ca: &str) -> &Ca {
-        self.cas
-            .iter()
-            .find(|c| c.id.cert == self.path(&format!("{ca}.pem")))
-            .expect("a CA made by ca()")
+        self.cas.insert(name.to_string(), ca);
     }
 
     /// `name.pem`/`name.key` signed by `ca`, for 127.0.0.1 and localhost.
     fn issue(&self, name: &str, ca: &str) {
-        self.find(ca)
+        self.cas[ca]
             .issue(name, &["IP:127.0.0.1", "DNS:localhost"])
             .expect("test certificate");
     }
